@@ -1,0 +1,187 @@
+"""Ranking, thresholds, spans and labels — SQL over the stored rows.
+
+For one run, over its kept (analysed) tokens, n of them, and each feature f with a nonzero code:
+- mean = sum(act) / n, max = max(act), coverage = #(act > τ_f) / n (a fraction, 0-1)
+- selectivity = mean − background mean (the calibration's per-token mean), null without one
+- score = the chosen mode on activations divided by the feature's calibration max
+  (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
+  or on raw activations when the SAE has no calibration (``normalization: "none"``)
+- gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates.
+τ_f: a global ``tau``; else the calibration's P95 (or another ``tau_quantile``, computed exactly
+like the P95, zeros included); else 0 (``threshold_source: "none"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from catalog.db import Catalog, CatalogError
+from catalog.store import QUANTILE_CTE, quantile_positions
+
+SCORE_MODES = ("mean", "max", "mean×coverage", "selectivity")
+SCORE_EXPR = {
+    "mean": "mean_n",
+    "max": "max_n",
+    "mean×coverage": "mean_n * coverage",
+    "selectivity": "(mean - bg_mean) / divisor",
+}
+SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
+                  "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
+
+
+@dataclass
+class RankOptions:
+    """The ranking options of the seed (they never create a new run)."""
+
+    score_mode: str = "mean×coverage"
+    min_coverage_pct: float = 0.5
+    return_top_x: int = 25
+    merge_across_layers: bool = True
+    restrict_features: list[int] = field(default_factory=list)
+    tau: float | None = None
+    tau_quantile: float | None = None
+    attach_examples: bool = True
+    attach_proto_labels: bool = True
+    spans_per_feature: int = 3
+    span_window: int = 8
+
+
+def calibration_for(con, sae_key: int) -> int | None:
+    row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, str]:
+    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance."""
+    if opts.tau is not None:
+        return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "global"
+    cals = {k: calibration_for(con, k) for k in sae_keys}
+    if not any(cals.values()):
+        return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
+    q = opts.tau_quantile
+    if q is None or q == 0.95:
+        return ("SELECT sae_key, feature_id, p95 AS tau FROM v_feature_stats", "calibration_p95")
+    parts = []
+    for key, cal in cals.items():
+        if cal is None:
+            continue
+        n = con.execute("SELECT n_tokens FROM calibrations WHERE calibration_id = ?", [cal]).fetchone()[0]
+        pos = quantile_positions(n, q)
+        cte = QUANTILE_CTE.replace("$cal", str(cal)).replace("$sae", str(key)).replace("$n", str(n)) \
+            .replace("$lo", str(pos["lo"])).replace("$hi", str(pos["hi"]))
+        parts.append(f"(WITH {cte} SELECT {key} AS sae_key, feature_id, "
+                     f"v_lo + {pos['frac']!r} * (v_hi - v_lo) AS tau FROM sparse_stats)")
+    return " UNION ALL ".join(parts), f"calibration_q{q:g}"
+
+
+def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
+    """Rank one stored run's features; returns features (with layer/stream), and provenance fields."""
+    if opts.score_mode not in SCORE_MODES:
+        raise CatalogError(f"score_mode: expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
+    con = catalog.raw()
+    try:
+        calibrated = {k: calibration_for(con, k) for k in sae_keys}
+        has_background = all(calibrated.values())
+        if opts.score_mode == "selectivity" and not has_background:
+            raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
+                               "(python -m sae_discover calibrate --sae ...) or pick another score_mode")
+        thresholds, threshold_source = _thresholds_sql(con, sae_keys, opts)
+        normalization = "calibration_max" if all(calibrated.values()) else "none"
+        tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
+        divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"
+        restrict = "AND list_contains($restrict, a.feature_id)" if opts.restrict_features else ""
+        limit = "" if opts.merge_across_layers else \
+            "QUALIFY row_number() OVER (PARTITION BY sae_key ORDER BY score DESC, feature_id) <= $top"
+        sql = f"""
+            WITH thresholds AS ({thresholds}),
+            agg AS (
+                SELECT a.sae_key, a.feature_id,
+                       sum(a.act) / $n AS mean,
+                       max(a.act) AS max,
+                       count(*) FILTER (WHERE a.act > {tau_expr}) / $n AS coverage,
+                       any_value(s.mean) AS bg_mean,
+                       any_value({divisor}) AS divisor
+                FROM activations a
+                LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
+                LEFT JOIN v_feature_stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
+                WHERE a.run_key = $run AND list_contains($saes, a.sae_key) {restrict}
+                GROUP BY a.sae_key, a.feature_id
+            ),
+            scored AS (
+                SELECT *, mean / divisor AS mean_n, max / divisor AS max_n FROM agg
+                WHERE coverage * 100 >= $min_cov
+            ),
+            ranked AS (
+                SELECT sae_key, feature_id, mean, max, coverage, mean - bg_mean AS selectivity,
+                       {SCORE_EXPR[opts.score_mode]} AS score
+                FROM scored
+                {limit}
+            )
+            SELECT r.*, sa.layer, sa.stream
+            FROM ranked r JOIN saes sa USING (sae_key)
+            ORDER BY {"r.score DESC, sa.layer, sa.stream, r.feature_id" if opts.merge_across_layers
+                      else "sa.layer, sa.stream, r.score DESC, r.feature_id"}
+            {"LIMIT $top" if opts.merge_across_layers else ""}
+        """
+        params = {"n": float(max(n_kept, 1)), "run": run_key, "saes": sae_keys, "min_cov": opts.min_coverage_pct,
+                  "top": opts.return_top_x}
+        if opts.restrict_features:
+            params["restrict"] = list(opts.restrict_features)
+        cur = con.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        features = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        if not has_background:
+            for f in features:
+                f["selectivity"] = None
+        if opts.attach_proto_labels:
+            _attach_labels(con, features)
+        if opts.attach_examples:
+            _attach_spans(con, run_key, features, opts.spans_per_feature, opts.span_window)
+        return {"features": features, "threshold_source": threshold_source, "normalization": normalization}
+    finally:
+        con.close()
+
+
+def _attach_labels(con, features: list[dict]) -> None:
+    """The best label per feature: highest score, then source priority (imported before lite)."""
+    if not features:
+        return
+    pairs = [[f["sae_key"], f["feature_id"]] for f in features]
+    rows = con.execute(f"""
+        SELECT l.sae_key, l.feature_id, arg_min(l.label, ({SOURCE_PRIORITY}, -coalesce(l.score, -1e300)))
+        FROM labels l
+        WHERE list_contains($pairs, [l.sae_key, l.feature_id])
+        GROUP BY l.sae_key, l.feature_id""", {"pairs": pairs}).fetchall()
+    best = {(k, f): label for k, f, label in rows}
+    for f in features:
+        f["proto_label"] = best.get((f["sae_key"], f["feature_id"]))
+
+
+def _attach_spans(con, run_key: int, features: list[dict], per_feature: int, window: int) -> None:
+    """Up to ``per_feature`` non-overlapping ±window token spans around each feature's top activations."""
+    for f in features:
+        f["top_spans"] = []
+    if not features:
+        return
+    pairs = [[f["sae_key"], f["feature_id"]] for f in features]
+    acts = con.execute("""
+        SELECT sae_key, feature_id, position, act FROM activations
+        WHERE run_key = $run AND list_contains($pairs, [sae_key, feature_id])
+        ORDER BY sae_key, feature_id, act DESC, position""", {"run": run_key, "pairs": pairs}).fetchall()
+    toks = con.execute("SELECT position, token, is_special FROM tokens WHERE run_key = ? ORDER BY position",
+                       [run_key]).fetchall()
+    text = ["" if special else (tok or "") for _, tok, special in toks]
+    n_pos = len(text)
+    by_feature: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for key, fid, pos, act in acts:
+        by_feature.setdefault((key, fid), []).append((pos, act))
+    for f in features:
+        chosen: list[tuple[int, int]] = []
+        for pos, act in by_feature.get((f["sae_key"], f["feature_id"]), []):
+            start, end = max(0, pos - window), min(n_pos, pos + window + 1)
+            if any(start < e and s < end for s, e in chosen):
+                continue
+            chosen.append((start, end))
+            f["top_spans"].append({"text": "".join(text[start:end]), "position": [start, end], "act": float(act)})
+            if len(chosen) >= per_feature:
+                break

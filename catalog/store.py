@@ -1,0 +1,264 @@
+"""Writes: a run, a calibration (with its feature statistics, in SQL), labels — each in one transaction.
+
+Bulk rows arrive as pyarrow tables and go in through DuckDB's Arrow scan
+(``INSERT INTO t BY NAME SELECT ... FROM arrow_table``), never row by row: ~10^6-10^7 rows/s.
+
+Columnar batch schema (what ``ingest`` hands over):
+- tokens: position int32, token_id int32, token string, is_generated bool, is_special bool, kept bool, proxy float64
+- activations: position int32, sae_index int16 (index into the batch's SAE list), feature_id int32, act float32
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from catalog.db import Catalog, CatalogError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    fingerprint: str
+    family: str = ""
+    n_layers: int = 0
+    d_model: int = 0
+
+
+@dataclass(frozen=True)
+class SAEInfo:
+    sae_id: str
+    layer: int
+    stream: str
+    fingerprint: str
+    hook_name: str = ""
+    architecture: str = ""
+    d_in: int = 0
+    d_sae: int = 0
+
+
+@contextmanager
+def transaction(catalog: Catalog) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One DuckDB transaction on a fresh cursor; rolled back whole on any error."""
+    with catalog.write_lock:
+        con = catalog.raw()
+        con.begin()
+        try:
+            yield con
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        finally:
+            con.close()
+
+
+def _model_key(con: duckdb.DuckDBPyConnection, model: ModelInfo) -> int:
+    row = con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
+                      [model.model_id, model.fingerprint]).fetchone()
+    if row:
+        return int(row[0])
+    return int(con.execute(
+        "INSERT INTO models (model_id, fingerprint, family, n_layers, d_model) VALUES (?, ?, ?, ?, ?) "
+        "RETURNING model_key", [model.model_id, model.fingerprint, model.family, model.n_layers, model.d_model],
+    ).fetchone()[0])
+
+
+def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[int]:
+    """The catalog key of each SAE (same id, hook and weights fingerprint → same key), created if new."""
+    keys = []
+    for sae in saes:
+        row = con.execute("SELECT sae_key FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? AND fingerprint = ?",
+                          [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchone()
+        if row is None:
+            row = con.execute(
+                "INSERT INTO saes (sae_id, layer, stream, hook_name, architecture, d_in, d_sae, fingerprint) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING sae_key",
+                [sae.sae_id, sae.layer, sae.stream, sae.hook_name, sae.architecture, sae.d_in, sae.d_sae,
+                 sae.fingerprint]).fetchone()
+        keys.append(int(row[0]))
+    return keys
+
+
+def _with_sae_keys(acts: pa.Table, keys: list[int]) -> pa.Table:
+    """Replace ``sae_index`` by the catalog's ``sae_key`` (a numpy take, no join)."""
+    index = acts.column("sae_index").to_numpy()
+    mapped = np.asarray(keys, dtype=np.int32)[index] if len(index) else np.zeros(0, dtype=np.int32)
+    return acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(mapped, type=pa.int32()))
+
+
+def find_run(catalog: Catalog, run_id: str) -> dict | None:
+    con = catalog.raw()
+    try:
+        cur = con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+    finally:
+        con.close()
+
+
+def write_run(catalog: Catalog, run: dict, model: ModelInfo, saes: Sequence[SAEInfo], tokens: pa.Table,
+              acts: pa.Table) -> tuple[int, bool]:
+    """Store one run whole (or not at all). Returns ``(run_key, created)``; an existing run_id is kept."""
+    with transaction(catalog) as con:
+        row = con.execute("SELECT run_key FROM runs WHERE run_id = ?", [run["run_id"]]).fetchone()
+        if row:
+            return int(row[0]), False
+        model_key = _model_key(con, model)
+        keys = sae_keys(con, saes)
+        fields = {**run, "model_key": model_key}
+        for name in ("layers", "streams", "restrict_features", "timings"):
+            if not isinstance(fields.get(name), str):
+                fields[name] = json.dumps(fields.get(name))
+        names = list(fields)
+        run_key = int(con.execute(
+            f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) RETURNING run_key",
+            [fields[n] for n in names]).fetchone()[0])
+        con.executemany("INSERT INTO run_saes VALUES (?, ?)", [[run_key, k] for k in keys])
+        token_rows = tokens  # noqa: F841 - scanned by name below
+        con.execute(f"INSERT INTO tokens BY NAME SELECT {run_key}::INTEGER AS run_key, * FROM token_rows")
+        act_rows = _with_sae_keys(acts, keys)  # noqa: F841
+        con.execute(f"INSERT INTO activations BY NAME SELECT {run_key}::INTEGER AS run_key, * FROM act_rows")
+        return run_key, True
+
+
+def run_saes(catalog: Catalog, run_key: int) -> list[dict]:
+    con = catalog.raw()
+    try:
+        cur = con.execute("SELECT s.* FROM run_saes rs JOIN saes s USING (sae_key) WHERE rs.run_key = ? "
+                          "ORDER BY s.layer, s.stream", [run_key])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        con.close()
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo], corpus: str, corpus_hash: str,
+                      n_docs: int, tokens: pa.Table, acts: pa.Table, q: float = 0.95) -> int:
+    """Store a calibration and compute each feature's p95/mean/max/density in SQL, in one transaction.
+
+    ``tokens``: doc int32, position int32, token_id int32, token string — every analysed token.
+    ``acts``: doc, position, sae_index, feature_id, act — nonzero codes of those tokens.
+    """
+    n_tokens = tokens.num_rows
+    if n_tokens == 0:
+        raise CatalogError("corpus: the calibration corpus produced no tokens")
+    with transaction(catalog) as con:
+        model_key = _model_key(con, model)
+        keys = sae_keys(con, saes)
+        cal_id = int(con.execute(
+            "INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING calibration_id", [model_key, corpus, corpus_hash, n_docs, n_tokens]).fetchone()[0])
+        con.executemany("INSERT INTO calibration_saes VALUES (?, ?)", [[cal_id, k] for k in keys])
+        tok_rows = tokens  # noqa: F841
+        con.execute(f"INSERT INTO calibration_tokens BY NAME SELECT {cal_id}::INTEGER AS calibration_id, * FROM tok_rows")
+        act_rows = _with_sae_keys(acts, keys)  # noqa: F841
+        con.execute(f"INSERT INTO calibration_activations BY NAME "
+                    f"SELECT {cal_id}::INTEGER AS calibration_id, * FROM act_rows")
+        for sae, key in zip(saes, keys, strict=True):
+            con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae,
+                                            **quantile_positions(n_tokens, q)})
+        return cal_id
+
+
+def quantile_positions(n: int, q: float) -> dict:
+    """Linear interpolation between order statistics (numpy's default, DuckDB's quantile_cont):
+    the q-quantile of n sorted values a_0..a_{n-1} is a_lo + frac * (a_hi - a_lo) with h = (n-1) q."""
+    h = (n - 1) * q
+    lo = int(np.floor(h))
+    return {"lo": lo, "hi": min(lo + 1, n - 1), "frac": h - lo}
+
+
+# The quantile of a feature's *dense* column (zeros included) from its sparse nonzero rows: with n
+# tokens and k nonzeros (all codes are >= 0), the sorted dense column is n-k zeros followed by the
+# nonzeros in ascending order, so dense index i holds the (i-(n-k))-th nonzero, or 0 when i < n-k.
+QUANTILE_CTE = """
+    ranked AS (
+        SELECT feature_id, act,
+               row_number() OVER (PARTITION BY feature_id ORDER BY act) - 1 AS r,
+               count(*) OVER (PARTITION BY feature_id) AS k
+        FROM calibration_activations
+        WHERE calibration_id = $cal AND sae_key = $sae
+    ),
+    sparse_stats AS (
+        SELECT feature_id, any_value(k) AS k, sum(act) AS total, max(act) AS max_act,
+               coalesce(max(act) FILTER (WHERE $n - k + r = $lo), 0) AS v_lo,
+               coalesce(max(act) FILTER (WHERE $n - k + r = $hi), 0) AS v_hi
+        FROM ranked GROUP BY feature_id
+    )"""
+
+FEATURE_STATS_SQL = f"""
+    INSERT INTO feature_stats (calibration_id, sae_key, feature_id, p95, mean, max, density, n_tokens)
+    WITH {QUANTILE_CTE}
+    SELECT $cal, $sae, f.feature_id,
+           coalesce(s.v_lo + $frac * (s.v_hi - s.v_lo), 0),
+           coalesce(s.total, 0) / $n,
+           coalesce(s.max_act, 0),
+           coalesce(s.k, 0) / $n,
+           $n
+    FROM (SELECT range::INTEGER AS feature_id FROM range($d_sae)) f
+    LEFT JOIN sparse_stats s USING (feature_id)
+    ORDER BY f.feature_id
+"""
+
+
+# -- labels ---------------------------------------------------------------------------------------
+
+def write_labels(catalog: Catalog, sae: SAEInfo, rows: pa.Table, replace_source: str | None = None) -> int:
+    """Import labels (feature_id int, label str, source str, score float|null) for one SAE, in one transaction."""
+    with transaction(catalog) as con:
+        (key,) = sae_keys(con, [sae])
+        if replace_source:
+            con.execute("DELETE FROM labels WHERE sae_key = ? AND source = ?", [key, replace_source])
+        label_rows = rows  # noqa: F841
+        con.execute(f"INSERT INTO labels BY NAME SELECT {key}::INTEGER AS sae_key, feature_id, label, source, score "
+                    "FROM label_rows")
+        return rows.num_rows
+
+
+LITE_FIRES_SQL = """
+    WITH per_token AS (
+        SELECT a.feature_id, t.token, sum(a.act) AS total
+        FROM calibration_activations a
+        JOIN calibration_tokens t USING (calibration_id, doc, position)
+        WHERE a.calibration_id = $cal AND a.sae_key = $sae
+        GROUP BY a.feature_id, t.token
+    ), ranked AS (
+        SELECT *, row_number() OVER (PARTITION BY feature_id ORDER BY total DESC, token) AS rk FROM per_token
+    )
+    SELECT feature_id, list(token ORDER BY rk) AS tokens FROM ranked WHERE rk <= $top GROUP BY feature_id
+"""
+
+
+def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promotes: dict[int, list[str]],
+                      top: int = 5) -> int:
+    """Lite proto-labels (source ``lite``): the tokens a feature fires on most in the calibration corpus
+    (by total activation, in SQL) and the tokens its decoder direction promotes (computed by ingest)."""
+    con = catalog.raw()
+    try:
+        (key,) = sae_keys(con, [sae])
+        fires = dict(con.execute(LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
+    finally:
+        con.close()
+    features = sorted(set(fires) | set(promotes))
+    labels = []
+    for f in features:
+        parts = []
+        for verb, tokens in (("fires on", fires.get(f)), ("promotes", promotes.get(f))):
+            shown = [json.dumps(t, ensure_ascii=False) for t in tokens or [] if t.strip("\ufffd")]
+            if shown:
+                parts.append(f"{verb} " + ", ".join(shown))
+        labels.append("; ".join(parts))
+    rows = pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
+                     "source": ["lite"] * len(features), "score": pa.nulls(len(features), pa.float64())})
+    return write_labels(catalog, sae, rows, replace_source="lite")

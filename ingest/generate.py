@@ -1,0 +1,62 @@
+"""Seeded generation, token proxies (entropy, norm) and the top-K token filter.
+
+Why a filter: on long generations most positions are predictable continuations; the seed scores
+only the K most "informative" tokens. Entropy = entropy of the model's next-token distribution at
+that position (from the logits); norm = L2 norm of the hooked activation (averaged over the
+selected hooks after dividing each by its mean over the candidates, so no hook dominates).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROXIES = ("entropy", "norm")
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, gen_tokens: int, seed: int, temperature: float = 1.0,
+             top_p: float = 1.0, eos_token_id: int | None = None) -> torch.Tensor:
+    """Continue ``input_ids`` [1, n] by up to ``gen_tokens`` tokens; same seed → same tokens on one device.
+
+    Temperature 0 is greedy decoding. Generation stops early at ``eos_token_id``.
+    """
+    if gen_tokens <= 0:
+        return input_ids
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": gen_tokens, "pad_token_id": eos_token_id,
+              "eos_token_id": eos_token_id}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return out
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) along the last dimension, in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def norm_proxy(captured: list[torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+    """Per-position mean over hooks of ||x|| / mean_candidates(||x||), for [seq, d] tensors."""
+    total = torch.zeros(captured[0].shape[0])
+    for x in captured:
+        norms = x.float().norm(dim=-1).cpu()
+        scale = norms[candidates].mean() if candidates.any() else torch.tensor(1.0)
+        total += norms / scale.clamp_min(1e-12)
+    return total / len(captured)
+
+
+def keep_top_k(proxy: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` candidate positions with the highest proxy (ties: earlier position)."""
+    idx = torch.nonzero(candidates).flatten()
+    keep = torch.zeros_like(candidates)
+    if k >= len(idx):
+        keep[idx] = True
+        return keep
+    values = proxy[idx].double()
+    order = sorted(range(len(idx)), key=lambda i: (-float(values[i]), int(idx[i])))
+    keep[idx[order[:k]]] = True
+    return keep

@@ -1,0 +1,233 @@
+"""Load a Hugging Face model and capture TransformerLens-named streams with forward hooks.
+
+Streams (TransformerLens names, HF modules):
+- ``resid_pre`` L  = input of block L (HF ``hidden_states[L]``)
+- ``resid_post`` L = output of block L
+- ``mlp_out`` / ``attn_out`` L = what the MLP / attention adds to the residual (Gemma-2/3: after
+  their post-norms, which is what is added).
+
+All requested (layer, stream) pairs are captured in one forward pass; with ``stop_early`` the pass
+ends after the last block needed (the LM head and later blocks are not run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or hooked as asked; the message names the field."""
+
+
+@dataclass(frozen=True)
+class FamilyMap:
+    """Where a family keeps its blocks and the modules whose outputs are added to the residual."""
+
+    blocks: str  # dotted path from the top model to the ModuleList of blocks
+    attn: str  # module inside a block whose output is attn_out
+    mlp: str  # module inside a block whose output is mlp_out
+    decoder: bool = True
+
+
+_LLAMA = FamilyMap("model.layers", "self_attn", "mlp")
+_GEMMA2 = FamilyMap("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")
+FAMILIES: dict[str, FamilyMap] = {
+    "gpt2": FamilyMap("transformer.h", "attn", "mlp"),
+    "gpt_neox": FamilyMap("gpt_neox.layers", "attention", "mlp"),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+}
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook on the first block not needed, to end the forward pass early."""
+
+
+def _resolve(root: nn.Module, dotted: str) -> nn.Module:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _first(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture, with the facts a run needs to name it."""
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    family: str
+    fingerprint: str
+    n_layers: int
+    d_model: int
+    context_length: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def family_map(self) -> FamilyMap:
+        return FAMILIES[self.family]
+
+    def blocks(self) -> nn.ModuleList:
+        return _resolve(self.model, self.family_map.blocks)  # type: ignore[return-value]
+
+    def check_hooks(self, layers: list[int], streams: list[str]) -> None:
+        for stream in streams:
+            if stream not in STREAMS:
+                raise ModelError(f"streams: expected values in {', '.join(STREAMS)}, got {stream!r}")
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise ModelError(f"layers: layer {layer} is out of range for {self.model_id} "
+                                 f"({self.n_layers} layers: 0..{self.n_layers - 1})")
+
+    def capture(self, input_ids: torch.Tensor, hooks: list[tuple[int, str]], attention_mask: torch.Tensor | None = None,
+                stop_early: bool = True) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor | None]:
+        """Run one forward pass; return ``{(layer, stream): [batch, seq, d_model]}`` and the logits.
+
+        Logits are ``None`` when the pass stopped early (no LM head was run).
+        """
+        self.check_hooks([layer for layer, _ in hooks], [stream for _, stream in hooks])
+        blocks = self.blocks()
+        fmap = self.family_map
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+
+        def keep(key: tuple[int, str]):
+            def hook(_module, _inputs, output):
+                captured[key] = _first(output).detach()
+            return hook
+
+        def keep_input(key: tuple[int, str]):
+            def hook(_module, args, kwargs):
+                captured[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+            return hook
+
+        def stop(_module, _args, _kwargs):
+            raise _StopForward
+
+        last = max(layer for layer, _ in hooks)
+        try:
+            for layer, stream in set(hooks):
+                block = blocks[layer]
+                if stream == "resid_pre":
+                    handles.append(block.register_forward_pre_hook(keep_input((layer, stream)), with_kwargs=True))
+                elif stream == "resid_post":
+                    handles.append(block.register_forward_hook(keep((layer, stream))))
+                else:
+                    target = _resolve(block, fmap.attn if stream == "attn_out" else fmap.mlp)
+                    handles.append(target.register_forward_hook(keep((layer, stream))))
+            early = stop_early and last + 1 < len(blocks)
+            if early:
+                handles.append(blocks[last + 1].register_forward_pre_hook(stop, with_kwargs=True))
+            logits = None
+            with torch.inference_mode():
+                try:
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    logits = out.logits
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured, logits
+
+
+def _fingerprint(path: Path | None, config: dict) -> str:
+    """Weights fingerprint without reading a 7B model whole: config + each weight file's size and ends."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    if path is not None and path.is_dir():
+        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            size = file.stat().st_size
+            h.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def quiet_transformers() -> None:
+    """No progress bars or length warnings from transformers on our stdout/stderr (we report ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a run's identity and validation need, read from the config alone (no weights loaded)."""
+
+    source: str
+    family: str
+    fingerprint: str
+    n_layers: int
+    config: object
+
+
+def read_card(source: str) -> ModelCard:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model_id: cannot load {source!r} as a local Hugging Face directory or a cached/hub id "
+                         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ModelError(f"model_id: architecture {family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    text_cfg = getattr(config, "text_config", config)
+    n_layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
+    local = Path(source) if Path(source).is_dir() else None
+    cfg_dict = config.to_dict()
+    cfg_dict["_commit_hash"] = getattr(config, "_commit_hash", None)
+    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config)
+
+
+def load_model(model_id: str, path: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM from a local directory or a hub id (transformers' cache; HF_HUB_OFFLINE honoured)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    source = str(path or model_id)
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    card = read_card(source)
+    config, family = card.config, card.family
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    model.eval().to(resolve_device(device))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    text_cfg = getattr(config, "text_config", config)
+    n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id=model_id, family=family,
+        fingerprint=card.fingerprint, n_layers=len(_resolve(model, FAMILIES[family].blocks)),
+        d_model=int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd), context_length=int(n_ctx),
+    )

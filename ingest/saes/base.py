@@ -1,0 +1,181 @@
+"""One SAE object for every on-disk format: weights, config, and the encode of each architecture.
+
+The encode math matches SAELens (``sae_lens/saes/*_sae.py``) in fp32, because a ranking is only
+as good as the codes: the same input must give the codes the SAE was trained to produce.
+Loaders (one module per format) build an :class:`SAE`; nothing here knows about files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+
+
+class SAEError(ValueError):
+    """An SAE that cannot be loaded or used as asked; the message names the field."""
+
+
+@dataclass
+class SAEConfig:
+    """The part of an SAE's config that changes its encode (SAELens names)."""
+
+    d_in: int
+    d_sae: int
+    architecture: str = "standard"
+    hook_name: str = ""
+    layer: int = 0
+    stream: str = "resid_pre"
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    k: int | None = None
+    rescale_acts_by_decoder_norm: bool = False
+    prepend_bos: bool = True
+    center_writing_weights: bool = False
+    scaling_factor: float | None = None
+    model_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise SAEError(f"sae architecture: expected one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise SAEError(f"sae normalize_activations: expected one of {', '.join(NORMALIZATIONS)}, "
+                           f"got {self.normalize_activations!r}")
+        if self.architecture == "topk" and not self.k:
+            raise SAEError("sae k: a topk SAE needs a positive k in its config")
+
+
+@dataclass
+class SAE:
+    """Weights in SAELens orientation: W_enc [d_in, d_sae], W_dec [d_sae, d_in]."""
+
+    cfg: SAEConfig
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor | None = None  # jumprelu
+    b_gate: torch.Tensor | None = None  # gated
+    b_mag: torch.Tensor | None = None
+    r_mag: torch.Tensor | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.cfg.check()
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        shapes = {"W_enc": (self.W_enc, (d_in, d_sae)), "b_enc": (self.b_enc, (d_sae,)),
+                  "W_dec": (self.W_dec, (d_sae, d_in)), "b_dec": (self.b_dec, (d_in,))}
+        if self.cfg.architecture == "jumprelu":
+            shapes["threshold"] = (self.threshold, (d_sae,))
+        for name, (tensor, shape) in shapes.items():
+            if tensor is None or tuple(tensor.shape) != shape:
+                got = None if tensor is None else tuple(tensor.shape)
+                raise SAEError(f"sae weight {name}: expected shape {shape} from cfg d_in={d_in}, d_sae={d_sae}; got {got}")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.detach().to(torch.float32).contiguous())
+        self._restricted: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of config and weights: part of the run identity (a retrained SAE is a new SAE)."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256(repr(sorted(vars(self.cfg).items())).encode())
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
+                value = getattr(self, name)
+                if value is not None:
+                    h.update(name.encode())
+                    h.update(value.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def to(self, device: torch.device | str) -> SAE:
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        self._restricted.clear()
+        return self
+
+    # -- encode -----------------------------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """SAELens ``process_sae_in``: optional centring, normalisation, then ``- b_dec``."""
+        x = x.to(torch.float32)
+        if self.cfg.center_writing_weights:
+            x = x - x.mean(dim=-1, keepdim=True)
+        norm = self.cfg.normalize_activations
+        if norm == "expected_average_only_in":
+            if self.cfg.scaling_factor is None:
+                raise SAEError("sae scaling_factor: normalize_activations=expected_average_only_in needs it")
+            x = x * self.cfg.scaling_factor
+        elif norm == "constant_norm_rescale":
+            x = x * ((self.cfg.d_in ** 0.5) / x.norm(dim=-1, keepdim=True))
+        elif norm == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x
+
+    def _weights(self, features: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+        """Encoder weights, sliced to ``features`` once and kept (restrict costs a few columns)."""
+        names = ("W_enc", "b_enc", "threshold", "b_gate", "b_mag", "r_mag")
+        if features is None:
+            return tuple(getattr(self, n) for n in names)
+        if features not in self._restricted:
+            idx = torch.tensor(features, dtype=torch.long, device=self.W_enc.device)
+            self._restricted[features] = tuple(
+                None if getattr(self, n) is None else (self.W_enc[:, idx] if n == "W_enc" else getattr(self, n)[idx])
+                for n in names)
+        return self._restricted[features]
+
+    def encode(self, x: torch.Tensor, features: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Codes [n, d_sae] (or [n, len(features)] with ``features``) for activations x [n, d_in].
+
+        A TopK SAE needs the whole pre-activation (a feature's value depends on the others), so
+        ``features`` only selects columns after the full encode there.
+        """
+        sae_in = self.preprocess(x)
+        arch = self.cfg.architecture
+        if arch == "topk":
+            acts = self._encode_topk(sae_in)
+            if features is not None:
+                acts = acts[:, torch.tensor(features, dtype=torch.long, device=acts.device)]
+            return acts
+        W_enc, b_enc, threshold, b_gate, b_mag, r_mag = self._weights(features)
+        if arch == "gated":
+            pre = sae_in @ W_enc
+            active = (pre + b_gate) > 0
+            magnitude = torch.relu(pre * torch.exp(r_mag) + b_mag)
+            return active.to(magnitude.dtype) * magnitude
+        hidden_pre = sae_in @ W_enc + b_enc
+        if arch == "jumprelu":
+            return torch.relu(hidden_pre) * (hidden_pre > threshold)
+        return torch.relu(hidden_pre)
+
+    def _encode_topk(self, sae_in: torch.Tensor) -> torch.Tensor:
+        hidden_pre = sae_in @ self.W_enc + self.b_enc
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        k = min(int(self.cfg.k or 0), hidden_pre.shape[-1])
+        top = torch.topk(hidden_pre, k, dim=-1, sorted=False)
+        out = torch.zeros_like(hidden_pre)
+        return out.scatter_(-1, top.indices, torch.relu(top.values))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the SAE's input space (before any de-normalisation)."""
+        return codes @ self.W_dec + self.b_dec
+
+
+def numpy_weights(sae: SAE) -> dict[str, np.ndarray]:
+    """The weights as numpy arrays, for writers and oracles."""
+    names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag")
+    return {n: getattr(sae, n).cpu().numpy() for n in names if getattr(sae, n) is not None}

@@ -1,0 +1,266 @@
+"""The discovery service: request → (cached or new) run in the catalog → SQL ranking → seed's response.
+
+CLI, batch and the HTTP API all call :class:`Discovery`; nothing else joins ingest and catalog.
+Models and SAE sources are loaded once per process and kept; forward passes are serialised by a
+lock (one device), catalog writes go through the catalog's single writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import warnings
+from pathlib import Path
+
+from catalog import queries, store
+from catalog.db import Catalog
+from ingest import worker
+from ingest.models import LoadedModel, ModelCard, ModelError, load_model, read_card
+from ingest.saes.base import SAEError
+from ingest.saes.sources import SAESource, file_fingerprint, open_source
+from sae_discover.registry import ModelEntry, Registry
+from sae_discover.request import DiscoverRequest, RequestError
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """One document per line: plain text, or JSONL with a ``text`` field (SPEC.md)."""
+    file = Path(path)
+    if not file.exists():
+        raise RequestError("corpus", f"{file} does not exist")
+    docs = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RequestError("corpus", f"{file}:{number} is not JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise RequestError("corpus", f"{file}:{number} has no string field 'text'")
+            docs.append(obj["text"])
+        else:
+            docs.append(line)
+    if not docs:
+        raise RequestError("corpus", f"{file} holds no documents")
+    return docs
+
+
+class Discovery:
+    """One catalog + registry + device; models and SAEs cached across requests."""
+
+    def __init__(self, catalog: Catalog, registry: Registry | None = None, device: str = "auto",
+                 dtype: str = "float32", allow_paths: bool = True) -> None:
+        self.catalog = catalog
+        self.registry = registry or Registry.load()
+        self.device = device
+        self.dtype = dtype
+        self.allow_paths = allow_paths
+        self._models: dict[str, LoadedModel] = {}
+        self._cards: dict[str, ModelCard] = {}
+        self._sources: dict[str, SAESource] = {}
+        self._forward_lock = threading.Lock()
+        self._load_lock = threading.RLock()
+        self.model_calls = 0  # forward runs done by this process (tests check caching with it)
+
+    # -- resolution --------------------------------------------------------------------------------
+    def card(self, entry: ModelEntry) -> ModelCard:
+        with self._load_lock:
+            if entry.source not in self._cards:
+                self._cards[entry.source] = read_card(entry.source)
+            return self._cards[entry.source]
+
+    def model(self, entry: ModelEntry) -> LoadedModel:
+        with self._load_lock:
+            if entry.source not in self._models:
+                self._models[entry.source] = load_model(entry.id, entry.source, self.device, self.dtype)
+            return self._models[entry.source]
+
+    def source(self, sae_id: str) -> SAESource:
+        with self._load_lock:
+            entry = self.registry.sae(sae_id, self.allow_paths)
+            if entry.path not in self._sources:
+                self._sources[entry.path] = open_source(sae_id, entry.path)
+            return self._sources[entry.path]
+
+    def _hooks(self, req: DiscoverRequest, entry: ModelEntry, card: ModelCard, source: SAESource):
+        layers = req.layers or entry.default_layers
+        for layer in layers:
+            if not 0 <= layer < card.n_layers:
+                raise RequestError("layers", f"layer {layer} is out of range for {req.model_id} "
+                                             f"({card.n_layers} layers: 0..{card.n_layers - 1})")
+        hooks = [(layer, stream) for layer in layers for stream in req.streams]
+        for layer, stream in hooks:
+            source.folder(layer, stream)  # raises with the list of hooks the source has
+        return layers, hooks
+
+    def sae_infos(self, source: SAESource, hooks) -> list[store.SAEInfo]:
+        infos = []
+        for layer, stream in hooks:
+            cfg = source.config(layer, stream)
+            infos.append(store.SAEInfo(source.sae_id, layer, stream, source.fingerprint(layer, stream),
+                                       cfg.hook_name, cfg.architecture, cfg.d_in, cfg.d_sae))
+        return infos
+
+    @staticmethod
+    def run_id(req: DiscoverRequest, card: ModelCard, saes: list[store.SAEInfo], tokenizer_fp: str) -> str:
+        """Hash of everything that fixes the activations (ranking options excluded)."""
+        gen = req.text is None and req.generate
+        key = {
+            "model": [req.model_id, card.fingerprint, tokenizer_fp], "prompt": req.prompt, "text": req.text,
+            "generate": gen, "gen_tokens": req.gen_tokens if gen else 0, "seed": req.seed if gen else None,
+            "temperature": req.temperature if gen else None, "top_p": req.top_p if gen else None,
+            "saes": sorted([s.sae_id, s.layer, s.stream, s.fingerprint] for s in saes),
+            "token_proxy": req.token_proxy, "topk": req.topk_tokens_per_seq, "restrict": sorted(req.restrict_features),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+    # -- discovery ---------------------------------------------------------------------------------
+    def discover(self, req: DiscoverRequest) -> dict:
+        t0 = time.perf_counter()
+        entry = self.registry.model(req.model_id, self.allow_paths)
+        card = self.card(entry)
+        source = self.source(req.sae_id)
+        layers, hooks = self._hooks(req, entry, card, source)
+        saes = self.sae_infos(source, hooks)
+        run_id = self.run_id(req, card, saes, _tokenizer_fingerprint(entry.source))
+        existing = store.find_run(self.catalog, run_id)
+        cached = existing is not None
+        timings: dict[str, float] = {}
+        if cached:
+            run_key, n_kept, n_tokens, mode = (existing["run_key"], existing["n_kept"], existing["n_tokens"],
+                                               existing["mode"])
+        else:
+            loaded = self.model(entry)
+            sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
+            spec = worker.RunSpec(prompt=req.prompt, text=req.text, generate=req.generate, gen_tokens=req.gen_tokens,
+                                  seed=req.seed, temperature=req.temperature, top_p=req.top_p, hooks=hooks,
+                                  token_proxy=req.token_proxy, topk_tokens_per_seq=req.topk_tokens_per_seq,
+                                  restrict_features=req.restrict_features)
+            with self._forward_lock:
+                batch = worker.run(loaded, sae_objs, spec)
+                self.model_calls += 1
+            timings.update(batch.timings)
+            t_write = time.perf_counter()
+            run = {"run_id": run_id, "model_id": req.model_id, "sae_id": req.sae_id, "mode": spec.mode,
+                   "prompt": req.prompt, "text": req.text, "generate": spec.mode == "prompt+gen",
+                   "gen_tokens": req.gen_tokens if spec.mode == "prompt+gen" else 0, "seed": req.seed,
+                   "temperature": req.temperature, "top_p": req.top_p, "token_proxy": req.token_proxy,
+                   "topk_tokens_per_seq": req.topk_tokens_per_seq, "layers": layers, "streams": req.streams,
+                   "restrict_features": req.restrict_features, "n_tokens": batch.n_tokens, "n_kept": batch.n_kept,
+                   "timings": batch.timings}
+            model_info = store.ModelInfo(req.model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
+            run_key, created = store.write_run(self.catalog, run, model_info, saes, batch.tokens, batch.activations)
+            cached = not created
+            n_kept, n_tokens, mode = batch.n_kept, batch.n_tokens, spec.mode
+            timings["write_s"] = time.perf_counter() - t_write
+        warns = self.ensure_calibration(entry, source, hooks)
+        t_rank = time.perf_counter()
+        ranked = self.rank(run_key, n_kept, saes, req)
+        timings["rank_s"] = time.perf_counter() - t_rank
+        timings["total_s"] = time.perf_counter() - t0
+        if ranked["threshold_source"] == "none":
+            warns.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not normalized; "
+                         "run `python -m sae_discover calibrate` to fix both")
+        return {
+            "model_id": req.model_id, "sae_id": req.sae_id, "run_id": run_id, "cached": cached,
+            "analyzed": {"mode": mode, "tokens": n_kept, "layers": layers, "streams": req.streams,
+                         "total_tokens": n_tokens},
+            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
+            "normalization": ranked["normalization"], "features": ranked["features"], "warnings": warns,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        } | ({"id": req.id} if req.id is not None else {})
+
+    def rank(self, run_key: int, n_kept: int, saes: list[store.SAEInfo], req: DiscoverRequest) -> dict:
+        return self.rank_stored(self.catalog, run_key, n_kept, saes, req)
+
+    @staticmethod
+    def rank_stored(catalog: Catalog, run_key: int, n_kept: int, saes: list[store.SAEInfo],
+                    req: DiscoverRequest) -> dict:
+        """Rank a stored run in SQL (no model needed) and shape its features as the seed does."""
+        con = catalog.raw()
+        try:
+            keys = store.sae_keys(con, saes)
+        finally:
+            con.close()
+        opts = queries.RankOptions(
+            score_mode=req.score_mode, min_coverage_pct=req.min_coverage_pct, return_top_x=req.return_top_x,
+            merge_across_layers=req.merge_across_layers, restrict_features=req.restrict_features, tau=req.tau,
+            tau_quantile=req.tau_quantile, attach_examples=req.attach_examples,
+            attach_proto_labels=req.attach_proto_labels, spans_per_feature=req.spans_per_feature,
+            span_window=req.span_window)
+        try:
+            ranked = queries.rank_run(catalog, run_key, n_kept, keys, opts)
+        except ValueError as exc:
+            raise RequestError(str(exc).split(":")[0], str(exc).split(": ", 1)[-1]) from exc
+        ranked["features"] = [_feature_json(f, req) for f in ranked["features"]]
+        return ranked
+
+    # -- calibration -------------------------------------------------------------------------------
+    def ensure_calibration(self, entry: ModelEntry, source: SAESource, hooks) -> list[str]:
+        """Registry entries with a ``calibration_corpus`` (the demo) calibrate missing SAEs on first use."""
+        if not entry.calibration_corpus:
+            return []
+        missing = [h for h, info in zip(hooks, self.sae_infos(source, hooks), strict=True)
+                   if not self._has_stats(info)]
+        if not missing:
+            return []
+        self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing)
+        return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
+
+    def _has_stats(self, info: store.SAEInfo) -> bool:
+        con = self.catalog.raw()
+        try:
+            (key,) = store.sae_keys(con, [info])
+            return queries.calibration_for(con, key) is not None
+        finally:
+            con.close()
+
+    def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks=None, lite_labels: bool = True) -> dict:
+        """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
+        entry = self.registry.model(model_id, self.allow_paths)
+        source = self.source(sae_id)
+        hooks = list(hooks or sorted(source.hooks))
+        card = self.card(entry)
+        for layer, _ in hooks:
+            if not 0 <= layer < card.n_layers:
+                raise RequestError("layers", f"layer {layer} is out of range for {model_id} ({card.n_layers} layers)")
+        docs = read_corpus(corpus)
+        loaded = self.model(entry)
+        sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
+        with self._forward_lock:
+            tokens, acts = worker.calibration_batches(loaded, sae_objs, hooks, docs)
+        infos = self.sae_infos(source, hooks)
+        model_info = store.ModelInfo(model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
+        cal_id = store.write_calibration(self.catalog, model_info, infos, str(corpus),
+                                         file_fingerprint(Path(corpus)), len(docs), tokens, acts)
+        if lite_labels:
+            for info, sae in zip(infos, sae_objs, strict=True):
+                store.write_lite_labels(self.catalog, cal_id, info, worker.promoted_tokens(loaded, sae))
+        return {"calibration_id": cal_id, "n_docs": len(docs), "n_tokens": tokens.num_rows,
+                "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows}
+
+
+def _tokenizer_fingerprint(source: str) -> str:
+    path = Path(source)
+    files = [p for p in (path / "tokenizer.json", path / "tokenizer.model", path / "vocab.json") if p.exists()]
+    return file_fingerprint(*files) if files else source
+
+
+def _feature_json(f: dict, req: DiscoverRequest) -> dict:
+    """One feature in the seed's shape."""
+    out = {"feature_id": int(f["feature_id"]), "layer": int(f["layer"]), "stream": f["stream"],
+           "score": float(f["score"]),
+           "scores": {"mean": float(f["mean"]), "coverage": float(f["coverage"]), "max": float(f["max"]),
+                      "selectivity": None if f["selectivity"] is None else float(f["selectivity"])}}
+    if req.attach_proto_labels:
+        out["proto_label"] = f.get("proto_label")
+    if req.attach_examples:
+        out["top_spans"] = f.get("top_spans", [])
+    return out
+
+
+USER_ERRORS = (RequestError, SAEError, ModelError)
+warnings.filterwarnings("ignore", message=".*TypedStorage.*")

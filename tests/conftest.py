@@ -1,0 +1,72 @@
+"""Shared fixtures: a toy demo built by the real build script, registries, catalogs, subprocess CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def toy_demo(tmp_path_factory) -> Path:
+    """The demo build script at toy scale: corpus, tokenizer, 2-layer GPT-2, SAEs (ReLU + TopK)."""
+    from ingest.demo.build import build, write_readme
+
+    out = tmp_path_factory.mktemp("toy-demo")
+    figures = build(out, "toy")
+    write_readme(out, figures)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_registry(toy_demo, tmp_path_factory) -> Path:
+    reg = tmp_path_factory.mktemp("reg") / "sae-discover.toml"
+    reg.write_text(f"""
+[models.toy]
+path = "{toy_demo / 'model'}"
+default_layers = [1]
+calibration_corpus = "{toy_demo / 'calibration.jsonl'}"
+
+[models.toy-finance]
+path = "{toy_demo / 'model-finance'}"
+default_layers = [1]
+
+[saes.toy]
+path = "{toy_demo / 'saes'}"
+""")
+    return reg
+
+
+@pytest.fixture()
+def catalog(tmp_path):
+    from catalog.db import Catalog
+
+    cat = Catalog(tmp_path / "catalog.duckdb")
+    yield cat
+    cat.close()
+
+
+@pytest.fixture()
+def toy_discovery(toy_registry, catalog):
+    from sae_discover.registry import Registry
+    from sae_discover.service import Discovery
+
+    return Discovery(catalog, Registry.load(toy_registry), device="cpu")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (as a user runs it)."""
+    return subprocess.run([sys.executable, "-m", "sae_discover", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

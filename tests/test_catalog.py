@@ -1,0 +1,135 @@
+"""The catalog on real DuckDB files: migrations, views, atomic run writes, exact calibration statistics."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from alembic import command
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from catalog import store
+from catalog.db import Catalog, alembic_config
+
+VIEW_COLUMNS = {
+    "v_runs": ["run_id", "model_id", "sae_id", "mode", "prompt", "text", "generate", "gen_tokens", "seed", "created_at",
+               "n_tokens"],
+    "v_tokens": ["run_id", "position", "token_id", "token", "is_generated", "kept"],
+    "v_activations": ["run_id", "position", "layer", "stream", "sae_id", "feature_id", "act"],
+    "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens"],
+    "v_labels": ["sae_id", "feature_id", "label", "source", "score"],
+}
+MODEL = store.ModelInfo("m", "fp-m", "gpt2", 2, 8)
+
+
+def sae_info(d_sae: int = 8, layer: int = 0) -> store.SAEInfo:
+    return store.SAEInfo("s", layer, "resid_pre", f"fp-{d_sae}", f"blocks.{layer}.hook_resid_pre", "standard", 8, d_sae)
+
+
+def view_columns(con, view: str) -> list[str]:
+    return [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+
+
+def test_migrations_up_down_up_keep_the_public_views(tmp_path):
+    path = tmp_path / "m.duckdb"
+    Catalog(path).close()  # upgrade head
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.downgrade(cfg, "base")
+    con = duckdb.connect(str(path))
+    left = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert left == {"alembic_version"}
+    con.close()
+    command.upgrade(cfg, "head")
+    con = duckdb.connect(str(path), read_only=True)
+    for view, cols in VIEW_COLUMNS.items():
+        assert view_columns(con, view)[: len(cols)] == cols
+
+
+def _run(run_id: str, n: int = 3) -> dict:
+    return {"run_id": run_id, "model_id": "m", "sae_id": "s", "mode": "text", "prompt": None, "text": "abc",
+            "generate": False, "gen_tokens": 0, "seed": 42, "layers": [0], "streams": ["resid_pre"],
+            "restrict_features": [], "n_tokens": n, "n_kept": n - 1, "timings": {}}
+
+
+def _tokens(n: int = 3) -> pa.Table:
+    return pa.table({"position": pa.array(range(n), pa.int32()), "token_id": pa.array(range(n), pa.int32()),
+                     "token": [f"t{i}" for i in range(n)], "is_generated": [False] * n,
+                     "is_special": [i == 0 for i in range(n)], "kept": [i > 0 for i in range(n)],
+                     "proxy": [0.0] * n})
+
+
+def _acts(rows) -> pa.Table:
+    pos, idx, feat, act = zip(*rows, strict=True) if rows else ([], [], [], [])
+    return pa.table({"position": pa.array(pos, pa.int32()), "sae_index": pa.array(idx, pa.int16()),
+                     "feature_id": pa.array(feat, pa.int32()), "act": pa.array(act, pa.float32())})
+
+
+def test_a_run_is_written_whole_and_visible_in_the_views(catalog):
+    key, created = store.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 3, 0.5),
+                                                                                                 (2, 0, 5, 1.5)]))
+    assert created
+    again, created = store.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([]))
+    assert again == key and not created
+    con = catalog.raw()
+    assert con.execute("SELECT position, layer, stream, sae_id, feature_id, act FROM v_activations ORDER BY position"
+                       ).fetchall() == [(1, 0, "resid_pre", "s", 3, 0.5), (2, 0, "resid_pre", "s", 5, 1.5)]
+    assert con.execute("SELECT count(*) FILTER (WHERE kept), count(*) FROM v_tokens").fetchone() == (2, 3)
+
+
+def test_a_failing_write_leaves_nothing(catalog):
+    broken = pa.table({"position": pa.array([1], pa.int32()), "sae_index": pa.array([0], pa.int16()),
+                       "feature_id": pa.array([1], pa.int32()), "act": pa.array([1.0], pa.float32()),
+                       "no_such_column": [1]})
+    with pytest.raises(duckdb.Error):
+        store.write_run(catalog, _run("bad"), MODEL, [sae_info()], _tokens(), broken)
+    con = catalog.raw()
+    for table in ("runs", "tokens", "activations", "run_saes", "models", "saes"):
+        assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+
+def _calibrate(catalog: Catalog, dense: np.ndarray, q: float = 0.95) -> int:
+    n, d = dense.shape
+    tokens = pa.table({"doc": pa.array(np.zeros(n, np.int32)), "position": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+                       "token_id": pa.array(np.arange(n, dtype=np.int32)), "token": [f"t{i}" for i in range(n)]})
+    rows, cols = np.nonzero(dense)
+    acts = pa.table({"doc": pa.array(np.zeros(len(rows), np.int32)), "position": pa.array((rows + 1).astype(np.int32)),
+                     "sae_index": pa.array(np.zeros(len(rows), np.int16)), "feature_id": pa.array(cols.astype(np.int32)),
+                     "act": pa.array(dense[rows, cols].astype(np.float32))})
+    return store.write_calibration(catalog, MODEL, [sae_info(d)], "corpus", "h", 1, tokens, acts, q)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 12), density=st.floats(0, 1), seed=st.integers(0, 2**32 - 1))
+def test_calibration_stats_equal_numpy_on_the_dense_matrix(tmp_path_factory, n, d, density, seed):
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n, d)) < density, rng.integers(1, 6, (n, d)) * 0.25, 0).astype(np.float32)
+    dense[:, 0] = 0  # a never-active feature, always
+    cat = Catalog(tmp_path_factory.mktemp("cal") / "c.duckdb")
+    try:
+        _calibrate(cat, dense)
+        got = np.array(cat.raw().execute("SELECT feature_id, p95, mean, max, density, n_tokens FROM v_feature_stats "
+                                         "ORDER BY feature_id").fetchall())
+    finally:
+        cat.close()
+    ref = dense.astype(np.float64)
+    np.testing.assert_array_equal(got[:, 0], np.arange(d))
+    np.testing.assert_allclose(got[:, 1], np.percentile(ref, 95, axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[:, 2], ref.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[:, 3], ref.max(0))
+    np.testing.assert_allclose(got[:, 4], (ref > 0).mean(0))
+    assert (got[:, 5] == n).all()
+    assert got[0, 1:5].tolist() == [0, 0, 0, 0]
+
+
+def test_duckdb_quantile_cont_agrees_with_our_sparse_quantile(catalog):
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.random((200, 4)) < 0.3, rng.random((200, 4)), 0).astype(np.float32)
+    _calibrate(catalog, dense)
+    con = catalog.raw()
+    con.register("dense_tbl", pa.table({f"f{i}": dense[:, i].astype(np.float64) for i in range(4)}))
+    expected = con.execute("SELECT " + ", ".join(f"quantile_cont(f{i}, 0.95)" for i in range(4)) + " FROM dense_tbl"
+                           ).fetchone()
+    got = [r[0] for r in con.execute("SELECT p95 FROM v_feature_stats ORDER BY feature_id").fetchall()]
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
