@@ -143,12 +143,12 @@ def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], o
 
 
 def _attach_labels(con, features: list[dict]) -> None:
-    """The best label per feature: highest score, then source priority (imported before lite)."""
+    """The best label per feature: highest score (unscored last), then source priority (imported before lite)."""
     if not features:
         return
     pairs = [[f["sae_key"], f["feature_id"]] for f in features]
     rows = con.execute(f"""
-        SELECT l.sae_key, l.feature_id, arg_min(l.label, ({SOURCE_PRIORITY}, -coalesce(l.score, -1e300)))
+        SELECT l.sae_key, l.feature_id, arg_min(l.label, (-coalesce(l.score, -1e300), {SOURCE_PRIORITY}, l.label))
         FROM labels l
         WHERE list_contains($pairs, [l.sae_key, l.feature_id])
         GROUP BY l.sae_key, l.feature_id""", {"pairs": pairs}).fetchall()

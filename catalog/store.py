@@ -214,16 +214,20 @@ FEATURE_STATS_SQL = f"""
 
 # -- labels ---------------------------------------------------------------------------------------
 
-def write_labels(catalog: Catalog, sae: SAEInfo, rows: pa.Table, replace_source: str | None = None) -> int:
-    """Import labels (feature_id int, label str, source str, score float|null) for one SAE, in one transaction."""
+def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace_source: str | None = None) -> int:
+    """Import labels (feature_id int, label str, source str, score float|null) for one or more SAEs,
+    all in one transaction (a bad group leaves nothing behind)."""
+    total = 0
     with transaction(catalog) as con:
-        (key,) = sae_keys(con, [sae])
-        if replace_source:
-            con.execute("DELETE FROM labels WHERE sae_key = ? AND source = ?", [key, replace_source])
-        label_rows = rows  # noqa: F841
-        con.execute(f"INSERT INTO labels BY NAME SELECT {key}::INTEGER AS sae_key, feature_id, label, source, score "
-                    "FROM label_rows")
-        return rows.num_rows
+        for sae, rows in groups:
+            (key,) = sae_keys(con, [sae])
+            if replace_source:
+                con.execute("DELETE FROM labels WHERE sae_key = ? AND source = ?", [key, replace_source])
+            label_rows = rows  # noqa: F841 - scanned by name below
+            con.execute(f"INSERT INTO labels BY NAME SELECT {key}::INTEGER AS sae_key, feature_id, label, source, score "
+                        "FROM label_rows")
+            total += rows.num_rows
+    return total
 
 
 LITE_FIRES_SQL = """
@@ -261,4 +265,4 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
         labels.append("; ".join(parts))
     rows = pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
                      "source": ["lite"] * len(features), "score": pa.nulls(len(features), pa.float64())})
-    return write_labels(catalog, sae, rows, replace_source="lite")
+    return write_labels(catalog, [(sae, rows)], replace_source="lite")

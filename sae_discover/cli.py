@@ -20,7 +20,7 @@ from catalog.db import Catalog, CatalogError, CatalogLocked
 from sae_discover.registry import Registry
 from sae_discover.request import FIELD_NAMES, RequestError, build_request
 
-SUBCOMMANDS = ("calibrate", "runs", "sql")
+SUBCOMMANDS = ("calibrate", "runs", "sql", "labels")
 
 
 class CLIError(Exception):
@@ -201,9 +201,25 @@ def cmd_sql(argv: list[str]) -> int:
     return 0
 
 
+def cmd_labels(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m sae_discover labels",
+                                description="Import AutoInterp label tables (Neuronpedia JSONL[.gz], delphi, CSV).")
+    p.add_argument("action", choices=["import"])
+    p.add_argument("file")
+    p.add_argument("--sae", dest="sae_id", default="demo")
+    p.add_argument("--format", choices=["neuronpedia", "delphi", "csv"], help="default: from the file name")
+    p.add_argument("--layer", type=int, help="the hook the labels belong to (default: from the file)")
+    p.add_argument("--stream")
+    _common(p)
+    ns = p.parse_args(argv)
+    info = _discovery(ns).import_labels(ns.file, ns.sae_id, ns.format, ns.layer, ns.stream)
+    print(json.dumps(info))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql}
+    commands = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "labels": cmd_labels}
     handler = commands.get(argv[0]) if argv else None
     try:
         return handler(argv[1:]) if handler else cmd_discover(argv)

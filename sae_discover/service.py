@@ -243,6 +243,46 @@ class Discovery:
                 "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows}
 
 
+    # -- labels ------------------------------------------------------------------------------------
+    def import_labels(self, path: str | Path, sae_id: str, fmt: str | None = None, layer: int | None = None,
+                      stream: str | None = None) -> dict:
+        """Import an AutoInterp label file for the SAEs of ``sae_id`` (one transaction for the whole file).
+
+        Each row's hook comes from ``layer``/``stream`` when given, else from the file (Neuronpedia's
+        ``layer`` field, delphi's module, CSV columns), else from the source when it has one SAE.
+        """
+        import pyarrow as pa
+
+        from catalog import labels
+
+        rows = labels.parse(path, fmt)
+        source = self.source(sae_id)
+        if (layer is None) != (stream is None):
+            raise RequestError("layer" if layer is None else "stream", "give --layer and --stream together")
+        groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
+        for row in rows:
+            hook = (layer, stream) if layer is not None else row.hook
+            if hook is None:
+                if len(source.hooks) != 1:
+                    raise RequestError("layer", f"the file does not say which hook its labels belong to and "
+                                                f"{sae_id!r} has {len(source.hooks)} SAEs; pass --layer and --stream")
+                hook = next(iter(source.hooks))
+            groups.setdefault(hook, []).append(row)
+        batches = []
+        for hook, group in sorted(groups.items()):
+            (info,) = self.sae_infos(source, [hook])
+            too_big = [r.feature_id for r in group if r.feature_id >= info.d_sae]
+            if too_big:
+                raise RequestError("feature_id", f"{too_big[0]} is beyond the {info.d_sae} features of the SAE for "
+                                                 f"layer {hook[0]} {hook[1]}")
+            batches.append((info, pa.table({
+                "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
+                "label": [r.label for r in group], "source": [r.source for r in group],
+                "score": pa.array([r.score for r in group], pa.float64())})))
+        n = store.write_labels(self.catalog, batches)
+        return {"imported": n, "hooks": [list(h) for h in sorted(groups)]}
+
+
 def _tokenizer_fingerprint(source: str) -> str:
     path = Path(source)
     files = [p for p in (path / "tokenizer.json", path / "tokenizer.model", path / "vocab.json") if p.exists()]

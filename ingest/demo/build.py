@@ -152,7 +152,7 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def train_sae(x: torch.Tensor, layer: int, stream: str, arch: str, scale: Scale, seed: int,
-              l1_coefficient: float = 5.0) -> SAE:
+              l1_coefficient: float = 1.0) -> SAE:
     """Train one SAE on activations x [n, d]: ReLU + L1 (scaled by decoder norm) or TopK.
 
     Inputs are scaled to mean norm sqrt(d_in) while training (as SAELens does) and the scale is

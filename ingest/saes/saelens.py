@@ -45,8 +45,10 @@ def read_config(folder: Path) -> SAEConfig:
     arch = merged.get("architecture")
     act_fn = merged.get("activation_fn_str") or merged.get("activation_fn")
     kwargs = merged.get("activation_fn_kwargs") or {}
-    if arch is None:
-        arch = "topk" if act_fn == "topk" else "standard"
+    if act_fn == "topk":  # v5 kept "standard" as architecture and put TopK in the activation function
+        arch = "topk"
+    elif arch is None:
+        arch = "standard"
     if arch == "batchtopk":
         arch = "jumprelu"
     k = merged.get("k", kwargs.get("k"))

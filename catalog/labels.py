@@ -1,0 +1,164 @@
+"""AutoInterp label tables → rows for the ``labels`` table (imported, never hand-typed).
+
+Formats:
+- Neuronpedia explanation exports: JSONL or JSONL.gz objects with ``modelId``, ``layer`` (the SAE id,
+  e.g. ``"6-res-jb"``), ``index`` (feature id) and ``description`` (optional ``score``/``scores``).
+- delphi explanation files: a folder (or one file) of ``<module>_latent<N>.txt`` files whose content is
+  the explanation (a JSON string or plain text), e.g. ``layers.6_latent123.txt``.
+- CSV with a header: ``feature_id,label`` (+ optional ``score``, ``source``, ``sae``, ``layer``, ``stream``).
+
+Each parser yields :class:`LabelRow` values; ``hook`` is the (layer, stream) a row names when the
+format says (Neuronpedia's ``layer`` field, delphi's module name, CSV columns), else None.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog.db import CatalogError
+
+FORMATS = ("neuronpedia", "delphi", "csv")
+DELPHI_NAME = re.compile(r"^(?P<module>.+)_latent(?P<index>\d+)\.txt$")
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    feature_id: int
+    label: str
+    source: str
+    score: float | None = None
+    hook: tuple[int, str] | None = None
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir() or DELPHI_NAME.match(path.name):
+        return "delphi"
+    if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        return "neuronpedia"
+    if name.endswith(".csv"):
+        return "csv"
+    raise CatalogError(f"format: cannot tell the label format of {path.name}; pass --format one of {', '.join(FORMATS)}")
+
+
+def _feature(value: object, where: str) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise CatalogError(f"feature_id: {where}: expected an integer feature index, got {value!r}") from None
+    if not 0 <= number < 2**31:
+        raise CatalogError(f"feature_id: {where}: expected 0 <= id < 2^31, got {number}")
+    return number
+
+
+def _score(value: object, where: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise CatalogError(f"score: {where}: expected a number, got {value!r}") from None
+
+
+def neuronpedia_hook(sae_name: str) -> tuple[int, str] | None:
+    """Neuronpedia SAE ids look like ``6-res-jb``, ``8-att-kk``, ``20-gemmascope-res-16k``."""
+    match = re.match(r"^(\d+)-(.*)$", sae_name or "")
+    if not match:
+        return None
+    rest = match.group(2)
+    stream = ("attn_out" if re.search(r"\batt", rest) else "mlp_out" if "mlp" in rest
+              else "resid_post" if "resid_post" in rest or "res_post" in rest else "resid_pre")
+    return int(match.group(1)), stream
+
+
+def delphi_hook(module: str) -> tuple[int, str] | None:
+    """delphi/sparsify module names: ``layers.6`` (block output), ``layers.6.mlp``, ``layers.6.self_attn``."""
+    match = re.search(r"(?:layers|h|layer)\.(\d+)(?:\.(\w+))?$", module)
+    if not match:
+        return None
+    sub = match.group(2) or ""
+    stream = "mlp_out" if "mlp" in sub else "attn_out" if "attn" in sub or "attention" in sub else "resid_post"
+    return int(match.group(1)), stream
+
+
+def parse_neuronpedia(path: Path) -> list[LabelRow]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt") as fh:
+        text = fh.read()
+    lines = text.splitlines()
+    if text.lstrip().startswith("["):  # a JSON array export
+        objects = json.loads(text)
+        lines = [json.dumps(o) for o in objects]
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"file: {where} is not JSON ({exc.msg})") from None
+        if "index" not in obj or not isinstance(obj.get("description"), str):
+            raise CatalogError(f"file: {where}: expected Neuronpedia fields index and description")
+        score = obj.get("score")
+        if score is None and isinstance(obj.get("scores"), list) and obj["scores"]:
+            first = obj["scores"][0]
+            score = first.get("value") if isinstance(first, dict) else first
+        rows.append(LabelRow(_feature(obj["index"], where), obj["description"].strip(), "neuronpedia",
+                             _score(score, where), neuronpedia_hook(str(obj.get("layer", "")))))
+    return rows
+
+
+def parse_delphi(path: Path) -> list[LabelRow]:
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    rows = []
+    for file in files:
+        match = DELPHI_NAME.match(file.name)
+        if not match:
+            continue
+        raw = file.read_text().strip()
+        try:
+            label = json.loads(raw)
+        except json.JSONDecodeError:
+            label = raw
+        if not isinstance(label, str) or not label.strip():
+            raise CatalogError(f"file: {file.name}: expected an explanation string")
+        rows.append(LabelRow(int(match.group("index")), label.strip(), "delphi", None, delphi_hook(match.group("module"))))
+    if not rows:
+        raise CatalogError(f"file: no delphi explanation files (<module>_latent<N>.txt) in {path}")
+    return rows
+
+
+def parse_csv(path: Path) -> list[LabelRow]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
+            raise CatalogError(f"file: {path.name}: expected a header with feature_id,label[,score,source]; "
+                               f"got {reader.fieldnames}")
+        rows = []
+        for number, rec in enumerate(reader, 2):
+            where = f"{path.name}:{number}"
+            hook = None
+            if rec.get("layer") not in (None, "") and rec.get("stream"):
+                hook = (int(rec["layer"]), rec["stream"])
+            label = (rec.get("label") or "").strip()
+            if not label:
+                raise CatalogError(f"label: {where}: empty label")
+            rows.append(LabelRow(_feature(rec["feature_id"], where), label, (rec.get("source") or "csv").strip(),
+                                 _score(rec.get("score"), where), hook))
+    return rows
+
+
+def parse(path: str | Path, fmt: str | None = None) -> list[LabelRow]:
+    file = Path(path)
+    if not file.exists():
+        raise CatalogError(f"file: {file} does not exist")
+    fmt = fmt or detect_format(file)
+    if fmt not in FORMATS:
+        raise CatalogError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return {"neuronpedia": parse_neuronpedia, "delphi": parse_delphi, "csv": parse_csv}[fmt](file)

@@ -1,0 +1,82 @@
+"""Label import from every format into a real catalog, and the best-label choice in results."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from catalog import queries
+from catalog.db import CatalogError
+from sae_discover.request import RequestError, build_request
+
+
+def _labels(discovery) -> dict:
+    rows = discovery.catalog.raw().execute(
+        "SELECT layer, stream, feature_id, label, source, score FROM v_labels WHERE source <> 'lite' "
+        "ORDER BY layer, stream, feature_id, source").fetchall()
+    return {(r[0], r[1], r[2], r[4]): (r[3], r[5]) for r in rows}
+
+
+def test_neuronpedia_jsonl_gz(toy_discovery, tmp_path):
+    path = tmp_path / "explanations.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        for idx, desc in [(3, "finance terms"), (7, "sports scores")]:
+            fh.write(json.dumps({"modelId": "toy", "layer": "1-res-jb", "index": str(idx), "description": desc,
+                                 "explanationModelName": "gpt-4o"}) + "\n")
+    info = toy_discovery.import_labels(path, "toy")
+    assert info == {"imported": 2, "hooks": [[1, "resid_pre"]]}
+    assert _labels(toy_discovery) == {(1, "resid_pre", 3, "neuronpedia"): ("finance terms", None),
+                                      (1, "resid_pre", 7, "neuronpedia"): ("sports scores", None)}
+
+
+def test_delphi_folder(toy_discovery, tmp_path):
+    folder = tmp_path / "explanations"
+    folder.mkdir()
+    (folder / "layers.1.mlp_latent5.txt").write_text(json.dumps("cooking verbs"))
+    (folder / "layers.1.mlp_latent9.txt").write_text("weather words")
+    info = toy_discovery.import_labels(folder, "toy")
+    assert info["hooks"] == [[1, "mlp_out"]]
+    assert _labels(toy_discovery) == {(1, "mlp_out", 5, "delphi"): ("cooking verbs", None),
+                                      (1, "mlp_out", 9, "delphi"): ("weather words", None)}
+
+
+def test_csv_and_the_best_label_wins(toy_discovery, tmp_path):
+    path = tmp_path / "labels.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature_id", "label", "score", "source"])
+        w.writerows([[4, "weak guess", 0.2, "autointerp-lite"], [4, "strong label", 0.9, "autointerp-full"],
+                     [6, "unscored", "", ""]])
+    toy_discovery.import_labels(path, "toy", layer=0, stream="resid_pre")
+    labels = _labels(toy_discovery)
+    assert labels[(0, "resid_pre", 4, "autointerp-full")] == ("strong label", 0.9)
+    assert labels[(0, "resid_pre", 6, "csv")] == ("unscored", None)
+    toy_discovery.discover(build_request({  # first use of layer 0 calibrates it and builds lite labels
+        "model_id": "toy", "sae_id": "toy", "text": "Revenue rose and EPS beat estimates.", "layers": [0]}))
+    con = toy_discovery.catalog.raw()
+    key = con.execute("SELECT sae_key FROM saes WHERE layer = 0").fetchone()[0]
+    lite = dict(con.execute("SELECT feature_id, label FROM labels WHERE source = 'lite' AND sae_key = ?", [key]).fetchall())
+    assert 4 in lite and 6 in lite and lite[4].startswith(("fires on", "promotes"))
+    other = next(f for f in sorted(lite) if f not in (4, 6))
+    features = [{"sae_key": key, "feature_id": f} for f in (4, 6, other)]
+    queries._attach_labels(con, features)
+    assert [f["proto_label"] for f in features] == ["strong label", "unscored", lite[other]]
+
+
+def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("feature_id,label\n1,ok\nx,broken\n")
+    with pytest.raises(CatalogError, match="feature_id: bad.csv:3"):
+        toy_discovery.import_labels(path, "toy", layer=0, stream="resid_pre")
+    big = tmp_path / "big.csv"
+    big.write_text("feature_id,label\n1,ok\n100000,too big\n")
+    with pytest.raises(RequestError, match="feature_id: 100000 is beyond"):
+        toy_discovery.import_labels(big, "toy", layer=0, stream="resid_pre")
+    nohook = tmp_path / "nohook.csv"
+    nohook.write_text("feature_id,label\n1,ok\n")
+    with pytest.raises(RequestError, match="pass --layer and --stream"):
+        toy_discovery.import_labels(nohook, "toy")
+    assert toy_discovery.catalog.raw().execute("SELECT count(*) FROM labels").fetchone()[0] == 0

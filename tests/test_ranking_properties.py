@@ -1,0 +1,144 @@
+"""Property tests: the SQL ranking equals a numpy oracle on the dense matrices, for every option."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from catalog import queries, store
+from catalog.db import Catalog
+
+MODEL = store.ModelInfo("m", "fp", "gpt2", 4, 8)
+HOOKS = [(1, "resid_pre"), (3, "mlp_out")]
+
+
+def infos(d: int) -> list[store.SAEInfo]:
+    return [store.SAEInfo("s", layer, stream, f"fp{layer}", f"blocks.{layer}.hook_{stream}", "standard", 8, d)
+            for layer, stream in HOOKS]
+
+
+def sparse(dense_by_hook: list[np.ndarray], positions: np.ndarray, extra: dict | None = None) -> pa.Table:
+    cols: dict[str, list] = {"position": [], "sae_index": [], "feature_id": [], "act": []}
+    for i, dense in enumerate(dense_by_hook):
+        r, c = np.nonzero(dense)
+        cols["position"].append(positions[r])
+        cols["sae_index"].append(np.full(len(r), i, np.int16))
+        cols["feature_id"].append(c.astype(np.int32))
+        cols["act"].append(dense[r, c].astype(np.float32))
+    table = {k: np.concatenate(v) for k, v in cols.items()}
+    if extra:
+        table = {**{k: v(table) for k, v in extra.items()}, **table}
+    return pa.table(table)
+
+
+def random_dense(rng, n, d, density):
+    return np.where(rng.random((n, d)) < density, rng.random((n, d)) * 3, 0).astype(np.float32)
+
+
+def oracle(run, cal, opts: queries.RankOptions):
+    """The ranking rules of catalog/queries.py, on dense matrices."""
+    rows = []
+    calibrated = cal is not None
+    for h, (layer, stream) in enumerate(HOOKS):
+        a = run[h].astype(np.float64)
+        n, d = a.shape
+        c = cal[h].astype(np.float64) if calibrated else None
+        if opts.tau is not None:
+            tau = np.full(d, opts.tau)
+        elif calibrated:
+            tau = np.percentile(c, 100 * (opts.tau_quantile if opts.tau_quantile is not None else 0.95), axis=0)
+        else:
+            tau = np.zeros(d)
+        cmax = c.max(0) if calibrated else np.ones(d)
+        div = np.where(cmax > 0, cmax, 1.0)
+        bg = c.mean(0) if calibrated else np.full(d, np.nan)
+        mean, mx, cov = a.sum(0) / n, a.max(0), (a > tau).sum(0) / n
+        score = {"mean": mean / div, "max": mx / div, "mean×coverage": mean / div * cov,
+                 "selectivity": (mean - bg) / div}[opts.score_mode]
+        for f in range(d):
+            if mx[f] <= 0 or (opts.restrict_features and f not in opts.restrict_features):
+                continue
+            if cov[f] * 100 < opts.min_coverage_pct:
+                continue
+            rows.append((layer, stream, f, score[f], mean[f], mx[f], cov[f]))
+    if opts.merge_across_layers:
+        rows.sort(key=lambda r: (-r[3], r[0], r[1], r[2]))
+        return rows[: opts.return_top_x]
+    out = []
+    for layer, stream in HOOKS:
+        group = sorted((r for r in rows if (r[0], r[1]) == (layer, stream)), key=lambda r: (-r[3], r[2]))
+        out += group[: opts.return_top_x]
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), d=st.integers(1, 20), density=st.floats(0.05, 0.9),
+       calibrated=st.booleans(), mode=st.sampled_from(queries.SCORE_MODES), min_cov=st.sampled_from([0, 0.5, 10, 50]),
+       top=st.integers(1, 12), merge=st.booleans(), tau_kind=st.sampled_from(["default", "global", "quantile"]),
+       restrict=st.booleans())
+def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, calibrated, mode, min_cov, top,
+                                         merge, tau_kind, restrict):
+    if mode == "selectivity" and not calibrated:
+        return  # refused with a message; tested below
+    rng = np.random.default_rng(seed)
+    run = [random_dense(rng, n, d, density) for _ in HOOKS]
+    cal = [random_dense(rng, 25, d, density) for _ in HOOKS] if calibrated else None
+    opts = queries.RankOptions(score_mode=mode, min_coverage_pct=min_cov, return_top_x=top, merge_across_layers=merge,
+                               restrict_features=sorted(rng.choice(d, size=max(1, d // 2), replace=False).tolist())
+                               if restrict else [],
+                               tau=0.7 if tau_kind == "global" else None,
+                               tau_quantile=0.8 if tau_kind == "quantile" else None,
+                               attach_examples=False, attach_proto_labels=False)
+    cat = Catalog(tmp_path_factory.mktemp("rank") / "c.duckdb")
+    try:
+        positions = np.arange(1, n + 1, dtype=np.int32)
+        tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
+                           "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
+                           "token": [f"t{i}" for i in range(n + 1)], "is_generated": [False] * (n + 1),
+                           "is_special": [i == 0 for i in range(n + 1)], "kept": [i > 0 for i in range(n + 1)],
+                           "proxy": [0.0] * (n + 1)})
+        run_meta = {"run_id": "r", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
+                    "n_tokens": n + 1, "n_kept": n}
+        run_key, _ = store.write_run(cat, run_meta, MODEL, infos(d), tokens, sparse(run, positions))
+        if calibrated:
+            cal_tokens = pa.table({"doc": pa.array(np.zeros(25, np.int32)),
+                                   "position": pa.array(np.arange(1, 26, dtype=np.int32)),
+                                   "token_id": pa.array(np.zeros(25, np.int32)), "token": ["x"] * 25})
+            acts = sparse(cal, np.arange(1, 26, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)})
+            store.write_calibration(cat, MODEL, infos(d), "corpus", "h", 1, cal_tokens, acts)
+        con = cat.raw()
+        keys = store.sae_keys(con, infos(d))
+        got = queries.rank_run(cat, run_key, n, keys, opts)
+    finally:
+        cat.close()
+    expected = oracle(run, cal, opts)
+    assert [(f["layer"], f["stream"], f["feature_id"]) for f in got["features"]] == [r[:3] for r in expected]
+    for f, r in zip(got["features"], expected, strict=True):
+        np.testing.assert_allclose([f["score"], f["mean"], f["max"], f["coverage"]], r[3:], rtol=1e-9, atol=1e-12)
+    assert got["normalization"] == ("calibration_max" if calibrated else "none")
+    assert got["threshold_source"] == {"global": "global", "default": "calibration_p95" if calibrated else "none",
+                                       "quantile": "calibration_q0.8" if calibrated else "none"}[tau_kind]
+
+
+def test_selectivity_without_a_background_is_refused_with_advice(catalog):
+    import pytest
+
+    from catalog.db import CatalogError
+
+    run = [np.ones((2, 3), np.float32) for _ in HOOKS]
+    tokens = pa.table({"position": pa.array([0, 1, 2], pa.int32()), "token_id": pa.array([0, 1, 2], pa.int32()),
+                       "token": ["a", "b", "c"], "is_generated": [False] * 3, "is_special": [True, False, False],
+                       "kept": [False, True, True], "proxy": [0.0] * 3})
+    meta = {"run_id": "r", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
+            "n_tokens": 3, "n_kept": 2}
+    run_key, _ = store.write_run(catalog, meta, MODEL, infos(3), tokens, sparse(run, np.array([1, 2], np.int32)))
+    keys = store.sae_keys(catalog.raw(), infos(3))
+    with pytest.raises(CatalogError, match="selectivity needs a background; calibrate"):
+        queries.rank_run(catalog, run_key, 2, keys, queries.RankOptions(score_mode="selectivity"))
+    plain = queries.rank_run(catalog, run_key, 2, keys, queries.RankOptions(score_mode="mean"))
+    assert all(f["selectivity"] is None for f in plain["features"])
+    assert plain["threshold_source"] == "none" and len(plain["features"]) == 6
+    spans = plain["features"][0]["top_spans"]
+    assert spans == [{"text": "bc", "position": [0, 3], "act": 1.0}]  # BOS text left out, window ±8 clipped
