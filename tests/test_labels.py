@@ -69,7 +69,7 @@ def test_csv_and_the_best_label_wins(toy_discovery, tmp_path):
 def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("feature_id,label\n1,ok\nx,broken\n")
-    with pytest.raises(CatalogError, match="feature_id: bad.csv:3"):
+    with pytest.raises(CatalogError, match=r"feature_id: bad\.csv:3"):
         toy_discovery.import_labels(path, "toy", layer=0, stream="resid_pre")
     big = tmp_path / "big.csv"
     big.write_text("feature_id,label\n1,ok\n100000,too big\n")
