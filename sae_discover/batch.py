@@ -33,7 +33,9 @@ def read_lines(path: str) -> list[tuple[int, dict | str]]:
     return out
 
 
-def run_batch(ns: argparse.Namespace, defaults: dict) -> int:
+def run_batch(ns: argparse.Namespace, defaults: dict, chunk: int = 16) -> int:
+    """Validate every line, then discover ``chunk`` lines at a time (micro-batched through the model),
+    writing results in input order as each chunk finishes."""
     from sae_discover.cli import _discovery
     from sae_discover.service import USER_ERRORS
 
@@ -43,18 +45,28 @@ def run_batch(ns: argparse.Namespace, defaults: dict) -> int:
     out_path = Path(ns.out or "results/discover_batch.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     n_err = 0
-    with out_path.open("w") as out:
-        for number, obj in tqdm(lines, desc="discover", unit="prompt", file=sys.stderr):
-            line_id = obj.get("id", number) if isinstance(obj, dict) else number
-            try:
-                if isinstance(obj, str):
-                    raise RequestError("prompts_file", obj)
-                req = build_request({**base, **obj, "id": str(line_id)})
-                result = disc.discover(req)
-            except (*USER_ERRORS, ValueError) as exc:
-                n_err += 1
-                result = {"id": str(line_id), "error": str(exc)}
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    with out_path.open("w") as out, tqdm(total=len(lines), desc="discover", unit="prompt", file=sys.stderr) as bar:
+        for start in range(0, len(lines), chunk):
+            part = lines[start:start + chunk]
+            ids, reqs, slots = [], [], []
+            for number, obj in part:
+                line_id = str(obj.get("id", number)) if isinstance(obj, dict) else str(number)
+                ids.append(line_id)
+                try:
+                    if isinstance(obj, str):
+                        raise RequestError("prompts_file", obj)
+                    reqs.append(build_request({**base, **obj, "id": line_id}))
+                    slots.append(None)
+                except (*USER_ERRORS, ValueError) as exc:
+                    slots.append(exc)
+            done = iter(disc.discover_many(reqs))
+            for line_id, slot in zip(ids, slots, strict=True):
+                result = slot if slot is not None else next(done)
+                if isinstance(result, Exception):
+                    n_err += 1
+                    result = {"id": line_id, "error": str(result)}
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()
+            bar.update(len(part))
     print(f"wrote {out_path} ({len(lines)} lines, {n_err} errors)")
     return 0

@@ -1,0 +1,109 @@
+"""Batch ingest: micro-batched results equal one-at-a-time runs; errors per line; SIGKILL leaves whole runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from catalog.db import Catalog
+from sae_discover.registry import Registry
+from sae_discover.request import build_request
+from sae_discover.service import Discovery
+from tests.conftest import ROOT
+
+LINES = [
+    {"id": "a", "text": "Shares of Globex rose 12% after the earnings call."},
+    {"id": "b", "prompt": "The forecast for Boston calls for", "gen_tokens": 12, "seed": 3},
+    {"id": "c", "text": "Preheat the oven to 350 degrees and bake the apple pie for 45 minutes.", "topk_tokens_per_seq": 5},
+    {"id": "d", "prompt": "In Python, a list comprehension", "gen_tokens": 20, "token_proxy": "norm"},
+    {"id": "e", "text": "The patient presented with fever."},
+]
+
+
+def _features(result: dict) -> list[tuple]:
+    return [(f["layer"], f["feature_id"], round(f["score"], 5), round(f["scores"]["coverage"], 6))
+            for f in result["features"]]
+
+
+def test_micro_batched_results_equal_one_at_a_time(toy_registry, tmp_path):
+    reqs = [build_request({"model_id": "toy", "sae_id": "toy", "layers": [0, 1], "min_coverage_pct": 0, **line})
+            for line in LINES]
+    batched_cat, single_cat = Catalog(tmp_path / "b.duckdb"), Catalog(tmp_path / "s.duckdb")
+    batched = Discovery(batched_cat, Registry.load(toy_registry), device="cpu").discover_many(reqs, batch_size=4)
+    single_disc = Discovery(single_cat, Registry.load(toy_registry), device="cpu")
+    singles = [single_disc.discover(r) for r in reqs]
+    for b, s in zip(batched, singles, strict=True):
+        assert b["run_id"] == s["run_id"] and b["analyzed"] == s["analyzed"]
+        assert _features(b) == _features(s)
+    tok_b = batched_cat.raw().execute("SELECT run_id, position, token_id, kept FROM v_tokens ORDER BY ALL").fetchall()
+    tok_s = single_cat.raw().execute("SELECT run_id, position, token_id, kept FROM v_tokens ORDER BY ALL").fetchall()
+    assert tok_b == tok_s
+    batched_cat.close()
+    single_cat.close()
+
+
+def _batch_cmd(registry, db, prompts, out):
+    return [sys.executable, "-m", "sae_discover", "--registry", str(registry), "--db", str(db), "--model", "toy",
+            "--sae", "toy", "--layers", "1", "--prompts_file", str(prompts), "--out", str(out)]
+
+
+def test_batch_cli_keeps_order_reports_bad_lines_and_goes_on(toy_registry, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join([json.dumps(LINES[0]), "{not json", json.dumps({"id": "x", "prompt": "a", "layers": [9]}),
+                                  json.dumps(LINES[2])]) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(_batch_cmd(toy_registry, tmp_path / "c.duckdb", prompts, out), capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "discover" in proc.stderr  # the progress bar
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "2", "x", "c"]
+    assert "features" in rows[0] and "features" in rows[3]
+    assert rows[1]["error"].startswith("prompts_file: line 2: not JSON")
+    assert rows[2]["error"].startswith("layers: layer 9 is out of range")
+
+
+def test_sigkill_mid_batch_leaves_only_whole_runs_and_the_rerun_completes(toy_registry, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    n_lines = 48
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"Report number {i}: revenue", "gen_tokens": 24,
+                                           "seed": i}) + "\n" for i in range(n_lines)))
+    db, out = tmp_path / "c.duckdb", tmp_path / "out.jsonl"
+    proc = subprocess.Popen(_batch_cmd(toy_registry, db, prompts, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n")
+    if written >= n_lines:
+        pytest.fail("the batch finished before it could be killed; make it longer")
+    con = duckdb.connect(str(db))
+    runs = con.execute("SELECT run_id, n_tokens, n_kept FROM v_runs").fetchall()
+    assert len(runs) >= 1
+    for run_id, n_tokens, n_kept in runs:  # every visible run is whole
+        tokens, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE kept) FROM v_tokens WHERE run_id = ?",
+                                   [run_id]).fetchone()
+        assert (tokens, kept) == (n_tokens, n_kept)
+        outside = con.execute("SELECT count(*) FROM v_activations a JOIN v_tokens t USING (run_id, position) "
+                              "WHERE a.run_id = ? AND NOT t.kept", [run_id]).fetchone()[0]
+        assert outside == 0
+        assert con.execute("SELECT count(*) FROM v_activations WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+    before = len(runs)
+    con.close()
+    proc = subprocess.run(_batch_cmd(toy_registry, db, prompts, out), capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(n_lines)]
+    assert sum(r["cached"] for r in rows) == before  # finished runs were skipped, the rest computed
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM v_runs").fetchone()[0] == n_lines
