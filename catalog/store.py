@@ -86,6 +86,16 @@ def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[in
     return keys
 
 
+def _append(con: duckdb.DuckDBPyConnection, table: str, key_name: str, key: int, rows: pa.Table) -> None:
+    """Bulk-insert an Arrow table (columns by name) plus a constant key column, via DuckDB's Arrow scan."""
+    view = f"_arrow_{table}"
+    con.register(view, rows)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT {int(key)}::INTEGER AS {key_name}, * FROM {view}")
+    finally:
+        con.unregister(view)
+
+
 def _with_sae_keys(acts: pa.Table, keys: list[int]) -> pa.Table:
     """Replace ``sae_index`` by the catalog's ``sae_key`` (a numpy take, no join)."""
     index = acts.column("sae_index").to_numpy()
@@ -122,11 +132,9 @@ def write_run(catalog: Catalog, run: dict, model: ModelInfo, saes: Sequence[SAEI
         run_key = int(con.execute(
             f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) RETURNING run_key",
             [fields[n] for n in names]).fetchone()[0])
-        con.executemany("INSERT INTO run_saes VALUES (?, ?)", [[run_key, k] for k in keys])
-        token_rows = tokens  # noqa: F841 - scanned by name below
-        con.execute(f"INSERT INTO tokens BY NAME SELECT {run_key}::INTEGER AS run_key, * FROM token_rows")
-        act_rows = _with_sae_keys(acts, keys)  # noqa: F841
-        con.execute(f"INSERT INTO activations BY NAME SELECT {run_key}::INTEGER AS run_key, * FROM act_rows")
+        con.execute("INSERT INTO run_saes SELECT ?, unnest(?::INTEGER[])", [run_key, keys])
+        _append(con, "tokens", "run_key", run_key, tokens)
+        _append(con, "activations", "run_key", run_key, _with_sae_keys(acts, keys))
         return run_key, True
 
 
@@ -159,12 +167,9 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
         cal_id = int(con.execute(
             "INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES (?, ?, ?, ?, ?) "
             "RETURNING calibration_id", [model_key, corpus, corpus_hash, n_docs, n_tokens]).fetchone()[0])
-        con.executemany("INSERT INTO calibration_saes VALUES (?, ?)", [[cal_id, k] for k in keys])
-        tok_rows = tokens  # noqa: F841
-        con.execute(f"INSERT INTO calibration_tokens BY NAME SELECT {cal_id}::INTEGER AS calibration_id, * FROM tok_rows")
-        act_rows = _with_sae_keys(acts, keys)  # noqa: F841
-        con.execute(f"INSERT INTO calibration_activations BY NAME "
-                    f"SELECT {cal_id}::INTEGER AS calibration_id, * FROM act_rows")
+        con.execute("INSERT INTO calibration_saes SELECT ?, unnest(?::INTEGER[])", [cal_id, keys])
+        _append(con, "calibration_tokens", "calibration_id", cal_id, tokens)
+        _append(con, "calibration_activations", "calibration_id", cal_id, _with_sae_keys(acts, keys))
         for sae, key in zip(saes, keys, strict=True):
             con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae,
                                             **quantile_positions(n_tokens, q)})
@@ -223,9 +228,7 @@ def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], r
             (key,) = sae_keys(con, [sae])
             if replace_source:
                 con.execute("DELETE FROM labels WHERE sae_key = ? AND source = ?", [key, replace_source])
-            label_rows = rows  # noqa: F841 - scanned by name below
-            con.execute(f"INSERT INTO labels BY NAME SELECT {key}::INTEGER AS sae_key, feature_id, label, source, score "
-                        "FROM label_rows")
+            _append(con, "labels", "sae_key", key, rows.select(["feature_id", "label", "source", "score"]))
             total += rows.num_rows
     return total
 
