@@ -1,0 +1,83 @@
+"""Catalog subcommands through the real CLI: runs list/show/rank, read-only sql, calibrate, labels, the lock message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from tests.conftest import read_json, run_cli
+
+
+@pytest.fixture(scope="module")
+def stored(toy_registry, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli-cat")
+    db = tmp / "c.duckdb"
+    out = tmp / "r.json"
+    proc = run_cli("--registry", str(toy_registry), "--db", str(db), "--model", "toy", "--sae", "toy", "--text",
+                   "Shares of Hooli fell 9% after the company missed on churn.", "--layers", "0", "1",
+                   "--min_coverage_pct", "0", "--return_top_x", "1000", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return {"db": db, "result": read_json(out), "registry": toy_registry, "tmp": tmp}
+
+
+def test_runs_list_and_show(stored):
+    proc = run_cli("runs", "list", "--db", str(stored["db"]))
+    assert proc.returncode == 0, proc.stderr
+    run_id = stored["result"]["run_id"]
+    assert proc.stdout.splitlines()[0].split("\t")[:4] == [run_id, "toy", "toy", "text"]
+    show = run_cli("runs", "show", run_id, "--db", str(stored["db"]))
+    info = json.loads(show.stdout)
+    assert info["run_id"] == run_id and info["n_kept"] == stored["result"]["analyzed"]["tokens"]
+    assert sorted((s["layer"], s["stream"]) for s in info["saes"]) == [(0, "resid_pre"), (1, "resid_pre")]
+
+
+def test_runs_rank_reranks_without_the_model(stored):
+    out = stored["tmp"] / "rerank.json"
+    proc = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--score_mode", "max",
+                   "--return_top_x", "3", "--min_coverage_pct", "0", "--merge_across_layers", "false", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    r = read_json(out)
+    assert r["cached"] and r["score_mode"] == "max"
+    for layer in (0, 1):
+        scores = [f["score"] for f in r["features"] if f["layer"] == layer]
+        assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+    # max mode, normalized by the calibration max: the top feature of layer 0 equals the best in the full list
+    full = {(f["layer"], f["feature_id"]): f for f in stored["result"]["features"]}
+    top0 = next(f for f in r["features"] if f["layer"] == 0)
+    assert full[(0, top0["feature_id"])]["scores"]["max"] == pytest.approx(top0["scores"]["max"])
+    bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--score_mode", "median")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: score_mode:")
+
+
+def test_sql_is_read_only(stored):
+    proc = run_cli("sql", "SELECT count(*) AS n FROM v_activations", "--db", str(stored["db"]), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    n = duckdb.connect(str(stored["db"]), read_only=True).execute("SELECT count(*) FROM activations").fetchone()[0]
+    assert json.loads(proc.stdout) == [{"n": n}] and n > 0
+    bad = run_cli("sql", "DELETE FROM runs", "--db", str(stored["db"]))
+    assert bad.returncode == 2 and "read-only" in bad.stderr
+    assert duckdb.connect(str(stored["db"]), read_only=True).execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+
+
+def test_a_catalog_held_by_another_process_gets_a_clear_message(stored, tmp_path):
+    db = tmp_path / "held.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
+                               "c.execute('CREATE TABLE x (i INT)'); print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        proc = run_cli("--registry", str(stored["registry"]), "--db", str(db), "--model", "toy", "--sae", "toy",
+                       "--text", "hello there")
+        assert proc.returncode == 3
+        assert "held by another process" in proc.stderr and "Traceback" not in proc.stderr
+        sql = run_cli("sql", "SELECT 1", "--db", str(db))
+        assert sql.returncode == 3 and "held by another process" in sql.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
