@@ -74,46 +74,82 @@ def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, s
     return " UNION ALL ".join(parts), f"calibration_q{q:g}"
 
 
-def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
-    """Rank one stored run's features; returns features (with layer/stream), and provenance fields."""
+@dataclass
+class Scoring:
+    """A per-(run, SAE, feature) scored relation: its SQL (one SELECT), parameters and provenance."""
+
+    sql: str
+    params: dict
+    threshold_source: str
+    normalization: str
+    has_background: bool
+
+
+def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_filter: str = "") -> Scoring:
+    """The scoring rules above as one SQL relation over several runs (ranking and drift share it).
+
+    ``runs_sql`` is a relation ``(run_key, n)``: the runs to score and each one's number of analysed
+    tokens (the divisor of mean and coverage); ``run_filter`` an optional extra predicate on the
+    activation scan (``a``), for zone-map pruning. The result has one row per (run_key, sae_key,
+    feature_id) with a nonzero code that passes the coverage gate: mean, max, coverage, selectivity
+    (null without a background), score. Its named parameters (``$saes``, ``$min_cov``, ``$restrict``)
+    are in ``params``.
+    """
     if opts.score_mode not in SCORE_MODES:
         raise CatalogError(f"score_mode: expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
+    calibrated = {k: calibration_for(con, k) for k in sae_keys}
+    has_background = all(calibrated.values())
+    if opts.score_mode == "selectivity" and not has_background:
+        raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
+                           "(python -m sae_discover calibrate --sae ...) or pick another score_mode")
+    thresholds, threshold_source = _thresholds_sql(con, sae_keys, opts)
+    normalization = "calibration_max" if has_background else "none"
+    tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
+    divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"
+    restrict = "AND list_contains($restrict, a.feature_id)" if opts.restrict_features else ""
+    selectivity = "mean - bg_mean" if has_background else "NULL::DOUBLE"
+    sql = f"""
+        WITH thresholds AS ({thresholds}),
+        scoring_runs AS ({runs_sql}),
+        agg AS (
+            SELECT a.run_key, a.sae_key, a.feature_id,
+                   sum(a.act) / sr.n AS mean,
+                   max(a.act) AS max,
+                   count(*) FILTER (WHERE a.act > {tau_expr}) / sr.n AS coverage,
+                   any_value(s.mean) AS bg_mean,
+                   any_value({divisor}) AS divisor
+            FROM activations a
+            JOIN scoring_runs sr ON sr.run_key = a.run_key
+            LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
+            LEFT JOIN v_feature_stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
+            WHERE list_contains($saes, a.sae_key) {restrict} {f"AND {run_filter}" if run_filter else ""}
+            GROUP BY a.run_key, sr.n, a.sae_key, a.feature_id
+        ),
+        gated AS (
+            SELECT *, mean / divisor AS mean_n, max / divisor AS max_n FROM agg
+            WHERE coverage * 100 >= $min_cov
+        )
+        SELECT run_key, sae_key, feature_id, mean, max, coverage, {selectivity} AS selectivity,
+               {SCORE_EXPR[opts.score_mode]} AS score
+        FROM gated"""
+    params: dict = {"saes": list(sae_keys), "min_cov": opts.min_coverage_pct}
+    if opts.restrict_features:
+        params["restrict"] = list(opts.restrict_features)
+    return Scoring(sql, params, threshold_source, normalization, has_background)
+
+
+def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
+    """Rank one stored run's features; returns features (with layer/stream), and provenance fields."""
     con = catalog.raw()
     try:
-        calibrated = {k: calibration_for(con, k) for k in sae_keys}
-        has_background = all(calibrated.values())
-        if opts.score_mode == "selectivity" and not has_background:
-            raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
-                               "(python -m sae_discover calibrate --sae ...) or pick another score_mode")
-        thresholds, threshold_source = _thresholds_sql(con, sae_keys, opts)
-        normalization = "calibration_max" if all(calibrated.values()) else "none"
-        tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
-        divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"
-        restrict = "AND list_contains($restrict, a.feature_id)" if opts.restrict_features else ""
+        scoring = scored_sql(con, sae_keys, opts, "SELECT $run::INTEGER AS run_key, $n::DOUBLE AS n",
+                             run_filter="a.run_key = $run")
         limit = "" if opts.merge_across_layers else \
             "QUALIFY row_number() OVER (PARTITION BY sae_key ORDER BY score DESC, feature_id) <= $top"
         sql = f"""
-            WITH thresholds AS ({thresholds}),
-            agg AS (
-                SELECT a.sae_key, a.feature_id,
-                       sum(a.act) / $n AS mean,
-                       max(a.act) AS max,
-                       count(*) FILTER (WHERE a.act > {tau_expr}) / $n AS coverage,
-                       any_value(s.mean) AS bg_mean,
-                       any_value({divisor}) AS divisor
-                FROM activations a
-                LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
-                LEFT JOIN v_feature_stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
-                WHERE a.run_key = $run AND list_contains($saes, a.sae_key) {restrict}
-                GROUP BY a.sae_key, a.feature_id
-            ),
-            scored AS (
-                SELECT *, mean / divisor AS mean_n, max / divisor AS max_n FROM agg
-                WHERE coverage * 100 >= $min_cov
-            ),
+            WITH scored AS ({scoring.sql}),
             ranked AS (
-                SELECT sae_key, feature_id, mean, max, coverage, mean - bg_mean AS selectivity,
-                       {SCORE_EXPR[opts.score_mode]} AS score
+                SELECT sae_key, feature_id, mean, max, coverage, selectivity, score
                 FROM scored
                 {limit}
             )
@@ -123,23 +159,30 @@ def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], o
                       else "sa.layer, sa.stream, r.score DESC, r.feature_id"}
             {"LIMIT $top" if opts.merge_across_layers else ""}
         """
-        params = {"n": float(max(n_kept, 1)), "run": run_key, "saes": sae_keys, "min_cov": opts.min_coverage_pct,
-                  "top": opts.return_top_x}
-        if opts.restrict_features:
-            params["restrict"] = list(opts.restrict_features)
+        params = {**scoring.params, "n": float(max(n_kept, 1)), "run": run_key, "top": opts.return_top_x}
         cur = con.execute(sql, params)
         cols = [d[0] for d in cur.description]
         features = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-        if not has_background:
-            for f in features:
-                f["selectivity"] = None
         if opts.attach_proto_labels:
             _attach_labels(con, features)
         if opts.attach_examples:
             _attach_spans(con, run_key, features, opts.spans_per_feature, opts.span_window)
-        return {"features": features, "threshold_source": threshold_source, "normalization": normalization}
+        return {"features": features, "threshold_source": scoring.threshold_source,
+                "normalization": scoring.normalization}
     finally:
         con.close()
+
+
+def best_labels_sql(where: str = "") -> str:
+    """The best label per (sae_key, feature_id) as a relation (sae_key, feature_id, label): highest
+    score (unscored last), then source priority (imported before lite), then the label text.
+    ``where`` is an optional predicate over the labels table ``l``."""
+    return f"""
+        SELECT l.sae_key, l.feature_id,
+               arg_min(l.label, (-coalesce(l.score, -1e300), {SOURCE_PRIORITY}, l.label)) AS label
+        FROM labels l
+        {f"WHERE {where}" if where else ""}
+        GROUP BY l.sae_key, l.feature_id"""
 
 
 def _attach_labels(con, features: list[dict]) -> None:
@@ -147,11 +190,8 @@ def _attach_labels(con, features: list[dict]) -> None:
     if not features:
         return
     pairs = [[f["sae_key"], f["feature_id"]] for f in features]
-    rows = con.execute(f"""
-        SELECT l.sae_key, l.feature_id, arg_min(l.label, (-coalesce(l.score, -1e300), {SOURCE_PRIORITY}, l.label))
-        FROM labels l
-        WHERE list_contains($pairs, [l.sae_key, l.feature_id])
-        GROUP BY l.sae_key, l.feature_id""", {"pairs": pairs}).fetchall()
+    rows = con.execute(best_labels_sql("list_contains($pairs, [l.sae_key, l.feature_id])"),
+                       {"pairs": pairs}).fetchall()
     best = {(k, f): label for k, f, label in rows}
     for f in features:
         f["proto_label"] = best.get((f["sae_key"], f["feature_id"]))

@@ -1,0 +1,268 @@
+"""Drift reports: identical models agree exactly, a planted direction is flagged, and the figures equal a
+numpy/scipy recomputation from the stored rows (v_tokens, v_activations, v_feature_stats)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from scipy.stats import spearmanr
+
+from catalog.db import Catalog
+from sae_discover.drift import build_drift_request, drift_report, table, to_csv, write_report
+from sae_discover.registry import Registry
+from sae_discover.request import RequestError
+from sae_discover.service import Discovery
+from tests.conftest import read_json, run_cli
+
+FINANCE = [
+    {"text": "Shares of ACME rose 4% after the company beat earnings estimates and raised its dividend."},
+    {"text": "The central bank held interest rates steady; bond yields fell and the dollar weakened."},
+    {"text": "Quarterly revenue grew while operating margin narrowed, and the stock slipped in late trading.", "id": "q3"},
+]
+LAYERS = [0, 1]
+
+
+def _flagged(report: dict) -> int:
+    return sum(len(v) for v in report["flagged"].values())
+
+
+# -- identical models -----------------------------------------------------------------------------
+
+def test_identical_models_agree_and_reuse_runs(toy_discovery):
+    report = drift_report(toy_discovery, base="toy", tuned="toy", sae_id="toy", prompts=FINANCE, layers=LAYERS,
+                          top_k=10, min_coverage_pct=0)
+    o = report["overall"]
+    assert (o["jaccard"], o["spearman"], o["spearman_all"]) == (1.0, 1.0, 1.0)
+    assert _flagged(report) == 0 and o["n_gained"] == o["n_lost"] == o["n_shifted"] == 0
+    assert report["ingested"] == {"new_runs": 3, "cached_runs": 3}  # the same run serves both sides
+    assert report["base"]["run_ids"] == report["tuned"]["run_ids"]
+    assert [p["id"] for p in report["prompts"]] == ["1", "2", "q3"]
+    for p in report["prompts"]:
+        assert (p["jaccard"], p["spearman"], p["n_gained"] + p["n_lost"] + p["n_shifted"]) == (1.0, 1.0, 0)
+    assert all(f["rank_change"] == 0 and f["score_change"] == 0 for f in report["features"])
+    assert "nothing flagged" in table(report)
+
+
+def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):
+    """Two model ids for one set of weights: distinct run ids, identical activations → nothing drifts."""
+    reg = tmp_path / "reg.toml"
+    reg.write_text(f'[models.toy]\npath = "{toy_demo / "model"}"\ndefault_layers = [1]\n'
+                   f'calibration_corpus = "{toy_demo / "calibration.jsonl"}"\n'
+                   f'[models.toy-copy]\npath = "{toy_demo / "model"}"\ndefault_layers = [1]\n'
+                   f'[saes.toy]\npath = "{toy_demo / "saes"}"\n')
+    disc = Discovery(catalog, Registry.load(reg), device="cpu")
+    report = drift_report(disc, {"base": "toy", "tuned": "toy-copy", "sae_id": "toy", "prompts": FINANCE[:2],
+                                 "top_k": 8})
+    assert report["hooks"] == [[1, "resid_pre"]]  # the base model's default layers
+    assert set(report["base"]["run_ids"]).isdisjoint(report["tuned"]["run_ids"])
+    o = report["overall"]
+    assert (o["jaccard"], o["spearman"], _flagged(report)) == (1.0, 1.0, 0)
+
+
+# -- the recomputation oracle ---------------------------------------------------------------------
+
+def _recompute(con, base_ids: list[str], tuned_ids: list[str], k: int, min_cov: float, min_change: float,
+               min_rel: float, min_shift: int) -> dict:
+    """Every figure of the report from the stored rows, with numpy and scipy (no shared SQL)."""
+    stats = {(layer, stream, f): (p95, mx) for layer, stream, f, p95, mx in con.execute(
+        "SELECT layer, stream, feature_id, p95, max FROM v_feature_stats WHERE sae_id = 'toy'").fetchall()}
+
+    def run_scores(run_id: str) -> dict:
+        n = con.execute("SELECT count(*) FROM v_tokens WHERE run_id = ? AND kept", [run_id]).fetchone()[0]
+        rows = con.execute("SELECT layer, stream, feature_id, act FROM v_activations WHERE run_id = ? AND layer IN (0, 1) "
+                           "AND stream = 'resid_pre'", [run_id]).fetchall()
+        acts: dict[tuple, list[float]] = {}
+        for layer, stream, f, act in rows:
+            acts.setdefault((layer, stream, f), []).append(act)
+        out = {}
+        for key, values in acts.items():
+            a = np.asarray(values, dtype=np.float64)
+            p95, mx = stats[key]
+            div = mx if mx > 0 else 1.0
+            coverage = float((a > p95).sum()) / n
+            if coverage * 100 >= min_cov:
+                out[key] = a.sum() / n / div * coverage
+        return out
+
+    sides = {"base": [run_scores(r) for r in base_ids], "tuned": [run_scores(r) for r in tuned_ids]}
+
+    def compare(scores: dict) -> dict:
+        feats = sorted(set(scores["base"]) | set(scores["tuned"]))
+        res: dict = {"features": {}}
+        for side in ("base", "tuned"):
+            present = sorted(scores[side], key=lambda key: (-scores[side][key], key))
+            res[side] = {key: i + 1 for i, key in enumerate(present)}
+        top = {s: {key for key, r in res[s].items() if r <= k} for s in ("base", "tuned")}
+        union = sorted(top["base"] | top["tuned"])
+        res["jaccard"] = len(top["base"] & top["tuned"]) / len(union) if union else None
+        vec = {s: np.array([scores[s].get(key, 0.0) for key in union]) for s in ("base", "tuned")}
+        res["spearman"] = float(spearmanr(vec["base"], vec["tuned"]).statistic)
+        allv = {s: np.array([scores[s].get(key, 0.0) for key in feats]) for s in ("base", "tuned")}
+        res["spearman_all"] = float(spearmanr(allv["base"], allv["tuned"]).statistic)
+        for key in union:
+            b, t = scores["base"].get(key, 0.0), scores["tuned"].get(key, 0.0)
+            rb, rt = res["base"].get(key), res["tuned"].get(key)
+            big = abs(t - b) >= min_rel * max(abs(b), abs(t))
+            flag = None
+            if key in top["tuned"] and key not in top["base"] and t - b > min_change and big:
+                flag = "gained"
+            elif key in top["base"] and key not in top["tuned"] and b - t > min_change and big:
+                flag = "lost"
+            elif key in top["base"] and key in top["tuned"] and abs(rb - rt) >= min_shift:
+                flag = "shifted"
+            res["features"][key] = {"score_base": b, "score_tuned": t, "rank_base": rb, "rank_tuned": rt, "flag": flag}
+        return res
+
+    per_prompt = [compare({"base": sides["base"][i], "tuned": sides["tuned"][i]}) for i in range(len(base_ids))]
+    agg = {s: {} for s in sides}
+    for s, runs in sides.items():
+        for scores in runs:
+            for key, v in scores.items():
+                agg[s][key] = agg[s].get(key, 0.0) + v / len(runs)  # absent prompts count 0
+    return {"overall": compare(agg), "prompts": per_prompt}
+
+
+def _check(report: dict, expected: dict) -> None:
+    def close(a, b):
+        return (a is None and (b is None or math.isnan(b))) or a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+    for got, exp in [(report["overall"], expected["overall"]),
+                     *zip(report["prompts"], expected["prompts"], strict=True)]:
+        assert close(got["jaccard"], exp["jaccard"]), (got, exp["jaccard"])
+        assert close(got["spearman"], exp["spearman"]), (got, exp["spearman"])
+        assert close(got["spearman_all"], exp["spearman_all"]), (got, exp["spearman_all"])
+    exp = expected["overall"]["features"]
+    got = {(f["layer"], f["stream"], f["feature_id"]): f for f in report["features"]}
+    assert set(got) == set(exp)
+    for key, e in exp.items():
+        g = got[key]
+        assert g["score_base"] == pytest.approx(e["score_base"], rel=1e-5, abs=1e-9)
+        assert g["score_tuned"] == pytest.approx(e["score_tuned"], rel=1e-5, abs=1e-9)
+        assert (g["rank_base"], g["rank_tuned"], g["flag"]) == (e["rank_base"], e["rank_tuned"], e["flag"]), key
+        rank_change = None if e["rank_base"] is None or e["rank_tuned"] is None else e["rank_base"] - e["rank_tuned"]
+        assert g["rank_change"] == rank_change
+
+
+def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
+    opts = {"top_k": 12, "min_coverage_pct": 0.5, "min_relative_change": 0.3, "min_rank_shift": 3}
+    report = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
+                          layers=LAYERS, **opts)
+    assert report["threshold_source"] == "calibration_p95" and report["normalization"] == "calibration_max"
+    assert report["hooks"] == [[0, "resid_pre"], [1, "resid_pre"]]
+    con = toy_discovery.catalog.raw()
+    expected = _recompute(con, report["base"]["run_ids"], report["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3)
+    _check(report, expected)
+    assert report["overall"]["spearman"] < 1.0  # the fine-tune moved something
+
+    # historical runs only (a bare catalog, no model): ids on one side, a SQL filter on the other → same figures
+    again = drift_report(toy_discovery.catalog, base_runs=report["base"]["run_ids"],
+                         tuned_runs="model_id = 'toy-finance' AND mode = 'text'", layers=LAYERS, **opts)
+    assert again["overall"] == report["overall"] and again["features"] == report["features"]
+    assert again["ingested"] is None and again["prompts"][0]["text"] == FINANCE[0]["text"]
+
+    # outputs
+    csv_text = to_csv(report)
+    assert csv_text.splitlines()[0].startswith("feature_id,layer,stream,flag,score_base")
+    assert len(csv_text.splitlines()) == len(report["features"]) + 1
+    path = write_report(report, tmp_path / "r.json")
+    assert json.loads(path.read_text())["overall"] == report["overall"]
+    assert "per prompt" in table(report)
+
+
+# -- a planted change -----------------------------------------------------------------------------
+
+def test_planted_decoder_direction_is_flagged_gained(toy_demo, toy_discovery, tmp_path):
+    """Add a multiple of one SAE decoder direction to the bias that block 0 writes into the residual:
+    resid_pre of layer 1 carries it on every token, so that feature must be flagged gained."""
+    base = drift_report(toy_discovery, base="toy", tuned="toy", sae_id="toy", prompts=FINANCE, layers=[1], top_k=5)
+    seen = {f["feature_id"] for f in base["features"]}
+    w = load_file(str(toy_demo / "saes" / "blocks.1.hook_resid_pre" / "sae_weights.safetensors"))
+    d_sae = w["W_dec"].shape[0]
+    con = toy_discovery.catalog.raw()
+    fired = dict(con.execute("SELECT feature_id, count(*) FROM v_activations WHERE layer = 1 AND stream = 'resid_pre' "
+                             "AND list_contains(?, run_id) GROUP BY ALL", [base["base"]["run_ids"]]).fetchall())
+    live = {r[0] for r in con.execute("SELECT feature_id FROM v_feature_stats WHERE layer = 1 AND stream = 'resid_pre' "
+                                      "AND max > 0").fetchall()}
+    target = min((f for f in range(d_sae) if f not in seen and f in live), key=lambda f: (fired.get(f, 0), f))
+    planted = tmp_path / "toy-planted"
+    shutil.copytree(toy_demo / "model", planted)
+    weights = load_file(str(planted / "model.safetensors"))
+    bias = next(k for k in weights if k.endswith("h.0.mlp.c_proj.bias"))
+    direction = w["W_dec"][target] / np.linalg.norm(w["W_dec"][target])
+    weights[bias] = (weights[bias] + 4.0 * direction * np.linalg.norm(weights[bias]).clip(1.0)).astype(weights[bias].dtype)
+    save_file(weights, str(planted / "model.safetensors"), metadata={"format": "pt"})
+
+    report = drift_report(toy_discovery, base="toy", tuned=str(planted), sae_id="toy", prompts=FINANCE, layers=[1],
+                          top_k=5)
+    gained = {f["feature_id"]: f for f in report["flagged"]["gained"]}
+    assert target in gained, table(report)
+    g = gained[target]
+    assert (g["rank_base"] is None or g["rank_base"] > 5) and g["rank_tuned"] is not None and g["rank_tuned"] <= 5
+    assert g["prompts_tuned"] == len(FINANCE) and g["score_change"] > 0
+    assert report["overall"]["jaccard"] < 1.0
+    assert target not in {f["feature_id"] for f in report["flagged"]["lost"]}
+
+
+# -- validation and the CLI -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"base": "toy", "tuned": "toy"}, "prompts"),
+    ({"base": "toy", "prompts": [{"text": "x"}]}, "tuned"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "base_runs": ["abc"]}, "base_runs"),
+    ({"base_runs": ["abcdef01"]}, "tuned_runs"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "top_k": 0}, "top_k"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x", "score_mode": "max"}]}, "prompts"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x", "prompt": "y"}]}, "prompts"),
+    ({"base": "toy", "tuned": "toy", "prompts": ["x"]}, "prompts"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "min_relative_change": -1}, "min_relative_change"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "frobnicate": 1}, "frobnicate"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "score_mode": "median"}, "score_mode"),
+])
+def test_bad_requests_name_the_field(body, field):
+    with pytest.raises(RequestError) as info:
+        build_drift_request(body)
+    assert info.value.field == field
+
+
+def test_bad_run_selections(catalog):
+    with pytest.raises(RequestError, match="base_runs: no run 'feedface00'"):
+        drift_report(catalog, base_runs=["feedface00"], tuned_runs=["feedface00"])
+    with pytest.raises(RequestError, match="base_runs: not a valid SQL filter"):
+        drift_report(catalog, base_runs="true; DROP TABLE runs", tuned_runs="true")
+    with pytest.raises(RequestError, match="base_runs: expected one boolean SQL expression"):
+        drift_report(catalog, base_runs="true); DROP TABLE runs; SELECT (1", tuned_runs="true")
+    with pytest.raises(RequestError, match=r"base_runs: the filter .* matches no run"):
+        drift_report(catalog, base_runs="model_id = 'nope'", tuned_runs="true")
+    with pytest.raises(RequestError, match="SQL filters are disabled"):
+        drift_report(catalog, base_runs="true", tuned_runs="true", allow_sql_filter=False)
+    with pytest.raises(RequestError, match="needs a model"):
+        drift_report(catalog, base="toy", tuned="toy", prompts=[{"text": "x"}])
+    assert catalog.raw().execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+def test_cli_drift_from_stored_runs(toy_registry, tmp_path):
+    db = tmp_path / "cli.duckdb"
+    cat = Catalog(db)
+    try:
+        report = drift_report(Discovery(cat, Registry.load(toy_registry), device="cpu"), base="toy",
+                              tuned="toy-finance", sae_id="toy", prompts=FINANCE[:2], layers=[1], top_k=10)
+    finally:
+        cat.close()
+    ids = report["base"]["run_ids"]
+    res = run_cli("drift", "--db", str(db), "--base_runs", *ids, "--tuned_runs", "model_id", "=", "'toy-finance'",
+                  "--layers", "1", "--top_k", "10", "--out", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    assert "Jaccard@10" in res.stdout and "per prompt" in res.stdout
+    assert read_json(tmp_path / "r.json")["overall"] == report["overall"]
+    res = run_cli("drift", "--db", str(db), "--base_runs", *ids, "--tuned_runs", *ids, "--layers", "1",
+                  "--out", str(tmp_path / "r.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "nothing flagged" in res.stdout
+    assert (tmp_path / "r.csv").read_text().startswith("feature_id,layer,stream,flag")
+    res = run_cli("drift", "--db", str(db), "--base_runs", "model_id = 'toy'", "--tuned_runs", "oops(")
+    assert res.returncode == 2 and res.stderr.startswith("error: tuned_runs:")
