@@ -44,11 +44,22 @@ class RankOptions:
     attach_proto_labels: bool = True
     spans_per_feature: int = 3
     span_window: int = 8
+    # selectivity's background: stored runs of background text (all tokens kept) instead of the
+    # calibration mean; ``background_n`` is their total number of analysed tokens
+    background_runs: list[int] = field(default_factory=list)
+    background_n: int = 0
 
 
 def calibration_for(con, sae_key: int) -> int | None:
     row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def newest_stats_sql(cals: dict[int, int | None]) -> str:
+    """Feature statistics of each SAE's newest calibration (what ``v_feature_stats`` shows), as a
+    relation filtered by literal (calibration, SAE) pairs: zone maps prune it to a few row groups."""
+    pairs = [f"(calibration_id = {int(c)} AND sae_key = {int(k)})" for k, c in cals.items() if c is not None]
+    return f"SELECT * FROM feature_stats WHERE {' OR '.join(pairs) or 'false'}"
 
 
 def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, str]:
@@ -60,7 +71,7 @@ def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, s
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
     q = opts.tau_quantile
     if q is None or q == 0.95:
-        return ("SELECT sae_key, feature_id, p95 AS tau FROM v_feature_stats", "calibration_p95")
+        return (f"SELECT sae_key, feature_id, p95 AS tau FROM ({newest_stats_sql(cals)})", "calibration_p95")
     parts = []
     for key, cal in cals.items():
         if cal is None:
@@ -98,30 +109,43 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     if opts.score_mode not in SCORE_MODES:
         raise CatalogError(f"score_mode: expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
     calibrated = {k: calibration_for(con, k) for k in sae_keys}
-    has_background = all(calibrated.values())
+    all_calibrated = all(calibrated.values())
+    has_background = bool(opts.background_runs) or all_calibrated
     if opts.score_mode == "selectivity" and not has_background:
         raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
-                           "(python -m sae_discover calibrate --sae ...) or pick another score_mode")
+                           "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
+                           "or pick another score_mode")
     thresholds, threshold_source = _thresholds_sql(con, sae_keys, opts)
-    normalization = "calibration_max" if has_background else "none"
+    normalization = "calibration_max" if all_calibrated else "none"
     tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
     divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"
     restrict = "AND list_contains($restrict, a.feature_id)" if opts.restrict_features else ""
     selectivity = "mean - bg_mean" if has_background else "NULL::DOUBLE"
+    if opts.background_runs:  # mean over the background text's tokens (absent features: 0)
+        background = """SELECT sae_key, feature_id, sum(act) / $bg_n AS bg_mean FROM activations
+                        WHERE list_contains($bg_runs, run_key) AND list_contains($saes, sae_key)
+                        GROUP BY sae_key, feature_id"""
+        bg_expr = "coalesce(any_value(bg.bg_mean), 0)"
+    else:  # the calibration's per-token mean
+        background = "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS bg_mean WHERE false"
+        bg_expr = "any_value(s.mean)"
     sql = f"""
         WITH thresholds AS ({thresholds}),
+        stats AS ({newest_stats_sql(calibrated)}),
+        background AS ({background}),
         scoring_runs AS ({runs_sql}),
         agg AS (
             SELECT a.run_key, a.sae_key, a.feature_id,
                    sum(a.act) / sr.n AS mean,
                    max(a.act) AS max,
                    count(*) FILTER (WHERE a.act > {tau_expr}) / sr.n AS coverage,
-                   any_value(s.mean) AS bg_mean,
+                   {bg_expr} AS bg_mean,
                    any_value({divisor}) AS divisor
             FROM activations a
             JOIN scoring_runs sr ON sr.run_key = a.run_key
             LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
-            LEFT JOIN v_feature_stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
+            LEFT JOIN stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
+            LEFT JOIN background bg ON bg.sae_key = a.sae_key AND bg.feature_id = a.feature_id
             WHERE list_contains($saes, a.sae_key) {restrict} {f"AND {run_filter}" if run_filter else ""}
             GROUP BY a.run_key, sr.n, a.sae_key, a.feature_id
         ),
@@ -135,6 +159,8 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     params: dict = {"saes": list(sae_keys), "min_cov": opts.min_coverage_pct}
     if opts.restrict_features:
         params["restrict"] = list(opts.restrict_features)
+    if opts.background_runs:
+        params.update(bg_runs=list(opts.background_runs), bg_n=float(max(opts.background_n, 1)))
     return Scoring(sql, params, threshold_source, normalization, has_background)
 
 
@@ -189,9 +215,9 @@ def _attach_labels(con, features: list[dict]) -> None:
     """The best label per feature: highest score (unscored last), then source priority (imported before lite)."""
     if not features:
         return
-    pairs = [[f["sae_key"], f["feature_id"]] for f in features]
-    rows = con.execute(best_labels_sql("list_contains($pairs, [l.sae_key, l.feature_id])"),
-                       {"pairs": pairs}).fetchall()
+    rows = con.execute(best_labels_sql("list_contains($keys, l.sae_key) AND list_contains($fids, l.feature_id)"),
+                       {"keys": sorted({f["sae_key"] for f in features}),
+                        "fids": sorted({f["feature_id"] for f in features})}).fetchall()
     best = {(k, f): label for k, f, label in rows}
     for f in features:
         f["proto_label"] = best.get((f["sae_key"], f["feature_id"]))
@@ -203,11 +229,14 @@ def _attach_spans(con, run_key: int, features: list[dict], per_feature: int, win
         f["top_spans"] = []
     if not features:
         return
-    pairs = [[f["sae_key"], f["feature_id"]] for f in features]
     acts = con.execute("""
-        SELECT sae_key, feature_id, position, act FROM activations
-        WHERE run_key = $run AND list_contains($pairs, [sae_key, feature_id])
-        ORDER BY sae_key, feature_id, act DESC, position""", {"run": run_key, "pairs": pairs}).fetchall()
+        SELECT a.sae_key, a.feature_id, a.position, a.act FROM activations a
+        SEMI JOIN (SELECT unnest($keys) AS sae_key, unnest($fids) AS feature_id) p
+             ON p.sae_key = a.sae_key AND p.feature_id = a.feature_id
+        WHERE a.run_key = $run AND list_contains($key_set, a.sae_key)
+        ORDER BY a.sae_key, a.feature_id, a.act DESC, a.position""",
+        {"run": run_key, "keys": [f["sae_key"] for f in features], "fids": [f["feature_id"] for f in features],
+         "key_set": sorted({f["sae_key"] for f in features})}).fetchall()
     toks = con.execute("SELECT position, token, is_special FROM tokens WHERE run_key = ? ORDER BY position",
                        [run_key]).fetchall()
     text = ["" if special else (tok or "") for _, tok, special in toks]

@@ -55,6 +55,8 @@ class DiscoverRequest:
     tau_quantile: float | None = None
     spans_per_feature: int = 3
     span_window: int = 8
+    background_text: str | None = None  # selectivity's background (default: the calibration mean)
+    background_file: str | None = None  # CLI only: one document per line
     id: str | None = None  # batch lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
             if not isinstance(values[name], str) or not values[name].strip() or len(values[name]) > 1000:
                 raise RequestError(name, f"expected a non-empty string, got {values[name]!r}")
             setattr(req, name, values[name].strip())
-    for name in ("text", "prompt"):
+    for name in ("text", "prompt", "background_text", "background_file"):
         if name in values:
             if not isinstance(values[name], str):
                 raise RequestError(name, f"expected a string, got {values[name]!r}")

@@ -12,16 +12,17 @@ import json
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from catalog import queries, store
-from catalog.db import Catalog
+from catalog.db import Catalog, CatalogError
 from ingest import worker
-from ingest.models import LoadedModel, ModelCard, ModelError, load_model, read_card
+from ingest.models import ENCODERS, LoadedModel, ModelCard, ModelError, load_model, read_card
 from ingest.saes.base import SAEError
 from ingest.saes.sources import SAESource, file_fingerprint, open_source
 from sae_discover.registry import ModelEntry, Registry
-from sae_discover.request import DiscoverRequest, RequestError
+from sae_discover.request import INT_BOUNDS, DiscoverRequest, RequestError, build_request
 
 
 def read_corpus(path: str | Path) -> list[str]:
@@ -46,6 +47,20 @@ def read_corpus(path: str | Path) -> list[str]:
     if not docs:
         raise RequestError("corpus", f"{file} holds no documents")
     return docs
+
+
+@dataclass
+class _Prepared:
+    """A validated request with everything resolved that names its run."""
+
+    req: DiscoverRequest
+    entry: ModelEntry
+    card: ModelCard
+    source: SAESource
+    layers: list[int]
+    hooks: list[tuple[int, str]]
+    saes: list[store.SAEInfo]
+    run_id: str
 
 
 class Discovery:
@@ -118,67 +133,177 @@ class Discovery:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     # -- discovery ---------------------------------------------------------------------------------
-    def discover(self, req: DiscoverRequest) -> dict:
-        t0 = time.perf_counter()
+    def prepare(self, req: DiscoverRequest) -> _Prepared:
+        """Resolve ids, hooks and the run id without loading any weights (validation happens here)."""
         entry = self.registry.model(req.model_id, self.allow_paths)
         card = self.card(entry)
+        if card.family in ENCODERS and req.text is None and req.generate:
+            raise RequestError("generate", f"{req.model_id} is an encoder ({card.family}) and cannot generate; "
+                                           "send `text` (text mode) or set generate=false")
         source = self.source(req.sae_id)
         layers, hooks = self._hooks(req, entry, card, source)
         saes = self.sae_infos(source, hooks)
-        run_id = self.run_id(req, card, saes, _tokenizer_fingerprint(entry.source))
-        existing = store.find_run(self.catalog, run_id)
-        cached = existing is not None
-        timings: dict[str, float] = {}
-        if cached:
-            run_key, n_kept, n_tokens, mode = (existing["run_key"], existing["n_kept"], existing["n_tokens"],
-                                               existing["mode"])
-        else:
-            loaded = self.model(entry)
-            sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
-            spec = worker.RunSpec(prompt=req.prompt, text=req.text, generate=req.generate, gen_tokens=req.gen_tokens,
-                                  seed=req.seed, temperature=req.temperature, top_p=req.top_p, hooks=hooks,
-                                  token_proxy=req.token_proxy, topk_tokens_per_seq=req.topk_tokens_per_seq,
-                                  restrict_features=req.restrict_features)
-            with self._forward_lock:
-                batch = worker.run(loaded, sae_objs, spec)
-                self.model_calls += 1
-            timings.update(batch.timings)
+        return _Prepared(req, entry, card, source, layers, hooks, saes,
+                         self.run_id(req, card, saes, _tokenizer_fingerprint(entry.source)))
+
+    def discover(self, req: DiscoverRequest) -> dict:
+        (result,) = self.discover_many([req])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def discover_many(self, reqs: list[DiscoverRequest], batch_size: int = 8, workers: int = 1) -> list[dict | Exception]:
+        """Several requests: cached runs are read back, the others run through the model in micro-batches
+        (grouped by model, SAE source and hooks), each written in its own transaction, then ranked.
+        With ``workers`` > 1, worker processes run the model and this process is the one writer.
+        A request that fails yields its exception in place; the others go on."""
+        t0 = time.perf_counter()
+        results, prepared, stored = self._stored_runs(reqs, batch_size, workers)
+        for i, p in prepared.items():
+            if results[i] is not None:
+                continue
+            try:
+                results[i] = self._respond(p, stored[i], t0)
+            except USER_ERRORS as exc:
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _stored_runs(self, reqs: list[DiscoverRequest], batch_size: int = 8, workers: int = 1):
+        """Make sure every request's run is in the catalog: ``(errors, prepared, stored runs)`` by index."""
+        results: list[dict | Exception | None] = [None] * len(reqs)
+        prepared: dict[int, _Prepared] = {}
+        stored: dict[int, dict] = {}
+        for i, req in enumerate(reqs):
+            try:
+                prepared[i] = self.prepare(req)
+                found = store.find_run(self.catalog, prepared[i].run_id)
+                if found is not None:
+                    stored[i] = {**found, "cached": True, "timings": {}}
+            except USER_ERRORS as exc:
+                results[i] = exc
+        groups: dict[tuple, list[int]] = {}
+        for i, p in prepared.items():
+            if i not in stored:
+                groups.setdefault((p.entry.source, p.source.root, tuple(p.hooks)), []).append(i)
+        chunks = [members[start:start + batch_size] for members in groups.values()
+                  for start in range(0, len(members), batch_size)]
+        for chunk, outcome in self._compute_all([[prepared[i] for i in c] for c in chunks], chunks, workers):
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                stored.update(self._store([prepared[i] for i in chunk], chunk, *outcome))
+            except USER_ERRORS as exc:
+                for i in chunk:
+                    results[i] = exc
+        return results, prepared, stored
+
+    def background(self, req: DiscoverRequest) -> tuple[list[int], int]:
+        """Stored runs of ``background_text`` / ``background_file`` (one document per line) with every
+        token kept, over the request's model, SAEs and hooks: selectivity's background."""
+        if req.background_file is not None and not self.allow_paths:
+            raise RequestError("background_file", "this server does not read files; send background_text")
+        docs = [req.background_text] if req.background_text is not None else read_corpus(req.background_file)
+        reqs = [build_request({"model_id": req.model_id, "sae_id": req.sae_id, "text": doc, "layers": req.layers,
+                               "streams": req.streams, "restrict_features": req.restrict_features,
+                               "topk_tokens_per_seq": INT_BOUNDS["topk_tokens_per_seq"][1]}) for doc in docs]
+        errors, _, stored = self._stored_runs(reqs)
+        failed = next((e for e in errors if isinstance(e, Exception)), None)
+        if failed is not None:
+            raise RequestError("background_text", f"the background could not be analysed: {failed}")
+        runs = [stored[i] for i in range(len(reqs))]
+        return [r["run_key"] for r in runs], sum(r["n_kept"] for r in runs)
+
+    @staticmethod
+    def _specs(batch: list[_Prepared]) -> list[worker.RunSpec]:
+        return [worker.RunSpec(prompt=p.req.prompt, text=p.req.text, generate=p.req.generate,
+                               gen_tokens=p.req.gen_tokens, seed=p.req.seed, temperature=p.req.temperature,
+                               top_p=p.req.top_p, hooks=p.hooks, token_proxy=p.req.token_proxy,
+                               topk_tokens_per_seq=p.req.topk_tokens_per_seq, restrict_features=p.req.restrict_features)
+                for p in batch]
+
+    def _compute_all(self, batches: list[list[_Prepared]], chunks: list[list[int]], workers: int):
+        """Yield ``(chunk, (outputs, d_model) | exception)`` per micro-batch, in this process or in a pool."""
+        if workers <= 1 or len(batches) <= 1:
+            for batch, chunk in zip(batches, chunks, strict=True):
+                try:
+                    first = batch[0]
+                    loaded = self.model(first.entry)
+                    sae_objs = [first.source.load(layer, stream).to(loaded.device) for layer, stream in first.hooks]
+                    with self._forward_lock:
+                        outputs = worker.run_many(loaded, sae_objs, self._specs(batch))
+                        self.model_calls += len(batch)
+                    yield chunk, (outputs, loaded.d_model)
+                except USER_ERRORS as exc:
+                    yield chunk, exc
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_worker_process,
+                                 initargs=(workers, self.device, self.dtype)) as pool:
+            futures = {pool.submit(worker.pool_run, b[0].entry.id, b[0].entry.source, b[0].source.sae_id,
+                                   str(b[0].source.root), b[0].hooks, self._specs(b)): c
+                       for b, c in zip(batches, chunks, strict=True)}
+            for future in as_completed(futures):
+                try:
+                    outputs, d_model = future.result()
+                    self.model_calls += len(outputs)
+                    yield futures[future], (outputs, d_model)
+                except USER_ERRORS as exc:
+                    yield futures[future], exc
+
+    def _store(self, batch: list[_Prepared], indices: list[int], outputs: list[worker.RunBatch], d_model: int
+               ) -> dict[int, dict]:
+        """Write each run of a micro-batch in its own transaction (the single writer)."""
+        out = {}
+        for i, p, run_batch in zip(indices, batch, outputs, strict=True):
             t_write = time.perf_counter()
-            run = {"run_id": run_id, "model_id": req.model_id, "sae_id": req.sae_id, "mode": spec.mode,
-                   "prompt": req.prompt, "text": req.text, "generate": spec.mode == "prompt+gen",
-                   "gen_tokens": req.gen_tokens if spec.mode == "prompt+gen" else 0, "seed": req.seed,
+            req = p.req
+            mode = "text" if req.text is not None else ("prompt+gen" if req.generate else "prompt")
+            run = {"run_id": p.run_id, "model_id": req.model_id, "sae_id": req.sae_id, "mode": mode,
+                   "prompt": req.prompt, "text": req.text, "generate": mode == "prompt+gen",
+                   "gen_tokens": req.gen_tokens if mode == "prompt+gen" else 0, "seed": req.seed,
                    "temperature": req.temperature, "top_p": req.top_p, "token_proxy": req.token_proxy,
-                   "topk_tokens_per_seq": req.topk_tokens_per_seq, "layers": layers, "streams": req.streams,
-                   "restrict_features": req.restrict_features, "n_tokens": batch.n_tokens, "n_kept": batch.n_kept,
-                   "timings": batch.timings}
-            model_info = store.ModelInfo(req.model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
-            run_key, created = store.write_run(self.catalog, run, model_info, saes, batch.tokens, batch.activations)
-            cached = not created
-            n_kept, n_tokens, mode = batch.n_kept, batch.n_tokens, spec.mode
-            timings["write_s"] = time.perf_counter() - t_write
-        warns = self.ensure_calibration(entry, source, hooks)
+                   "topk_tokens_per_seq": req.topk_tokens_per_seq, "layers": p.layers, "streams": req.streams,
+                   "restrict_features": req.restrict_features, "n_tokens": run_batch.n_tokens,
+                   "n_kept": run_batch.n_kept, "timings": run_batch.timings}
+            model_info = store.ModelInfo(req.model_id, p.card.fingerprint, p.card.family, p.card.n_layers, d_model)
+            run_key, created = store.write_run(self.catalog, run, model_info, p.saes, run_batch.tokens,
+                                               run_batch.activations)
+            timings = {**run_batch.timings, "write_s": time.perf_counter() - t_write}
+            out[i] = {**run, "run_key": run_key, "cached": not created, "timings": timings}
+        return out
+
+    def _respond(self, p: _Prepared, run: dict, t0: float) -> dict:
+        """Rank a stored run and shape the seed's response."""
+        req = p.req
+        timings = dict(run["timings"])
+        warns = self.ensure_calibration(p.entry, p.source, p.hooks)
         t_rank = time.perf_counter()
-        ranked = self.rank(run_key, n_kept, saes, req)
+        ranked = self.rank(run["run_key"], run["n_kept"], p.saes, req)
         timings["rank_s"] = time.perf_counter() - t_rank
         timings["total_s"] = time.perf_counter() - t0
         if ranked["threshold_source"] == "none":
             warns.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not normalized; "
                          "run `python -m sae_discover calibrate` to fix both")
         return {
-            "model_id": req.model_id, "sae_id": req.sae_id, "run_id": run_id, "cached": cached,
-            "analyzed": {"mode": mode, "tokens": n_kept, "layers": layers, "streams": req.streams,
-                         "total_tokens": n_tokens},
+            "model_id": req.model_id, "sae_id": req.sae_id, "run_id": p.run_id, "cached": run["cached"],
+            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": p.layers, "streams": req.streams,
+                         "total_tokens": run["n_tokens"]},
             "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
             "normalization": ranked["normalization"], "features": ranked["features"], "warnings": warns,
             "timings": {k: round(v, 4) for k, v in timings.items()},
         } | ({"id": req.id} if req.id is not None else {})
 
     def rank(self, run_key: int, n_kept: int, saes: list[store.SAEInfo], req: DiscoverRequest) -> dict:
-        return self.rank_stored(self.catalog, run_key, n_kept, saes, req)
+        has_background = req.background_text is not None or req.background_file is not None
+        return self.rank_stored(self.catalog, run_key, n_kept, saes, req,
+                                self.background(req) if has_background else None)
 
     @staticmethod
     def rank_stored(catalog: Catalog, run_key: int, n_kept: int, saes: list[store.SAEInfo],
-                    req: DiscoverRequest) -> dict:
+                    req: DiscoverRequest, background: tuple[list[int], int] | None = None) -> dict:
         """Rank a stored run in SQL (no model needed) and shape its features as the seed does."""
         con = catalog.raw()
         try:
@@ -191,6 +316,8 @@ class Discovery:
             tau_quantile=req.tau_quantile, attach_examples=req.attach_examples,
             attach_proto_labels=req.attach_proto_labels, spans_per_feature=req.spans_per_feature,
             span_window=req.span_window)
+        if background is not None:
+            opts.background_runs, opts.background_n = background
         try:
             ranked = queries.rank_run(catalog, run_key, n_kept, keys, opts)
         except ValueError as exc:
@@ -302,5 +429,5 @@ def _feature_json(f: dict, req: DiscoverRequest) -> dict:
     return out
 
 
-USER_ERRORS = (RequestError, SAEError, ModelError)
+USER_ERRORS = (RequestError, SAEError, ModelError, CatalogError)
 warnings.filterwarnings("ignore", message=".*TypedStorage.*")

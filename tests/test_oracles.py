@@ -126,3 +126,29 @@ def test_second_request_never_loads_the_model(toy_registry, tmp_path):
     assert fresh.model_calls == 0 and fresh._models == {}  # the weights were never loaded
     assert len(b["features"]) <= 3
     cat.close()
+
+
+def test_selectivity_against_a_background_text(toy_demo, toy_discovery):
+    background = "The coach praised the defense and said the team played with energy."
+    req = build_request({"model_id": "toy", "sae_id": "toy", "text": "Gross margin expanded 40 basis points.",
+                         "layers": [1], "topk_tokens_per_seq": 1000, "return_top_x": 1000, "min_coverage_pct": 0,
+                         "score_mode": "selectivity", "background_text": background})
+    result = toy_discovery.discover(req)
+    tok = AutoTokenizer.from_pretrained(toy_demo / "model")
+    sae_dir = toy_demo / "saes" / "blocks.1.hook_resid_pre"
+
+    def dense_mean(text: str) -> np.ndarray:
+        ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+        x = hidden(toy_demo / "model", [ids], 1)[0][1:]  # every token but BOS
+        return dense_codes(sae_dir, x).astype(np.float32).astype(np.float64).mean(0)
+
+    mean, bg = dense_mean(req.text), dense_mean(background)
+    cmax = dict(toy_discovery.catalog.raw().execute(
+        "SELECT feature_id, max FROM v_feature_stats WHERE layer = 1 AND stream = 'resid_pre'").fetchall())
+    assert result["features"]
+    for f in result["features"]:
+        i = f["feature_id"]
+        assert f["scores"]["selectivity"] == pytest.approx(mean[i] - bg[i], rel=1e-4, abs=1e-6)
+        assert f["score"] == pytest.approx((mean[i] - bg[i]) / (cmax[i] or 1.0), rel=1e-4, abs=1e-6)
+    runs = toy_discovery.catalog.raw().execute("SELECT count(*) FROM v_runs").fetchone()[0]
+    assert runs == 2  # the run and its background (kept, cached for the next request)
