@@ -60,8 +60,9 @@ def transaction(catalog: Catalog) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def _model_key(con: duckdb.DuckDBPyConnection, model: ModelInfo) -> int:
-    row = con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
-                      [model.model_id, model.fingerprint]).fetchone()
+    # fetchall, not fetchone: an unfinished result blocks con.register() later in the transaction
+    row = next(iter(con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
+                                [model.model_id, model.fingerprint]).fetchall()), None)
     if row:
         return int(row[0])
     return int(con.execute(
@@ -74,8 +75,9 @@ def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[in
     """The catalog key of each SAE (same id, hook and weights fingerprint → same key), created if new."""
     keys = []
     for sae in saes:
-        row = con.execute("SELECT sae_key FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? AND fingerprint = ?",
-                          [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchone()
+        row = next(iter(con.execute(  # fetchall: an unfinished result would block con.register() (labels import)
+            "SELECT sae_key FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? AND fingerprint = ?",
+            [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchall()), None)
         if row is None:
             row = con.execute(
                 "INSERT INTO saes (sae_id, layer, stream, hook_name, architecture, d_in, d_sae, fingerprint) "

@@ -20,7 +20,7 @@ from catalog.db import Catalog, CatalogError, CatalogLocked
 from sae_discover.registry import Registry
 from sae_discover.request import FIELD_NAMES, RequestError, build_request
 
-SUBCOMMANDS = ("calibrate", "runs", "sql", "labels")
+SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve")
 
 
 class CLIError(Exception):
@@ -43,6 +43,8 @@ def _ranking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attach_proto_labels")
     parser.add_argument("--tau")
     parser.add_argument("--tau_quantile")
+    parser.add_argument("--background_text", help="selectivity's background text (default: the calibration mean)")
+    parser.add_argument("--background_file", help="selectivity's background: a file, one document per line")
     parser.add_argument("--spans_per_feature")
     parser.add_argument("--span_window")
     parser.add_argument("--out", help="write the result here (.json, .csv; .jsonl in batch mode)")
@@ -58,6 +60,7 @@ def discover_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--text")
     p.add_argument("--prompts_file", help="JSONL: one object per line with prompt or text (+ overrides, id)")
+    p.add_argument("--workers", type=int, default=1, help="batch mode: model worker processes feeding one writer")
     p.add_argument("--generate")
     p.add_argument("--gen_tokens")
     p.add_argument("--layers", nargs="+")
@@ -217,9 +220,53 @@ def cmd_labels(argv: list[str]) -> int:
     return 0
 
 
+def cmd_drift(argv: list[str]) -> int:
+    from sae_discover import drift
+
+    p = drift.cli_parser()
+    _common(p)
+    ns = p.parse_args(argv)
+    fields = drift.cli_fields(ns)
+    source = _discovery(ns) if "prompts" in fields else _open(ns)  # stored runs only: no model, no torch
+    report = drift.drift_report(source, fields, progress=True)
+    print(drift.table(report))
+    if ns.out:
+        print(f"wrote {drift.write_report(report, ns.out, ns.format)}")
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m sae_discover serve",
+                                description="The HTTP API (Litestar + uvicorn, one worker process: it holds the catalog). "
+                                            "Limits default to $SAE_DISCOVER_API_<NAME>, else api/settings.py.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for name, kind in (("max_text_chars", int), ("max_gen_tokens", int), ("max_layers", int), ("max_return_top_x", int),
+                       ("request_timeout_s", float), ("max_models", int), ("max_body_bytes", int)):
+        p.add_argument(f"--{name}", type=kind)
+    _common(p)
+    ns = p.parse_args(argv)
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings
+
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in ("max_text_chars", "max_gen_tokens", "max_layers",
+                                                                    "max_return_top_x", "request_timeout_s",
+                                                                    "max_models", "max_body_bytes", "device", "dtype")})
+    app = create_app(ns.db, ns.registry, settings)  # opens (and holds) the catalog before binding the port
+    uvicorn.run(app, host=ns.host, port=ns.port, workers=1, log_level=ns.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "labels": cmd_labels}
+    commands = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "labels": cmd_labels, "drift": cmd_drift,
+                "serve": cmd_serve}
     handler = commands.get(argv[0]) if argv else None
     try:
         return handler(argv[1:]) if handler else cmd_discover(argv)

@@ -1,0 +1,163 @@
+"""The Litestar app: thin routes over :class:`api.service.ApiService` (the CLI's functions).
+
+    from api.app import create_app
+    app = create_app("sae_catalog.duckdb", "sae-discover.toml")   # uvicorn api.app:app style, or
+    python -m sae_discover serve --db sae_catalog.duckdb           # one worker process: it holds the catalog
+
+Routes are built per app by the factories in :data:`ROUTES` (each takes the service and returns route
+handlers), because request bodies are typed with this server's limits. To add a route, append a
+factory (``create_app(..., extra_routes=[...])`` for one app, or ``ROUTES.append`` for all).
+
+No ``from __future__ import annotations`` here: handler annotations name body types built at runtime.
+"""
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from litestar import Litestar, get, post
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.params import JSONBody, Parameter
+from litestar.types import ControllerRouterHandler
+
+from api import schemas
+from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.service import ApiService
+from api.settings import ApiSettings
+from sae_discover.request import INT32_MAX
+
+log = logging.getLogger("sae_discover.api")
+RouteFactory = Callable[[ApiService], Sequence[ControllerRouterHandler]]
+
+
+def _error(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
+
+
+ERRORS = {400: _error("Bad input: detail says `<field>: <what was expected>`, field names it"),
+          413: _error("Request body larger than the server accepts"),
+          500: _error("Unexpected server error (details in the server log only)")}
+NOT_FOUND = {404: _error("No such run in the catalog")}
+TIMEOUT = {503: _error("The run took longer than request_timeout_s; it completes in the background, "
+                       "and the same request later answers from the catalog")}
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """Blocking work (forward passes, SQL) off the event loop; optionally bounded in time."""
+    call = functools.partial(fn, *args)
+    if timeout is None:
+        return await anyio.to_thread.run_sync(call)
+    try:
+        with anyio.fail_after(timeout):
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except TimeoutError:
+        raise ApiError(503, "request", f"took longer than {timeout:g} s (request_timeout_s); the run finishes in the "
+                                       "background and the same request will then answer from the catalog") from None
+
+
+def discovery_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    body_type = schemas.discover_body(svc.settings)
+
+    @post("/v1/sae/features/discover", status_code=200, tags=["discovery"], responses={**ERRORS, **TIMEOUT},
+          summary="Which SAE features did the model use on this prompt or text?")
+    async def discover(data: JSONBody[body_type]) -> schemas.DiscoverResponse:  # type: ignore[valid-type]
+        """The seed's request and response. A request whose activations are already in the catalog (same model,
+        prompt/text, generation and SAE options) answers from it without the model: `cached: true`."""
+        req = svc.build(msgspec.structs.asdict(data))
+        result = await in_thread(svc.discover, req, timeout=svc.settings.request_timeout_s)
+        return msgspec.convert(result, schemas.DiscoverResponse)
+
+    return [discover]
+
+
+def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    rank_type = schemas.rank_body(svc.settings)
+    RunId = Annotated[str, Parameter(description="a run id (GET /v1/runs)", min_length=1, max_length=64)]
+    Filter = Annotated[str | None, Parameter(min_length=1, max_length=schemas.ID_MAX)]
+
+    @get("/v1/runs", sync_to_thread=True, tags=["runs"], responses=ERRORS, summary="Stored runs, newest first")
+    def list_runs(limit: Annotated[int, Parameter(ge=1, le=svc.settings.max_page)] = 50,
+                  offset: Annotated[int, Parameter(ge=0, le=INT32_MAX)] = 0,
+                  model_id: Filter = None, sae_id: Filter = None) -> schemas.RunPage:
+        """Rows of the public `v_runs` view, filtered by model_id and/or sae_id."""
+        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id), schemas.RunPage)
+
+    @get("/v1/runs/{run_id:str}", sync_to_thread=True, tags=["runs"], responses={**ERRORS, **NOT_FOUND},
+         summary="One stored run with its options and SAEs")
+    def show_run(run_id: RunId) -> schemas.RunDetail:
+        return msgspec.convert(svc.run_detail(run_id), schemas.RunDetail)
+
+    @post("/v1/runs/{run_id:str}/rank", status_code=200, sync_to_thread=True, tags=["runs"],
+          responses={**ERRORS, **NOT_FOUND}, summary="Rank a stored run again with other ranking options")
+    def rank_run(run_id: RunId, data: JSONBody[rank_type]) -> schemas.DiscoverResponse:  # type: ignore[valid-type]
+        """SQL over the stored activations; the model is not needed and no new run is created."""
+        return msgspec.convert(svc.rank(run_id, msgspec.structs.asdict(data)), schemas.DiscoverResponse)
+
+    return [list_runs, show_run, rank_run]
+
+
+def label_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    labels_type = schemas.labels_body(svc.settings)
+
+    @post("/v1/labels/import", status_code=200, sync_to_thread=True, tags=["labels"], responses=ERRORS,
+          summary="Import an AutoInterp label table (file content in the body)")
+    def import_labels(data: JSONBody[labels_type]) -> schemas.LabelsImported:  # type: ignore[valid-type]
+        """One transaction for the whole table; the hook of each label comes from layer/stream, else the file."""
+        result = svc.import_labels(data.sae_id, data.format, data.content, data.files, data.layer, data.stream)
+        return msgspec.convert(result, schemas.LabelsImported)
+
+    return [import_labels]
+
+
+def health_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    @get("/healthz", sync_to_thread=True, tags=["health"], responses={500: ERRORS[500]},
+         summary="Liveness, registered ids, loaded models and the server's limits")
+    def healthz() -> schemas.Health:
+        return msgspec.convert(svc.health(), schemas.Health)
+
+    return [healthz]
+
+
+def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **TIMEOUT},
+          summary="Cross-model drift: which features a fine-tune gained, lost or reweighted")
+    async def drift(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+        """The CLI's drift request (`python -m sae_discover drift`): base and tuned model ids, sae_id, prompts
+        (objects with prompt or text), or base_runs/tuned_runs as lists of run ids; layers, streams,
+        score_mode, top_k and the flag thresholds. Missing runs are made; cached runs are reused."""
+        return await in_thread(svc.drift, data, timeout=svc.settings.request_timeout_s)
+
+    return [drift]
+
+
+ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, health_routes]
+
+
+def create_app(catalog_path: str | Path | None = None, registry_path: str | Path | None = None,
+               settings: ApiSettings | None = None, extra_routes: Iterable[RouteFactory] = (),
+               debug: bool = False) -> Litestar:
+    """The app over one catalog file, which this process then holds (DuckDB: one writer per file).
+
+    Raises :class:`catalog.db.CatalogLocked` when another process holds the file.
+    """
+    svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env())
+    handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
+    from sae_discover import __version__
+
+    app = Litestar(
+        route_handlers=handlers,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        on_shutdown=[lambda: svc.close()],  # Litestar passes the app to hooks that take arguments
+        openapi_config=OpenAPIConfig(title="sae-discover", version=__version__,
+                                     description="Which SAE features did a model use on a prompt? "
+                                                 "Discovery, stored runs, re-ranking and label import over a "
+                                                 "DuckDB feature catalog."),
+        request_max_body_size=svc.settings.max_body_bytes,
+        debug=debug,
+    )
+    app.state.service = svc
+    return app

@@ -1,0 +1,110 @@
+"""Errors → one JSON shape: ``{"status_code": 4xx, "detail": "<field>: <expectation>", "field": "<field>"}``.
+
+User errors (bad bodies, unknown ids, a run that is not there) map to 4xx once, here. Anything else
+is a bug or an outage: the client gets a generic 500 and the traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from api.schemas import API_REFUSED, ErrorBody
+from catalog.db import CatalogError, CatalogLocked
+from ingest.models import ModelError
+from ingest.saes.base import SAEError
+from sae_discover.request import RequestError
+
+log = logging.getLogger("sae_discover.api")
+FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w/.\[\]]*): (.+)$", re.S)
+UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+USER_ERRORS = (RequestError, CatalogError, SAEError, ModelError)
+
+
+class ApiError(Exception):
+    """An error a handler raises on purpose (e.g. 404 for a run that is not in the catalog)."""
+
+    def __init__(self, status_code: int, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status_code = status_code
+        self.field = field
+
+
+def error_response(status_code: int, detail: str, field: str | None = None) -> Response:
+    return Response(ErrorBody(status_code=status_code, detail=detail, field=field), status_code=status_code,
+                    media_type=MediaType.JSON)
+
+
+def split_field(message: str, default: str | None) -> tuple[str | None, str]:
+    """``"layers: expected ..."`` → (``"layers"``, the message); else (default, ``"default: message"``)."""
+    match = FIELD_PREFIX.match(message)
+    if match:
+        return match.group(1), message
+    return default, f"{default}: {message}" if default else message
+
+
+def _top_level(key: str) -> str:
+    return re.split(r"[\[.]", key, maxsplit=1)[0] or key
+
+
+def on_validation(_: Request, exc: ValidationException) -> Response:
+    """Litestar's body/query/path validation (first error, as Litestar reports it) in our shape."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    first = extra[0] if extra and isinstance(extra[0], dict) else {}
+    key, message = str(first.get("key") or ""), str(first.get("message") or exc.detail)
+    unknown = UNKNOWN_FIELD.search(message)
+    if unknown:
+        key = unknown.group(1)
+        message = API_REFUSED.get(key, "unknown field; the request schema is at /schema/openapi.json")
+    if not key or key == "data":
+        key = "body"
+    return error_response(400, f"{key}: {message}", _top_level(key))
+
+
+def on_http(_: Request, exc: HTTPException) -> Response:
+    """Routing and protocol errors (404 no route, 405, 413 body too large, ...) keep their status."""
+    if exc.status_code >= 500:
+        log.error("HTTP %s: %s", exc.status_code, exc.detail)
+        return error_response(exc.status_code, "internal error; see the server log")
+    if exc.status_code == 413:
+        return error_response(413, f"body: larger than this server accepts ({exc.detail})", "body")
+    if exc.status_code == 400:  # e.g. malformed JSON
+        return error_response(400, f"body: {exc.detail}", "body")
+    return error_response(exc.status_code, str(exc.detail))
+
+
+def on_api_error(_: Request, exc: ApiError) -> Response:
+    return error_response(exc.status_code, str(exc), exc.field)
+
+
+def on_user_error(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, RequestError):
+        return error_response(400, str(exc), exc.field)
+    field, detail = split_field(str(exc), "request")
+    return error_response(400, detail, _top_level(field) if field else None)
+
+
+def on_locked(_: Request, exc: CatalogLocked) -> Response:
+    log.error("catalog locked: %s", exc)
+    return error_response(503, "catalog: held by another process; try again later")
+
+
+def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error; see the server log")
+
+
+EXCEPTION_HANDLERS = {
+    ValidationException: on_validation,
+    HTTPException: on_http,
+    ApiError: on_api_error,
+    RequestError: on_user_error,
+    CatalogError: on_user_error,
+    SAEError: on_user_error,
+    ModelError: on_user_error,
+    CatalogLocked: on_locked,
+    Exception: on_unexpected,
+}

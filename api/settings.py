@@ -1,0 +1,60 @@
+"""Server limits and options: defaults here, overridable by ``SAE_DISCOVER_API_<NAME>`` or ``serve`` flags.
+
+The request model (:mod:`sae_discover.request`) holds the hard bounds every front door shares; these
+settings can only tighten them for the server (a shared box should not accept a 4096-token generation
+from every caller). The OpenAPI schema is built from these values, so it documents the server's limits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+from sae_discover.request import INT_BOUNDS
+
+ENV_PREFIX = "SAE_DISCOVER_API_"
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    max_text_chars: int = 20_000  # prompt / text length, characters
+    max_gen_tokens: int = 512  # generated tokens per request
+    max_layers: int = 8  # layers per request
+    max_return_top_x: int = 1_000  # features returned per request
+    max_restrict_features: int = 65_536  # ids in restrict_features
+    request_timeout_s: float = 300.0  # a discovery that takes longer answers 503 (the run finishes in the background)
+    max_models: int = 2  # models kept loaded (least recently used is dropped); SAEs stay with their source
+    max_body_bytes: int = 32_000_000  # request body (a label file import is the largest)
+    max_page: int = 500  # runs per page of GET /v1/runs
+    max_drift_prompts: int = 200  # prompts per POST /v1/drift
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{f.name}: expected a positive number, got {value!r}")
+        # the request model's hard bounds cap what a server may allow
+        object.__setattr__(self, "max_gen_tokens", min(self.max_gen_tokens, INT_BOUNDS["gen_tokens"][1]))
+        object.__setattr__(self, "max_return_top_x", min(self.max_return_top_x, INT_BOUNDS["return_top_x"][1]))
+
+    @classmethod
+    def from_env(cls, **overrides) -> ApiSettings:
+        """Defaults, then ``SAE_DISCOVER_API_<NAME>`` environment variables, then ``overrides`` (not None)."""
+        settings = cls()
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                kind = type(getattr(settings, f.name))
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: expected a {kind.__name__}, got {raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(settings, **values)
+
+    def public(self) -> dict:
+        """The limits a client may want to know (``GET /healthz``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("max_", "request_"))}
