@@ -78,6 +78,7 @@ class Discovery:
         self._sources: dict[str, SAESource] = {}
         self._forward_lock = threading.Lock()
         self._load_lock = threading.RLock()
+        self._calibrated: set[store.SAEInfo] = set()
         self.model_calls = 0  # forward runs done by this process (tests check caching with it)
 
     # -- resolution --------------------------------------------------------------------------------
@@ -338,12 +339,17 @@ class Discovery:
         return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
 
     def _has_stats(self, info: store.SAEInfo) -> bool:
+        if info in self._calibrated:  # calibrations are never deleted: a yes stays a yes
+            return True
         con = self.catalog.raw()
         try:
             (key,) = store.sae_keys(con, [info])
-            return queries.calibration_for(con, key) is not None
+            found = queries.calibration_for(con, key) is not None
         finally:
             con.close()
+        if found:
+            self._calibrated.add(info)
+        return found
 
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks=None, lite_labels: bool = True) -> dict:
         """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
