@@ -4,10 +4,13 @@ Why a filter: on long generations most positions are predictable continuations; 
 only the K most "informative" tokens. Entropy = entropy of the model's next-token distribution at
 that position (from the logits); norm = L2 norm of the hooked activation (averaged over the
 selected hooks after dividing each by its mean over the candidates, so no hook dominates).
+Encoders (BERT-style) have no next-token distribution: with ``token_proxy=entropy`` they fall back
+to the norm proxy (the worker sees no logits from them).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PROXIES = ("entropy", "norm")
@@ -56,7 +59,7 @@ def keep_top_k(proxy: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.T
     if k >= len(idx):
         keep[idx] = True
         return keep
-    values = proxy[idx].double()
-    order = sorted(range(len(idx)), key=lambda i: (-float(values[i]), int(idx[i])))
-    keep[idx[order[:k]]] = True
+    values = proxy[idx].double().cpu().numpy()
+    order = np.lexsort((idx.cpu().numpy(), -values))  # highest proxy first, then the earlier position
+    keep[idx[torch.from_numpy(order[:k]).to(idx.device)]] = True
     return keep

@@ -7,7 +7,22 @@ Streams (TransformerLens names, HF modules):
   their post-norms, which is what is added).
 
 All requested (layer, stream) pairs are captured in one forward pass; with ``stop_early`` the pass
-ends after the last block needed (the LM head and later blocks are not run).
+ends after the last block needed (the LM head and later blocks are not run; for ``resid_pre`` L,
+block L itself is not run).
+
+Families (one :class:`FamilyMap` each, tested on tiny random configs in ``tests/test_families.py``):
+GPT-2 (sequential pre-LN), GPT-NeoX/Pythia (parallel residual by default: both sublayers read the
+block input), Llama/Mistral/Qwen2/Qwen3/Gemma (sequential pre-norm), Gemma-2/Gemma-3 text (sandwich
+norms: ``attn_out``/``mlp_out`` are the outputs of ``post_attention_layernorm`` /
+``post_feedforward_layernorm``, the tensors actually added to the residual), and BERT-style
+encoders (``bert``, ``roberta``, ``xlm-roberta``), loaded with ``AutoModel`` for text mode only.
+
+BERT is post-LN: a block computes ``mid = LN1(x + attn(x))`` and ``out = LN2(mid + mlp(mid))``, so
+no sublayer output is added to a residual that survives unnormalised. We follow TransformerLens'
+``HookedEncoder``: ``attn_out`` = the attention output projection (``attention.output.dense``) and
+``mlp_out`` = the MLP down-projection (``output.dense``), each *before* the residual add and the
+LayerNorm; ``resid_pre``/``resid_post`` are the block input/output (``hidden_states[L]`` and
+``hidden_states[L+1]``). Hence for BERT ``resid_post != resid_pre + attn_out + mlp_out``.
 """
 
 from __future__ import annotations
@@ -35,17 +50,28 @@ class FamilyMap:
     blocks: str  # dotted path from the top model to the ModuleList of blocks
     attn: str  # module inside a block whose output is attn_out
     mlp: str  # module inside a block whose output is mlp_out
-    decoder: bool = True
+    decoder: bool = True  # False: a bidirectional encoder (AutoModel, no LM head, no generation)
 
 
 _LLAMA = FamilyMap("model.layers", "self_attn", "mlp")
 _GEMMA2 = FamilyMap("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")
+_BERT = FamilyMap("encoder.layer", "attention.output.dense", "output.dense", decoder=False)
 FAMILIES: dict[str, FamilyMap] = {
     "gpt2": FamilyMap("transformer.h", "attn", "mlp"),
     "gpt_neox": FamilyMap("gpt_neox.layers", "attention", "mlp"),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
     "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
+    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT,
 }
+ENCODERS = frozenset(name for name, fmap in FAMILIES.items() if not fmap.decoder)
+
+
+def unsupported(family: str) -> ModelError:
+    """The error for an architecture without a module map; it lists the supported ones."""
+    hint = ""
+    if family == "gemma3":
+        hint = " (a multimodal Gemma 3 checkpoint: use its text-only variant, model_type gemma3_text)"
+    return ModelError(f"model_id: architecture {family!r} is not supported{hint}; supported: {', '.join(sorted(FAMILIES))}")
 
 
 class _StopForward(Exception):
@@ -84,6 +110,11 @@ class LoadedModel:
     def family_map(self) -> FamilyMap:
         return FAMILIES[self.family]
 
+    @property
+    def is_encoder(self) -> bool:
+        """A bidirectional encoder (BERT-style): text mode only, no logits (the entropy proxy falls back to norm)."""
+        return not self.family_map.decoder
+
     def blocks(self) -> nn.ModuleList:
         return _resolve(self.model, self.family_map.blocks)  # type: ignore[return-value]
 
@@ -100,7 +131,8 @@ class LoadedModel:
                 stop_early: bool = True) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor | None]:
         """Run one forward pass; return ``{(layer, stream): [batch, seq, d_model]}`` and the logits.
 
-        Logits are ``None`` when the pass stopped early (no LM head was run).
+        Logits are ``None`` when the pass stopped early (no LM head was run) and always for encoders
+        (loaded without an LM head).
         """
         self.check_hooks([layer for layer, _ in hooks], [stream for _, stream in hooks])
         blocks = self.blocks()
@@ -121,7 +153,9 @@ class LoadedModel:
         def stop(_module, _args, _kwargs):
             raise _StopForward
 
-        last = max(layer for layer, _ in hooks)
+        # the first block not needed: resid_pre L is the input of block L (captured by its pre-hook,
+        # which runs before the stop hook registered after it); every other stream needs block L to run
+        stop_at = max(layer if stream == "resid_pre" else layer + 1 for layer, stream in hooks)
         try:
             for layer, stream in set(hooks):
                 block = blocks[layer]
@@ -132,14 +166,14 @@ class LoadedModel:
                 else:
                     target = _resolve(block, fmap.attn if stream == "attn_out" else fmap.mlp)
                     handles.append(target.register_forward_hook(keep((layer, stream))))
-            early = stop_early and last + 1 < len(blocks)
-            if early:
-                handles.append(blocks[last + 1].register_forward_pre_hook(stop, with_kwargs=True))
+            if stop_early and stop_at < len(blocks):
+                handles.append(blocks[stop_at].register_forward_pre_hook(stop, with_kwargs=True))
             logits = None
+            kwargs = {"use_cache": False} if fmap.decoder else {}
             with torch.inference_mode():
                 try:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    logits = out.logits
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                    logits = getattr(out, "logits", None) if fmap.decoder else None
                 except _StopForward:
                     pass
         finally:
@@ -202,7 +236,7 @@ def read_card(source: str) -> ModelCard:
                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc
     family = config.model_type
     if family not in FAMILIES:
-        raise ModelError(f"model_id: architecture {family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+        raise unsupported(family)
     text_cfg = getattr(config, "text_config", config)
     n_layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     local = Path(source) if Path(source).is_dir() else None
@@ -212,8 +246,12 @@ def read_card(source: str) -> ModelCard:
 
 
 def load_model(model_id: str, path: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM from a local directory or a hub id (transformers' cache; HF_HUB_OFFLINE honoured)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model from a local directory or a hub id (transformers' cache; HF_HUB_OFFLINE honoured).
+
+    Decoders load as causal LMs (logits for the entropy proxy and generation); BERT-style encoders
+    load with ``AutoModel`` (no head: text mode only).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     source = str(path or model_id)
@@ -221,11 +259,15 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
         raise ModelError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     card = read_card(source)
     config, family = card.config, card.family
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    fmap = FAMILIES[family]
+    auto = AutoModelForCausalLM if fmap.decoder else AutoModel
+    model = auto.from_pretrained(source, dtype=DTYPES[dtype])
     model.eval().to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source)
     text_cfg = getattr(config, "text_config", config)
     n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
+    if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx: two fewer usable slots
+        n_ctx -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
     return LoadedModel(
         model=model, tokenizer=tokenizer, model_id=model_id, family=family,
         fingerprint=card.fingerprint, n_layers=len(_resolve(model, FAMILIES[family].blocks)),

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from ingest.generate import entropy, generate, keep_top_k, norm_proxy
-from ingest.models import LoadedModel
+from ingest.models import LoadedModel, ModelError
 from ingest.saes.base import SAE, SAEError
 
 ENCODE_CHUNK = 4096
@@ -57,6 +57,15 @@ class RunBatch:
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's text as it appears in the decoded sequence (leading spaces kept, even for
     SentencePiece), by decoding a short left context with and without the token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        # the same decodes as below (a fast tokenizer's decode is its backend's), batched in the Rust tokenizer
+        ids = [int(i) for i in ids]
+        ctxs = [ids[max(0, i - 3): i] for i in range(len(ids))]
+        befores = backend.decode_batch(ctxs, skip_special_tokens=False)
+        afters = backend.decode_batch([[*c, t] for c, t in zip(ctxs, ids, strict=True)], skip_special_tokens=False)
+        return [a[len(b):] if a.startswith(b) else backend.decode([t], skip_special_tokens=False)
+                for b, a, t in zip(befores, afters, ids, strict=True)]
     pieces = []
     for i in range(len(ids)):
         ctx = list(ids[max(0, i - 3): i])
@@ -67,8 +76,14 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def encode_ids(loaded: LoadedModel, text: str, prepend_bos: bool) -> list[int]:
-    """Tokenize without the tokenizer's own specials, then prepend BOS (as SAELens does) if asked and known."""
+    """Tokenize without the tokenizer's own specials, then prepend BOS (as SAELens does) if asked and known.
+
+    Encoders (BERT-style) are tokenized with their own specials ([CLS] … [SEP]), truncated to the
+    context with the closing special kept; those positions are stored but never analysed.
+    """
     tok = loaded.tokenizer
+    if loaded.is_encoder:
+        return list(tok(text, add_special_tokens=True, truncation=True, max_length=loaded.context_length)["input_ids"])
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if prepend_bos and tok.bos_token_id is not None:
         ids = [tok.bos_token_id, *ids]
@@ -86,7 +101,7 @@ def sparse_codes(sae: SAE, x: torch.Tensor, positions: np.ndarray, features: tup
     with torch.inference_mode():
         for start in range(0, x.shape[0], chunk):
             codes = sae.encode(x[start:start + chunk].to(sae.W_enc.device), features)
-            rows, cols = torch.nonzero(codes, as_tuple=True)
+            rows, cols = torch.nonzero(codes, as_tuple=True)  # one pass; the gather below touches only nonzeros
             acts = codes[rows, cols].float().cpu().numpy()
             rows, cols = rows.cpu().numpy(), cols.cpu().numpy().astype(np.int32)
             out_pos.append(positions[start + rows])
@@ -112,64 +127,140 @@ def activation_table(parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarr
     return pa.table({**(extra or {}), **cols})
 
 
-def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:
-    """Execute one run for ``saes`` (aligned with ``spec.hooks``)."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def _special_mask(loaded: LoadedModel, ids: list[int], prepend_bos: bool) -> torch.Tensor:
+    """Special tokens (BOS, EOS, pads...) are stored but never analysed."""
     tok = loaded.tokenizer
-    prepend_bos = all(s.cfg.prepend_bos for s in saes)
-    source = spec.text if spec.text is not None else spec.prompt
-    ids = encode_ids(loaded, source or "", prepend_bos)
-    ctx = loaded.context_length
-    if len(ids) > ctx:
-        ids = ids[:ctx]
-    n_prompt = len(ids)
-    device = loaded.device
-    input_ids = torch.tensor([ids], device=device)
-    if spec.text is None and spec.generate:
-        budget = min(spec.gen_tokens, ctx - n_prompt)
-        input_ids = generate(loaded.model, input_ids, budget, spec.seed, spec.temperature, spec.top_p,
-                             eos_token_id=tok.eos_token_id)
-        timings["generate_s"] = time.perf_counter() - t0
-    all_ids = input_ids[0].tolist()
-    n = len(all_ids)
     special_ids = set(getattr(tok, "all_special_ids", []) or [])
-    is_special = torch.tensor([i in special_ids for i in all_ids], dtype=torch.bool)
-    if prepend_bos and tok.bos_token_id is not None and n:
-        is_special[0] = True  # the prepended BOS is never analysed
+    mask = torch.tensor([i in special_ids for i in ids], dtype=torch.bool)
+    if prepend_bos and tok.bos_token_id is not None and ids:
+        mask[0] = True
+    return mask
+
+
+def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: dict) -> tuple[list[int], int]:
+    """The run's token ids (prompt + seeded generation, or the text) and the prompt length."""
+    t0 = time.perf_counter()
+    source = spec.text if spec.text is not None else spec.prompt
+    ids = encode_ids(loaded, source or "", prepend_bos)[: loaded.context_length]
+    n_prompt = len(ids)
+    if spec.text is None and spec.generate:
+        if loaded.is_encoder:
+            raise ModelError(f"generate: {loaded.model_id} is an encoder ({loaded.family}) and cannot generate; "
+                             "send `text` (or generate=false)")
+        budget = min(spec.gen_tokens, loaded.context_length - n_prompt)
+        out = generate(loaded.model, torch.tensor([ids], device=loaded.device), budget, spec.seed, spec.temperature,
+                       spec.top_p, eos_token_id=loaded.tokenizer.eos_token_id)
+        ids = out[0].tolist()
+        timings["generate_s"] = time.perf_counter() - t0
+    return ids, n_prompt
+
+
+def _needs_logits(spec: RunSpec, n_candidates: int) -> bool:
+    return spec.token_proxy == "entropy" and spec.topk_tokens_per_seq < n_candidates
+
+
+def _select(spec: RunSpec, is_special: torch.Tensor, captured: dict, logits: torch.Tensor | None):
+    """One sequence's token proxy and kept mask (the top-K filter; special tokens never kept)."""
     candidates = ~is_special
-    need_proxy = spec.topk_tokens_per_seq < int(candidates.sum())
-    t1 = time.perf_counter()
-    captured, logits = loaded.capture(input_ids, spec.hooks,
-                                      stop_early=not (need_proxy and spec.token_proxy == "entropy"))
-    timings["forward_s"] = time.perf_counter() - t1
     if spec.token_proxy == "entropy" and logits is not None:
-        proxy = entropy(logits[0]).cpu()
-    else:
-        proxy = norm_proxy([captured[h][0] for h in spec.hooks], candidates)
-    kept = keep_top_k(proxy, candidates, spec.topk_tokens_per_seq)
-    kept_pos = torch.nonzero(kept).flatten()
-    positions = kept_pos.numpy().astype(np.int32)
-    t2 = time.perf_counter()
-    features = tuple(sorted(set(spec.restrict_features))) or None
-    parts = []
-    for sae_index, (hook, sae) in enumerate(zip(spec.hooks, saes, strict=True)):
-        x = captured[hook][0][kept_pos.to(captured[hook].device)]
-        parts.append((sae_index, *sparse_codes(sae, x, positions, features)))
-    timings["encode_s"] = time.perf_counter() - t2
-    pieces = token_pieces(tok, all_ids)
+        proxy = entropy(logits).cpu()
+    else:  # norm, and the fallback where there are no logits (early stop, encoders)
+        proxy = norm_proxy([captured[h] for h in spec.hooks], candidates)
+    return proxy, keep_top_k(proxy, candidates, spec.topk_tokens_per_seq)
+
+
+def _encode_rows(saes: Sequence[SAE], hooks: list[tuple[int, str]],
+                 rows: list[tuple[dict, torch.Tensor, tuple[int, ...] | None]]) -> list[list[tuple]]:
+    """Sparse codes of the kept tokens of several sequences ``(captured [seq, d] per hook, kept positions,
+    restrict set)``: one encode per (hook, restrict set) over all of them — one large GEMM, not one per
+    sequence — split back into each sequence's ``(sae_index, position, feature_id, act)`` parts."""
+    out: list[list[tuple]] = [[] for _ in rows]
+    groups: dict[tuple[int, ...] | None, list[int]] = {}
+    for r, (_, _, features) in enumerate(rows):
+        groups.setdefault(features, []).append(r)
+    for features, members in groups.items():
+        kept = [rows[r][1] for r in members]
+        owner = np.repeat(np.arange(len(members)), [len(k) for k in kept])
+        positions = np.concatenate([k.cpu().numpy() for k in kept]).astype(np.int32)
+        flat = np.arange(len(positions), dtype=np.int32)
+        for sae_index, (hook, sae) in enumerate(zip(hooks, saes, strict=True)):
+            x = torch.cat([rows[r][0][hook][rows[r][1].to(rows[r][0][hook].device)] for r in members])
+            where, feat, act = sparse_codes(sae, x, flat, features)
+            who = owner[where]
+            for j, r in enumerate(members):
+                sel = who == j  # a row's triples keep their (position, feature) order
+                out[r].append((sae_index, positions[where[sel]], feat[sel], act[sel]))
+    return out
+
+
+def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: torch.Tensor, proxy: torch.Tensor,
+              kept: torch.Tensor, parts: list[tuple], timings: dict) -> RunBatch:
+    """One sequence's columnar batch: its tokens (with proxy and kept flags) and its sparse codes."""
+    n = len(ids)
     tokens = pa.table({
         "position": pa.array(np.arange(n, dtype=np.int32)),
-        "token_id": pa.array(np.asarray(all_ids, dtype=np.int32)),
-        "token": pieces,
+        "token_id": pa.array(np.asarray(ids, dtype=np.int32)),
+        "token": pa.array(token_pieces(loaded.tokenizer, ids), pa.string()),  # typed: no per-call dateutil probe
         "is_generated": pa.array(np.arange(n) >= n_prompt),
         "is_special": pa.array(is_special.numpy()),
         "kept": pa.array(kept.numpy()),
         "proxy": pa.array(proxy.double().numpy()),
     })
-    timings["total_ingest_s"] = time.perf_counter() - t0
-    return RunBatch(tokens=tokens, activations=activation_table(parts), n_tokens=n, n_kept=len(positions),
+    return RunBatch(tokens=tokens, activations=activation_table(parts), n_tokens=n, n_kept=int(kept.sum()),
                     timings=timings)
+
+
+def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], batch_size: int = 8) -> list[RunBatch]:
+    """Several runs over the same hooks: generation one prompt at a time (each has its own seed), then
+    the analysis forward passes in right-padded micro-batches of similar length. Causal models see the
+    same prefix for every real token, so each run's codes equal a one-at-a-time run (to float rounding).
+    """
+    if not specs:
+        return []
+    hooks = specs[0].hooks
+    if any(s.hooks != hooks for s in specs):
+        raise ValueError("run_many: every spec must use the same hooks")
+    prepend_bos = all(s.cfg.prepend_bos for s in saes)
+    timings = [{} for _ in specs]
+    seqs = [_sequence(loaded, spec, prepend_bos, t) for spec, t in zip(specs, timings, strict=True)]
+    special = [_special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
+    wants_logits = [_needs_logits(spec, int((~m).sum())) for spec, m in zip(specs, special, strict=True)]
+    results: list[RunBatch | None] = [None] * len(specs)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    for logits_group in (False, True):
+        order = sorted((i for i in range(len(specs)) if wants_logits[i] == logits_group), key=lambda i: len(seqs[i][0]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(seqs[i][0]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
+                mask[row, : len(seqs[i][0])] = 1
+            t1 = time.perf_counter()
+            captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
+                                              stop_early=not logits_group)
+            forward_s = (time.perf_counter() - t1) / len(chunk)
+            rows, selected = [], []
+            for row, i in enumerate(chunk):
+                n = len(seqs[i][0])
+                timings[i]["forward_s"] = forward_s
+                row_caps = {h: captured[h][row, :n] for h in hooks}
+                proxy, kept = _select(specs[i], special[i], row_caps, logits[row, :n] if logits is not None else None)
+                selected.append((proxy, kept))
+                rows.append((row_caps, torch.nonzero(kept).flatten(), tuple(sorted(set(specs[i].restrict_features))) or None))
+            t2 = time.perf_counter()
+            parts = _encode_rows(saes, hooks, rows)  # only kept tokens are encoded, the chunk's rows together
+            encode_s = (time.perf_counter() - t2) / len(chunk)
+            for i, (proxy, kept), row_parts in zip(chunk, selected, parts, strict=True):
+                timings[i]["encode_s"] = encode_s
+                results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy, kept, row_parts, timings[i])
+    return results  # type: ignore[return-value]
+
+
+def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:
+    """Execute one run for ``saes`` (aligned with ``spec.hooks``)."""
+    return run_many(loaded, saes, [spec])[0]
 
 
 def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tuple[int, str]],
@@ -216,15 +307,20 @@ def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tu
             docs_col.append(doc_arr[where])
     tokens = pa.table({"doc": pa.array(token_cols["doc"], pa.int32()),
                        "position": pa.array(token_cols["position"], pa.int32()),
-                       "token_id": pa.array(token_cols["token_id"], pa.int32()), "token": token_cols["token"]})
+                       "token_id": pa.array(token_cols["token_id"], pa.int32()),
+                       "token": pa.array(token_cols["token"], pa.string())})
     acts = activation_table(parts, {"doc": np.concatenate(docs_col) if docs_col else np.zeros(0, np.int32)})
     return tokens, acts
 
 
 @torch.inference_mode()
 def promoted_tokens(loaded: LoadedModel, sae: SAE, top: int = 5, chunk: int = 2048) -> dict[int, list[str]]:
-    """The tokens each feature's decoder direction promotes most through the unembedding (logit lens)."""
-    unembed = loaded.model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
+    """The tokens each feature's decoder direction promotes most through the unembedding (logit lens).
+
+    Encoders loaded without a head use the input embeddings (BERT ties its MLM decoder to them).
+    """
+    head = loaded.model.get_output_embeddings() or loaded.model.get_input_embeddings()
+    unembed = head.weight.detach().float()  # [vocab, d_model]
     out: dict[int, list[str]] = {}
     tok = loaded.tokenizer
     for start in range(0, sae.cfg.d_sae, chunk):
@@ -233,3 +329,38 @@ def promoted_tokens(loaded: LoadedModel, sae: SAE, top: int = 5, chunk: int = 20
         for offset, ids in enumerate(best):
             out[start + offset] = [tok.decode([i]) for i in ids]
     return out
+
+
+# -- worker processes (batch mode with --workers N) ------------------------------------------------
+_POOL_STATE: dict = {}
+
+
+def init_worker_process(n_workers: int, device: str, dtype: str) -> None:
+    """Split the CPU threads between workers; give each worker its own GPU where there are several."""
+    import os
+
+    from ingest.models import quiet_transformers
+
+    quiet_transformers()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    if device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        import multiprocessing
+
+        ident = multiprocessing.current_process()._identity
+        device = f"cuda:{(ident[0] - 1) % torch.cuda.device_count() if ident else 0}"
+    _POOL_STATE.update(device=device, dtype=dtype)
+
+
+def pool_run(model_id: str, model_source: str, sae_id: str, sae_root: str, hooks: list[tuple[int, str]],
+             specs: list[RunSpec]) -> tuple[list[RunBatch], int]:
+    """One micro-batch in a worker process: the model and SAEs are loaded once per process and kept."""
+    from ingest.models import load_model
+    from ingest.saes.sources import open_source
+
+    key = (model_source, sae_root)
+    if _POOL_STATE.get("key") != key:
+        loaded = load_model(model_id, model_source, _POOL_STATE.get("device", "auto"), _POOL_STATE.get("dtype", "float32"))
+        _POOL_STATE.update(key=key, loaded=loaded, source=open_source(sae_id, sae_root))
+    loaded, source = _POOL_STATE["loaded"], _POOL_STATE["source"]
+    saes = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
+    return run_many(loaded, saes, specs), loaded.d_model

@@ -59,7 +59,7 @@ def run_batch(ns: argparse.Namespace, defaults: dict, chunk: int = 16) -> int:
                     slots.append(None)
                 except (*USER_ERRORS, ValueError) as exc:
                     slots.append(exc)
-            done = iter(disc.discover_many(reqs))
+            done = iter(disc.discover_many(reqs, workers=getattr(ns, "workers", 1) or 1))
             for line_id, slot in zip(ids, slots, strict=True):
                 result = slot if slot is not None else next(done)
                 if isinstance(result, Exception):

@@ -107,3 +107,22 @@ def test_sigkill_mid_batch_leaves_only_whole_runs_and_the_rerun_completes(toy_re
     assert sum(r["cached"] for r in rows) == before  # finished runs were skipped, the rest computed
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT count(*) FROM v_runs").fetchone()[0] == n_lines
+
+
+def test_worker_processes_feed_one_writer_with_the_same_results(toy_demo, tmp_path):
+    registry = tmp_path / "reg.toml"  # no calibration corpus: nothing makes this process load the model
+    registry.write_text(f'[models.toy]\npath = "{toy_demo / "model"}"\n[saes.toy]\npath = "{toy_demo / "saes"}"\n')
+    toy_registry = registry
+    reqs = [build_request({"model_id": "toy", "sae_id": "toy", "layers": [1], "min_coverage_pct": 0, **line})
+            for line in LINES]
+    pooled_cat, single_cat = Catalog(tmp_path / "p.duckdb"), Catalog(tmp_path / "s.duckdb")
+    pooled_disc = Discovery(pooled_cat, Registry.load(toy_registry), device="cpu")
+    pooled = pooled_disc.discover_many(reqs, batch_size=2, workers=2)
+    assert pooled_disc._models == {}  # this process never loaded the model: the workers did
+    singles = Discovery(single_cat, Registry.load(toy_registry), device="cpu").discover_many(reqs)
+    assert [r["run_id"] for r in pooled] == [r["run_id"] for r in singles]
+    for p, s in zip(pooled, singles, strict=True):
+        assert _features(p) == _features(s)
+    assert pooled_cat.raw().execute("SELECT count(*) FROM runs").fetchone()[0] == len(LINES)
+    pooled_cat.close()
+    single_cat.close()

@@ -156,13 +156,14 @@ class SAE:
             active = (pre + b_gate) > 0
             magnitude = torch.relu(pre * torch.exp(r_mag) + b_mag)
             return active.to(magnitude.dtype) * magnitude
-        hidden_pre = sae_in @ W_enc + b_enc
-        if arch == "jumprelu":
-            return torch.relu(hidden_pre) * (hidden_pre > threshold)
-        return torch.relu(hidden_pre)
+        # one fused GEMM + bias, then in place: the [n, d_sae] block is the hot path's only big tensor
+        hidden_pre = torch.addmm(b_enc, sae_in, W_enc)
+        if arch == "jumprelu":  # relu(pre) * (pre > threshold), without a second [n, d_sae] temporary
+            return hidden_pre.masked_fill_(hidden_pre <= threshold, 0.0).relu_()
+        return hidden_pre.relu_()
 
     def _encode_topk(self, sae_in: torch.Tensor) -> torch.Tensor:
-        hidden_pre = sae_in @ self.W_enc + self.b_enc
+        hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
         k = min(int(self.cfg.k or 0), hidden_pre.shape[-1])
