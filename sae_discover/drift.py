@@ -37,8 +37,10 @@ from sae_discover.request import (
     _int,
     _int_list,
     build_request,
+    known_values,
     parse_bool,
     parse_score_mode,
+    set_ids,
 )
 
 # per-prompt options that fix a run (passed on to discovery); a prompts item may override them
@@ -108,16 +110,9 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
     """Validate a mapping (CLI namespace, JSON body) into a :class:`DriftRequest`; unknown keys are refused."""
     if not isinstance(data, dict):
         raise RequestError("body", "expected an object")
-    unknown = sorted(set(data) - set(DRIFT_FIELDS))
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field; expected one of {', '.join(DRIFT_FIELDS)}")
-    values = {k: v for k, v in data.items() if v is not None}
+    values = known_values(data, DRIFT_FIELDS)
     req = DriftRequest()
-    for name in ("base", "tuned", "sae_id"):
-        if name in values:
-            if not isinstance(values[name], str) or not values[name].strip() or len(values[name]) > 1000:
-                raise RequestError(name, f"expected a non-empty string, got {values[name]!r}")
-            setattr(req, name, values[name].strip())
+    set_ids(req, values, ("base", "tuned", "sae_id"))
     for name in ("base_runs", "tuned_runs"):
         if name in values:
             setattr(req, name, _runs_spec(name, values[name]))

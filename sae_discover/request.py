@@ -126,18 +126,28 @@ def parse_score_mode(value: Any) -> str:
     return mode
 
 
-def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64) -> DiscoverRequest:
-    """Validate a mapping of seed options into a :class:`DiscoverRequest` (unknown keys are refused)."""
-    unknown = sorted(set(data) - set(FIELD_NAMES))
+def known_values(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The mapping without None values; a key outside ``names`` is refused, naming it."""
+    unknown = sorted(set(data) - set(names))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field; expected one of {', '.join(FIELD_NAMES)}")
-    values = {k: v for k, v in data.items() if v is not None}
-    req = DiscoverRequest()
-    for name in ("model_id", "sae_id", "id"):
+        raise RequestError(unknown[0], f"unknown field; expected one of {', '.join(names)}")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def set_ids(target: object, values: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Copy id-like fields (non-empty strings up to 1000 characters, stripped) onto ``target``."""
+    for name in names:
         if name in values:
             if not isinstance(values[name], str) or not values[name].strip() or len(values[name]) > 1000:
                 raise RequestError(name, f"expected a non-empty string, got {values[name]!r}")
-            setattr(req, name, values[name].strip())
+            setattr(target, name, values[name].strip())
+
+
+def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64) -> DiscoverRequest:
+    """Validate a mapping of seed options into a :class:`DiscoverRequest` (unknown keys are refused)."""
+    values = known_values(data, FIELD_NAMES)
+    req = DiscoverRequest()
+    set_ids(req, values, ("model_id", "sae_id", "id"))
     for name in ("text", "prompt", "background_text", "background_file"):
         if name in values:
             if not isinstance(values[name], str):

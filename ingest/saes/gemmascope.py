@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ingest.saes import layout
 from ingest.saes.base import SAE, SAEConfig, SAEError
@@ -160,10 +158,7 @@ def load(folder: Path, source: str = "") -> SAE:
     if file.suffix == ".npz":
         arrays = {k.lower(): torch.from_numpy(np.ascontiguousarray(v)) for k, v in layout.load_npz(file).items()}
     else:
-        try:
-            arrays = {k.lower(): v for k, v in load_file(str(file)).items()}
-        except (OSError, SafetensorError, ValueError) as exc:
-            raise SAEError(f"sae weights {file}: not a readable safetensors file ({exc})") from exc
+        arrays = {k.lower(): v for k, v in layout.load_safetensors(file).items()}
     for name, value in arrays.items():
         if not value.is_floating_point():
             raise SAEError(f"sae weights {file}: array {name} has dtype {value.dtype}, expected floating point")

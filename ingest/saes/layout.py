@@ -65,6 +65,16 @@ def hook_from_sidecar(data: dict, file: Path | None) -> tuple[int | None, str | 
     return layer, stream
 
 
+def load_safetensors(file: Path) -> dict:
+    """All tensors of a safetensors file (no pickle involved); a bad file is an SAEError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise SAEError(f"sae weights {file}: not a readable safetensors file ({exc})") from exc
+
+
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header (no tensor data is read)."""
     try:

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ingest.saes import layout
 from ingest.saes.base import SAE, SAEConfig, SAEError, numpy_weights
 
 CFG_FILE = "cfg.json"
@@ -75,10 +75,7 @@ def read_config(folder: Path) -> SAEConfig:
 def load(folder: Path, source: str = "") -> SAE:
     """Load one SAELens SAE folder."""
     cfg = read_config(folder)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise SAEError(f"sae weights {folder / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from exc
+    tensors = layout.load_safetensors(folder / WEIGHTS_FILE)
     if cfg.normalize_activations == "expected_average_only_in" and cfg.scaling_factor is None:
         factor = tensors.get("scaling_factor")
         if factor is not None:

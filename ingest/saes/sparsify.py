@@ -22,9 +22,6 @@ import json
 import re
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from ingest.saes import layout
 from ingest.saes.base import SAE, SAEConfig, SAEError
 from ingest.saes.saelens import hook_name
@@ -107,10 +104,7 @@ def read_config(folder: Path) -> SAEConfig:
 def load(folder: Path, source: str = "") -> SAE:
     """Load one sparsify SAE folder (safetensors only)."""
     cfg = read_config(folder)
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise SAEError(f"sae weights {folder / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from exc
+    tensors = layout.load_safetensors(folder / WEIGHTS_FILE)
     return SAE(cfg=cfg, W_enc=tensors["encoder.weight"].float().T, b_enc=tensors["encoder.bias"],
                W_dec=tensors["W_dec"], b_dec=tensors["b_dec"], source=source or str(folder))
 
