@@ -53,6 +53,9 @@ class Catalog:
         args = {"read_only": True} if read_only else {}
         self.engine = sa.create_engine(self.url, connect_args=args, poolclass=sa.pool.SingletonThreadPool)
         self.write_lock = threading.RLock()
+        # catalog keys of models/SAEs whose rows are committed (filled by store.transaction after commit)
+        self.known_keys: dict = {}
+        self.pending_keys: dict = {}
         try:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")

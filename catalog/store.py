@@ -49,32 +49,44 @@ def transaction(catalog: Catalog) -> Iterator[duckdb.DuckDBPyConnection]:
     with catalog.write_lock:
         con = catalog.raw()
         con.begin()
+        catalog.pending_keys.clear()
         try:
             yield con
             con.commit()
+            catalog.known_keys.update(catalog.pending_keys)  # keys are trusted once their rows are committed
         except BaseException:
             con.rollback()
             raise
         finally:
+            catalog.pending_keys.clear()
             con.close()
 
 
-def _model_key(con: duckdb.DuckDBPyConnection, model: ModelInfo) -> int:
+def _model_key(con: duckdb.DuckDBPyConnection, model: ModelInfo, catalog: Catalog | None = None) -> int:
+    cache_key = ("model", model.model_id, model.fingerprint)
+    if catalog is not None and cache_key in catalog.known_keys:
+        return catalog.known_keys[cache_key]
     # fetchall, not fetchone: an unfinished result blocks con.register() later in the transaction
     row = next(iter(con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
                                 [model.model_id, model.fingerprint]).fetchall()), None)
-    if row:
-        return int(row[0])
-    return int(con.execute(
-        "INSERT INTO models (model_id, fingerprint, family, n_layers, d_model) VALUES (?, ?, ?, ?, ?) "
-        "RETURNING model_key", [model.model_id, model.fingerprint, model.family, model.n_layers, model.d_model],
-    ).fetchone()[0])
+    if row is None:
+        row = con.execute(
+            "INSERT INTO models (model_id, fingerprint, family, n_layers, d_model) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING model_key", [model.model_id, model.fingerprint, model.family, model.n_layers, model.d_model],
+        ).fetchone()
+    if catalog is not None:
+        catalog.pending_keys[cache_key] = int(row[0])
+    return int(row[0])
 
 
-def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[int]:
-    """The catalog key of each SAE (same id, hook and weights fingerprint → same key), created if new."""
+def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo], catalog: Catalog | None = None) -> list[int]:
+    """The catalog key of each SAE (same id, hook and weights fingerprint → same key), created if new.
+    Inside a write transaction pass ``catalog``: keys committed before are then read from memory."""
     keys = []
     for sae in saes:
+        if catalog is not None and sae in catalog.known_keys:
+            keys.append(catalog.known_keys[sae])
+            continue
         row = next(iter(con.execute(  # fetchall: an unfinished result would block con.register() (labels import)
             "SELECT sae_key FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? AND fingerprint = ?",
             [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchall()), None)
@@ -85,6 +97,8 @@ def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[in
                 [sae.sae_id, sae.layer, sae.stream, sae.hook_name, sae.architecture, sae.d_in, sae.d_sae,
                  sae.fingerprint]).fetchone()
         keys.append(int(row[0]))
+        if catalog is not None:
+            catalog.pending_keys[sae] = int(row[0])
     return keys
 
 
@@ -124,8 +138,8 @@ def write_run(catalog: Catalog, run: dict, model: ModelInfo, saes: Sequence[SAEI
         row = con.execute("SELECT run_key FROM runs WHERE run_id = ?", [run["run_id"]]).fetchone()
         if row:
             return int(row[0]), False
-        model_key = _model_key(con, model)
-        keys = sae_keys(con, saes)
+        model_key = _model_key(con, model, catalog)
+        keys = sae_keys(con, saes, catalog)
         fields = {**run, "model_key": model_key}
         for name in ("layers", "streams", "restrict_features", "timings"):
             if not isinstance(fields.get(name), str):
@@ -134,7 +148,7 @@ def write_run(catalog: Catalog, run: dict, model: ModelInfo, saes: Sequence[SAEI
         run_key = int(con.execute(
             f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) RETURNING run_key",
             [fields[n] for n in names]).fetchone()[0])
-        con.execute("INSERT INTO run_saes SELECT ?, unnest(?::INTEGER[])", [run_key, keys])
+        con.execute("INSERT INTO run_saes VALUES " + ", ".join(f"({run_key}, {int(k)})" for k in keys))
         _append(con, "tokens", "run_key", run_key, tokens)
         _append(con, "activations", "run_key", run_key, _with_sae_keys(acts, keys))
         return run_key, True
