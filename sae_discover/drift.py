@@ -30,8 +30,6 @@ from sae_discover.request import (
     FLOAT_BOUNDS,
     INT32_MAX,
     INT_BOUNDS,
-    STREAMS,
-    TOKEN_PROXIES,
     RequestError,
     _float,
     _int,
@@ -40,7 +38,9 @@ from sae_discover.request import (
     known_values,
     parse_bool,
     parse_score_mode,
+    parse_streams,
     set_ids,
+    set_proxy_and_tau,
 )
 
 # per-prompt options that fix a run (passed on to discovery); a prompts item may override them
@@ -161,18 +161,8 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
         if not req.layers:
             raise RequestError("layers", "expected at least one layer")
     if "streams" in values:
-        streams = [values["streams"]] if isinstance(values["streams"], str) else values["streams"]
-        if not isinstance(streams, list | tuple) or not streams or any(s not in STREAMS for s in streams):
-            raise RequestError("streams", f"expected a list of stream names from {', '.join(STREAMS)}, "
-                                          f"got {values['streams']!r}")
-        req.streams = list(dict.fromkeys(streams))
-    if "token_proxy" in values:
-        if values["token_proxy"] not in TOKEN_PROXIES:
-            raise RequestError("token_proxy", f"expected one of {', '.join(TOKEN_PROXIES)}, "
-                                              f"got {values['token_proxy']!r}")
-        req.token_proxy = values["token_proxy"]
-    if req.tau is not None and req.tau_quantile is not None:
-        raise RequestError("tau", "give either tau or tau_quantile, not both")
+        req.streams = parse_streams(values["streams"])
+    set_proxy_and_tau(req, values)
     if req.prompts is not None:  # each item must make a valid discovery request (checked before any model runs)
         list(_discover_requests(req, req.base or "", req.layers or [0], req.streams, max_text_chars, max_layers))
     return req

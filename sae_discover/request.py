@@ -175,24 +175,33 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
         if not req.layers:
             raise RequestError("layers", "expected at least one layer")
     if "streams" in values:
-        streams = values["streams"]
-        streams = [streams] if isinstance(streams, str) else streams
-        if not isinstance(streams, list | tuple) or not streams:
-            raise RequestError("streams", f"expected a list of stream names from {', '.join(STREAMS)}")
-        for s in streams:
-            if s not in STREAMS:
-                raise RequestError("streams", f"expected values in {', '.join(STREAMS)}, got {s!r}")
-        req.streams = list(dict.fromkeys(streams))
+        req.streams = parse_streams(values["streams"])
     if "restrict_features" in values:
         req.restrict_features = sorted(set(_int_list("restrict_features", values["restrict_features"], 0,
                                                      INT32_MAX, 1_000_000)))
     if "score_mode" in values:
         req.score_mode = parse_score_mode(values["score_mode"])
+    set_proxy_and_tau(req, values)
+    return req
+
+
+def parse_streams(value: Any) -> list[str]:
+    """A stream name or a list of them, each one of STREAMS; duplicates dropped, order kept."""
+    streams = [value] if isinstance(value, str) else value
+    if not isinstance(streams, list | tuple) or not streams:
+        raise RequestError("streams", f"expected a list of stream names from {', '.join(STREAMS)}")
+    for s in streams:
+        if s not in STREAMS:
+            raise RequestError("streams", f"expected values in {', '.join(STREAMS)}, got {s!r}")
+    return list(dict.fromkeys(streams))
+
+
+def set_proxy_and_tau(req: object, values: dict[str, Any]) -> None:
+    """``token_proxy`` (checked) onto ``req``, and refuse tau together with tau_quantile."""
     if "token_proxy" in values:
         if values["token_proxy"] not in TOKEN_PROXIES:
             raise RequestError("token_proxy", f"expected one of {', '.join(TOKEN_PROXIES)}, "
                                               f"got {values['token_proxy']!r}")
-        req.token_proxy = values["token_proxy"]
-    if req.tau is not None and req.tau_quantile is not None:
+        req.token_proxy = values["token_proxy"]  # type: ignore[attr-defined]
+    if getattr(req, "tau", None) is not None and getattr(req, "tau_quantile", None) is not None:
         raise RequestError("tau", "give either tau or tau_quantile, not both")
-    return req

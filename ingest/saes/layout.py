@@ -39,13 +39,7 @@ def read_sidecar(folder: Path) -> tuple[dict, Path | None]:
     for place in ancestors(folder):
         file = place / SIDECAR
         if file.is_file():
-            try:
-                data = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise SAEError(f"sae {file}: not readable JSON ({exc})") from exc
-            if not isinstance(data, dict):
-                raise SAEError(f"sae {file}: expected a JSON object")
-            return data, file
+            return read_json_object(file), file
     return {}, None
 
 
@@ -63,6 +57,17 @@ def hook_from_sidecar(data: dict, file: Path | None) -> tuple[int | None, str | 
     if layer is not None and (not isinstance(layer, int) or layer < 0):
         raise SAEError(f"sae {file}: layer must be a non-negative integer, got {layer!r}")
     return layer, stream
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object; anything else is an SAEError naming the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SAEError(f"sae {file}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SAEError(f"sae {file}: expected a JSON object")
+    return data
 
 
 def load_safetensors(file: Path) -> dict:

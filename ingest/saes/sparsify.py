@@ -18,7 +18,6 @@ Transcoders (``transcode``), skip connections and non-TopK activations are refus
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -49,14 +48,7 @@ def parse_hookpoint(name: str) -> tuple[int, str]:
 
 
 def _raw_config(folder: Path) -> dict:
-    file = folder / CFG_FILE
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SAEError(f"sae {file}: cannot read it ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise SAEError(f"sae {file}: expected a JSON object")
-    return raw
+    return layout.read_json_object(folder / CFG_FILE)
 
 
 def locate(folder: Path) -> tuple[int, str]:
