@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import duckdb
 
 from catalog.db import Catalog, CatalogError
-from catalog.queries import RankOptions, best_labels_sql, scored_sql
+from catalog.queries import RankOptions, best_labels_sql, calibration_for, scored_sql
 
 RUN_FIELDS = "run_key, run_id, model_id, sae_id, mode, prompt, text, n_kept, created_at"
 
@@ -319,8 +319,13 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         raise CatalogError(f"{'base_runs' if not base_run_keys else 'tuned_runs'}: no runs to compare")
     con = catalog.raw()
     try:
+        base_models = [r[0] for r in con.execute("SELECT DISTINCT model_key FROM runs WHERE list_contains(?, run_key)",
+                                                 [base_run_keys]).fetchall()]
+        shared = base_models[0] if len(base_models) == 1 else None  # the base model's calibration serves both
+        if shared is not None and not all(calibration_for(con, k, shared) for k in sae_keys):
+            shared = None  # else the SAE's newest calibration of any model
         rank_opts = RankOptions(score_mode=opts.score_mode, min_coverage_pct=opts.min_coverage_pct, tau=opts.tau,
-                                tau_quantile=opts.tau_quantile)
+                                tau_quantile=opts.tau_quantile, model_key=shared)
         scoring = scored_sql(con, sae_keys, rank_opts, "SELECT DISTINCT run_key, n FROM pair_runs")
         prefix = _prefix(scoring.sql)
         params = {**scoring.params, "base": [int(k) for k in base_run_keys], "tuned": [int(k) for k in tuned_run_keys],

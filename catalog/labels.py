@@ -23,6 +23,7 @@ from pathlib import Path
 from catalog.db import CatalogError
 
 FORMATS = ("neuronpedia", "delphi", "csv")
+STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 DELPHI_NAME = re.compile(r"^(?P<module>.+)_latent(?P<index>\d+)\.txt$")
 
 
@@ -33,6 +34,7 @@ class LabelRow:
     source: str
     score: float | None = None
     hook: tuple[int, str] | None = None
+    sae: str | None = None  # the SAE a CSV row names (its ``sae`` column), checked against the import's SAE
 
 
 def detect_format(path: Path) -> str:
@@ -93,7 +95,10 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         text = fh.read()
     lines = text.splitlines()
     if text.lstrip().startswith("["):  # a JSON array export
-        objects = json.loads(text)
+        try:
+            objects = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"file: {path.name} is not a JSON array ({exc.msg})") from None
         lines = [json.dumps(o) for o in objects]
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -103,7 +108,7 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CatalogError(f"file: {where} is not JSON ({exc.msg})") from None
-        if "index" not in obj or not isinstance(obj.get("description"), str):
+        if not isinstance(obj, dict) or "index" not in obj or not isinstance(obj.get("description"), str):
             raise CatalogError(f"file: {where}: expected Neuronpedia fields index and description")
         score = obj.get("score")
         if score is None and isinstance(obj.get("scores"), list) and obj["scores"]:
@@ -145,12 +150,16 @@ def parse_csv(path: Path) -> list[LabelRow]:
             where = f"{path.name}:{number}"
             hook = None
             if rec.get("layer") not in (None, "") and rec.get("stream"):
+                if not str(rec["layer"]).strip().isdigit():
+                    raise CatalogError(f"layer: {where}: expected a non-negative integer, got {rec['layer']!r}")
+                if rec["stream"] not in STREAMS:
+                    raise CatalogError(f"stream: {where}: expected one of {', '.join(STREAMS)}, got {rec['stream']!r}")
                 hook = (int(rec["layer"]), rec["stream"])
             label = (rec.get("label") or "").strip()
             if not label:
                 raise CatalogError(f"label: {where}: empty label")
             rows.append(LabelRow(_feature(rec["feature_id"], where), label, (rec.get("source") or "csv").strip(),
-                                 _score(rec.get("score"), where), hook))
+                                 _score(rec.get("score"), where), hook, (rec.get("sae") or "").strip() or None))
     return rows
 
 

@@ -13,7 +13,7 @@ like the P95, zeros included); else 0 (``threshold_source: "none"``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from catalog.db import Catalog, CatalogError
 from catalog.store import QUANTILE_CTE, quantile_positions
@@ -48,10 +48,19 @@ class RankOptions:
     # calibration mean; ``background_n`` is their total number of analysed tokens
     background_runs: list[int] = field(default_factory=list)
     background_n: int = 0
+    # whose calibration gives τ, normalization and the background mean: this model's (rank_run sets
+    # it to the run's model); None = the SAE's newest calibration of any model (drift shares one)
+    model_key: int | None = None
 
 
-def calibration_for(con, sae_key: int) -> int | None:
-    row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
+def calibration_for(con, sae_key: int, model_key: int | None = None) -> int | None:
+    """The newest calibration with statistics for this SAE — of this model when ``model_key`` is given
+    (a run's τ and normalization come from its own model's activations), else of any model."""
+    if model_key is None:
+        row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
+    else:
+        row = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
+                          "WHERE f.sae_key = ? AND c.model_key = ?", [sae_key, model_key]).fetchone()
     return None if row is None or row[0] is None else int(row[0])
 
 
@@ -66,7 +75,7 @@ def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, s
     """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance."""
     if opts.tau is not None:
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "global"
-    cals = {k: calibration_for(con, k) for k in sae_keys}
+    cals = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     if not any(cals.values()):
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
     q = opts.tau_quantile
@@ -108,7 +117,7 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     """
     if opts.score_mode not in SCORE_MODES:
         raise CatalogError(f"score_mode: expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
-    calibrated = {k: calibration_for(con, k) for k in sae_keys}
+    calibrated = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     all_calibrated = all(calibrated.values())
     has_background = bool(opts.background_runs) or all_calibrated
     if opts.score_mode == "selectivity" and not has_background:
@@ -165,9 +174,13 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
 
 
 def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
-    """Rank one stored run's features; returns features (with layer/stream), and provenance fields."""
+    """Rank one stored run's features; returns features (with layer/stream), and provenance fields.
+    τ, normalization and the calibration background come from the run's own model's calibration."""
     con = catalog.raw()
     try:
+        if opts.model_key is None:
+            row = con.execute("SELECT model_key FROM runs WHERE run_key = ?", [run_key]).fetchone()
+            opts = replace(opts, model_key=row[0] if row else None)
         scoring = scored_sql(con, sae_keys, opts, "SELECT $run::INTEGER AS run_key, $n::DOUBLE AS n",
                              run_filter="a.run_key = $run")
         limit = "" if opts.merge_across_layers else \

@@ -235,15 +235,20 @@ FEATURE_STATS_SQL = f"""
 
 # -- labels ---------------------------------------------------------------------------------------
 
-def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace_source: str | None = None) -> int:
+def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace_source: str | None = None,
+                 replace_sources: bool = False) -> int:
     """Import labels (feature_id int, label str, source str, score float|null) for one or more SAEs,
-    all in one transaction (a bad group leaves nothing behind)."""
+    all in one transaction (a bad group leaves nothing behind). ``replace_sources``: importing a
+    source again replaces that source's labels for the SAE instead of adding duplicates."""
     total = 0
     with transaction(catalog) as con:
         for sae, rows in groups:
             (key,) = sae_keys(con, [sae])
+            sources = sorted(set(rows.column("source").to_pylist())) if replace_sources else []
             if replace_source:
-                con.execute("DELETE FROM labels WHERE sae_key = ? AND source = ?", [key, replace_source])
+                sources.append(replace_source)
+            if sources:
+                con.execute("DELETE FROM labels WHERE sae_key = ? AND list_contains(?, source)", [key, sources])
             _append(con, "labels", "sae_key", key, rows.select(["feature_id", "label", "source", "score"]))
             total += rows.num_rows
     return total

@@ -261,7 +261,11 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     config, family = card.config, card.family
     fmap = FAMILIES[family]
     auto = AutoModelForCausalLM if fmap.decoder else AutoModel
-    model = auto.from_pretrained(source, dtype=DTYPES[dtype])
+    try:  # safetensors only: a pytorch_model.bin would be unpickled
+        model = auto.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)
+    except OSError as exc:
+        raise ModelError(f"model_id: {source!r} has no safetensors weights (pickled .bin weights are never loaded; "
+                         f"convert them with `save_pretrained(..., safe_serialization=True)`): {exc}") from exc
     model.eval().to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source)
     text_cfg = getattr(config, "text_config", config)

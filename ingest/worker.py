@@ -42,7 +42,7 @@ class RunSpec:
     def mode(self) -> str:
         if self.text is not None:
             return "text"
-        return "prompt+gen" if self.generate else "prompt"
+        return "prompt+gen" if self.generate and self.gen_tokens > 0 else "prompt"
 
 
 @dataclass

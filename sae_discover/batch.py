@@ -59,7 +59,7 @@ def run_batch(ns: argparse.Namespace, defaults: dict, chunk: int = 16) -> int:
                     slots.append(None)
                 except (*USER_ERRORS, ValueError) as exc:
                     slots.append(exc)
-            done = iter(disc.discover_many(reqs, workers=getattr(ns, "workers", 1) or 1))
+            done = iter(_discover_chunk(disc, reqs, getattr(ns, "workers", 1) or 1))
             for line_id, slot in zip(ids, slots, strict=True):
                 result = slot if slot is not None else next(done)
                 if isinstance(result, Exception):
@@ -70,3 +70,17 @@ def run_batch(ns: argparse.Namespace, defaults: dict, chunk: int = 16) -> int:
             bar.update(len(part))
     print(f"wrote {out_path} ({len(lines)} lines, {n_err} errors)")
     return 0
+
+
+def _discover_chunk(disc, reqs: list, workers: int) -> list:
+    """A chunk at once; if something unexpected breaks it, line by line, so one bad line cannot stop the batch."""
+    try:
+        return disc.discover_many(reqs, workers=workers)
+    except Exception:
+        out = []
+        for req in reqs:
+            try:
+                out.append(disc.discover(req))
+            except Exception as exc:
+                out.append(RuntimeError(f"internal error: {type(exc).__name__}: {exc}"))
+        return out

@@ -34,7 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
-def _ranking_flags(parser: argparse.ArgumentParser) -> None:
+def _ranking_flags(parser: argparse.ArgumentParser, background: bool = True) -> None:
     parser.add_argument("--return_top_x")
     parser.add_argument("--score_mode")
     parser.add_argument("--min_coverage_pct")
@@ -43,8 +43,9 @@ def _ranking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attach_proto_labels")
     parser.add_argument("--tau")
     parser.add_argument("--tau_quantile")
-    parser.add_argument("--background_text", help="selectivity's background text (default: the calibration mean)")
-    parser.add_argument("--background_file", help="selectivity's background: a file, one document per line")
+    if background:  # a background is a run of its own: discovery only, not `runs rank`
+        parser.add_argument("--background_text", help="selectivity's background text (default: the calibration mean)")
+        parser.add_argument("--background_file", help="selectivity's background: a file, one document per line")
     parser.add_argument("--spans_per_feature")
     parser.add_argument("--span_window")
     parser.add_argument("--out", help="write the result here (.json, .csv; .jsonl in batch mode)")
@@ -137,7 +138,7 @@ def cmd_runs(argv: list[str]) -> int:
     p.add_argument("action", nargs="?", default="list", choices=["list", "show", "rank"])
     p.add_argument("run_id", nargs="?")
     p.add_argument("--limit", type=int, default=50)
-    _ranking_flags(p)
+    _ranking_flags(p, background=False)
     _common(p)
     ns = p.parse_args(argv)
     if ns.action == "list":
@@ -179,7 +180,8 @@ def cmd_sql(argv: list[str]) -> int:
     if not Path(path).exists():
         raise RequestError("db", f"{path} does not exist")
     try:
-        con = duckdb.connect(path, read_only=True)
+        # read-only, and no files outside the catalog (no COPY TO, no read_csv of arbitrary paths)
+        con = duckdb.connect(path, read_only=True, config={"enable_external_access": False})
     except duckdb.IOException as exc:
         raise CatalogLocked(f"catalog {path} is held by another process for writing; query it through that "
                             f"process or stop it ({exc})") from exc

@@ -61,7 +61,8 @@ class Registry:
                 if entry.get("path"):
                     src = str((base / src).resolve())
                 reg.models[mid] = ModelEntry(mid, src, list(entry.get("default_layers", DEFAULT_LAYERS)),
-                                             entry.get("calibration_corpus"))
+                                             str(base / entry["calibration_corpus"])
+                                             if entry.get("calibration_corpus") else None)
             for sid, entry in (data.get("saes") or {}).items():
                 if not entry.get("path"):
                     raise RequestError("registry", f"saes.{sid} needs a path")

@@ -18,7 +18,7 @@ from pathlib import Path
 from catalog import queries, store
 from catalog.db import Catalog, CatalogError
 from ingest import worker
-from ingest.models import ENCODERS, LoadedModel, ModelCard, ModelError, load_model, read_card
+from ingest.models import ENCODERS, LoadedModel, ModelCard, ModelError, load_model, read_card, resolve_device
 from ingest.saes.base import SAEError
 from ingest.saes.sources import SAESource, file_fingerprint, open_source
 from sae_discover.registry import ModelEntry, Registry
@@ -78,7 +78,7 @@ class Discovery:
         self._sources: dict[str, SAESource] = {}
         self._forward_lock = threading.Lock()
         self._load_lock = threading.RLock()
-        self._calibrated: set[store.SAEInfo] = set()
+        self._calibrated: set[tuple] = set()
         self.model_calls = 0  # forward runs done by this process (tests check caching with it)
 
     # -- resolution --------------------------------------------------------------------------------
@@ -121,7 +121,8 @@ class Discovery:
         return infos
 
     @staticmethod
-    def run_id(req: DiscoverRequest, card: ModelCard, saes: list[store.SAEInfo], tokenizer_fp: str) -> str:
+    def run_id(req: DiscoverRequest, card: ModelCard, saes: list[store.SAEInfo], tokenizer_fp: str,
+               precision: list[str] | None = None) -> str:
         """Hash of everything that fixes the activations (ranking options excluded)."""
         gen = req.text is None and req.generate
         key = {
@@ -130,6 +131,7 @@ class Discovery:
             "temperature": req.temperature if gen else None, "top_p": req.top_p if gen else None,
             "saes": sorted([s.sae_id, s.layer, s.stream, s.fingerprint] for s in saes),
             "token_proxy": req.token_proxy, "topk": req.topk_tokens_per_seq, "restrict": sorted(req.restrict_features),
+            "precision": precision or ["float32", "cpu"],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -144,8 +146,20 @@ class Discovery:
         source = self.source(req.sae_id)
         layers, hooks = self._hooks(req, entry, card, source)
         saes = self.sae_infos(source, hooks)
+        for info in saes:
+            beyond = [f for f in req.restrict_features if f >= info.d_sae]
+            if beyond:
+                raise RequestError("restrict_features", f"feature {beyond[0]} is beyond the {info.d_sae} features of "
+                                                        f"the SAE for layer {info.layer} {info.stream}")
+        no_background = req.background_text is None and req.background_file is None
+        if req.score_mode == "selectivity" and no_background and not entry.calibration_corpus \
+                and not all(self._has_stats(info, entry) for info in saes):
+            raise RequestError("score_mode", "selectivity needs a background; calibrate the SAE first "
+                                             "(python -m sae_discover calibrate), give background_text / "
+                                             "background_file, or pick another score_mode")
+        precision = [self.dtype, resolve_device(self.device).type]  # bf16 activations are another run
         return _Prepared(req, entry, card, source, layers, hooks, saes,
-                         self.run_id(req, card, saes, _tokenizer_fingerprint(entry.source)))
+                         self.run_id(req, card, saes, _tokenizer_fingerprint(entry.source), precision))
 
     def discover(self, req: DiscoverRequest) -> dict:
         (result,) = self.discover_many([req])
@@ -261,7 +275,7 @@ class Discovery:
         for i, p, run_batch in zip(indices, batch, outputs, strict=True):
             t_write = time.perf_counter()
             req = p.req
-            mode = "text" if req.text is not None else ("prompt+gen" if req.generate else "prompt")
+            mode = self._specs([p])[0].mode
             run = {"run_id": p.run_id, "model_id": req.model_id, "sae_id": req.sae_id, "mode": mode,
                    "prompt": req.prompt, "text": req.text, "generate": mode == "prompt+gen",
                    "gen_tokens": req.gen_tokens if mode == "prompt+gen" else 0, "seed": req.seed,
@@ -332,23 +346,27 @@ class Discovery:
         if not entry.calibration_corpus:
             return []
         missing = [h for h, info in zip(hooks, self.sae_infos(source, hooks), strict=True)
-                   if not self._has_stats(info)]
+                   if not self._has_stats(info, entry)]
         if not missing:
             return []
         self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing)
         return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
 
-    def _has_stats(self, info: store.SAEInfo) -> bool:
-        if info in self._calibrated:  # calibrations are never deleted: a yes stays a yes
+    def _has_stats(self, info: store.SAEInfo, entry: ModelEntry) -> bool:
+        """Whether this model has calibrated this SAE (thresholds are per model and SAE)."""
+        fingerprint = self.card(entry).fingerprint
+        if (info, entry.id, fingerprint) in self._calibrated:  # calibrations are never deleted
             return True
         con = self.catalog.raw()
         try:
             (key,) = store.sae_keys(con, [info])
-            found = queries.calibration_for(con, key) is not None
+            model = con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
+                                [entry.id, fingerprint]).fetchall()
+            found = bool(model) and queries.calibration_for(con, key, model[0][0]) is not None
         finally:
             con.close()
         if found:
-            self._calibrated.add(info)
+            self._calibrated.add((info, entry.id, fingerprint))
         return found
 
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks=None, lite_labels: bool = True) -> dict:
@@ -394,6 +412,9 @@ class Discovery:
             raise RequestError("layer" if layer is None else "stream", "give --layer and --stream together")
         groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
         for row in rows:
+            if row.sae is not None and row.sae != sae_id:
+                raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
+                                          "(split the file, or import it once per SAE)")
             hook = (layer, stream) if layer is not None else row.hook
             if hook is None:
                 if len(source.hooks) != 1:
@@ -412,7 +433,7 @@ class Discovery:
                 "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
                 "label": [r.label for r in group], "source": [r.source for r in group],
                 "score": pa.array([r.score for r in group], pa.float64())})))
-        n = store.write_labels(self.catalog, batches)
+        n = store.write_labels(self.catalog, batches, replace_sources=True)
         return {"imported": n, "hooks": [list(h) for h in sorted(groups)]}
 
 

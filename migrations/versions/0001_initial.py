@@ -75,9 +75,12 @@ VIEWS = {
         FROM activations a JOIN runs r USING (run_key) JOIN saes s USING (sae_key)""",
     "v_feature_stats": """
         SELECT s.sae_id, s.layer, s.stream, f.feature_id, f.p95, f.mean, f.max, f.density, f.n_tokens,
-               f.calibration_id, f.sae_key
+               m.model_id, f.calibration_id, f.sae_key
         FROM feature_stats f JOIN saes s USING (sae_key)
-        WHERE f.calibration_id = (SELECT max(f2.calibration_id) FROM feature_stats f2 WHERE f2.sae_key = f.sae_key)""",
+        JOIN calibrations c USING (calibration_id) JOIN models m USING (model_key)
+        WHERE f.calibration_id = (SELECT max(f2.calibration_id) FROM feature_stats f2
+                                  JOIN calibrations c2 USING (calibration_id)
+                                  WHERE f2.sae_key = f.sae_key AND c2.model_key = c.model_key)""",
     "v_labels": """
         SELECT s.sae_id, l.feature_id, l.label, l.source, l.score, s.layer, s.stream, l.sae_key
         FROM labels l JOIN saes s USING (sae_key)""",

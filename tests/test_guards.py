@@ -1,0 +1,97 @@
+"""Guards: bad requests refused before any model runs, per-model calibration, run identity, label re-imports."""
+
+from __future__ import annotations
+
+import pytest
+
+from catalog.db import Catalog, CatalogError
+from sae_discover.registry import Registry
+from sae_discover.request import RequestError, build_request
+from sae_discover.service import Discovery
+from tests.conftest import run_cli
+
+
+def _runs(discovery) -> int:
+    return discovery.catalog.raw().execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+def test_restricting_to_features_beyond_the_sae_is_refused_before_the_model_runs(toy_discovery):
+    req = build_request({"model_id": "toy", "sae_id": "toy", "text": "Revenue rose.", "layers": [1],
+                         "restrict_features": [3, 99_999]})
+    with pytest.raises(RequestError, match="restrict_features: feature 99999 is beyond the 64 features"):
+        toy_discovery.discover(req)
+    assert toy_discovery.model_calls == 0 and _runs(toy_discovery) == 0
+
+
+def test_selectivity_without_any_background_is_refused_before_the_model_runs(toy_demo, tmp_path):
+    registry = tmp_path / "reg.toml"  # no calibration corpus: nothing can provide a background
+    registry.write_text(f'[models.bare]\npath = "{toy_demo / "model"}"\n[saes.toy]\npath = "{toy_demo / "saes"}"\n')
+    cat = Catalog(tmp_path / "c.duckdb")
+    disc = Discovery(cat, Registry.load(registry), device="cpu")
+    req = build_request({"model_id": "bare", "sae_id": "toy", "text": "Revenue rose.", "layers": [1],
+                         "score_mode": "selectivity"})
+    with pytest.raises(RequestError, match="score_mode: selectivity needs a background"):
+        disc.discover(req)
+    assert disc.model_calls == 0 and _runs(disc) == 0
+    with_background = disc.discover(build_request({**{k: v for k, v in req.to_dict().items() if v is not None},
+                                                   "background_text": "The weather is mild."}))
+    assert with_background["features"] and with_background["normalization"] == "none"
+    cat.close()
+
+
+def test_calibrations_belong_to_their_model(toy_discovery):
+    body = {"sae_id": "toy", "text": "Shares of Hooli fell.", "layers": [1]}
+    calibrated = toy_discovery.discover(build_request({**body, "model_id": "toy"}))
+    assert calibrated["threshold_source"] == "calibration_p95"
+    other = toy_discovery.discover(build_request({**body, "model_id": "toy-finance"}))
+    assert other["threshold_source"] == "none"  # toy's calibration does not serve the fine-tune
+    assert other["normalization"] == "none"
+
+
+def test_precision_is_part_of_the_run_identity(toy_registry, tmp_path):
+    cat = Catalog(tmp_path / "c.duckdb")
+    req = build_request({"model_id": "toy", "sae_id": "toy", "text": "Revenue rose.", "layers": [1]})
+    ids = {dtype: Discovery(cat, Registry.load(toy_registry), device="cpu", dtype=dtype).prepare(req).run_id
+           for dtype in ("float32", "bfloat16")}
+    assert ids["float32"] != ids["bfloat16"]
+    cat.close()
+
+
+def test_label_files_with_bad_rows_name_the_problem_and_reimports_replace(toy_discovery, tmp_path):
+    bad = {"layer.csv": ("feature_id,label,layer,stream\n3,x,two,resid_pre\n", CatalogError, "layer: layer.csv:2"),
+           "stream.csv": ("feature_id,label,layer,stream\n3,x,1,resid_mid\n", CatalogError, "stream: stream.csv:2"),
+           "other.csv": ("sae,feature_id,label\nsomeone-else,3,x\n", RequestError, "sae: a row of the file names SAE"),
+           "rows.jsonl": ("5\n", CatalogError, "expected Neuronpedia fields"),
+           "array.json": ("[1,2", CatalogError, "is not a JSON array")}
+    for name, (content, error, message) in bad.items():
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(error, match=message):
+            toy_discovery.import_labels(path, "toy", layer=1, stream="resid_pre")
+    good = tmp_path / "good.csv"
+    good.write_text("sae,feature_id,label\ntoy,3,revenue words\ntoy,4,sports words\n")
+    for _ in range(2):
+        toy_discovery.import_labels(good, "toy", layer=1, stream="resid_pre")
+    rows = toy_discovery.catalog.raw().execute("SELECT feature_id, label FROM v_labels WHERE source = 'csv' "
+                                               "ORDER BY feature_id").fetchall()
+    assert rows == [(3, "revenue words"), (4, "sports words")]  # the second import replaced the first
+
+
+def test_registry_paths_are_relative_to_the_registry_file(toy_demo, tmp_path):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text("Revenue rose.\n")
+    (folder / "sae-discover.toml").write_text(f'[models.m]\npath = "{toy_demo / "model"}"\n'
+                                              'calibration_corpus = "corpus.txt"\n')
+    entry = Registry.load(folder / "sae-discover.toml").model("m", allow_paths=False)
+    assert entry.calibration_corpus == str(folder / "corpus.txt")
+
+
+def test_sql_cannot_touch_files_outside_the_catalog(toy_discovery, tmp_path):
+    db = toy_discovery.catalog.path
+    toy_discovery.catalog.close()
+    out = tmp_path / "leak.csv"
+    proc = run_cli("sql", f"COPY (SELECT 1) TO '{out}'", "--db", db)
+    assert proc.returncode == 2 and not out.exists()
+    proc = run_cli("sql", "SELECT count(*) FROM v_runs", "--db", db)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[1] == "0"
