@@ -31,16 +31,14 @@ from sae_discover.request import (
     INT32_MAX,
     INT_BOUNDS,
     RequestError,
-    _float,
-    _int,
     _int_list,
     build_request,
     known_values,
-    parse_bool,
     parse_score_mode,
     parse_streams,
     set_ids,
     set_proxy_and_tau,
+    set_scalars,
 )
 
 # per-prompt options that fix a run (passed on to discovery); a prompts item may override them
@@ -145,15 +143,7 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
             if getattr(req, name) is None:
                 raise RequestError(name, "missing: a drift report needs base and tuned models and prompts "
                                          "(or base_runs and tuned_runs)")
-    for name, (low, high) in DRIFT_INT_BOUNDS.items():
-        if name in values:
-            setattr(req, name, _int(name, values[name], low, high))
-    for name, (low, high) in DRIFT_FLOAT_BOUNDS.items():
-        if name in values:
-            setattr(req, name, _float(name, values[name], low, high))
-    for name in ("attach_proto_labels", "generate"):
-        if name in values:
-            setattr(req, name, parse_bool(name, values[name]))
+    set_scalars(req, values, ("attach_proto_labels", "generate"), DRIFT_INT_BOUNDS, DRIFT_FLOAT_BOUNDS)
     if "score_mode" in values:
         req.score_mode = parse_score_mode(values["score_mode"])
     if "layers" in values:

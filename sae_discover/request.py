@@ -143,6 +143,20 @@ def set_ids(target: object, values: dict[str, Any], names: tuple[str, ...]) -> N
             setattr(target, name, values[name].strip())
 
 
+def set_scalars(target: object, values: dict[str, Any], bools: tuple[str, ...], ints: dict[str, tuple[int, int]],
+                floats: dict[str, tuple[float, float]]) -> None:
+    """Copy booleans and bounded numbers present in ``values`` onto ``target``, each checked."""
+    for name in bools:
+        if name in values:
+            setattr(target, name, parse_bool(name, values[name]))
+    for name, (low, high) in ints.items():
+        if name in values:
+            setattr(target, name, _int(name, values[name], low, high))
+    for name, (low, high) in floats.items():
+        if name in values:
+            setattr(target, name, _float(name, values[name], low, high))
+
+
 def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64) -> DiscoverRequest:
     """Validate a mapping of seed options into a :class:`DiscoverRequest` (unknown keys are refused)."""
     values = known_values(data, FIELD_NAMES)
@@ -161,15 +175,8 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
         raise RequestError("prompt", "give a prompt (to generate from) or a text (to analyze); got neither")
     if req.text is not None and req.prompt is not None:
         raise RequestError("text", "give either prompt or text, not both")
-    for name in ("generate", "merge_across_layers", "attach_examples", "attach_proto_labels"):
-        if name in values:
-            setattr(req, name, parse_bool(name, values[name]))
-    for name, (low, high) in INT_BOUNDS.items():
-        if name in values:
-            setattr(req, name, _int(name, values[name], low, high))
-    for name, (low, high) in FLOAT_BOUNDS.items():
-        if name in values:
-            setattr(req, name, _float(name, values[name], low, high))
+    set_scalars(req, values, ("generate", "merge_across_layers", "attach_examples", "attach_proto_labels"),
+                INT_BOUNDS, FLOAT_BOUNDS)
     if "layers" in values:
         req.layers = _int_list("layers", values["layers"], 0, 10_000, max_layers)
         if not req.layers:
