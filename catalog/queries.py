@@ -71,11 +71,11 @@ def newest_stats_sql(cals: dict[int, int | None]) -> str:
     return f"SELECT * FROM feature_stats WHERE {' OR '.join(pairs) or 'false'}"
 
 
-def _thresholds_sql(con, sae_keys: list[int], opts: RankOptions) -> tuple[str, str]:
-    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance."""
+def _thresholds_sql(con, cals: dict[int, int | None], opts: RankOptions) -> tuple[str, str]:
+    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance.
+    ``cals``: each SAE key's calibration (None where there is none), as ``scored_sql`` found them."""
     if opts.tau is not None:
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "global"
-    cals = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     if not any(cals.values()):
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
     q = opts.tau_quantile
@@ -124,7 +124,7 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
         raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
                            "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
                            "or pick another score_mode")
-    thresholds, threshold_source = _thresholds_sql(con, sae_keys, opts)
+    thresholds, threshold_source = _thresholds_sql(con, calibrated, opts)
     normalization = "calibration_max" if all_calibrated else "none"
     tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
     divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"

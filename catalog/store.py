@@ -235,18 +235,17 @@ FEATURE_STATS_SQL = f"""
 
 # -- labels ---------------------------------------------------------------------------------------
 
-def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace_source: str | None = None,
-                 replace_sources: bool = False) -> int:
+def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace: Sequence[str] | None = None
+                 ) -> int:
     """Import labels (feature_id int, label str, source str, score float|null) for one or more SAEs,
-    all in one transaction (a bad group leaves nothing behind). ``replace_sources``: importing a
-    source again replaces that source's labels for the SAE instead of adding duplicates."""
+    all in one transaction (a bad group leaves nothing behind). Importing a source again replaces that
+    source's labels for the SAE rather than adding duplicates: ``replace`` names the sources to clear
+    (default: the sources present in the rows)."""
     total = 0
     with transaction(catalog) as con:
         for sae, rows in groups:
             (key,) = sae_keys(con, [sae])
-            sources = sorted(set(rows.column("source").to_pylist())) if replace_sources else []
-            if replace_source:
-                sources.append(replace_source)
+            sources = list(replace) if replace is not None else sorted(set(rows.column("source").to_pylist()))
             if sources:
                 con.execute("DELETE FROM labels WHERE sae_key = ? AND list_contains(?, source)", [key, sources])
             _append(con, "labels", "sae_key", key, rows.select(["feature_id", "label", "source", "score"]))
@@ -289,4 +288,4 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
         labels.append("; ".join(parts))
     rows = pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
                      "source": ["lite"] * len(features), "score": pa.nulls(len(features), pa.float64())})
-    return write_labels(catalog, [(sae, rows)], replace_source="lite")
+    return write_labels(catalog, [(sae, rows)], replace=["lite"])

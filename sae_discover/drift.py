@@ -31,9 +31,9 @@ from sae_discover.request import (
     INT32_MAX,
     INT_BOUNDS,
     RequestError,
-    _int_list,
     build_request,
     known_values,
+    parse_layers,
     parse_score_mode,
     parse_streams,
     set_ids,
@@ -147,9 +147,7 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
     if "score_mode" in values:
         req.score_mode = parse_score_mode(values["score_mode"])
     if "layers" in values:
-        req.layers = _int_list("layers", values["layers"], 0, 10_000, max_layers)
-        if not req.layers:
-            raise RequestError("layers", "expected at least one layer")
+        req.layers = parse_layers(values["layers"], max_layers)
     if "streams" in values:
         req.streams = parse_streams(values["streams"])
     set_proxy_and_tau(req, values)
@@ -179,14 +177,6 @@ def _as_request(request: DriftRequest | dict | None, extra: dict) -> DriftReques
     if isinstance(request, DriftRequest):
         request = {k: v for k, v in request.to_dict().items() if v is not None}
     return build_drift_request({**(request or {}), **extra})
-
-
-def _user_error(exc: ValueError) -> RequestError:
-    if isinstance(exc, RequestError):
-        return exc
-    text = str(exc)
-    name, _, message = text.partition(": ")
-    return RequestError(name, message) if message and " " not in name else RequestError("drift", text)
 
 
 def drift_report(source, request: DriftRequest | dict | None = None, *, progress: bool = False,
@@ -226,7 +216,7 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
     except RequestError:
         raise
     except ValueError as exc:  # CatalogError and friends name their field
-        raise _user_error(exc) from exc
+        raise RequestError.of(exc, "drift") from exc
     timings = {"drift_sql_s": time.perf_counter() - t_sql}
     if out["threshold_source"] == "none":
         warnings.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not normalized; "

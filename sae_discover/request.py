@@ -25,6 +25,16 @@ class RequestError(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
 
+    @classmethod
+    def of(cls, exc: ValueError, default_field: str) -> RequestError:
+        """A lower layer's ``"<field>: <message>"`` error (CatalogError, ...) as a RequestError naming that field;
+        a message without a field prefix is filed under ``default_field``."""
+        if isinstance(exc, RequestError):
+            return exc
+        text = str(exc)
+        name, _, message = text.partition(": ")
+        return cls(name, message) if message and " " not in name else cls(default_field, text)
+
 
 @dataclass
 class DiscoverRequest:
@@ -178,9 +188,7 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
     set_scalars(req, values, ("generate", "merge_across_layers", "attach_examples", "attach_proto_labels"),
                 INT_BOUNDS, FLOAT_BOUNDS)
     if "layers" in values:
-        req.layers = _int_list("layers", values["layers"], 0, 10_000, max_layers)
-        if not req.layers:
-            raise RequestError("layers", "expected at least one layer")
+        req.layers = parse_layers(values["layers"], max_layers)
     if "streams" in values:
         req.streams = parse_streams(values["streams"])
     if "restrict_features" in values:
@@ -190,6 +198,14 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
         req.score_mode = parse_score_mode(values["score_mode"])
     set_proxy_and_tau(req, values)
     return req
+
+
+def parse_layers(value: Any, max_layers: int) -> list[int]:
+    """One layer or a non-empty list of them, each a non-negative integer."""
+    layers = _int_list("layers", value, 0, 10_000, max_layers)
+    if not layers:
+        raise RequestError("layers", "expected at least one layer")
+    return layers
 
 
 def parse_streams(value: Any) -> list[str]:

@@ -62,6 +62,14 @@ class _Prepared:
     saes: list[store.SAEInfo]
     run_id: str
 
+    @property
+    def spec(self) -> worker.RunSpec:
+        """What the worker needs to make this run (the run-fixing options of the request)."""
+        r = self.req
+        return worker.RunSpec(prompt=r.prompt, text=r.text, generate=r.generate, gen_tokens=r.gen_tokens, seed=r.seed,
+                              temperature=r.temperature, top_p=r.top_p, hooks=self.hooks, token_proxy=r.token_proxy,
+                              topk_tokens_per_seq=r.topk_tokens_per_seq, restrict_features=r.restrict_features)
+
 
 class Discovery:
     """One catalog + registry + device; models and SAEs cached across requests."""
@@ -228,14 +236,6 @@ class Discovery:
         runs = [stored[i] for i in range(len(reqs))]
         return [r["run_key"] for r in runs], sum(r["n_kept"] for r in runs)
 
-    @staticmethod
-    def _specs(batch: list[_Prepared]) -> list[worker.RunSpec]:
-        return [worker.RunSpec(prompt=p.req.prompt, text=p.req.text, generate=p.req.generate,
-                               gen_tokens=p.req.gen_tokens, seed=p.req.seed, temperature=p.req.temperature,
-                               top_p=p.req.top_p, hooks=p.hooks, token_proxy=p.req.token_proxy,
-                               topk_tokens_per_seq=p.req.topk_tokens_per_seq, restrict_features=p.req.restrict_features)
-                for p in batch]
-
     def _compute_all(self, batches: list[list[_Prepared]], chunks: list[list[int]], workers: int):
         """Yield ``(chunk, (outputs, d_model) | exception)`` per micro-batch, in this process or in a pool."""
         if workers <= 1 or len(batches) <= 1:
@@ -245,7 +245,7 @@ class Discovery:
                     loaded = self.model(first.entry)
                     sae_objs = [first.source.load(layer, stream).to(loaded.device) for layer, stream in first.hooks]
                     with self._forward_lock:
-                        outputs = worker.run_many(loaded, sae_objs, self._specs(batch))
+                        outputs = worker.run_many(loaded, sae_objs, [p.spec for p in batch])
                         self.model_calls += len(batch)
                     yield chunk, (outputs, loaded.d_model)
                 except USER_ERRORS as exc:
@@ -258,7 +258,7 @@ class Discovery:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_worker_process,
                                  initargs=(workers, self.device, self.dtype)) as pool:
             futures = {pool.submit(worker.pool_run, b[0].entry.id, b[0].entry.source, b[0].source.sae_id,
-                                   str(b[0].source.root), b[0].hooks, self._specs(b)): c
+                                   str(b[0].source.root), b[0].hooks, [p.spec for p in b]): c
                        for b, c in zip(batches, chunks, strict=True)}
             for future in as_completed(futures):
                 try:
@@ -275,7 +275,7 @@ class Discovery:
         for i, p, run_batch in zip(indices, batch, outputs, strict=True):
             t_write = time.perf_counter()
             req = p.req
-            mode = self._specs([p])[0].mode
+            mode = p.spec.mode
             run = {"run_id": p.run_id, "model_id": req.model_id, "sae_id": req.sae_id, "mode": mode,
                    "prompt": req.prompt, "text": req.text, "generate": mode == "prompt+gen",
                    "gen_tokens": req.gen_tokens if mode == "prompt+gen" else 0, "seed": req.seed,
@@ -336,7 +336,7 @@ class Discovery:
         try:
             ranked = queries.rank_run(catalog, run_key, n_kept, keys, opts)
         except ValueError as exc:
-            raise RequestError(str(exc).split(":")[0], str(exc).split(": ", 1)[-1]) from exc
+            raise RequestError.of(exc, "request") from exc
         ranked["features"] = [_feature_json(f, req) for f in ranked["features"]]
         return ranked
 
@@ -433,7 +433,7 @@ class Discovery:
                 "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
                 "label": [r.label for r in group], "source": [r.source for r in group],
                 "score": pa.array([r.score for r in group], pa.float64())})))
-        n = store.write_labels(self.catalog, batches, replace_sources=True)
+        n = store.write_labels(self.catalog, batches)
         return {"imported": n, "hooks": [list(h) for h in sorted(groups)]}
 
 
