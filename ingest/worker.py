@@ -210,7 +210,7 @@ def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: to
                     timings=timings)
 
 
-def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], batch_size: int = 8) -> list[RunBatch]:
+def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], batch_size: int = 16) -> list[RunBatch]:
     """Several runs over the same hooks: generation one prompt at a time (each has its own seed), then
     the analysis forward passes in right-padded micro-batches of similar length. Causal models see the
     same prefix for every real token, so each run's codes equal a one-at-a-time run (to float rounding).

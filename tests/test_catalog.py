@@ -89,6 +89,44 @@ def test_a_failing_write_leaves_nothing(catalog):
         assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
 
 
+def test_a_group_of_runs_is_written_whole_run_by_run(catalog, tmp_path):
+    """write_runs (batch mode's group commit) stores exactly what one write_run per run stores."""
+    runs = [("g1", [(1, 0, 3, 0.5)]), ("g2", [(2, 0, 5, 1.5), (2, 1, 0, 0.25)]), ("g3", [])]
+    two = sae_info(8, 1)
+    written = store.write_runs(catalog, [store.RunRows(_run(rid), MODEL, [sae_info(), two], _tokens(), _acts(rows))
+                                         for rid, rows in runs] + [store.RunRows(_run("g1"), MODEL, [sae_info()],
+                                                                                 _tokens(), _acts([]))])
+    assert [created for _, created in written] == [True, True, True, False]  # a repeated run_id keeps its first row
+    assert len({key for key, _ in written}) == 3 and written[3][0] == written[0][0]
+    one_by_one = Catalog(tmp_path / "one.duckdb")
+    for rid, rows in runs:
+        store.write_run(one_by_one, _run(rid), MODEL, [sae_info(), two], _tokens(), _acts(rows))
+    query = ("SELECT run_id, position, layer, feature_id, act FROM v_activations ORDER BY ALL",
+             "SELECT run_id, position, token, kept FROM v_tokens ORDER BY ALL",
+             "SELECT r.run_id, count(*) FROM run_saes JOIN runs r USING (run_key) GROUP BY ALL ORDER BY ALL",
+             "SELECT run_id, n_tokens, n_kept, layers FROM runs ORDER BY run_id")
+    con, ref = catalog.raw(), one_by_one.raw()
+    for sql in query:
+        assert con.execute(sql).fetchall() == ref.execute(sql).fetchall(), sql
+    assert con.execute("SELECT count(*) FROM v_activations WHERE run_id = 'g2'").fetchone()[0] == 2
+    again = store.write_runs(catalog, [store.RunRows(_run("g2"), MODEL, [sae_info()], _tokens(), _acts([]))])
+    assert again == [(written[1][0], False)]
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
+
+
+def test_a_failing_group_leaves_none_of_its_runs(catalog):
+    tokens = _tokens()
+    broken = tokens.set_column(1, "token_id", pa.array([0, None, 2], pa.int32()))  # NOT NULL in the schema
+    with pytest.raises(duckdb.ConstraintException):
+        store.write_runs(catalog, [store.RunRows(_run("ok"), MODEL, [sae_info()], tokens, _acts([(1, 0, 2, 0.5)])),
+                                   store.RunRows(_run("bad"), MODEL, [sae_info()], broken, _acts([]))])
+    con = catalog.raw()
+    for table in ("runs", "tokens", "activations", "run_saes", "models", "saes"):
+        assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+    key, created = store.write_run(catalog, _run("ok"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 2, 0.5)]))
+    assert created and con.execute("SELECT count(*) FROM activations WHERE run_key = ?", [key]).fetchone()[0] == 1
+
+
 def _calibrate(catalog: Catalog, dense: np.ndarray, q: float = 0.95) -> int:
     n, d = dense.shape
     tokens = pa.table({"doc": pa.array(np.zeros(n, np.int32)), "position": pa.array(np.arange(1, n + 1, dtype=np.int32)),
