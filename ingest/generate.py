@@ -10,7 +10,6 @@ to the norm proxy (the worker sees no logits from them).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 PROXIES = ("entropy", "norm")
@@ -43,23 +42,25 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def norm_proxy(captured: list[torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
-    """Per-position mean over hooks of ||x|| / mean_candidates(||x||), for [seq, d] tensors."""
-    total = torch.zeros(captured[0].shape[0])
+    """Per position, the mean over hooks of ||x|| / (mean of ||x|| over the row's candidates), in fp64.
+
+    ``captured``: [..., seq, d] tensors (one per hook); ``candidates``: [..., seq] bool → [..., seq].
+    """
+    weights = candidates.double()
+    count = weights.sum(-1, keepdim=True)
+    total = torch.zeros(candidates.shape, dtype=torch.float64, device=candidates.device)
     for x in captured:
-        norms = x.float().norm(dim=-1).cpu()
-        scale = norms[candidates].mean() if candidates.any() else torch.tensor(1.0)
+        norms = x.float().norm(dim=-1).double()
+        scale = torch.where(count > 0, (norms * weights).sum(-1, keepdim=True) / count.clamp_min(1), 1.0)
         total += norms / scale.clamp_min(1e-12)
     return total / len(captured)
 
 
-def keep_top_k(proxy: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` candidate positions with the highest proxy (ties: earlier position)."""
-    idx = torch.nonzero(candidates).flatten()
-    keep = torch.zeros_like(candidates)
-    if k >= len(idx):
-        keep[idx] = True
-        return keep
-    values = proxy[idx].double().cpu().numpy()
-    order = np.lexsort((idx.cpu().numpy(), -values))  # highest proxy first, then the earlier position
-    keep[idx[torch.from_numpy(order[:k]).to(idx.device)]] = True
-    return keep
+def keep_top_k(proxy: torch.Tensor, candidates: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``k`` candidate positions with the highest proxy (ties: the earlier position),
+    per row of [..., seq] tensors; ``k`` is one number or one per row."""
+    ranked = torch.where(candidates, proxy.double(), -torch.inf)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # stable: ties keep position order
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    k = torch.as_tensor(k)
+    return candidates & (rank < (k[..., None] if k.dim() else k))

@@ -159,37 +159,44 @@ def _needs_logits(spec: RunSpec, n_candidates: int) -> bool:
     return spec.token_proxy == "entropy" and spec.topk_tokens_per_seq < n_candidates
 
 
-def _select(spec: RunSpec, is_special: torch.Tensor, captured: dict, logits: torch.Tensor | None):
-    """One sequence's token proxy and kept mask (the top-K filter; special tokens never kept)."""
-    candidates = ~is_special
-    if spec.token_proxy == "entropy" and logits is not None:
-        proxy = entropy(logits).cpu()
-    else:  # norm, and the fallback where there are no logits (early stop, encoders)
-        proxy = norm_proxy([captured[h] for h in spec.hooks], candidates)
-    return proxy, keep_top_k(proxy, candidates, spec.topk_tokens_per_seq)
+def _select(specs: Sequence[RunSpec], hooks: list[tuple[int, str]], candidates: torch.Tensor, captured: dict,
+            logits: torch.Tensor | None, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's token proxies and kept masks ([batch, width], CPU), every row at once: the norm
+    proxy from the captured streams, entropy from the logits where a row asks for it and they exist
+    (not after an early stop, never for encoders); the top-K filter per row, specials never kept."""
+    by_entropy = [logits is not None and spec.token_proxy == "entropy" for spec in specs]
+    if all(by_entropy):
+        proxy = torch.zeros(candidates.shape, dtype=torch.float64)
+    else:
+        proxy = norm_proxy([captured[h] for h in hooks], candidates.to(captured[hooks[0]].device)).cpu()
+    for row, use in enumerate(by_entropy):
+        if use:  # row by row: one [length, vocab] softmax at a time, not [batch, width, vocab]
+            proxy[row, : lengths[row]] = entropy(logits[row, : lengths[row]]).double().cpu()
+    ks = torch.tensor([spec.topk_tokens_per_seq for spec in specs])
+    return proxy, keep_top_k(proxy, candidates, ks)
 
 
-def _encode_rows(saes: Sequence[SAE], hooks: list[tuple[int, str]],
-                 rows: list[tuple[dict, torch.Tensor, tuple[int, ...] | None]]) -> list[list[tuple]]:
-    """Sparse codes of the kept tokens of several sequences ``(captured [seq, d] per hook, kept positions,
-    restrict set)``: one encode per (hook, restrict set) over all of them — one large GEMM, not one per
-    sequence — split back into each sequence's ``(sae_index, position, feature_id, act)`` parts."""
-    out: list[list[tuple]] = [[] for _ in rows]
+def _encode_kept(saes: Sequence[SAE], hooks: list[tuple[int, str]], captured: dict, kept: torch.Tensor,
+                 restricts: list[tuple[int, ...] | None]) -> list[list[tuple]]:
+    """Sparse codes of the kept tokens of a micro-batch (``kept`` [batch, width]): one encode per (hook,
+    restrict set) over all its rows — one large GEMM, not one per sequence — split back into each
+    row's ``(sae_index, position, feature_id, act)`` parts."""
+    out: list[list[tuple]] = [[] for _ in restricts]
     groups: dict[tuple[int, ...] | None, list[int]] = {}
-    for r, (_, _, features) in enumerate(rows):
-        groups.setdefault(features, []).append(r)
+    for row, features in enumerate(restricts):
+        groups.setdefault(features, []).append(row)
     for features, members in groups.items():
-        kept = [rows[r][1] for r in members]
-        owner = np.repeat(np.arange(len(members)), [len(k) for k in kept])
-        positions = np.concatenate([k.cpu().numpy() for k in kept]).astype(np.int32)
-        flat = np.arange(len(positions), dtype=np.int32)
+        mask = torch.zeros_like(kept)
+        mask[members] = kept[members]
+        owner, positions = (t.numpy() for t in torch.nonzero(mask, as_tuple=True))  # row-major: rows in order
+        flat = np.arange(len(owner), dtype=np.int32)
+        row_starts = np.searchsorted(owner, np.arange(len(restricts) + 1))  # each row's slice of ``flat``
         for sae_index, (hook, sae) in enumerate(zip(hooks, saes, strict=True)):
-            x = torch.cat([rows[r][0][hook][rows[r][1].to(rows[r][0][hook].device)] for r in members])
-            where, feat, act = sparse_codes(sae, x, flat, features)
-            who = owner[where]
-            for j, r in enumerate(members):
-                sel = who == j  # a row's triples keep their (position, feature) order
-                out[r].append((sae_index, positions[where[sel]], feat[sel], act[sel]))
+            where, feat, act = sparse_codes(sae, captured[hook][mask.to(captured[hook].device)], flat, features)
+            cuts = np.searchsorted(where, row_starts)  # ``where`` ascends, so each row's triples are contiguous
+            for row in members:
+                part = slice(cuts[row], cuts[row + 1])
+                out[row].append((sae_index, positions[where[part]].astype(np.int32), feat[part], act[part]))
     return out
 
 
@@ -241,20 +248,19 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
             captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
                                               stop_early=not logits_group)
             forward_s = (time.perf_counter() - t1) / len(chunk)
-            rows, selected = [], []
-            for row, i in enumerate(chunk):
-                n = len(seqs[i][0])
-                timings[i]["forward_s"] = forward_s
-                row_caps = {h: captured[h][row, :n] for h in hooks}
-                proxy, kept = _select(specs[i], special[i], row_caps, logits[row, :n] if logits is not None else None)
-                selected.append((proxy, kept))
-                rows.append((row_caps, torch.nonzero(kept).flatten(), tuple(sorted(set(specs[i].restrict_features))) or None))
             t2 = time.perf_counter()
-            parts = _encode_rows(saes, hooks, rows)  # only kept tokens are encoded, the chunk's rows together
+            lengths = [len(seqs[i][0]) for i in chunk]
+            candidates = mask.bool()
+            for row, i in enumerate(chunk):
+                candidates[row, : lengths[row]] &= ~special[i]
+            proxy, kept = _select([specs[i] for i in chunk], hooks, candidates, captured, logits, lengths)
+            restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
+            parts = _encode_kept(saes, hooks, captured, kept, restricts)  # only kept tokens, the chunk's rows together
             encode_s = (time.perf_counter() - t2) / len(chunk)
-            for i, (proxy, kept), row_parts in zip(chunk, selected, parts, strict=True):
-                timings[i]["encode_s"] = encode_s
-                results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy, kept, row_parts, timings[i])
+            for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
+                timings[i].update(forward_s=forward_s, encode_s=encode_s)
+                results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
+                                       parts[row], timings[i])
     return results  # type: ignore[return-value]
 
 

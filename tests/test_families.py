@@ -321,6 +321,30 @@ def test_keep_top_k_keeps_the_highest_proxies_ties_to_the_earlier_position():
         expected = sorted(cand, key=lambda i: (-float(proxy[i]), i))[:k]
         got = keep_top_k(proxy, candidates, k)
         assert sorted(torch.nonzero(got).flatten().tolist()) == sorted(expected)
+    # a micro-batch: one k per row, each row as if alone
+    proxy = torch.from_numpy(rng.integers(0, 3, size=(4, 30)).astype(np.float64))
+    candidates = torch.from_numpy(rng.random((4, 30)) < 0.7)
+    ks = torch.tensor([0, 2, 9, 40])
+    got = keep_top_k(proxy, candidates, ks)
+    for row in range(4):
+        cand = [i for i in range(30) if candidates[row, i]]
+        expected = sorted(sorted(cand, key=lambda i: (-float(proxy[row, i]), i))[: int(ks[row])])
+        assert torch.nonzero(got[row]).flatten().tolist() == expected
+
+
+def test_norm_proxy_per_row_against_numpy():
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(3, 12, 5)).astype(np.float32) * s for s in (1.0, 40.0)]  # two hooks, different scales
+    candidates = rng.random((3, 12)) < 0.6
+    candidates[2] = False  # a row without candidates must not divide by zero
+    got = norm_proxy([torch.from_numpy(x) for x in xs], torch.from_numpy(candidates)).numpy()
+    for row in range(3):
+        parts = []
+        for x in xs:
+            norms = np.linalg.norm(x[row].astype(np.float64), axis=-1)
+            scale = norms[candidates[row]].mean() if candidates[row].any() else 1.0
+            parts.append(norms / scale)
+        np.testing.assert_allclose(got[row], np.mean(parts, axis=0), rtol=1e-6)
 
 
 def test_encoder_text_mode_never_analyses_its_specials_and_uses_the_norm_proxy(family_dirs):
@@ -336,9 +360,9 @@ def test_encoder_text_mode_never_analyses_its_specials_and_uses_the_norm_proxy(f
     # no logits from an encoder: entropy falls back to the norm proxy, computed here independently
     captured, logits = loaded.capture(torch.tensor([tokens["token_id"]]), [(1, "resid_pre")], stop_early=False)
     assert logits is None
-    candidates = ~torch.tensor(tokens["is_special"])
-    expected = norm_proxy([captured[(1, "resid_pre")][0]], candidates)
-    np.testing.assert_allclose(tokens["proxy"], expected.double().numpy(), rtol=1e-6)
+    candidates = ~np.array(tokens["is_special"])
+    norms = np.linalg.norm(captured[(1, "resid_pre")][0].double().numpy(), axis=-1)
+    np.testing.assert_allclose(tokens["proxy"], norms / norms[candidates].mean(), rtol=1e-6)
     assert set(batch.activations.column("position").to_pylist()) <= {i for i, k in enumerate(tokens["kept"]) if k}
     with pytest.raises(ModelError, match=r"generate: bert is an encoder \(bert\) and cannot generate"):
         worker.run(loaded, [sae], worker.RunSpec(prompt=text, generate=True, hooks=[(1, "resid_pre")]))

@@ -128,6 +128,22 @@ def test_restrict_gives_the_full_encode_columns_and_chunking_changes_nothing(tmp
     assert sorted(zip(restricted[0], restricted[1], strict=True)) == sorted(zip(one[0][mask], one[1][mask], strict=True))
 
 
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_the_packed_cpu_encoder_equals_plain_addmm_and_numpy(tmp_path, arch):
+    """The CPU fast path (oneDNN linear on a packed W_enc, ReLU fused) is taken on this torch build and
+    gives the plain addmm path's codes; both match the numpy formula."""
+    w = write_sae(tmp_path / "sae", arch)
+    sae = saelens.load(tmp_path / "sae")
+    x = np.random.default_rng(4).normal(size=(300, D_IN)).astype(np.float32) * 2
+    packed = sae.encode(torch.from_numpy(x)).numpy()
+    assert sae._packed is not None and sae._packed is not False  # the fast path really ran
+    sae._packed = None  # as on a build without oneDNN
+    plain = sae.encode(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(packed > 0, plain > 0)
+    np.testing.assert_allclose(packed, numpy_encode(w, x, arch), rtol=1e-5, atol=1e-5)
+
+
 def test_saelens_writer_round_trips(tmp_path):
     write_sae(tmp_path / "a", "topk", rescale=True)
     sae = saelens.load(tmp_path / "a")

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from ingest import worker  # noqa: E402
-from ingest.generate import keep_top_k, norm_proxy  # noqa: E402
 from ingest.models import LoadedModel, load_model  # noqa: E402
 from ingest.saes.base import SAE, SAEConfig  # noqa: E402
 from ingest.saes.saelens import hook_name  # noqa: E402
@@ -72,24 +71,21 @@ def relu_sae(d_in: int, layer: int, stream: str, sample: torch.Tensor, seed: int
     return SAE(cfg=cfg, W_enc=w_enc, b_enc=torch.full((D_SAE,), -float(thresh)), W_dec=w_enc.T.contiguous(), b_dec=b_dec)
 
 
-def encode_all(sae: SAE, x: torch.Tensor):
-    flat = x.reshape(-1, x.shape[-1])
-    return worker.sparse_codes(sae, flat, np.arange(len(flat), dtype=np.int32), None)
+def encode_kept(sae: SAE, captured: dict, hook: tuple[int, str], k: int):
+    """The worker's analysis step on a captured micro-batch: norm proxy, top-``k`` per sequence (BOS
+    never kept), then the kept rows encoded together (``worker._select`` + ``worker._encode_kept``)."""
+    batch, seq = captured[hook].shape[:2]
+    candidates = torch.ones((batch, seq), dtype=torch.bool)
+    candidates[:, 0] = False
+    specs = [worker.RunSpec(hooks=[hook], token_proxy="norm", topk_tokens_per_seq=k)] * batch
+    _, kept = worker._select(specs, [hook], candidates, captured, None, [seq] * batch)
+    return worker._encode_kept([sae], [hook], captured, kept, [None] * batch)
 
 
-def encode_filtered(sae: SAE, x: torch.Tensor):
-    """The worker's analysis step by hand: norm proxy, top-K per sequence, gather, encode the kept rows."""
-    rows = []
-    for seq in x:
-        candidates = torch.ones(seq.shape[0], dtype=torch.bool)
-        candidates[0] = False  # BOS
-        rows.append(seq[keep_top_k(norm_proxy([seq], candidates), candidates, K_PER_SEQ)])
-    kept = torch.cat(rows)
-    return worker.sparse_codes(sae, kept, np.arange(len(kept), dtype=np.int32), None)
-
-
-def timeit(variants: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(best, median) seconds per variant, the variants interleaved in each round."""
+def timeit(variants: dict, reps: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(best, median) seconds per variant, the variants interleaved in each round, and the median over
+    rounds of each variant's time / the first variant's time in the same round (paired: a slow spell of
+    the machine slows both)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(reps + 1):
         for name, fn in variants.items():
@@ -97,7 +93,9 @@ def timeit(variants: dict, reps: int) -> tuple[dict[str, float], dict[str, float
             fn()
             if rep:  # the first round is a warm-up
                 times[name].append(CLOCK() - t)
-    return {n: min(v) for n, v in times.items()}, {n: statistics.median(v) for n, v in times.items()}
+    base = next(iter(times.values()))
+    paired = {n: statistics.median(a / b for a, b in zip(v, base, strict=True)) for n, v in times.items()}
+    return {n: min(v) for n, v in times.items()}, {n: statistics.median(v) for n, v in times.items()}, paired
 
 
 def texts_for(tokenizer, n: int) -> list[str]:
@@ -114,10 +112,11 @@ def texts_for(tokenizer, n: int) -> list[str]:
     raise SystemExit("demo corpus too small")
 
 
-def table(title: str, rows: list[tuple[str, float, float, float]], note: str = "") -> str:
-    lines = [f"**{title}**", "", "| stage | best ms | × floor | median ms |", "|---|---:|---:|---:|"]
-    for name, best, ratio, median in rows:
-        lines.append(f"| {name} | {best * 1000:,.0f} | {ratio:.2f}× | {median * 1000:,.0f} |")
+def table(title: str, rows: list[tuple[str, float, float, float, float]], note: str = "") -> str:
+    lines = [f"**{title}**", "", "| stage | best ms | × floor (best) | × floor (paired median) | median ms |",
+             "|---|---:|---:|---:|---:|"]
+    for name, best, ratio, paired, median in rows:
+        lines.append(f"| {name} | {best * 1000:,.0f} | {ratio:.2f}× | {paired:.2f}× | {median * 1000:,.0f} |")
     return "\n".join(lines) + (f"\n\n{note}" if note else "") + "\n"
 
 
@@ -130,7 +129,7 @@ def bench_restrict(reps: int) -> str:
     t = CLOCK()
     worker.sparse_codes(sae, x, pos, feats)
     first = CLOCK() - t  # includes slicing the 15 W_enc columns once
-    best, med = timeit({"full": lambda: worker.sparse_codes(sae, x, pos, None),
+    best, med, _ = timeit({"full": lambda: worker.sparse_codes(sae, x, pos, None),
                         "restricted": lambda: worker.sparse_codes(sae, x, pos, feats)}, reps)
     full = best["full"]
     lines = ["**(a) restrict_features: SAE stage, 1,024 tokens, d_in 768, 24,576-feature ReLU SAE**", "",
@@ -154,21 +153,21 @@ def bench_model(title: str, loaded: LoadedModel, sae_for, layer: int, reps: int)
         sae = sae_for(hook, captured[hook].reshape(-1, captured[hook].shape[-1]))
         specs_all = [worker.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=SEQ) for t in texts]
         specs_k = [worker.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=K_PER_SEQ) for t in texts]
-        l0 = len(encode_all(sae, captured[hook])[0]) / (BATCH * SEQ)
-        best, med = timeit({
+        l0 = sum(len(parts[0][1]) for parts in encode_kept(sae, captured, hook, SEQ)) / (BATCH * (SEQ - 1))
+        best, med, paired = timeit({
             "floor": lambda: truncated_forward(loaded, ids, stop_at),  # noqa: B023
             "capture": lambda: loaded.capture(ids, [hook]),  # noqa: B023
-            "all": lambda: encode_all(sae, loaded.capture(ids, [hook])[0][hook]),  # noqa: B023
-            "k": lambda: encode_filtered(sae, loaded.capture(ids, [hook])[0][hook]),  # noqa: B023
+            "all": lambda: encode_kept(sae, loaded.capture(ids, [hook])[0], hook, SEQ),  # noqa: B023
+            "k": lambda: encode_kept(sae, loaded.capture(ids, [hook])[0], hook, K_PER_SEQ),  # noqa: B023
             "worker_all": lambda: worker.run_many(loaded, [sae], specs_all),  # noqa: B023
             "worker_k": lambda: worker.run_many(loaded, [sae], specs_k),  # noqa: B023
         }, reps)
         names = {"floor": f"{floor_name} (floor)", "capture": "capture",
-                 "all": f"capture + encode all {BATCH * SEQ:,} tokens (L0 ≈ {l0:.0f})",
+                 "all": f"capture + encode all {BATCH * (SEQ - 1):,} tokens after BOS (L0 ≈ {l0:.0f})",
                  "k": f"capture + top-{K_PER_SEQ}/seq (norm) + encode {BATCH * K_PER_SEQ:,} tokens",
                  "worker_all": "worker.run_many, 8 texts, all tokens",
                  "worker_k": f"worker.run_many, 8 texts, top-{K_PER_SEQ}/seq"}
-        rows += [(f"`{stream}` {layer}: {label}", best[key], best[key] / best["floor"], med[key])
+        rows += [(f"`{stream}` {layer}: {label}", best[key], best[key] / best["floor"], paired[key], med[key])
                  for key, label in names.items()]
     note = ("worker.run_many is the whole ingest of a run (tokenize, capture, token filter, encode, token "
             "pieces, Arrow tables), the norm proxy; the default entropy proxy with K < length needs the logits, "
