@@ -180,7 +180,9 @@ def write_runs(catalog: Catalog, runs: Sequence[RunRows]) -> list[tuple[int, boo
 
 
 def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[RunRows], run_keys: list[int]) -> None:
-    rows, run_saes, tokens, acts = [], [], [], []
+    """One INSERT per table for all ``runs``: their rows stacked into single-chunk Arrow tables (DuckDB
+    scans one chunk of 50k rows several times faster than 16 chunks of 3k)."""
+    rows, run_saes, sae_key_maps = [], [], []
     for r, run_key in zip(runs, run_keys, strict=True):
         keys = sae_keys(con, r.saes, catalog)
         fields = {**r.run, "run_key": run_key, "model_key": _model_key(con, r.model, catalog)}
@@ -189,19 +191,26 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
                 fields[name] = json.dumps(fields.get(name))
         rows.append(fields)
         run_saes += [(run_key, k) for k in keys]
-        tokens.append(_with_key(r.tokens, "run_key", run_key))
-        acts.append(_with_key(_with_sae_keys(r.activations, keys), "run_key", run_key))
-    names = list(dict.fromkeys(n for row in rows for n in row))
-    values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
-    con.execute(f"INSERT INTO runs ({', '.join(names)}) VALUES {values}", [row.get(n) for row in rows for n in names])
+        sae_key_maps.append(np.asarray(keys, dtype=np.int32))
+    names = dict.fromkeys(n for row in rows for n in row)  # as columns: ~3x faster than binding each value
+    _append(con, "runs", pa.table({n: [row.get(n) for row in rows] for n in names}))
     _append(con, "run_saes", pa.table({"run_key": pa.array([k for k, _ in run_saes], pa.int32()),
                                        "sae_key": pa.array([s for _, s in run_saes], pa.int32())}))
-    _append(con, "tokens", pa.concat_tables(tokens))
-    _append(con, "activations", pa.concat_tables(acts))
+    tokens = pa.concat_tables([r.tokens for r in runs]).combine_chunks()
+    _append(con, "tokens", tokens.append_column("run_key", _repeat(run_keys, [r.tokens.num_rows for r in runs])))
+    acts = pa.concat_tables([r.activations for r in runs]).combine_chunks()
+    sae_index = acts.column("sae_index").to_numpy()
+    counts = [r.activations.num_rows for r in runs]
+    # each run's sae_index → its own SAE keys, as one lookup into the runs' key lists laid end to end
+    offsets = np.repeat(np.cumsum([0, *[len(m) for m in sae_key_maps[:-1]]]), counts).astype(np.int64)
+    all_keys = np.concatenate(sae_key_maps) if sae_key_maps else np.zeros(0, np.int32)
+    sae_key = all_keys[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)
+    _append(con, "activations", acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(sae_key, pa.int32()))
+            .append_column("run_key", _repeat(run_keys, counts)))
 
 
-def _with_key(rows: pa.Table, name: str, value: int) -> pa.Table:
-    return rows.append_column(name, pa.array(np.full(rows.num_rows, value, dtype=np.int32)))
+def _repeat(values: list[int], counts: list[int]) -> pa.Array:
+    return pa.array(np.repeat(np.asarray(values, dtype=np.int32), counts), pa.int32())
 
 
 def run_saes(catalog: Catalog, run_key: int) -> list[dict]:

@@ -91,16 +91,18 @@ def test_a_failing_write_leaves_nothing(catalog):
 
 def test_a_group_of_runs_is_written_whole_run_by_run(catalog, tmp_path):
     """write_runs (batch mode's group commit) stores exactly what one write_run per run stores."""
-    runs = [("g1", [(1, 0, 3, 0.5)]), ("g2", [(2, 0, 5, 1.5), (2, 1, 0, 0.25)]), ("g3", [])]
     two = sae_info(8, 1)
-    written = store.write_runs(catalog, [store.RunRows(_run(rid), MODEL, [sae_info(), two], _tokens(), _acts(rows))
-                                         for rid, rows in runs] + [store.RunRows(_run("g1"), MODEL, [sae_info()],
-                                                                                 _tokens(), _acts([]))])
-    assert [created for _, created in written] == [True, True, True, False]  # a repeated run_id keeps its first row
-    assert len({key for key, _ in written}) == 3 and written[3][0] == written[0][0]
+    runs = [("g1", [sae_info(), two], [(1, 0, 3, 0.5), (2, 1, 4, 0.75)]),  # sae_index 0 = layer 0, 1 = layer 1
+            ("g2", [two, sae_info()], [(2, 0, 5, 1.5), (2, 1, 0, 0.25)]),  # the other way round
+            ("g3", [two], [(1, 0, 6, 2.0)]), ("g4", [sae_info()], [])]
+    written = store.write_runs(catalog, [store.RunRows(_run(rid), MODEL, saes, _tokens(), _acts(rows))
+                                         for rid, saes, rows in runs] + [store.RunRows(_run("g1"), MODEL, [sae_info()],
+                                                                                       _tokens(), _acts([]))])
+    assert [created for _, created in written] == [True, True, True, True, False]  # a repeat keeps its first row
+    assert len({key for key, _ in written}) == 4 and written[4][0] == written[0][0]
     one_by_one = Catalog(tmp_path / "one.duckdb")
-    for rid, rows in runs:
-        store.write_run(one_by_one, _run(rid), MODEL, [sae_info(), two], _tokens(), _acts(rows))
+    for rid, saes, rows in runs:
+        store.write_run(one_by_one, _run(rid), MODEL, saes, _tokens(), _acts(rows))
     query = ("SELECT run_id, position, layer, feature_id, act FROM v_activations ORDER BY ALL",
              "SELECT run_id, position, token, kept FROM v_tokens ORDER BY ALL",
              "SELECT r.run_id, count(*) FROM run_saes JOIN runs r USING (run_key) GROUP BY ALL ORDER BY ALL",
@@ -108,10 +110,11 @@ def test_a_group_of_runs_is_written_whole_run_by_run(catalog, tmp_path):
     con, ref = catalog.raw(), one_by_one.raw()
     for sql in query:
         assert con.execute(sql).fetchall() == ref.execute(sql).fetchall(), sql
-    assert con.execute("SELECT count(*) FROM v_activations WHERE run_id = 'g2'").fetchone()[0] == 2
+    assert con.execute("SELECT run_id, position, layer, feature_id FROM v_activations ORDER BY ALL").fetchall() == [
+        ("g1", 1, 0, 3), ("g1", 2, 1, 4), ("g2", 2, 0, 0), ("g2", 2, 1, 5), ("g3", 1, 1, 6)]
     again = store.write_runs(catalog, [store.RunRows(_run("g2"), MODEL, [sae_info()], _tokens(), _acts([]))])
     assert again == [(written[1][0], False)]
-    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 4
 
 
 def test_a_failing_group_leaves_none_of_its_runs(catalog):
