@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pyarrow as pa
+import sqlalchemy as sa
 
+from catalog import schema
 from catalog.db import Catalog, CatalogError
 
 
@@ -193,7 +195,7 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
         run_saes += [(run_key, k) for k in keys]
         sae_key_maps.append(np.asarray(keys, dtype=np.int32))
     names = dict.fromkeys(n for row in rows for n in row)  # as columns: ~3x faster than binding each value
-    _append(con, "runs", pa.table({n: [row.get(n) for row in rows] for n in names}))
+    _append(con, "runs", pa.table({n: pa.array([row.get(n) for row in rows], _RUN_TYPES[n]) for n in names}))
     _append(con, "run_saes", pa.table({"run_key": pa.array([k for k, _ in run_saes], pa.int32()),
                                        "sae_key": pa.array([s for _, s in run_saes], pa.int32())}))
     tokens = pa.concat_tables([r.tokens for r in runs]).combine_chunks()
@@ -207,6 +209,19 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
     sae_key = all_keys[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)
     _append(con, "activations", acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(sae_key, pa.int32()))
             .append_column("run_key", _repeat(run_keys, counts)))
+
+
+def _arrow_type(column: sa.Column) -> pa.DataType:
+    """The Arrow type of a catalog column: typed arrays skip pyarrow's per-call inference (which tries
+    to import pandas and dateutil every time when they are not installed)."""
+    for sql_type, arrow in ((sa.BigInteger, pa.int64()), (sa.Integer, pa.int32()), (sa.Boolean, pa.bool_()),
+                            (sa.Float, pa.float64()), (sa.DateTime, pa.timestamp("us")), (sa.String, pa.string())):
+        if isinstance(column.type, sql_type):
+            return arrow
+    raise TypeError(f"no Arrow type for {column.name}: {column.type}")
+
+
+_RUN_TYPES = {c.name: _arrow_type(c) for c in schema.runs.columns}
 
 
 def _repeat(values: list[int], counts: list[int]) -> pa.Array:

@@ -8,6 +8,7 @@ dense [tokens × d_sae] matrix exists for more than ``chunk`` tokens at a time.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,23 +57,55 @@ class RunBatch:
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's text as it appears in the decoded sequence (leading spaces kept, even for
-    SentencePiece), by decoding a short left context with and without the token."""
+    SentencePiece), so that the pieces join to the decoded text.
+
+    Incremental detokenization (as LLM servers stream text): decode from a short left context and
+    print what is new once it does not end in U+FFFD, so a character split over several tokens
+    (byte-level BPE, byte fallback) is printed whole by the token that completes it and the others
+    get "". With a byte-level decoder a token of whole characters after another reads the same in
+    any context: its piece is its own decode, kept per tokenizer (most tokens take that path).
+    """
+    ids = [int(i) for i in ids]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        # the same decodes as below (a fast tokenizer's decode is its backend's), batched in the Rust tokenizer
-        ids = [int(i) for i in ids]
-        ctxs = [ids[max(0, i - 3): i] for i in range(len(ids))]
-        befores = backend.decode_batch(ctxs, skip_special_tokens=False)
-        afters = backend.decode_batch([[*c, t] for c, t in zip(ctxs, ids, strict=True)], skip_special_tokens=False)
-        return [a[len(b):] if a.startswith(b) else backend.decode([t], skip_special_tokens=False)
-                for b, a, t in zip(befores, afters, ids, strict=True)]
-    pieces = []
-    for i in range(len(ids)):
-        ctx = list(ids[max(0, i - 3): i])
-        before = tokenizer.decode(ctx, skip_special_tokens=False) if ctx else ""
-        after = tokenizer.decode([*ctx, ids[i]], skip_special_tokens=False)
-        pieces.append(after[len(before):] if after.startswith(before) else tokenizer.decode([ids[i]]))
+    fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+    solo = _solo_decodes(tokenizer, backend, ids) if fast else {}
+    byte_level = fast and type(backend.decoder).__name__ == "ByteLevel"
+
+    def decode(seq: list[int]) -> str:
+        if not seq:
+            return ""
+        return backend.decode(seq, skip_special_tokens=False) if fast else tokenizer.decode(seq, skip_special_tokens=False)
+
+    pieces: list[str] = []
+    start = read = 0  # ids[:read] are printed; decoding starts at ``start`` for context
+    printed = ""  # decode(ids[start:read])
+    for i, t in enumerate(ids):
+        if byte_level and read == i and "\ufffd" not in solo[t] and (i == 0 or "\ufffd" not in solo[ids[i - 1]]):
+            pieces.append(solo[t])
+            start = read = i + 1
+            printed = ""
+            continue
+        text = decode(ids[start: i + 1])
+        if len(text) > len(printed) and not text.endswith("\ufffd"):
+            pieces.append(text[len(printed):])
+            start, read = read, i + 1
+            printed = decode(ids[start:read])
+        else:
+            pieces.append("")
+    if read < len(ids) and pieces:  # the sequence ends inside a character: print what is left
+        pieces[-1] += decode(ids[start:])[len(printed):]
     return pieces
+
+
+_SOLO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {token id: its decode alone}
+
+
+def _solo_decodes(tokenizer, backend, ids: list[int]) -> dict[int, str]:
+    """Each token decoded alone, kept per tokenizer (one Rust batch for the ids not seen before)."""
+    cache = _SOLO.setdefault(tokenizer, {})
+    missing = list({t for t in ids if t not in cache})
+    cache.update(zip(missing, backend.decode_batch([[t] for t in missing], skip_special_tokens=False), strict=True))
+    return cache
 
 
 def encode_ids(loaded: LoadedModel, text: str, prepend_bos: bool) -> list[int]:

@@ -332,6 +332,49 @@ def test_keep_top_k_keeps_the_highest_proxies_ties_to_the_earlier_position():
         assert torch.nonzero(got[row]).flatten().tolist() == expected
 
 
+@pytest.mark.parametrize("text", ["Shares of Globex rose 12% after the call.", "naïve café — 日本語 🙂🙂 ok", "€€ ∑x 😀"])
+def test_token_pieces_are_the_text_each_token_adds_to_the_decoded_sequence(text):
+    """Oracle (incremental detokenization over whole prefixes): after token i the text printed so far
+    is the decode of ids[:i+1] without a trailing U+FFFD (a character still incomplete); a token's
+    piece is what it adds. The pieces then join to the decoded text, multi-byte characters whole."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import ROOT
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "ingest/demo/model")
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    printed = [""] + [tok.decode(ids[: i + 1], skip_special_tokens=False).rstrip("\ufffd") for i in range(len(ids))]
+    expected = [printed[i + 1][len(printed[i]):] for i in range(len(ids))]
+    assert any(p == "" for p in expected) == (text != "Shares of Globex rose 12% after the call.")  # split chars
+    got = worker.token_pieces(tok, ids)
+    assert got == expected
+    assert "".join(got) == tok.decode(ids, skip_special_tokens=False)
+    assert worker.token_pieces(tok, ids) == got  # again, from the per-tokenizer cache
+
+
+@pytest.mark.parametrize("text", ["hello world", "price € and ∑x 😀 ok", "€€😀😀", "x €"])
+def test_token_pieces_with_sentencepiece_byte_fallback(text):
+    """A Llama-2-style tokenizer (Metaspace, byte fallback: € is three byte tokens, decoded as a group):
+    every character is printed once, whole, by the token completing it, leading spaces kept."""
+    from tokenizers import decoders
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for ch in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1, right=0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ids = [1, *tok(text, add_special_tokens=False)["input_ids"]]
+    assert len(ids) > len(text) + 1 or text == "hello world"  # multi-byte characters really are split
+    got = worker.token_pieces(tok, ids)
+    assert len(got) == len(ids) and "".join(got) == tok.decode(ids, skip_special_tokens=False) == "<s> " + text
+    assert [p for p in got if p] == ["<s>", *(" " + text)]  # one character per printing token, in order
+    cut = worker.token_pieces(tok, ids[:-1])  # ending inside a character (the last two texts): nothing is lost
+    assert cut[:-1] == got[: len(cut) - 1] and cut[-1] != ""
+
+
 def test_norm_proxy_per_row_against_numpy():
     rng = np.random.default_rng(1)
     xs = [rng.normal(size=(3, 12, 5)).astype(np.float32) * s for s in (1.0, 40.0)]  # two hooks, different scales

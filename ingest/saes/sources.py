@@ -29,8 +29,9 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _stat_key(files: tuple[Path, ...]) -> tuple:
-    """Files by path, size and modification time: a cache key that changes when any file is rewritten."""
-    return tuple((str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+    """Files by path, size and modification time: a cache key that changes when any file is rewritten
+    (stat follows symlinks, so a re-pointed HF cache snapshot changes it too; abspath costs no syscall)."""
+    return tuple((os.path.abspath(f), (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files)
 
 
 def file_fingerprint(*files: Path) -> str:
