@@ -161,11 +161,24 @@ def write_run(catalog: Catalog, run: dict, model: ModelInfo, saes: Sequence[SAEI
 def write_runs(catalog: Catalog, runs: Sequence[RunRows]) -> list[tuple[int, bool]]:
     """Store whole runs in one transaction (group commit; see the module docstring): one INSERT per
     table for all of them. Returns ``(run_key, created)`` per run; a run_id already stored (or repeated
-    in ``runs``) keeps its first row."""
+    in ``runs``) keeps its first row.
+
+    The caller has usually looked the runs up already, so the write first goes ahead without a lookup;
+    a run_id stored meanwhile (another request, a rerun) trips the unique index, the transaction rolls
+    back whole and the write is redone with the lookup."""
+    try:
+        return _write_runs(catalog, runs, look_up=False)
+    except duckdb.ConstraintException:
+        return _write_runs(catalog, runs, look_up=True)
+
+
+def _write_runs(catalog: Catalog, runs: Sequence[RunRows], look_up: bool) -> list[tuple[int, bool]]:
     with transaction(catalog) as con:
-        keys = {rid: int(k) for rid, k in con.execute(
-            "SELECT run_id, run_key FROM runs WHERE list_contains(?, run_id)", [[r.run["run_id"] for r in runs]]
-        ).fetchall()}
+        keys: dict[str, int] = {}
+        if look_up:
+            keys = {rid: int(k) for rid, k in con.execute(
+                "SELECT run_id, run_key FROM runs WHERE list_contains(?, run_id)", [[r.run["run_id"] for r in runs]]
+            ).fetchall()}
         fresh: dict[str, RunRows] = {}
         created = []
         for r in runs:
@@ -174,30 +187,27 @@ def write_runs(catalog: Catalog, runs: Sequence[RunRows]) -> list[tuple[int, boo
             if created[-1]:
                 fresh[rid] = r
         if fresh:
-            new_keys = [int(k) for (k,) in con.execute("SELECT nextval('run_key_seq') FROM range(?)",
-                                                       [len(fresh)]).fetchall()]
-            keys.update(zip(fresh, new_keys, strict=True))
-            _insert_runs(con, catalog, list(fresh.values()), new_keys)
+            keys.update(_insert_runs(con, catalog, list(fresh.values())))
         return [(keys[r.run["run_id"]], made) for r, made in zip(runs, created, strict=True)]
 
 
-def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[RunRows], run_keys: list[int]) -> None:
+def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[RunRows]) -> dict[str, int]:
     """One INSERT per table for all ``runs``: their rows stacked into single-chunk Arrow tables (DuckDB
-    scans one chunk of 50k rows several times faster than 16 chunks of 3k)."""
-    rows, run_saes, sae_key_maps = [], [], []
-    for r, run_key in zip(runs, run_keys, strict=True):
-        keys = sae_keys(con, r.saes, catalog)
-        fields = {**r.run, "run_key": run_key, "model_key": _model_key(con, r.model, catalog)}
+    scans one chunk of 50k rows several times faster than 16 chunks of 3k). Returns run_id → run_key."""
+    rows, sae_key_maps = [], []
+    for r in runs:
+        sae_key_maps.append(np.asarray(sae_keys(con, r.saes, catalog), dtype=np.int32))
+        fields = {**r.run, "model_key": _model_key(con, r.model, catalog)}
         for name in ("layers", "streams", "restrict_features", "timings"):
             if not isinstance(fields.get(name), str):
                 fields[name] = json.dumps(fields.get(name))
         rows.append(fields)
-        run_saes += [(run_key, k) for k in keys]
-        sae_key_maps.append(np.asarray(keys, dtype=np.int32))
     names = dict.fromkeys(n for row in rows for n in row)  # as columns: ~3x faster than binding each value
-    _append(con, "runs", pa.table({n: pa.array([row.get(n) for row in rows], _RUN_TYPES[n]) for n in names}))
-    _append(con, "run_saes", pa.table({"run_key": pa.array([k for k, _ in run_saes], pa.int32()),
-                                       "sae_key": pa.array([s for _, s in run_saes], pa.int32())}))
+    _arrow_rows = pa.table({n: pa.array([row.get(n) for row in rows], _RUN_TYPES[n]) for n in names})  # scanned by name
+    created = dict(con.execute("INSERT INTO runs BY NAME SELECT * FROM _arrow_rows RETURNING run_id, run_key").fetchall())
+    run_keys = [int(created[r.run["run_id"]]) for r in runs]
+    _append(con, "run_saes", pa.table({"run_key": _repeat(run_keys, [len(m) for m in sae_key_maps]),
+                                       "sae_key": pa.array(np.concatenate(sae_key_maps), pa.int32())}))
     tokens = pa.concat_tables([r.tokens for r in runs]).combine_chunks()
     _append(con, "tokens", tokens.append_column("run_key", _repeat(run_keys, [r.tokens.num_rows for r in runs])))
     acts = pa.concat_tables([r.activations for r in runs]).combine_chunks()
@@ -205,10 +215,10 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
     counts = [r.activations.num_rows for r in runs]
     # each run's sae_index → its own SAE keys, as one lookup into the runs' key lists laid end to end
     offsets = np.repeat(np.cumsum([0, *[len(m) for m in sae_key_maps[:-1]]]), counts).astype(np.int64)
-    all_keys = np.concatenate(sae_key_maps) if sae_key_maps else np.zeros(0, np.int32)
-    sae_key = all_keys[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)
+    sae_key = np.concatenate(sae_key_maps)[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)
     _append(con, "activations", acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(sae_key, pa.int32()))
             .append_column("run_key", _repeat(run_keys, counts)))
+    return dict(zip((r.run["run_id"] for r in runs), run_keys, strict=True))
 
 
 def _arrow_type(column: sa.Column) -> pa.DataType:
