@@ -137,6 +137,8 @@ def test_the_packed_cpu_encoder_equals_plain_addmm_and_numpy(tmp_path, arch):
     x = np.random.default_rng(4).normal(size=(300, D_IN)).astype(np.float32) * 2
     packed = sae.encode(torch.from_numpy(x)).numpy()
     assert sae._packed is not None and sae._packed is not False  # the fast path really ran
+    packed_once = sae._packed
+    assert sae.to("cpu")._packed is packed_once  # moving to the device it is on keeps the packed copy
     sae._packed = None  # as on a build without oneDNN
     plain = sae.encode(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-6)

@@ -100,6 +100,10 @@ class SAE:
         return self._fingerprint
 
     def to(self, device: torch.device | str) -> SAE:
+        """Move the weights; on the device they are already on this keeps the cached restricted slices
+        and packed encoder (the service calls it for every micro-batch)."""
+        if self.W_enc.device == torch.device(device):
+            return self
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
             value = getattr(self, name)
             if value is not None:
