@@ -213,6 +213,8 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
     acts = pa.concat_tables([r.activations for r in runs]).combine_chunks()
     sae_index = acts.column("sae_index").to_numpy()
     counts = [r.activations.num_rows for r in runs]
+    if len(sae_index) and (sae_index >= np.repeat([len(m) for m in sae_key_maps], counts)).any():
+        raise CatalogError("activations sae_index: an index beyond its run's SAE list")
     # each run's sae_index → its own SAE keys, as one lookup into the runs' key lists laid end to end
     offsets = np.repeat(np.cumsum([0, *[len(m) for m in sae_key_maps[:-1]]]), counts).astype(np.int64)
     sae_key = np.concatenate(sae_key_maps)[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)

@@ -46,21 +46,24 @@ def norm_proxy(captured: list[torch.Tensor], candidates: torch.Tensor) -> torch.
 
     ``captured``: [..., seq, d] tensors (one per hook); ``candidates``: [..., seq] bool → [..., seq].
     """
-    weights = candidates.double()
-    count = weights.sum(-1, keepdim=True)
+    count = candidates.sum(-1, keepdim=True)
     total = torch.zeros(candidates.shape, dtype=torch.float64, device=candidates.device)
     for x in captured:
         norms = x.float().norm(dim=-1).double()
-        scale = torch.where(count > 0, (norms * weights).sum(-1, keepdim=True) / count.clamp_min(1), 1.0)
+        summed = torch.where(candidates, norms, 0.0).sum(-1, keepdim=True)  # an inf BOS or pad stays out
+        scale = torch.where(count > 0, summed / count.clamp_min(1), 1.0)
         total += norms / scale.clamp_min(1e-12)
     return total / len(captured)
 
 
 def keep_top_k(proxy: torch.Tensor, candidates: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ``k`` candidate positions with the highest proxy (ties: the earlier position),
-    per row of [..., seq] tensors; ``k`` is one number or one per row."""
-    ranked = torch.where(candidates, proxy.double(), -torch.inf)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices  # stable: ties keep position order
+    """Boolean mask of the ``k`` candidate positions with the highest proxy (ties: the earlier position;
+    a NaN proxy ranks last), per row of [..., seq] tensors; ``k`` is one number or one per row."""
+    values = torch.nan_to_num(proxy.double(), nan=-torch.inf)
+    # (candidate first, then proxy descending, then position): two stable sorts, the last key first
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    flags = torch.gather(candidates, -1, order).to(torch.int8)
+    order = torch.gather(order, -1, torch.sort(flags, dim=-1, descending=True, stable=True).indices)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
     k = torch.as_tensor(k)
     return candidates & (rank < (k[..., None] if k.dim() else k))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ from ingest.models import LoadedModel, ModelError
 from ingest.saes.base import SAE, SAEError
 
 ENCODE_CHUNK = 4096
+LOGITS_BUDGET = 1 << 28  # elements of a micro-batch's [batch, width, vocab] logits (1 GiB in fp32)
 
 
 @dataclass
@@ -86,8 +87,9 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
             printed = ""
             continue
         text = decode(ids[start: i + 1])
-        if len(text) > len(printed) and not text.endswith("\ufffd"):
-            pieces.append(text[len(printed):])
+        # a UTF-8 character has at most 4 bytes: pending longer than that is garbage, printed as it is
+        if len(text) > len(printed) and (not text.endswith("\ufffd") or i + 1 - read >= 4):
+            pieces.append(text[len(printed):] if text.startswith(printed) else decode([t]))
             start, read = read, i + 1
             printed = decode(ids[start:read])
         else:
@@ -267,10 +269,11 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     wants_logits = [_needs_logits(spec, int((~m).sum())) for spec, m in zip(specs, special, strict=True)]
     results: list[RunBatch | None] = [None] * len(specs)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
     for logits_group in (False, True):
         order = sorted((i for i in range(len(specs)) if wants_logits[i] == logits_group), key=lambda i: len(seqs[i][0]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
+        for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
             width = max(len(seqs[i][0]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -295,6 +298,18 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
                 results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
                                        parts[row], timings[i])
     return results  # type: ignore[return-value]
+
+
+def _micro_batches(order: list[int], sizes: list[int], batch_size: int, budget: int | None) -> Iterator[list[int]]:
+    """Consecutive rows of ``order`` (sorted by length) in groups of at most ``batch_size`` whose
+    rows × largest size stays within ``budget`` (the logits' [batch, width, vocab] elements), one row at least."""
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < batch_size and (budget is None or (end - start + 1) * sizes[end] <= budget):
+            end += 1
+        yield order[start:end]
+        start = end
 
 
 def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:

@@ -312,6 +312,29 @@ def test_run_many_encodes_the_chunk_together_and_equals_one_at_a_time(family_dir
     assert together[1].activations.num_rows > 0
 
 
+def test_the_logits_budget_splits_micro_batches_without_changing_results(family_dirs, monkeypatch):
+    """Entropy-filtered runs need the [batch, width, vocab] logits: a budget caps the rows per forward
+    pass (long sequences, large vocabularies), and the runs come out the same."""
+    assert list(worker._micro_batches(list(range(6)), [10, 10, 20, 30, 40, 100], 16, 60)) == [[0, 1, 2], [3], [4], [5]]
+    assert list(worker._micro_batches(list(range(5)), [1] * 5, 2, None)) == [[0, 1], [2, 3], [4]]
+    loaded = load_model("gpt2", family_dirs / "gpt2", device="cpu")
+    hooks = [(1, "resid_post")]
+    saes = [_relu_sae(1, "resid_post", seed=3)]
+    texts = ["the cat sat on the mat and the dog", "a big red dog ran far", "blue green small cat sat on a mat"]
+    specs = [worker.RunSpec(text=t, hooks=hooks, token_proxy="entropy", topk_tokens_per_seq=2) for t in texts]
+    together = worker.run_many(loaded, saes, specs)
+    calls = []
+    capture = loaded.capture
+    monkeypatch.setattr(loaded, "capture", lambda ids, *a, **k: calls.append(ids.shape[0]) or capture(ids, *a, **k))
+    monkeypatch.setattr(worker, "LOGITS_BUDGET", 1)  # one row per forward pass
+    split = worker.run_many(loaded, saes, specs)
+    assert calls == [1, 1, 1]
+    for a, b in zip(together, split, strict=True):
+        assert a.tokens.column("kept").to_pylist() == b.tokens.column("kept").to_pylist() and a.n_kept == 2
+        np.testing.assert_allclose(a.tokens.column("proxy").to_numpy(), b.tokens.column("proxy").to_numpy(), rtol=1e-5)
+        assert a.activations.column("feature_id").to_pylist() == b.activations.column("feature_id").to_pylist()
+
+
 def test_keep_top_k_keeps_the_highest_proxies_ties_to_the_earlier_position():
     rng = np.random.default_rng(0)
     for n, k in ((1, 1), (10, 3), (50, 7), (50, 60)):
@@ -321,6 +344,14 @@ def test_keep_top_k_keeps_the_highest_proxies_ties_to_the_earlier_position():
         expected = sorted(cand, key=lambda i: (-float(proxy[i]), i))[:k]
         got = keep_top_k(proxy, candidates, k)
         assert sorted(torch.nonzero(got).flatten().tolist()) == sorted(expected)
+    # a NaN proxy (entropy of inf logits) ranks last, below every number, and still counts as a candidate
+    nan = float("nan")
+    proxy = torch.tensor([1.0, nan, 3.0, 2.0, 9.0])
+    candidates = torch.tensor([True, True, True, True, False])
+    assert torch.nonzero(keep_top_k(proxy, candidates, 1)).flatten().tolist() == [2]
+    assert torch.nonzero(keep_top_k(proxy, candidates, 4)).flatten().tolist() == [0, 1, 2, 3]
+    assert torch.nonzero(keep_top_k(torch.tensor([nan, 5.0, 7.0]), torch.tensor([True, True, False]), 2)
+                         ).flatten().tolist() == [0, 1]
     # a micro-batch: one k per row, each row as if alone
     proxy = torch.from_numpy(rng.integers(0, 3, size=(4, 30)).astype(np.float64))
     candidates = torch.from_numpy(rng.random((4, 30)) < 0.7)
@@ -380,6 +411,8 @@ def test_norm_proxy_per_row_against_numpy():
     xs = [rng.normal(size=(3, 12, 5)).astype(np.float32) * s for s in (1.0, 40.0)]  # two hooks, different scales
     candidates = rng.random((3, 12)) < 0.6
     candidates[2] = False  # a row without candidates must not divide by zero
+    candidates[0, 0] = False
+    xs[0][0, 0] = np.inf  # an overflowing non-candidate (a BOS in fp16) must not poison its row
     got = norm_proxy([torch.from_numpy(x) for x in xs], torch.from_numpy(candidates)).numpy()
     for row in range(3):
         parts = []

@@ -8,6 +8,7 @@ Loaders (one module per format) build an :class:`SAE`; nothing here knows about 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 # W_enc up to this many elements (1 GiB in fp32) gets a second, oneDNN-packed copy for the CPU encode
 PACK_MAX_ELEMENTS = 1 << 28
+RESTRICTED_KEPT = 8  # restrict sets whose W_enc columns stay sliced
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 
@@ -83,7 +85,8 @@ class SAE:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.detach().to(torch.float32).contiguous())
-        self._restricted: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+        # the encoder columns of the last few restrict sets (a long-running server sees many)
+        self._restricted: OrderedDict[tuple[int, ...], tuple[torch.Tensor, ...]] = OrderedDict()
         self._packed: torch.Tensor | bool | None = False  # False: not tried yet; None: not available
 
     @property
@@ -143,6 +146,9 @@ class SAE:
             self._restricted[features] = tuple(
                 None if getattr(self, n) is None else (self.W_enc[:, idx] if n == "W_enc" else getattr(self, n)[idx])
                 for n in names)
+            while len(self._restricted) > RESTRICTED_KEPT:
+                self._restricted.popitem(last=False)
+        self._restricted.move_to_end(features)
         return self._restricted[features]
 
     def encode(self, x: torch.Tensor, features: tuple[int, ...] | None = None) -> torch.Tensor:
