@@ -176,40 +176,68 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
 def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
     """Rank one stored run's features; returns features (with layer/stream), and provenance fields.
     τ, normalization and the calibration background come from the run's own model's calibration."""
+    return rank_runs(catalog, [(run_key, n_kept)], sae_keys, opts)[0]
+
+
+def rank_runs(catalog: Catalog, runs: list[tuple[int, int]], sae_keys: list[int], opts: RankOptions) -> list[dict]:
+    """Rank several stored runs ``(run_key, n_kept)`` with the same options and SAEs, as ``rank_run``
+    would one by one, in a handful of statements for all of them (batch mode ranks a group at once)."""
     con = catalog.raw()
     try:
-        if opts.model_key is None:
-            row = con.execute("SELECT model_key FROM runs WHERE run_key = ?", [run_key]).fetchone()
-            opts = replace(opts, model_key=row[0] if row else None)
-        scoring = scored_sql(con, sae_keys, opts, "SELECT $run::INTEGER AS run_key, $n::DOUBLE AS n",
-                             run_filter="a.run_key = $run")
-        limit = "" if opts.merge_across_layers else \
-            "QUALIFY row_number() OVER (PARTITION BY sae_key ORDER BY score DESC, feature_id) <= $top"
-        sql = f"""
-            WITH scored AS ({scoring.sql}),
-            ranked AS (
-                SELECT sae_key, feature_id, mean, max, coverage, selectivity, score
-                FROM scored
-                {limit}
-            )
-            SELECT r.*, sa.layer, sa.stream
-            FROM ranked r JOIN saes sa USING (sae_key)
-            ORDER BY {"r.score DESC, sa.layer, sa.stream, r.feature_id" if opts.merge_across_layers
-                      else "sa.layer, sa.stream, r.score DESC, r.feature_id"}
-            {"LIMIT $top" if opts.merge_across_layers else ""}
-        """
-        params = {**scoring.params, "n": float(max(n_kept, 1)), "run": run_key, "top": opts.return_top_x}
-        cur = con.execute(sql, params)
-        cols = [d[0] for d in cur.description]
-        features = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-        if opts.attach_proto_labels:
-            _attach_labels(con, features)
-        if opts.attach_examples:
-            _attach_spans(con, run_key, features, opts.spans_per_feature, opts.span_window)
-        return {"features": features, "threshold_source": scoring.threshold_source,
-                "normalization": scoring.normalization}
+        model_of = dict(con.execute("SELECT run_key, model_key FROM runs WHERE list_contains(?, run_key)",
+                                    [[k for k, _ in runs]]).fetchall())
+        by_model: dict[int | None, list[tuple[int, int]]] = {}
+        for run_key, n_kept in runs:
+            by_model.setdefault(opts.model_key if opts.model_key is not None else model_of.get(run_key), []).append(
+                (run_key, n_kept))
+        ranked: dict[int, dict] = {}
+        for model_key, members in by_model.items():
+            ranked.update(_rank_model_runs(con, members, sae_keys, replace(opts, model_key=model_key)))
+        return [ranked[run_key] for run_key, _ in runs]
     finally:
         con.close()
+
+
+def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts: RankOptions) -> dict[int, dict]:
+    """``rank_runs`` for runs of one model (one calibration per SAE): run_key → ranked result."""
+    run_keys = [k for k, _ in runs]
+    scoring = scored_sql(con, sae_keys, opts, "SELECT unnest($runs)::INTEGER AS run_key, unnest($ns)::DOUBLE AS n",
+                         run_filter=_runs_filter("a"))
+    order = "score DESC, layer, stream, feature_id" if opts.merge_across_layers else "score DESC, feature_id"
+    per = "run_key" if opts.merge_across_layers else "run_key, sae_key"
+    sql = f"""
+        WITH scored AS ({scoring.sql})
+        SELECT r.run_key, r.sae_key, r.feature_id, r.mean, r.max, r.coverage, r.selectivity, r.score,
+               sa.layer, sa.stream
+        FROM scored r JOIN saes sa USING (sae_key)
+        QUALIFY row_number() OVER (PARTITION BY {per} ORDER BY {order}) <= $top
+        ORDER BY r.run_key, {"r.score DESC, sa.layer, sa.stream, r.feature_id" if opts.merge_across_layers
+                             else "sa.layer, sa.stream, r.score DESC, r.feature_id"}
+    """
+    params = {**scoring.params, **_runs_params(run_keys), "ns": [float(max(n, 1)) for _, n in runs],
+              "top": opts.return_top_x}
+    cur = con.execute(sql, params)
+    cols = [d[0] for d in cur.description]
+    features = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    if opts.attach_proto_labels:
+        _attach_labels(con, features)
+    if opts.attach_examples:
+        _attach_spans(con, run_keys, features, opts.spans_per_feature, opts.span_window)
+    out = {k: {"features": [], "threshold_source": scoring.threshold_source, "normalization": scoring.normalization}
+           for k in run_keys}
+    for f in features:
+        out[f.pop("run_key")]["features"].append(f)
+    return out
+
+
+def _runs_filter(alias: str) -> str:
+    """A predicate selecting ``$runs`` on a table with run_key: the BETWEEN lets zone maps skip the row
+    groups of other runs (a group's runs were written together, so their keys are close)."""
+    return f"{alias}.run_key BETWEEN $run_lo AND $run_hi AND list_contains($runs, {alias}.run_key)"
+
+
+def _runs_params(run_keys: list[int]) -> dict:
+    return {"runs": list(run_keys), "run_lo": min(run_keys), "run_hi": max(run_keys)}
 
 
 def best_labels_sql(where: str = "") -> str:
@@ -236,31 +264,35 @@ def _attach_labels(con, features: list[dict]) -> None:
         f["proto_label"] = best.get((f["sae_key"], f["feature_id"]))
 
 
-def _attach_spans(con, run_key: int, features: list[dict], per_feature: int, window: int) -> None:
-    """Up to ``per_feature`` non-overlapping ±window token spans around each feature's top activations."""
+def _attach_spans(con, run_keys: list[int], features: list[dict], per_feature: int, window: int) -> None:
+    """Up to ``per_feature`` non-overlapping ±window token spans around each feature's top activations
+    in its run (``features`` carry ``run_key``; all runs in two statements)."""
     for f in features:
         f["top_spans"] = []
     if not features:
         return
-    acts = con.execute("""
-        SELECT a.sae_key, a.feature_id, a.position, a.act FROM activations a
-        SEMI JOIN (SELECT unnest($keys) AS sae_key, unnest($fids) AS feature_id) p
-             ON p.sae_key = a.sae_key AND p.feature_id = a.feature_id
-        WHERE a.run_key = $run AND list_contains($key_set, a.sae_key)
-        ORDER BY a.sae_key, a.feature_id, a.act DESC, a.position""",
-        {"run": run_key, "keys": [f["sae_key"] for f in features], "fids": [f["feature_id"] for f in features],
+    acts = con.execute(f"""
+        SELECT a.run_key, a.sae_key, a.feature_id, a.position, a.act FROM activations a
+        SEMI JOIN (SELECT unnest($f_runs) AS run_key, unnest($keys) AS sae_key, unnest($fids) AS feature_id) p
+             ON p.run_key = a.run_key AND p.sae_key = a.sae_key AND p.feature_id = a.feature_id
+        WHERE {_runs_filter("a")} AND list_contains($key_set, a.sae_key)
+        ORDER BY a.run_key, a.sae_key, a.feature_id, a.act DESC, a.position""",
+        {**_runs_params(run_keys), "f_runs": [f["run_key"] for f in features],
+         "keys": [f["sae_key"] for f in features], "fids": [f["feature_id"] for f in features],
          "key_set": sorted({f["sae_key"] for f in features})}).fetchall()
-    toks = con.execute("SELECT position, token, is_special FROM tokens WHERE run_key = ? ORDER BY position",
-                       [run_key]).fetchall()
-    text = ["" if special else (tok or "") for _, tok, special in toks]
-    n_pos = len(text)
-    by_feature: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    for key, fid, pos, act in acts:
-        by_feature.setdefault((key, fid), []).append((pos, act))
+    texts: dict[int, list[str]] = {}
+    for run_key, _, tok, special in con.execute(
+            f"SELECT run_key, position, token, is_special FROM tokens t WHERE {_runs_filter('t')} "
+            "ORDER BY run_key, position", _runs_params(run_keys)).fetchall():
+        texts.setdefault(run_key, []).append("" if special else (tok or ""))
+    by_feature: dict[tuple[int, int, int], list[tuple[int, float]]] = {}
+    for run_key, key, fid, pos, act in acts:
+        by_feature.setdefault((run_key, key, fid), []).append((pos, act))
     for f in features:
+        text = texts.get(f["run_key"], [])
         chosen: list[tuple[int, int]] = []
-        for pos, act in by_feature.get((f["sae_key"], f["feature_id"]), []):
-            start, end = max(0, pos - window), min(n_pos, pos + window + 1)
+        for pos, act in by_feature.get((f["run_key"], f["sae_key"], f["feature_id"]), []):
+            start, end = max(0, pos - window), min(len(text), pos + window + 1)
             if any(start < e and s < end for s, e in chosen):
                 continue
             chosen.append((start, end))

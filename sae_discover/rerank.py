@@ -39,7 +39,7 @@ def rerank(catalog: Catalog, run_id: str, options: dict) -> dict:
     saes = [store.SAEInfo(s["sae_id"], s["layer"], s["stream"], s["fingerprint"], s["hook_name"] or "",
                           s["architecture"] or "", s["d_in"] or 0, s["d_sae"] or 0)
             for s in store.run_saes(catalog, run["run_key"])]
-    ranked = Discovery.rank_stored(catalog, run["run_key"], run["n_kept"], saes, req)
+    (ranked,) = Discovery.rank_stored(catalog, [(run["run_key"], run["n_kept"])], saes, req)
     return {"model_id": run["model_id"], "sae_id": run["sae_id"], "run_id": run_id, "cached": True,
             "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": json.loads(run["layers"]),
                          "streams": json.loads(run["streams"]), "total_tokens": run["n_tokens"]},

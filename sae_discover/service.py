@@ -189,13 +189,21 @@ class Discovery:
         A request that fails yields its exception in place; the others go on."""
         t0 = time.perf_counter()
         results, prepared, stored = self._stored_runs(reqs, batch_size, workers)
+        groups: dict[tuple, list[int]] = {}  # runs ranked together: same model, SAEs and ranking options
         for i, p in prepared.items():
-            if results[i] is not None:
-                continue
-            try:
-                results[i] = self._respond(p, stored[i], t0)
-            except USER_ERRORS as exc:
-                results[i] = exc
+            if results[i] is None:
+                alone = p.req.background_text is not None or p.req.background_file is not None
+                key = ("alone", i) if alone else (p.entry.source, tuple(p.saes), repr(_rank_options(p.req)))
+                groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                part = members[start:start + batch_size]
+                try:
+                    answers: list = self._respond([prepared[i] for i in part], [stored[i] for i in part], t0)
+                except USER_ERRORS as exc:
+                    answers = [exc] * len(part)
+                for i, answer in zip(part, answers, strict=True):
+                    results[i] = answer
         return results  # type: ignore[return-value]
 
     def _stored_runs(self, reqs: list[DiscoverRequest], batch_size: int = RUNS_PER_GROUP, workers: int = 1):
@@ -297,54 +305,55 @@ class Discovery:
         return {i: {**r.run, "run_key": run_key, "cached": not created, "timings": {**r.run["timings"], "write_s": write_s}}
                 for i, r, (run_key, created) in zip(indices, rows, written, strict=True)}
 
-    def _respond(self, p: _Prepared, run: dict, t0: float) -> dict:
-        """Rank a stored run and shape the seed's response."""
-        req = p.req
-        timings = dict(run["timings"])
-        warns = self.ensure_calibration(p.entry, p.source, p.hooks)
+    def _respond(self, ps: list[_Prepared], runs: list[dict], t0: float) -> list[dict]:
+        """Rank stored runs that share model, SAEs and ranking options (one set of statements for all)
+        and shape each one's response as the seed does."""
+        first = ps[0]
+        warns = self.ensure_calibration(first.entry, first.source, first.hooks)
         t_rank = time.perf_counter()
-        ranked = self.rank(run["run_key"], run["n_kept"], p.saes, req)
-        timings["rank_s"] = time.perf_counter() - t_rank
-        timings["total_s"] = time.perf_counter() - t0
-        if ranked["threshold_source"] == "none":
-            warns.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not normalized; "
-                         "run `python -m sae_discover calibrate` to fix both")
-        return {
-            "model_id": req.model_id, "sae_id": req.sae_id, "run_id": p.run_id, "cached": run["cached"],
-            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": p.layers, "streams": req.streams,
-                         "total_tokens": run["n_tokens"]},
-            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
-            "normalization": ranked["normalization"], "features": ranked["features"], "warnings": warns,
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-        } | ({"id": req.id} if req.id is not None else {})
+        ranked = self.rank([(run["run_key"], run["n_kept"]) for run in runs], first.saes, first.req)
+        rank_s = (time.perf_counter() - t_rank) / len(ps)
+        out = []
+        for n, (p, run, r) in enumerate(zip(ps, runs, ranked, strict=True)):
+            req = p.req
+            notes = list(warns) if n == 0 else []  # a first-use calibration is reported once
+            if r["threshold_source"] == "none":
+                notes.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not "
+                             "normalized; run `python -m sae_discover calibrate` to fix both")
+            timings = {**run["timings"], "rank_s": rank_s, "total_s": time.perf_counter() - t0}
+            out.append({
+                "model_id": req.model_id, "sae_id": req.sae_id, "run_id": p.run_id, "cached": run["cached"],
+                "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": p.layers,
+                             "streams": req.streams, "total_tokens": run["n_tokens"]},
+                "score_mode": req.score_mode, "threshold_source": r["threshold_source"],
+                "normalization": r["normalization"], "features": r["features"], "warnings": notes,
+                "timings": {k: round(v, 4) for k, v in timings.items()},
+            } | ({"id": req.id} if req.id is not None else {}))
+        return out
 
-    def rank(self, run_key: int, n_kept: int, saes: list[store.SAEInfo], req: DiscoverRequest) -> dict:
+    def rank(self, runs: list[tuple[int, int]], saes: list[store.SAEInfo], req: DiscoverRequest) -> list[dict]:
         has_background = req.background_text is not None or req.background_file is not None
-        return self.rank_stored(self.catalog, run_key, n_kept, saes, req,
-                                self.background(req) if has_background else None)
+        return self.rank_stored(self.catalog, runs, saes, req, self.background(req) if has_background else None)
 
     @staticmethod
-    def rank_stored(catalog: Catalog, run_key: int, n_kept: int, saes: list[store.SAEInfo],
-                    req: DiscoverRequest, background: tuple[list[int], int] | None = None) -> dict:
-        """Rank a stored run in SQL (no model needed) and shape its features as the seed does."""
+    def rank_stored(catalog: Catalog, runs: list[tuple[int, int]], saes: list[store.SAEInfo],
+                    req: DiscoverRequest, background: tuple[list[int], int] | None = None) -> list[dict]:
+        """Rank stored runs ``(run_key, n_kept)`` in SQL (no model needed), all with ``req``'s ranking
+        options, and shape their features as the seed does."""
         con = catalog.raw()
         try:
-            keys = store.sae_keys(con, saes)
+            keys = store.sae_keys(con, saes, catalog)
         finally:
             con.close()
-        opts = queries.RankOptions(
-            score_mode=req.score_mode, min_coverage_pct=req.min_coverage_pct, return_top_x=req.return_top_x,
-            merge_across_layers=req.merge_across_layers, restrict_features=req.restrict_features, tau=req.tau,
-            tau_quantile=req.tau_quantile, attach_examples=req.attach_examples,
-            attach_proto_labels=req.attach_proto_labels, spans_per_feature=req.spans_per_feature,
-            span_window=req.span_window)
+        opts = _rank_options(req)
         if background is not None:
             opts.background_runs, opts.background_n = background
         try:
-            ranked = queries.rank_run(catalog, run_key, n_kept, keys, opts)
+            ranked = queries.rank_runs(catalog, runs, keys, opts)
         except ValueError as exc:
             raise RequestError.of(exc, "request") from exc
-        ranked["features"] = [_feature_json(f, req) for f in ranked["features"]]
+        for r in ranked:
+            r["features"] = [_feature_json(f, req) for f in r["features"]]
         return ranked
 
     # -- calibration -------------------------------------------------------------------------------
@@ -448,6 +457,16 @@ def _tokenizer_fingerprint(source: str) -> str:
     path = Path(source)
     files = [p for p in (path / "tokenizer.json", path / "tokenizer.model", path / "vocab.json") if p.exists()]
     return file_fingerprint(*files) if files else source
+
+
+def _rank_options(req: DiscoverRequest) -> queries.RankOptions:
+    """The request's ranking options (they never change a run)."""
+    return queries.RankOptions(
+        score_mode=req.score_mode, min_coverage_pct=req.min_coverage_pct, return_top_x=req.return_top_x,
+        merge_across_layers=req.merge_across_layers, restrict_features=req.restrict_features, tau=req.tau,
+        tau_quantile=req.tau_quantile, attach_examples=req.attach_examples,
+        attach_proto_labels=req.attach_proto_labels, spans_per_feature=req.spans_per_feature,
+        span_window=req.span_window)
 
 
 def _feature_json(f: dict, req: DiscoverRequest) -> dict:

@@ -42,6 +42,12 @@ def test_micro_batched_results_equal_one_at_a_time(toy_registry, tmp_path):
     for b, s in zip(batched, singles, strict=True):
         assert b["run_id"] == s["run_id"] and b["analyzed"] == s["analyzed"]
         assert _features(b) == _features(s)
+        # ranked as one group (one set of statements for all runs): spans and labels as when ranked alone
+        for fb, fs in zip(b["features"], s["features"], strict=True):
+            assert fb["proto_label"] == fs["proto_label"]
+            assert [(x["text"], x["position"]) for x in fb["top_spans"]] == [(x["text"], x["position"]) for x in fs["top_spans"]]
+            assert [x["act"] for x in fb["top_spans"]] == pytest.approx([x["act"] for x in fs["top_spans"]], rel=1e-4)
+        assert sum(len(f["top_spans"]) for f in b["features"]) > 0
     tok_b = batched_cat.raw().execute("SELECT run_id, position, token_id, kept FROM v_tokens ORDER BY ALL").fetchall()
     tok_s = single_cat.raw().execute("SELECT run_id, position, token_id, kept FROM v_tokens ORDER BY ALL").fetchall()
     assert tok_b == tok_s

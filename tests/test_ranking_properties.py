@@ -142,3 +142,36 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
     assert plain["threshold_source"] == "none" and len(plain["features"]) == 6
     spans = plain["features"][0]["top_spans"]
     assert spans == [{"text": "bc", "position": [0, 3], "act": 1.0}]  # BOS text left out, window ±8 clipped
+
+
+def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
+    """Batch mode ranks a group of runs in one set of statements: every run's features, scores, spans
+    and labels are exactly those of ranking it alone (both merge modes, runs of two models)."""
+    rng = np.random.default_rng(7)
+    other = store.ModelInfo("m2", "fp2", "gpt2", 4, 8)
+    runs = []
+    for r in range(4):
+        n = 3 + r
+        dense = [random_dense(rng, n, 6, 0.5) for _ in HOOKS]
+        tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
+                           "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
+                           "token": [f" w{r}{i}" for i in range(n + 1)], "is_generated": [False] * (n + 1),
+                           "is_special": [i == 0 for i in range(n + 1)], "kept": [i > 0 for i in range(n + 1)],
+                           "proxy": [0.0] * (n + 1)})
+        meta = {"run_id": f"r{r}", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
+                "n_tokens": n + 1, "n_kept": n}
+        key, _ = store.write_run(catalog, meta, MODEL if r % 2 else other, infos(6), tokens,
+                                 sparse(dense, np.arange(1, n + 1, dtype=np.int32)))
+        runs.append((key, n))
+    labels = pa.table({"feature_id": pa.array([0, 1, 2], pa.int32()), "label": ["zero", "one", "two"],
+                       "source": ["csv"] * 3, "score": [0.9, 0.8, None]})
+    store.write_labels(catalog, [(infos(6)[0], labels)])
+    keys = store.sae_keys(catalog.raw(), infos(6))
+    for merge in (True, False):
+        opts = queries.RankOptions(merge_across_layers=merge, min_coverage_pct=0, return_top_x=4, span_window=1)
+        together = queries.rank_runs(catalog, runs, keys, opts)
+        alone = [queries.rank_run(catalog, key, n, keys, opts) for key, n in runs]
+        assert together == alone
+        assert all(0 < len(r["features"]) <= (4 if merge else 8) for r in together)
+        assert any(f["proto_label"] == "zero" for r in together for f in r["features"])
+        assert all(f["top_spans"] for r in together for f in r["features"])
