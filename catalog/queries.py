@@ -13,6 +13,7 @@ like the P95, zeros included); else 0 (``threshold_source: "none"``).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 from catalog.db import Catalog, CatalogError
@@ -192,8 +193,14 @@ def rank_runs(catalog: Catalog, runs: list[tuple[int, int]], sae_keys: list[int]
                 (run_key, n_kept))
         ranked: dict[int, dict] = {}
         for model_key, members in by_model.items():
-            ranked.update(_rank_model_runs(con, members, sae_keys, replace(opts, model_key=model_key)))
-        return [ranked[run_key] for run_key, _ in runs]
+            unique = list(dict.fromkeys(members))  # a run listed twice is scored once (and not counted twice)
+            ranked.update(_rank_model_runs(con, unique, sae_keys, replace(opts, model_key=model_key)))
+        seen: set[int] = set()
+        out = []
+        for run_key, _ in runs:  # a repeated run gets its own copy: callers reshape their results in place
+            out.append(copy.deepcopy(ranked[run_key]) if run_key in seen else ranked[run_key])
+            seen.add(run_key)
+        return out
     finally:
         con.close()
 

@@ -193,7 +193,8 @@ class Discovery:
         for i, p in prepared.items():
             if results[i] is None:
                 alone = p.req.background_text is not None or p.req.background_file is not None
-                key = ("alone", i) if alone else (p.entry.source, tuple(p.saes), repr(_rank_options(p.req)))
+                # per model id: calibration (on first use) and τ belong to the registry entry, not its path
+                key = ("alone", i) if alone else (p.entry.id, p.entry.source, tuple(p.saes), repr(_rank_options(p.req)))
                 groups.setdefault(key, []).append(i)
         for members in groups.values():
             for start in range(0, len(members), batch_size):
@@ -342,7 +343,7 @@ class Discovery:
         options, and shape their features as the seed does."""
         con = catalog.raw()
         try:
-            keys = store.sae_keys(con, saes, catalog)
+            keys = store.sae_keys(con, saes)
         finally:
             con.close()
         opts = _rank_options(req)

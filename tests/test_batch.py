@@ -55,6 +55,23 @@ def test_micro_batched_results_equal_one_at_a_time(toy_registry, tmp_path):
     single_cat.close()
 
 
+def test_a_batch_ranks_repeats_and_aliased_models_as_single_requests_would(toy_demo, tmp_path):
+    """Requests ranked together must get what each gets alone: a repeated line (the same run twice)
+    and two registry ids for one model folder (each calibrates and is thresholded on its own)."""
+    registry = tmp_path / "reg.toml"
+    entry = f'path = "{toy_demo / "model"}"\ndefault_layers = [1]\ncalibration_corpus = "{toy_demo / "calibration.jsonl"}"\n'
+    registry.write_text(f"[models.toy]\n{entry}[models.toy-alias]\n{entry}[saes.toy]\npath = \"{toy_demo / 'saes'}\"\n")
+    line = {"sae_id": "toy", "min_coverage_pct": 0, "text": LINES[0]["text"]}
+    reqs = [build_request({**line, "model_id": model, "id": str(n)}) for n, model in enumerate(["toy", "toy", "toy-alias"])]
+    together = Discovery(Catalog(tmp_path / "t.duckdb"), Registry.load(registry), device="cpu").discover_many(reqs)
+    single = Discovery(Catalog(tmp_path / "s.duckdb"), Registry.load(registry), device="cpu")
+    for got, req in zip(together, reqs, strict=True):
+        alone = single.discover(req)
+        assert got["threshold_source"] == alone["threshold_source"] == "calibration_p95"
+        assert _features(got) == _features(alone) and got["features"]
+    assert together[0]["run_id"] == together[1]["run_id"] != together[2]["run_id"]
+
+
 def _batch_cmd(registry, db, prompts, out):
     return [sys.executable, "-m", "sae_discover", "--registry", str(registry), "--db", str(db), "--model", "toy",
             "--sae", "toy", "--layers", "1", "--prompts_file", str(prompts), "--out", str(out)]

@@ -175,3 +175,5 @@ def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
         assert all(0 < len(r["features"]) <= (4 if merge else 8) for r in together)
         assert any(f["proto_label"] == "zero" for r in together for f in r["features"])
         assert all(f["top_spans"] for r in together for f in r["features"])
+        twice = queries.rank_runs(catalog, [runs[0], runs[1], runs[0]], keys, opts)  # a run listed twice
+        assert twice[0] == twice[2] == alone[0] and twice[1] == alone[1] and twice[0] is not twice[2]
