@@ -77,6 +77,10 @@ def _float(name: str) -> Any:
     return Annotated[float, Meta(ge=low, le=high, description=DESCRIPTIONS[name])]
 
 
+def _bool(name: str) -> Any:
+    return Annotated[bool, Meta(description=DESCRIPTIONS[name])]
+
+
 def _field_types(settings: ApiSettings) -> dict[str, Any]:
     """The type (with bounds) of every field of the request model, under this server's limits."""
     def text(name: str) -> Any:
@@ -92,7 +96,7 @@ def _field_types(settings: ApiSettings) -> dict[str, Any]:
         "text": text("text"),
         "prompt": text("prompt"),
         "background_text": text("background_text"),
-        "generate": Annotated[bool, Meta(description=DESCRIPTIONS["generate"])],
+        "generate": _bool("generate"),
         "gen_tokens": _int("gen_tokens", settings.max_gen_tokens),
         "layers": Annotated[list[layer], Meta(min_length=1, max_length=settings.max_layers,
                                               description=DESCRIPTIONS["layers"])] | None,
@@ -104,9 +108,9 @@ def _field_types(settings: ApiSettings) -> dict[str, Any]:
         "return_top_x": _int("return_top_x", settings.max_return_top_x),
         "score_mode": Annotated[ScoreMode, Meta(description=DESCRIPTIONS["score_mode"])],
         "min_coverage_pct": _float("min_coverage_pct"),
-        "merge_across_layers": Annotated[bool, Meta(description=DESCRIPTIONS["merge_across_layers"])],
-        "attach_examples": Annotated[bool, Meta(description=DESCRIPTIONS["attach_examples"])],
-        "attach_proto_labels": Annotated[bool, Meta(description=DESCRIPTIONS["attach_proto_labels"])],
+        "merge_across_layers": _bool("merge_across_layers"),
+        "attach_examples": _bool("attach_examples"),
+        "attach_proto_labels": _bool("attach_proto_labels"),
         "seed": _int("seed"),
         "temperature": _float("temperature"),
         "top_p": _float("top_p"),

@@ -47,8 +47,9 @@ RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 @dataclass
-class DriftRequest:
-    """What a drift report needs; defaults as documented in the README ("Drift reports")."""
+class DriftRequest(catalog_drift.DriftOptions):
+    """What a drift report needs: the scoring and drift thresholds (:class:`DriftOptions`, declared once
+    in catalog) plus what to compare; defaults as documented in the README ("Drift reports")."""
 
     base: str | None = None  # model ids (registry id, or a path/hub id from the CLI)
     tuned: str | None = None
@@ -58,15 +59,6 @@ class DriftRequest:
     tuned_runs: list[str] | str | None = None
     layers: list[int] | None = None  # None → the base model's default layers (prompts) / every shared hook (runs)
     streams: list[str] | None = None  # None → ["resid_pre"] (prompts) / every shared hook (runs)
-    score_mode: str = "mean×coverage"
-    min_coverage_pct: float = 0.5
-    tau: float | None = None
-    tau_quantile: float | None = None
-    top_k: int = 50
-    min_score_change: float = 0.0
-    min_relative_change: float = 0.5
-    min_rank_shift: int | None = None  # None → max(1, ceil(top_k / 5))
-    attach_proto_labels: bool = True
     # run options for the prompts (None → discovery's defaults)
     generate: bool | None = None
     gen_tokens: int | None = None
@@ -206,11 +198,7 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
             tuned_rows = _select(catalog, "tuned_runs", req.tuned_runs, allow_sql_filter)
         saes = catalog_drift.common_saes(catalog, base_rows + tuned_rows, layers, streams, req.sae_id)
         t_sql = time.perf_counter()
-        opts = catalog_drift.DriftOptions(score_mode=req.score_mode, min_coverage_pct=req.min_coverage_pct, tau=req.tau,
-                                          tau_quantile=req.tau_quantile, top_k=req.top_k,
-                                          min_score_change=req.min_score_change,
-                                          min_relative_change=req.min_relative_change, min_rank_shift=req.min_rank_shift,
-                                          attach_proto_labels=req.attach_proto_labels)
+        opts = catalog_drift.DriftOptions(**{f.name: getattr(req, f.name) for f in fields(catalog_drift.DriftOptions)})
         out = catalog_drift.drift(catalog, [r["run_key"] for r in base_rows], [r["run_key"] for r in tuned_rows],
                                   [s["sae_key"] for s in saes], opts)
     except RequestError:
