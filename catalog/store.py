@@ -117,10 +117,15 @@ def _append(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, **keys: 
     con.execute(f"INSERT INTO {table} BY NAME SELECT {constants}* FROM _arrow_rows")
 
 
-def _with_sae_keys(acts: pa.Table, keys: list[int]) -> pa.Table:
-    """Replace ``sae_index`` by the catalog's ``sae_key`` (a numpy take, no join)."""
+def _with_sae_keys(acts: pa.Table, key_lists: list[np.ndarray], counts: list[int]) -> pa.Table:
+    """Replace ``sae_index`` by the catalog's ``sae_key`` (a numpy take, no join). ``acts`` stacks the
+    rows of several runs (``counts`` rows each), each run's index pointing into its own key list; the
+    lists are laid end to end so one lookup serves them all."""
     index = acts.column("sae_index").to_numpy()
-    mapped = np.asarray(keys, dtype=np.int32)[index] if len(index) else np.zeros(0, dtype=np.int32)
+    if len(index) and (index >= np.repeat([len(k) for k in key_lists], counts)).any():
+        raise CatalogError("activations sae_index: an index beyond its run's SAE list")
+    offsets = np.repeat(np.cumsum([0, *[len(k) for k in key_lists[:-1]]]), counts).astype(np.int64)
+    mapped = np.concatenate(key_lists).astype(np.int32)[offsets + index] if len(index) else np.zeros(0, np.int32)
     return acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(mapped, type=pa.int32()))
 
 
@@ -211,15 +216,8 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
     tokens = pa.concat_tables([r.tokens for r in runs]).combine_chunks()
     _append(con, "tokens", tokens.append_column("run_key", _repeat(run_keys, [r.tokens.num_rows for r in runs])))
     acts = pa.concat_tables([r.activations for r in runs]).combine_chunks()
-    sae_index = acts.column("sae_index").to_numpy()
     counts = [r.activations.num_rows for r in runs]
-    if len(sae_index) and (sae_index >= np.repeat([len(m) for m in sae_key_maps], counts)).any():
-        raise CatalogError("activations sae_index: an index beyond its run's SAE list")
-    # each run's sae_index → its own SAE keys, as one lookup into the runs' key lists laid end to end
-    offsets = np.repeat(np.cumsum([0, *[len(m) for m in sae_key_maps[:-1]]]), counts).astype(np.int64)
-    sae_key = np.concatenate(sae_key_maps)[offsets + sae_index] if len(sae_index) else np.zeros(0, np.int32)
-    _append(con, "activations", acts.drop_columns(["sae_index"]).append_column("sae_key", pa.array(sae_key, pa.int32()))
-            .append_column("run_key", _repeat(run_keys, counts)))
+    _append(con, "activations", _with_sae_keys(acts, sae_key_maps, counts).append_column("run_key", _repeat(run_keys, counts)))
     return dict(zip((r.run["run_id"] for r in runs), run_keys, strict=True))
 
 
@@ -271,7 +269,8 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
             "RETURNING calibration_id", [model_key, corpus, corpus_hash, n_docs, n_tokens]).fetchone()[0])
         con.execute("INSERT INTO calibration_saes SELECT ?, unnest(?::INTEGER[])", [cal_id, keys])
         _append(con, "calibration_tokens", tokens, calibration_id=cal_id)
-        _append(con, "calibration_activations", _with_sae_keys(acts, keys), calibration_id=cal_id)
+        _append(con, "calibration_activations", _with_sae_keys(acts, [np.asarray(keys)], [acts.num_rows]),
+                calibration_id=cal_id)
         for sae, key in zip(saes, keys, strict=True):
             con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae,
                                             **quantile_positions(n_tokens, q)})
