@@ -268,27 +268,18 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     special = [_special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
     wants_logits = [_needs_logits(spec, int((~m).sum())) for spec, m in zip(specs, special, strict=True)]
     results: list[RunBatch | None] = [None] * len(specs)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
     for logits_group in (False, True):
         order = sorted((i for i in range(len(specs)) if wants_logits[i] == logits_group), key=lambda i: len(seqs[i][0]))
         widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
         for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
-            width = max(len(seqs[i][0]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
-                mask[row, : len(seqs[i][0])] = 1
+            ids, mask, candidates = _padded(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
             t1 = time.perf_counter()
             captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
                                               stop_early=not logits_group)
             forward_s = (time.perf_counter() - t1) / len(chunk)
             t2 = time.perf_counter()
             lengths = [len(seqs[i][0]) for i in chunk]
-            candidates = mask.bool()
-            for row, i in enumerate(chunk):
-                candidates[row, : lengths[row]] &= ~special[i]
             proxy, kept = _select([specs[i] for i in chunk], hooks, candidates, captured, logits, lengths)
             restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
             parts = _encode_kept(saes, hooks, captured, kept, restricts)  # only kept tokens, the chunk's rows together
@@ -298,6 +289,22 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
                 results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
                                        parts[row], timings[i])
     return results  # type: ignore[return-value]
+
+
+def _padded(loaded: LoadedModel, seqs: list[list[int]], special: list[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-batch right-padded to its longest sequence: ids, attention mask, and the candidate
+    positions (real and not special) — the only ones ever analysed."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    candidates = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, (seq, is_special) in enumerate(zip(seqs, special, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        candidates[row, : len(seq)] = ~is_special
+    return ids, mask, candidates
 
 
 def _micro_batches(order: list[int], sizes: list[int], batch_size: int, budget: int | None) -> Iterator[list[int]]:
@@ -320,45 +327,30 @@ def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:
 def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tuple[int, str]],
                         docs: Sequence[str], batch_size: int = 16) -> tuple[pa.Table, pa.Table]:
     """Every non-special token of every document through model + SAEs (one sequence per document,
-    BOS prepended, truncated at the context length). Right-padded micro-batches: causal models see
-    the same prefix for every real token, so codes equal one-document-at-a-time runs."""
-    tok = loaded.tokenizer
+    BOS prepended, truncated at the context length): the run path with every candidate kept.
+    Right-padded micro-batches: causal models see the same prefix for every real token, so codes
+    equal one-document-at-a-time runs."""
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
-    special_ids = set(getattr(tok, "all_special_ids", []) or [])
     seqs = [encode_ids(loaded, d, prepend_bos)[: loaded.context_length] for d in docs]
     token_cols: dict[str, list] = {"doc": [], "position": [], "token_id": [], "token": []}
     parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     docs_col: list[np.ndarray] = []
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(seqs[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, : len(seqs[i])] = 1
+        ids, mask, kept = _padded(loaded, [seqs[i] for i in batch],
+                                  [_special_mask(loaded, seqs[i], prepend_bos) for i in batch])
         captured, _ = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device))
-        rows, pos, doc_ids = [], [], []
-        for row, i in enumerate(batch):
-            p = [j for j, t in enumerate(seqs[i]) if t not in special_ids and not (j == 0 and prepend_bos)]
-            rows += [row] * len(p)
-            pos += p
-            doc_ids += [i] * len(p)
-            token_cols["doc"] += [i] * len(p)
-            token_cols["position"] += p
-            token_cols["token_id"] += [seqs[i][j] for j in p]
-            pieces = token_pieces(tok, seqs[i])
-            token_cols["token"] += [pieces[j] for j in p]
-        r, c = torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
-        flat = np.arange(len(rows), dtype=np.int32)  # index into this batch's token list
-        doc_arr, pos_arr = np.asarray(doc_ids, np.int32), np.asarray(pos, np.int32)
-        for sae_index, (hook, sae) in enumerate(zip(hooks, saes, strict=True)):
-            x = captured[hook][r.to(captured[hook].device), c.to(captured[hook].device)]
-            where, feat, act = sparse_codes(sae, x, flat, None)
-            parts.append((sae_index, pos_arr[where], feat, act))
-            docs_col.append(doc_arr[where])
+        for row, (i, row_parts) in enumerate(zip(batch, _encode_kept(saes, hooks, captured, kept, [None] * len(batch)),
+                                                 strict=True)):
+            positions = torch.nonzero(kept[row]).flatten().tolist()
+            pieces = token_pieces(loaded.tokenizer, seqs[i])
+            token_cols["doc"] += [i] * len(positions)
+            token_cols["position"] += positions
+            token_cols["token_id"] += [seqs[i][j] for j in positions]
+            token_cols["token"] += [pieces[j] for j in positions]
+            parts += row_parts
+            docs_col += [np.full(len(part[1]), i, np.int32) for part in row_parts]
     tokens = pa.table({"doc": pa.array(token_cols["doc"], pa.int32()),
                        "position": pa.array(token_cols["position"], pa.int32()),
                        "token_id": pa.array(token_cols["token_id"], pa.int32()),
