@@ -27,7 +27,7 @@ def show_run(catalog: Catalog, run_id: str) -> dict:
 
 def rerank(catalog: Catalog, run_id: str, options: dict) -> dict:
     """Rank a stored run again; only ranking options may change (they never create a new run)."""
-    from sae_discover.service import Discovery
+    from sae_discover.service import Discovery, response
 
     bad = sorted(set(options) - set(RANKING_FIELDS))
     if bad:
@@ -40,8 +40,5 @@ def rerank(catalog: Catalog, run_id: str, options: dict) -> dict:
                           s["architecture"] or "", s["d_in"] or 0, s["d_sae"] or 0)
             for s in store.run_saes(catalog, run["run_key"])]
     (ranked,) = Discovery.rank_stored(catalog, [(run["run_key"], run["n_kept"])], saes, req)
-    return {"model_id": run["model_id"], "sae_id": run["sae_id"], "run_id": run_id, "cached": True,
-            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": json.loads(run["layers"]),
-                         "streams": json.loads(run["streams"]), "total_tokens": run["n_tokens"]},
-            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
-            "normalization": ranked["normalization"], "features": ranked["features"], "warnings": []}
+    return response(req, run_id, {**run, "cached": True}, json.loads(run["layers"]), json.loads(run["streams"]), ranked,
+                    [])

@@ -23,6 +23,7 @@ from ingest.saes.base import SAEError
 from ingest.saes.sources import SAESource, file_fingerprint, open_source
 from sae_discover.registry import ModelEntry, Registry
 from sae_discover.request import INT_BOUNDS, DiscoverRequest, RequestError, build_request
+from sae_discover.rerank import RANKING_FIELDS
 
 # Runs handed to the model (or a worker process) together and committed together: one catalog
 # transaction per group costs about what one run's would (DuckDB's cost is per statement), so 16
@@ -322,14 +323,9 @@ class Discovery:
                 notes.append("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not "
                              "normalized; run `python -m sae_discover calibrate` to fix both")
             timings = {**run["timings"], "rank_s": rank_s, "total_s": time.perf_counter() - t0}
-            out.append({
-                "model_id": req.model_id, "sae_id": req.sae_id, "run_id": p.run_id, "cached": run["cached"],
-                "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": p.layers,
-                             "streams": req.streams, "total_tokens": run["n_tokens"]},
-                "score_mode": req.score_mode, "threshold_source": r["threshold_source"],
-                "normalization": r["normalization"], "features": r["features"], "warnings": notes,
-                "timings": {k: round(v, 4) for k, v in timings.items()},
-            } | ({"id": req.id} if req.id is not None else {}))
+            out.append(response(req, p.run_id, run, p.layers, req.streams, r, notes)
+                       | {"timings": {k: round(v, 4) for k, v in timings.items()}}
+                       | ({"id": req.id} if req.id is not None else {}))
         return out
 
     def rank(self, runs: list[tuple[int, int]], saes: list[store.SAEInfo], req: DiscoverRequest) -> list[dict]:
@@ -460,14 +456,19 @@ def _tokenizer_fingerprint(source: str) -> str:
     return file_fingerprint(*files) if files else source
 
 
+def response(req: DiscoverRequest, run_id: str, run: dict, layers: list[int], streams: list[str], ranked: dict,
+             notes: list[str]) -> dict:
+    """The seed's response for a ranked stored run (``run``: its catalog row plus ``cached``)."""
+    return {"model_id": req.model_id, "sae_id": req.sae_id, "run_id": run_id, "cached": run["cached"],
+            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": layers, "streams": streams,
+                         "total_tokens": run["n_tokens"]},
+            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
+            "normalization": ranked["normalization"], "features": ranked["features"], "warnings": notes}
+
+
 def _rank_options(req: DiscoverRequest) -> queries.RankOptions:
-    """The request's ranking options (they never change a run)."""
-    return queries.RankOptions(
-        score_mode=req.score_mode, min_coverage_pct=req.min_coverage_pct, return_top_x=req.return_top_x,
-        merge_across_layers=req.merge_across_layers, restrict_features=req.restrict_features, tau=req.tau,
-        tau_quantile=req.tau_quantile, attach_examples=req.attach_examples,
-        attach_proto_labels=req.attach_proto_labels, spans_per_feature=req.spans_per_feature,
-        span_window=req.span_window)
+    """The request's ranking options (they never change a run), plus the restrict set it was made with."""
+    return queries.RankOptions(**{name: getattr(req, name) for name in (*RANKING_FIELDS, "restrict_features")})
 
 
 def _feature_json(f: dict, req: DiscoverRequest) -> dict:
