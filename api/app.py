@@ -28,6 +28,7 @@ from api import schemas
 from api.errors import EXCEPTION_HANDLERS, ApiError
 from api.service import ApiService
 from api.settings import ApiSettings
+from sae_discover import __version__
 from sae_discover.request import INT32_MAX
 
 log = logging.getLogger("sae_discover.api")
@@ -146,8 +147,6 @@ def create_app(catalog_path: str | Path | None = None, registry_path: str | Path
     """
     svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env())
     handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
-    from sae_discover import __version__
-
     app = Litestar(
         route_handlers=handlers,
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

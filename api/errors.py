@@ -13,15 +13,10 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from api.schemas import API_REFUSED, ErrorBody
-from catalog.db import CatalogError, CatalogLocked
-from ingest.models import ModelError
-from ingest.saes.base import SAEError
-from sae_discover.request import RequestError
+from sae_discover.errors import USER_ERRORS, CatalogLocked
 
 log = logging.getLogger("sae_discover.api")
-FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w/.\[\]]*): (.+)$", re.S)
-UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
-USER_ERRORS = (RequestError, CatalogError, SAEError, ModelError)
+UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")  # msgspec's wording for a body key it refuses
 
 
 class ApiError(Exception):
@@ -36,14 +31,6 @@ class ApiError(Exception):
 def error_response(status_code: int, detail: str, field: str | None = None) -> Response:
     return Response(ErrorBody(status_code=status_code, detail=detail, field=field), status_code=status_code,
                     media_type=MediaType.JSON)
-
-
-def split_field(message: str, default: str | None) -> tuple[str | None, str]:
-    """``"layers: expected ..."`` → (``"layers"``, the message); else (default, ``"default: message"``)."""
-    match = FIELD_PREFIX.match(message)
-    if match:
-        return match.group(1), message
-    return default, f"{default}: {message}" if default else message
 
 
 def _top_level(key: str) -> str:
@@ -81,10 +68,9 @@ def on_api_error(_: Request, exc: ApiError) -> Response:
 
 
 def on_user_error(_: Request, exc: Exception) -> Response:
-    if isinstance(exc, RequestError):
-        return error_response(400, str(exc), exc.field)
-    field, detail = split_field(str(exc), "request")
-    return error_response(400, detail, _top_level(field) if field else None)
+    """Any user error: it carries its field (``exc.field``) and says what was expected."""
+    field = getattr(exc, "field", None)
+    return error_response(400, str(exc), _top_level(field) if field else None)
 
 
 def on_locked(_: Request, exc: CatalogLocked) -> Response:
@@ -101,10 +87,7 @@ EXCEPTION_HANDLERS = {
     ValidationException: on_validation,
     HTTPException: on_http,
     ApiError: on_api_error,
-    RequestError: on_user_error,
-    CatalogError: on_user_error,
-    SAEError: on_user_error,
-    ModelError: on_user_error,
+    **{error: on_user_error for error in USER_ERRORS},
     CatalogLocked: on_locked,
     Exception: on_unexpected,
 }

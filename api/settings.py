@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-from sae_discover.request import INT_BOUNDS
+from sae_discover.request import OPTIONS
 
 ENV_PREFIX = "SAE_DISCOVER_API_"
 
@@ -36,8 +36,8 @@ class ApiSettings:
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{f.name}: expected a positive number, got {value!r}")
         # the request model's hard bounds cap what a server may allow
-        object.__setattr__(self, "max_gen_tokens", min(self.max_gen_tokens, INT_BOUNDS["gen_tokens"][1]))
-        object.__setattr__(self, "max_return_top_x", min(self.max_return_top_x, INT_BOUNDS["return_top_x"][1]))
+        for limit, option in (("max_gen_tokens", "gen_tokens"), ("max_return_top_x", "return_top_x")):
+            object.__setattr__(self, limit, min(getattr(self, limit), int(OPTIONS[option].bounds[1])))
 
     @classmethod
     def from_env(cls, **overrides) -> ApiSettings:
@@ -54,6 +54,11 @@ class ApiSettings:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: expected a {kind.__name__}, got {raw!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(settings, **values)
+
+    @classmethod
+    def limit_types(cls) -> dict[str, type]:
+        """The limits a ``serve`` flag can set, with their types."""
+        return {f.name: type(getattr(cls(), f.name)) for f in fields(cls) if f.name.startswith(("max_", "request_"))}
 
     def public(self) -> dict:
         """The limits a client may want to know (``GET /healthz``)."""

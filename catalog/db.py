@@ -1,12 +1,15 @@
 """Open a catalog file: engine, alembic ``upgrade head``, and the raw DuckDB connection for bulk work.
 
 One process writes a catalog file at a time (DuckDB's file lock). Opening a file that another
-process holds raises :class:`CatalogLocked` with a message that says what to do, never the raw
-lock error.
+process holds raises :class:`CatalogLocked` with a message that says what to do; a file DuckDB
+cannot use raises :class:`CatalogError` naming ``db``. Which of the two is decided by asking the
+operating system whether the file is locked, never by reading DuckDB's error text.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -17,17 +20,10 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
+from catalog.errors import CatalogError, CatalogLocked
 
 DEFAULT_DB = "sae_catalog.duckdb"
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
-
-
-class CatalogError(ValueError):
-    """Bad input to a catalog operation; the message names the field."""
-
-
-class CatalogLocked(RuntimeError):
-    """Another process holds the catalog file for writing."""
 
 
 def default_path() -> str:
@@ -39,6 +35,46 @@ def alembic_config(url: str) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url)
     return cfg
+
+
+def held_by_another_process(path: str | Path, read_only: bool) -> bool:
+    """Whether another process holds a lock on ``path`` that keeps this open out: an exclusive lock
+    (a writer) for a read-only open, any lock (a writer or readers) for a read-write one.
+
+    DuckDB locks its file with POSIX record locks, so a non-blocking ``lockf`` probe conflicts with
+    exactly the locks DuckDB would. Call it only after DuckDB failed to open the file (an
+    ``IOException``): closing the probe's descriptor releases every POSIX lock this process holds on
+    the file, and after such a failure it holds none (DuckDB has just opened and closed it the same way).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+    except OSError:  # missing, a directory, no permission: not a lock
+        return False
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:  # BlockingIOError (EAGAIN) or EACCES: someone else holds a conflicting lock
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def open_error(path: str, read_only: bool, exc: BaseException, locked_message: str) -> Exception | None:
+    """The catalog's error for DuckDB failing to open ``path`` (``exc``, possibly wrapped by SQLAlchemy):
+    :class:`CatalogLocked` (with ``locked_message``) when another process holds the file,
+    :class:`CatalogError` (``db``) when the file is unusable; None for an error that is not about the
+    file (the caller raises the original)."""
+    cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+    if not isinstance(cause, duckdb.IOException) or path == ":memory:":
+        return None
+    if held_by_another_process(path, read_only):
+        return CatalogLocked(locked_message)
+    if read_only and not Path(path).exists():
+        return CatalogError("db", f"{path} does not exist")
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return CatalogError("db", f"{path} is not a usable DuckDB catalog: {first}")
 
 
 class Catalog:
@@ -53,24 +89,31 @@ class Catalog:
         args = {"read_only": True} if read_only else {}
         self.engine = sa.create_engine(self.url, connect_args=args, poolclass=sa.pool.SingletonThreadPool)
         self.write_lock = threading.RLock()
-        # catalog keys of models/SAEs whose rows are committed (filled by store.transaction after commit)
+        # catalog keys of models/SAEs whose rows are committed (filled by writes.transaction after commit)
         self.known_keys: dict = {}
         self.pending_keys: dict = {}
         try:
-            with self.engine.connect() as conn:
+            conn = self.engine.connect()
+        except Exception as exc:
+            self.engine.dispose()
+            error = open_error(
+                self.path, read_only, exc,
+                f"catalog {self.path} is held by another process (DuckDB allows one writer per file). Stop that "
+                "process, point --db / SAE_DISCOVER_DB at another file, or send the request to the running "
+                "server (python -m sae_discover serve).")
+            if error is None:
+                raise
+            raise error from exc
+        try:
+            with conn:
                 conn.exec_driver_sql("SELECT 1")
                 if migrate and not read_only:
                     cfg = alembic_config(self.url)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
                     conn.commit()
-        except Exception as exc:
+        except Exception:
             self.engine.dispose()
-            if "lock" in str(exc).lower():
-                raise CatalogLocked(
-                    f"catalog {self.path} is held by another process (DuckDB allows one writer per file). "
-                    "Stop that process, point --db / SAE_DISCOVER_DB at another file, or send the request to "
-                    "the running server (python -m sae_discover serve).") from exc
             raise
 
         # One DuckDB database instance per process and file: every cursor below shares it (and its
@@ -79,8 +122,8 @@ class Catalog:
         wrapper = self._pooled.driver_connection
         self._base: duckdb.DuckDBPyConnection = getattr(wrapper, "_ConnectionWrapper__c", wrapper)
         if not read_only:
-            # checkpoint (fold the WAL into the file) every 256 MB of WAL, not every 16 MB: one commit
-            # per run stays cheap under bulk ingest (measured: ~1.3x write throughput), and a crash
+            # checkpoint (fold the WAL into the file) only after a large WAL, not DuckDB's small default:
+            # one commit per run stays cheap under bulk ingest (README, Performance), and a crash
             # still replays the WAL on the next open
             self._base.execute("SET checkpoint_threshold = '256MB'")
 

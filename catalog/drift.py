@@ -5,7 +5,7 @@ Definitions (every number below is computed in SQL; Python only shapes the rows)
 - **Pairing.** A *prompt* is a (mode, text-or-prompt) pair; the base and tuned run sets are paired
   on it. Prompts with runs on one side only are left out of every figure and listed as ``unpaired``.
   Prompts are numbered by their first appearance in the base list, then the tuned list.
-- **Per-run score** s_r(f): the score of ``catalog.queries.scored_sql`` — exactly what ``discover``
+- **Per-run score** s_r(f): the score of ``catalog.ranking.scored_sql`` — exactly what ``discover``
   ranks by, with the same score_mode, τ, normalization by the calibration max and coverage gate.
 - **Per-prompt score** p(f) of a side: the mean of s_r(f) over that side's runs of the prompt (one
   run, unless the run lists hold several, e.g. seeds); a run where f is absent or gated out counts 0.
@@ -33,29 +33,47 @@ Definitions (every number below is computed in SQL; Python only shapes the rows)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 
-from catalog.db import Catalog, CatalogError
-from catalog.queries import RankOptions, best_labels_sql, calibration_for, scored_sql
+from catalog.db import Catalog
+from catalog.errors import CatalogError
+from catalog.ranking import (
+    MIN_COVERAGE_HELP,
+    PROTO_LABELS_HELP,
+    SCORE_MODE_HELP,
+    TAU_HELP,
+    TAU_QUANTILE_HELP,
+    RankOptions,
+    ScoreMode,
+    best_labels_sql,
+    scored_sql,
+)
+from catalog.stats import calibration_for
 
 RUN_FIELDS = "run_key, run_id, model_id, sae_id, mode, prompt, text, n_kept, created_at"
 
 
 @dataclass
 class DriftOptions:
-    """Scoring (as in discovery) and the drift thresholds."""
+    """Scoring (as in discovery) and the drift thresholds: the one definition of the drift options, each
+    field's help text and inclusive bounds in its metadata (see :class:`~catalog.ranking.RankOptions`)."""
 
-    score_mode: str = "mean×coverage"
-    min_coverage_pct: float = 0.5
-    tau: float | None = None
-    tau_quantile: float | None = None
-    top_k: int = 50
-    min_score_change: float = 0.0
-    min_relative_change: float = 0.5
-    min_rank_shift: int | None = None  # None → max(1, ceil(top_k / 5))
-    attach_proto_labels: bool = True
+    score_mode: ScoreMode = field(default="mean×coverage", metadata={"help": SCORE_MODE_HELP})
+    min_coverage_pct: float = field(default=0.5, metadata={"help": MIN_COVERAGE_HELP, "bounds": (0.0, 100.0)})
+    tau: float | None = field(default=None, metadata={"help": TAU_HELP, "bounds": (0.0, 1e30)})
+    tau_quantile: float | None = field(default=None, metadata={"help": TAU_QUANTILE_HELP, "bounds": (0.0, 1.0)})
+    top_k: int = field(default=50, metadata={
+        "help": "size of each side's top-K feature set (Jaccard@K, Spearman, flags)", "bounds": (1, 100_000)})
+    min_score_change: float = field(default=0.0, metadata={
+        "help": "gained/lost need score_change above this", "bounds": (0.0, 1e30)})
+    min_relative_change: float = field(default=0.5, metadata={
+        "help": "gained/lost need |score_change| >= this × max(|A_base|, |A_tuned|) (0.5: the score at least doubled)",
+        "bounds": (0.0, 2.0)})
+    min_rank_shift: int | None = field(default=None, metadata={
+        "help": "shifted needs |rank_change| >= this (default: max(1, ceil(top_k / 5)))", "bounds": (1, 2**31 - 1)})
+    attach_proto_labels: bool = field(default=True, metadata={"help": PROTO_LABELS_HELP})
 
     def rank_shift(self) -> int:
         return self.min_rank_shift if self.min_rank_shift is not None else max(1, math.ceil(self.top_k / 5))
@@ -79,7 +97,7 @@ def runs_by_ids(catalog: Catalog, run_ids: list[str], field: str) -> list[dict]:
     by_id = {r["run_id"]: r for r in rows}
     missing = [i for i in run_ids if i not in by_id]
     if missing:
-        raise CatalogError(f"{field}: no run {missing[0]!r} in {catalog.path}"
+        raise CatalogError(field, f"no run {missing[0]!r} in {catalog.path}"
                            + (f" (and {len(missing) - 1} more unknown ids)" if len(missing) > 1 else ""))
     return [by_id[i] for i in dict.fromkeys(run_ids)]
 
@@ -93,19 +111,19 @@ def runs_where(catalog: Catalog, where: str, field: str) -> list[dict]:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise CatalogError(f"{field}: not a valid SQL filter over v_runs ({str(exc).splitlines()[0]})") from exc
+        raise CatalogError(field, f"not a valid SQL filter over v_runs ({str(exc).splitlines()[0]})") from exc
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise CatalogError(f"{field}: expected one boolean SQL expression over v_runs columns, e.g. "
+        raise CatalogError(field, "expected one boolean SQL expression over v_runs columns, e.g. "
                            "\"model_id = 'demo' AND mode = 'text'\"")
     con = catalog.raw()
     try:
         rows = _rows(con.execute(sql))
     except duckdb.Error as exc:
-        raise CatalogError(f"{field}: the filter failed over v_runs ({str(exc).splitlines()[0]})") from exc
+        raise CatalogError(field, f"the filter failed over v_runs ({str(exc).splitlines()[0]})") from exc
     finally:
         con.close()
     if not rows:
-        raise CatalogError(f"{field}: the filter {where!r} matches no run in {catalog.path}")
+        raise CatalogError(field, f"the filter {where!r} matches no run in {catalog.path}")
     return rows
 
 
@@ -118,9 +136,9 @@ def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, st
     """
     ids = sorted({r["sae_id"] for r in runs})
     if sae_id is not None and ids != [sae_id]:
-        raise CatalogError(f"sae_id: the runs used SAE source(s) {ids}, not {sae_id!r}")
+        raise CatalogError("sae_id", f"the runs used SAE source(s) {ids}, not {sae_id!r}")
     if len(ids) > 1:
-        raise CatalogError(f"sae_id: the runs used different SAE sources {ids}; drift compares one SAE")
+        raise CatalogError("sae_id", f"the runs used different SAE sources {ids}; drift compares one SAE")
     con = catalog.raw()
     try:
         rows = _rows(con.execute("""
@@ -138,7 +156,7 @@ def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, st
         return (layers is None or hook[0] in layers) and (streams is None or hook[1] in streams)
 
     if not hooks:
-        raise CatalogError("base_runs: no runs to compare")
+        raise CatalogError("base_runs", "no runs to compare")
     if layers is None and streams is None:  # every hook all the runs share
         selected = set.intersection(*(set(h) for h in hooks.values()))
     elif layers is not None and streams is not None:  # exactly these pairs
@@ -148,17 +166,17 @@ def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, st
     if not selected:
         have = sorted(set.union(*(set(h) for h in hooks.values())))
         among = " among the selected layers/streams" if layers or streams else ""
-        raise CatalogError(f"layers: the runs share no SAE hook{among}; they have {have}")
+        raise CatalogError("layers", f"the runs share no SAE hook{among}; they have {have}")
     out = []
     for hook in sorted(selected):
         keys = {}
         for run_key, hs in hooks.items():
             if hook not in hs:
-                raise CatalogError(f"layers: run {run_id[run_key]} has no SAE for layer {hook[0]} {hook[1]} "
+                raise CatalogError("layers", f"run {run_id[run_key]} has no SAE for layer {hook[0]} {hook[1]} "
                                    f"(it has {sorted(hs)}); pick layers/streams every run has")
             keys.setdefault(hs[hook], run_id[run_key])
         if len(keys) > 1:
-            raise CatalogError(f"sae_id: layer {hook[0]} {hook[1]} was encoded by different SAE weights across "
+            raise CatalogError("sae_id", f"layer {hook[0]} {hook[1]} was encoded by different SAE weights across "
                                f"the runs (e.g. runs {sorted(keys.values())[:2]}); drift needs the same SAE")
         out.append({"sae_key": next(iter(keys)), "layer": hook[0], "stream": hook[1]})
     return out
@@ -314,9 +332,9 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
           opts: DriftOptions) -> dict:
     """Compare two run sets over the given SAEs; see the module docstring for every definition."""
     if opts.top_k < 1:
-        raise CatalogError(f"top_k: expected a positive integer, got {opts.top_k}")
+        raise CatalogError("top_k", f"expected a positive integer, got {opts.top_k}")
     if not base_run_keys or not tuned_run_keys:
-        raise CatalogError(f"{'base_runs' if not base_run_keys else 'tuned_runs'}: no runs to compare")
+        raise CatalogError("base_runs" if not base_run_keys else "tuned_runs", "no runs to compare")
     con = catalog.raw()
     try:
         base_models = [r[0] for r in con.execute("SELECT DISTINCT model_key FROM runs WHERE list_contains(?, run_key)",
@@ -338,7 +356,7 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         con.close()
     overall, *prompts = metrics
     if not prompts:
-        raise CatalogError("base_runs: no prompt has runs on both sides (runs are paired by mode and prompt/text)")
+        raise CatalogError("base_runs", "no prompt has runs on both sides (runs are paired by mode and prompt/text)")
     for row in metrics:
         for name in ("spearman", "spearman_all", "jaccard"):
             row[name] = None if row[name] is None or math.isnan(row[name]) else float(row[name])

@@ -1,4 +1,4 @@
-"""AutoInterp label tables → rows for the ``labels`` table (imported, never hand-typed).
+"""AutoInterp label tables → rows for the ``labels`` table (imported, never hand-typed), and their write.
 
 Formats:
 - Neuronpedia explanation exports: JSONL or JSONL.gz objects with ``modelId``, ``layer`` (the SAE id,
@@ -17,10 +17,15 @@ import csv
 import gzip
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.db import CatalogError
+import pyarrow as pa
+
+from catalog.db import Catalog
+from catalog.errors import CatalogError
+from catalog.writes import SAEInfo, append_rows, sae_keys, transaction
 
 FORMATS = ("neuronpedia", "delphi", "csv")
 STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
@@ -45,16 +50,16 @@ def detect_format(path: Path) -> str:
         return "neuronpedia"
     if name.endswith(".csv"):
         return "csv"
-    raise CatalogError(f"format: cannot tell the label format of {path.name}; pass --format one of {', '.join(FORMATS)}")
+    raise CatalogError("format", f"cannot tell the label format of {path.name}; pass --format one of {', '.join(FORMATS)}")
 
 
 def _feature(value: object, where: str) -> int:
     try:
         number = int(str(value))
     except ValueError:
-        raise CatalogError(f"feature_id: {where}: expected an integer feature index, got {value!r}") from None
+        raise CatalogError("feature_id", f"{where}: expected an integer feature index, got {value!r}") from None
     if not 0 <= number < 2**31:
-        raise CatalogError(f"feature_id: {where}: expected 0 <= id < 2^31, got {number}")
+        raise CatalogError("feature_id", f"{where}: expected 0 <= id < 2^31, got {number}")
     return number
 
 
@@ -64,7 +69,7 @@ def _score(value: object, where: str) -> float | None:
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise CatalogError(f"score: {where}: expected a number, got {value!r}") from None
+        raise CatalogError("score", f"{where}: expected a number, got {value!r}") from None
 
 
 def neuronpedia_hook(sae_name: str) -> tuple[int, str] | None:
@@ -98,7 +103,7 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         try:
             objects = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CatalogError(f"file: {path.name} is not a JSON array ({exc.msg})") from None
+            raise CatalogError("file", f"{path.name} is not a JSON array ({exc.msg})") from None
         lines = [json.dumps(o) for o in objects]
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -107,9 +112,9 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CatalogError(f"file: {where} is not JSON ({exc.msg})") from None
+            raise CatalogError("file", f"{where} is not JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or "index" not in obj or not isinstance(obj.get("description"), str):
-            raise CatalogError(f"file: {where}: expected Neuronpedia fields index and description")
+            raise CatalogError("file", f"{where}: expected Neuronpedia fields index and description")
         score = obj.get("score")
         if score is None and isinstance(obj.get("scores"), list) and obj["scores"]:
             first = obj["scores"][0]
@@ -132,10 +137,10 @@ def parse_delphi(path: Path) -> list[LabelRow]:
         except json.JSONDecodeError:
             label = raw
         if not isinstance(label, str) or not label.strip():
-            raise CatalogError(f"file: {file.name}: expected an explanation string")
+            raise CatalogError("file", f"{file.name}: expected an explanation string")
         rows.append(LabelRow(int(match.group("index")), label.strip(), "delphi", None, delphi_hook(match.group("module"))))
     if not rows:
-        raise CatalogError(f"file: no delphi explanation files (<module>_latent<N>.txt) in {path}")
+        raise CatalogError("file", f"no delphi explanation files (<module>_latent<N>.txt) in {path}")
     return rows
 
 
@@ -143,7 +148,7 @@ def parse_csv(path: Path) -> list[LabelRow]:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
-            raise CatalogError(f"file: {path.name}: expected a header with feature_id,label[,score,source]; "
+            raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source]; "
                                f"got {reader.fieldnames}")
         rows = []
         for number, rec in enumerate(reader, 2):
@@ -151,13 +156,13 @@ def parse_csv(path: Path) -> list[LabelRow]:
             hook = None
             if rec.get("layer") not in (None, "") and rec.get("stream"):
                 if not str(rec["layer"]).strip().isdigit():
-                    raise CatalogError(f"layer: {where}: expected a non-negative integer, got {rec['layer']!r}")
+                    raise CatalogError("layer", f"{where}: expected a non-negative integer, got {rec['layer']!r}")
                 if rec["stream"] not in STREAMS:
-                    raise CatalogError(f"stream: {where}: expected one of {', '.join(STREAMS)}, got {rec['stream']!r}")
+                    raise CatalogError("stream", f"{where}: expected one of {', '.join(STREAMS)}, got {rec['stream']!r}")
                 hook = (int(rec["layer"]), rec["stream"])
             label = (rec.get("label") or "").strip()
             if not label:
-                raise CatalogError(f"label: {where}: empty label")
+                raise CatalogError("label", f"{where}: empty label")
             rows.append(LabelRow(_feature(rec["feature_id"], where), label, (rec.get("source") or "csv").strip(),
                                  _score(rec.get("score"), where), hook, (rec.get("sae") or "").strip() or None))
     return rows
@@ -166,8 +171,26 @@ def parse_csv(path: Path) -> list[LabelRow]:
 def parse(path: str | Path, fmt: str | None = None) -> list[LabelRow]:
     file = Path(path)
     if not file.exists():
-        raise CatalogError(f"file: {file} does not exist")
+        raise CatalogError("file", f"{file} does not exist")
     fmt = fmt or detect_format(file)
     if fmt not in FORMATS:
-        raise CatalogError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise CatalogError("format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
     return {"neuronpedia": parse_neuronpedia, "delphi": parse_delphi, "csv": parse_csv}[fmt](file)
+
+
+def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace: Sequence[str] | None = None
+                 ) -> int:
+    """Import labels (feature_id int, label str, source str, score float|null) for one or more SAEs,
+    all in one transaction (a bad group leaves nothing behind). Importing a source again replaces that
+    source's labels for the SAE rather than adding duplicates: ``replace`` names the sources to clear
+    (default: the sources present in the rows)."""
+    total = 0
+    with transaction(catalog) as con:
+        for sae, rows in groups:
+            (key,) = sae_keys(con, [sae])
+            sources = list(replace) if replace is not None else sorted(set(rows.column("source").to_pylist()))
+            if sources:
+                con.execute("DELETE FROM labels WHERE sae_key = ? AND list_contains(?, source)", [key, sources])
+            append_rows(con, "labels", rows.select(["feature_id", "label", "source", "score"]), sae_key=key)
+            total += rows.num_rows
+    return total

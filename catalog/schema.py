@@ -3,8 +3,12 @@
 Design notes (see ../STACK_NOTES in the project docs):
 - integer surrogate keys from sequences (DuckDB has no SERIAL/IDENTITY);
 - no foreign keys (DuckDB cannot add or drop them later, and they block column changes);
-- ``activations`` is the big table (10^8 rows): integer columns + float32, written in run order,
-  so zone maps prune per-run reads and a row costs ~6-7 bytes on disk.
+- ``activations`` is the big table: integer columns + float32, written in run order, so zone maps
+  prune per-run reads and rows compress well (README, Performance).
+
+The public SQL contract (SPEC.md: ``v_runs``, ``v_tokens``, ``v_activations``, ``v_feature_stats``,
+``v_labels``) is created by the migrations (``migrations/versions/``), which keep it stable for users
+who query the file.
 """
 
 from __future__ import annotations
@@ -154,7 +158,3 @@ labels = sa.Table(
     sa.Column("score", sa.Double),
     sa.Column("created_at", sa.DateTime, server_default=sa.func.now()),
 )
-
-# The public SQL contract (SPEC.md: v_runs, v_tokens, v_activations, v_feature_stats, v_labels) is
-# created by the migrations (migrations/versions/), which keep it stable for users who query the file.
-PUBLIC_VIEWS = ("v_runs", "v_tokens", "v_activations", "v_feature_stats", "v_labels")

@@ -36,11 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or hooked as asked; the message names the field."""
+from ingest.errors import ModelError
+from ingest.options import STREAMS
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ def unsupported(family: str) -> ModelError:
     hint = ""
     if family == "gemma3":
         hint = " (a multimodal Gemma 3 checkpoint: use its text-only variant, model_type gemma3_text)"
-    return ModelError(f"model_id: architecture {family!r} is not supported{hint}; supported: {', '.join(sorted(FAMILIES))}")
+    return ModelError("model_id", f"architecture {family!r} is not supported{hint}; supported: {', '.join(sorted(FAMILIES))}")
 
 
 class _StopForward(Exception):
@@ -121,10 +118,10 @@ class LoadedModel:
     def check_hooks(self, layers: list[int], streams: list[str]) -> None:
         for stream in streams:
             if stream not in STREAMS:
-                raise ModelError(f"streams: expected values in {', '.join(STREAMS)}, got {stream!r}")
+                raise ModelError("streams", f"expected values in {', '.join(STREAMS)}, got {stream!r}")
         for layer in layers:
             if not 0 <= layer < self.n_layers:
-                raise ModelError(f"layers: layer {layer} is out of range for {self.model_id} "
+                raise ModelError("layers", f"layer {layer} is out of range for {self.model_id} "
                                  f"({self.n_layers} layers: 0..{self.n_layers - 1})")
 
     def capture(self, input_ids: torch.Tensor, hooks: list[tuple[int, str]], attention_mask: torch.Tensor | None = None,
@@ -198,7 +195,7 @@ def _fingerprint(path: Path | None, config: dict) -> str:
 
 def quiet_transformers() -> None:
     """No progress bars or length warnings from transformers on our stdout/stderr (we report ourselves)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers is heavy, needed only with a model
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -208,7 +205,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("device: cuda was asked for but no CUDA device is available")
+        raise ModelError("device", "cuda was asked for but no CUDA device is available")
     return torch.device(device)
 
 
@@ -227,12 +224,12 @@ class ModelCard:
 
 
 def read_card(source: str) -> ModelCard:
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers is heavy, needed only with a model
 
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model_id: cannot load {source!r} as a local Hugging Face directory or a cached/hub id "
+        raise ModelError("model_id", f"cannot load {source!r} as a local Hugging Face directory or a cached/hub id "
                          f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc
     family = config.model_type
     if family not in FAMILIES:
@@ -251,12 +248,12 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     Decoders load as causal LMs (logits for the entropy proxy and generation); BERT-style encoders
     load with ``AutoModel`` (no head: text mode only).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # deferred: heavy, needed only here
 
     quiet_transformers()
     source = str(path or model_id)
     if dtype not in DTYPES:
-        raise ModelError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ModelError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
     card = read_card(source)
     config, family = card.config, card.family
     fmap = FAMILIES[family]
@@ -264,7 +261,7 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     try:  # safetensors only: a pytorch_model.bin would be unpickled
         model = auto.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)
     except OSError as exc:
-        raise ModelError(f"model_id: {source!r} has no safetensors weights (pickled .bin weights are never loaded; "
+        raise ModelError("model_id", f"{source!r} has no safetensors weights (pickled .bin weights are never loaded; "
                          f"convert them with `save_pretrained(..., safe_serialization=True)`): {exc}") from exc
     model.eval().to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -2,7 +2,7 @@
 
 DuckDB needs its own alembic impl (else ``KeyError: 'duckdb'``); its DDL is transactional, so a
 failed migration rolls back whole. The project runs migrations programmatically
-(``catalog.db.upgrade``), passing its open connection in ``config.attributes["connection"]``.
+(``catalog.db.Catalog`` runs ``upgrade head``), passing its open connection in ``config.attributes["connection"]``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 CSV_COLUMNS = ["feature_id", "layer", "stream", "score", "mean", "coverage", "max", "selectivity", "proto_label",
@@ -30,16 +31,22 @@ def to_csv(result: dict) -> str:
     return buf.getvalue()
 
 
-def write_result(result: dict, out: str | Path, fmt: str | None = None) -> Path:
-    """Write one result as JSON or CSV (by ``fmt``, else by the file's extension)."""
+def write_file(result: dict, out: str | Path, fmt: str | None, csv_of: Callable[[dict], str]) -> Path:
+    """Write a result as JSON or as ``csv_of(result)`` (by ``fmt``, else by the file's extension)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "json")
-    path.write_text(to_csv(result) if fmt == "csv" else json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    text = csv_of(result) if fmt == "csv" else json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+    path.write_text(text)
     return path
 
 
-def _clip(text: str, width: int) -> str:
+def write_result(result: dict, out: str | Path, fmt: str | None = None) -> Path:
+    """Write one discovery result as JSON or CSV."""
+    return write_file(result, out, fmt, to_csv)
+
+
+def clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -61,7 +68,7 @@ def table(result: dict) -> str:
         rows.append([str(i), str(f["feature_id"]), str(f["layer"]), f["stream"], f"{f['score']:.4f}",
                      f"{s['mean']:.4f}", f"{s['coverage']:.3f}", f"{s['max']:.3f}",
                      "-" if s["selectivity"] is None else f"{s['selectivity']:.4f}",
-                     _clip(" | ".join(x for x in (label, repr(span) if span else "") if x), 70)])
+                     clip(" | ".join(x for x in (label, repr(span) if span else "") if x), 70)])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]

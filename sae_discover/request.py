@@ -1,86 +1,141 @@
-"""The discovery request: the seed's option names and defaults, in one place for CLI, API and batch.
+"""The discovery request — step 1 of the flow (prompt → hooks → codes → rows → SQL → JSON).
 
-Validation turns any mapping (argparse namespace, JSON body, JSONL line) into a
-:class:`DiscoverRequest` or raises :class:`RequestError` naming the field and what was expected.
-Every number is bounded, so no request can overflow a DuckDB INTEGER or ask for unbounded work.
+One definition of every option, composed of the parts that use them:
+
+- :class:`Target` (here): model, SAE source, the prompt or text, and the hooks (layers × streams);
+- :class:`ingest.options.RunOptions`: everything else that fixes a run's activations;
+- :class:`catalog.ranking.RankOptions`: how stored activations are ranked (never creates a run).
+
+Each field carries its help text and bounds as metadata and its choices as a ``Literal`` type;
+:func:`options` reads them, and the CLI's flags (``cli.py``), the API's body schema
+(``api/schemas.py``) and :func:`build_request`'s validation are all generated from that one list.
+Validation turns any mapping (argparse namespace, JSON body, JSONL line) into a request or raises
+:class:`RequestError` naming the field. Every number is bounded, so no request can overflow a DuckDB
+INTEGER or ask for unbounded work.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-SCORE_MODE_ALIASES = {"mean×coverage": "mean×coverage", "mean_x_coverage": "mean×coverage",
-                      "mean*coverage": "mean×coverage", "meanxcoverage": "mean×coverage",
-                      "mean": "mean", "max": "max", "selectivity": "selectivity"}
-STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-TOKEN_PROXIES = ("entropy", "norm")
+from catalog.ranking import SCORE_MODES, RankOptions
+from ingest.options import STREAMS, RunOptions, Stream
+from sae_discover.errors import RequestError
+
+SCORE_MODE_ALIASES = {**{mode: mode for mode in SCORE_MODES}, "mean_x_coverage": "mean×coverage",
+                      "mean*coverage": "mean×coverage", "meanxcoverage": "mean×coverage"}
 INT32_MAX = 2**31 - 1
-
-
-class RequestError(ValueError):
-    """A request field with a bad value; ``field`` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-    @classmethod
-    def of(cls, exc: ValueError, default_field: str) -> RequestError:
-        """A lower layer's ``"<field>: <message>"`` error (CatalogError, ...) as a RequestError naming that field;
-        a message without a field prefix is filed under ``default_field``."""
-        if isinstance(exc, RequestError):
-            return exc
-        text = str(exc)
-        name, _, message = text.partition(": ")
-        return cls(name, message) if message and " " not in name else cls(default_field, text)
+MAX_LAYER = 10_000
+ID_MAX_CHARS = 1000
+ASCII_INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 
 
 @dataclass
-class DiscoverRequest:
+class Target:
+    """What to analyze, with which model and SAEs, at which hooks (the seed's names)."""
+
+    model_id: str = field(default="demo", metadata={
+        "help": "registry id, local HF directory or hub id", "flag": "--model"})
+    sae_id: str = field(default="demo", metadata={
+        "help": "registry id or SAE folder (SAELens folder, or a folder of them, one per hook)", "flag": "--sae"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "prompt to generate from (give prompt or text, not both)", "text": True})
+    text: str | None = field(default=None, metadata={
+        "help": "text to analyze as is (give prompt or text, not both)", "text": True})
+    layers: list[int] | None = field(default=None, metadata={
+        "help": "layers to analyze (default: the registry entry's default_layers, else 22)",
+        "item_bounds": (0, MAX_LAYER)})
+    streams: list[Stream] = field(default_factory=lambda: ["resid_pre"], metadata={
+        "help": "hook points, TransformerLens names"})
+    background_text: str | None = field(default=None, metadata={
+        "help": "selectivity's background text (default: the calibration corpus mean)", "text": True})
+    background_file: str | None = field(default=None, metadata={
+        "help": "selectivity's background: a file, one document per line", "text": True, "path": True})
+    id: str | None = field(default=None, metadata={"help": "echoed back in the response (batch lines)"})
+
+
+@dataclass
+class DiscoverRequest(RunOptions, RankOptions, Target):
     """The seed's body (names and defaults as it spells them) plus SPEC.md's settled extras."""
 
-    model_id: str = "demo"
-    sae_id: str = "demo"
-    text: str | None = None
-    prompt: str | None = None
-    generate: bool = True
-    gen_tokens: int = 128
-    layers: list[int] | None = None  # None → the registry entry's default_layers, else [22] as in the seed
-    streams: list[str] = field(default_factory=lambda: ["resid_pre"])
-    restrict_features: list[int] = field(default_factory=list)
-    topk_tokens_per_seq: int = 64
-    return_top_x: int = 25
-    score_mode: str = "mean×coverage"
-    min_coverage_pct: float = 0.5
-    merge_across_layers: bool = True
-    attach_examples: bool = True
-    attach_proto_labels: bool = True
-    seed: int = 42
-    # SPEC.md extras
-    temperature: float = 1.0
-    top_p: float = 1.0
-    token_proxy: str = "entropy"
-    tau: float | None = None
-    tau_quantile: float | None = None
-    spans_per_feature: int = 3
-    span_window: int = 8
-    background_text: str | None = None  # selectivity's background (default: the calibration mean)
-    background_file: str | None = None  # CLI only: one document per line
-    id: str | None = None  # batch lines
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {o.name: getattr(self, o.name) for o in options(DiscoverRequest)}
 
 
-FIELD_NAMES = tuple(f.name for f in fields(DiscoverRequest))
+@dataclass(frozen=True)
+class Option:
+    """One user-facing field of a request part, as the front doors see it."""
 
-# (low, high) inclusive bounds; the server may tighten some (see api.settings)
-INT_BOUNDS = {"gen_tokens": (0, 4096), "topk_tokens_per_seq": (1, 1_000_000), "return_top_x": (1, 100_000),
-              "seed": (0, 2**63 - 1), "spans_per_feature": (0, 100), "span_window": (0, 1024)}
-FLOAT_BOUNDS = {"min_coverage_pct": (0.0, 100.0), "temperature": (0.0, 100.0), "top_p": (1e-9, 1.0),
-                "tau": (0.0, 1e30), "tau_quantile": (0.0, 1.0)}
+    name: str
+    kind: Literal["bool", "int", "float", "id", "text", "choice", "int_list", "choice_list", "list"]
+    default: Any
+    help: str
+    bounds: tuple[float, float] | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is a value (e.g. tau: "not given")
+    flag: str = ""
+    path: bool = False  # names a file on the caller's machine (the API refuses it)
 
+    @property
+    def shown_default(self) -> str:
+        return "none" if self.default is None else str(self.default).lower() if isinstance(self.default, bool) \
+            else " ".join(map(str, self.default)) if isinstance(self.default, list) else str(self.default)
+
+
+def _kind(hint: Any, meta: dataclasses.Field) -> tuple[str, tuple[str, ...], bool]:
+    args = typing.get_args(hint)
+    optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "choice", tuple(args), optional
+    if origin is list:
+        (item,) = args
+        if typing.get_origin(item) is Literal:
+            return "choice_list", typing.get_args(item), optional
+        return ("int_list" if item is int else "list"), (), optional
+    if hint is bool:
+        return "bool", (), optional
+    if hint is int:
+        return "int", (), optional
+    if hint is float:
+        return "float", (), optional
+    return ("text" if meta.metadata.get("text") else "id"), (), optional
+
+
+def options(cls: type) -> list[Option]:
+    """The user-facing fields of a request dataclass, in declaration order (internal fields skipped)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        kind, choices, optional = _kind(hints[f.name], f)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        bounds = f.metadata.get("bounds") or f.metadata.get("item_bounds")
+        out.append(Option(f.name, kind, default, f.metadata.get("help", ""), bounds, choices, optional,
+                          f.metadata.get("flag", f"--{f.name}"), bool(f.metadata.get("path"))))
+    return out
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    return tuple(o.name for o in options(cls))
+
+
+FIELD_NAMES = field_names(DiscoverRequest)
+RANKING_FIELDS = field_names(RankOptions)
+OPTIONS = {o.name: o for o in options(DiscoverRequest)}
+MAX_TOPK = int(OPTIONS["topk_tokens_per_seq"].bounds[1])  # "keep every token" (backgrounds, calibration)
+
+
+# -- checks of single values ----------------------------------------------------------------------
 
 def parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
@@ -96,6 +151,8 @@ def _int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str | float):
         raise RequestError(name, f"expected an integer, got {value!r}")
     try:
+        if isinstance(value, str) and not ASCII_INT.match(value):  # int() also reads "٥" and "1_0"
+            raise ValueError
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
@@ -111,7 +168,7 @@ def _float(name: str, value: Any, low: float, high: float) -> float:
         raise RequestError(name, f"expected a number, got {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError(name, f"expected a number, got {value!r}") from None
     if not low <= number <= high:  # also refuses NaN
         raise RequestError(name, f"expected a number in [{low:g}, {high:g}], got {value!r}")
@@ -131,81 +188,9 @@ def _int_list(name: str, value: Any, low: int, high: int, max_len: int) -> list[
 def parse_score_mode(value: Any) -> str:
     mode = SCORE_MODE_ALIASES.get(str(value).strip().lower().replace(" ", ""))
     if mode is None:
-        raise RequestError("score_mode", f"expected one of mean, max, mean×coverage (or mean_x_coverage, "
-                                         f"mean*coverage), selectivity; got {value!r}")
+        raise RequestError("score_mode", f"expected one of {', '.join(SCORE_MODES)} (or mean_x_coverage, "
+                                         f"mean*coverage); got {value!r}")
     return mode
-
-
-def known_values(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    """The mapping without None values; a key outside ``names`` is refused, naming it."""
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field; expected one of {', '.join(names)}")
-    return {k: v for k, v in data.items() if v is not None}
-
-
-def set_ids(target: object, values: dict[str, Any], names: tuple[str, ...]) -> None:
-    """Copy id-like fields (non-empty strings up to 1000 characters, stripped) onto ``target``."""
-    for name in names:
-        if name in values:
-            if not isinstance(values[name], str) or not values[name].strip() or len(values[name]) > 1000:
-                raise RequestError(name, f"expected a non-empty string, got {values[name]!r}")
-            setattr(target, name, values[name].strip())
-
-
-def set_scalars(target: object, values: dict[str, Any], bools: tuple[str, ...], ints: dict[str, tuple[int, int]],
-                floats: dict[str, tuple[float, float]]) -> None:
-    """Copy booleans and bounded numbers present in ``values`` onto ``target``, each checked."""
-    for name in bools:
-        if name in values:
-            setattr(target, name, parse_bool(name, values[name]))
-    for name, (low, high) in ints.items():
-        if name in values:
-            setattr(target, name, _int(name, values[name], low, high))
-    for name, (low, high) in floats.items():
-        if name in values:
-            setattr(target, name, _float(name, values[name], low, high))
-
-
-def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64) -> DiscoverRequest:
-    """Validate a mapping of seed options into a :class:`DiscoverRequest` (unknown keys are refused)."""
-    values = known_values(data, FIELD_NAMES)
-    req = DiscoverRequest()
-    set_ids(req, values, ("model_id", "sae_id", "id"))
-    for name in ("text", "prompt", "background_text", "background_file"):
-        if name in values:
-            if not isinstance(values[name], str):
-                raise RequestError(name, f"expected a string, got {values[name]!r}")
-            if len(values[name]) > max_text_chars:
-                raise RequestError(name, f"expected at most {max_text_chars} characters, got {len(values[name])}")
-            if not values[name].strip():
-                raise RequestError(name, "expected non-empty text")
-            setattr(req, name, values[name])
-    if req.text is None and req.prompt is None:
-        raise RequestError("prompt", "give a prompt (to generate from) or a text (to analyze); got neither")
-    if req.text is not None and req.prompt is not None:
-        raise RequestError("text", "give either prompt or text, not both")
-    set_scalars(req, values, ("generate", "merge_across_layers", "attach_examples", "attach_proto_labels"),
-                INT_BOUNDS, FLOAT_BOUNDS)
-    if "layers" in values:
-        req.layers = parse_layers(values["layers"], max_layers)
-    if "streams" in values:
-        req.streams = parse_streams(values["streams"])
-    if "restrict_features" in values:
-        req.restrict_features = sorted(set(_int_list("restrict_features", values["restrict_features"], 0,
-                                                     INT32_MAX, 1_000_000)))
-    if "score_mode" in values:
-        req.score_mode = parse_score_mode(values["score_mode"])
-    set_proxy_and_tau(req, values)
-    return req
-
-
-def parse_layers(value: Any, max_layers: int) -> list[int]:
-    """One layer or a non-empty list of them, each a non-negative integer."""
-    layers = _int_list("layers", value, 0, 10_000, max_layers)
-    if not layers:
-        raise RequestError("layers", "expected at least one layer")
-    return layers
 
 
 def parse_streams(value: Any) -> list[str]:
@@ -219,12 +204,93 @@ def parse_streams(value: Any) -> list[str]:
     return list(dict.fromkeys(streams))
 
 
-def set_proxy_and_tau(req: object, values: dict[str, Any]) -> None:
-    """``token_proxy`` (checked) onto ``req``, and refuse tau together with tau_quantile."""
-    if "token_proxy" in values:
-        if values["token_proxy"] not in TOKEN_PROXIES:
-            raise RequestError("token_proxy", f"expected one of {', '.join(TOKEN_PROXIES)}, "
-                                              f"got {values['token_proxy']!r}")
-        req.token_proxy = values["token_proxy"]  # type: ignore[attr-defined]
+def parse_layers(value: Any, max_layers: int) -> list[int]:
+    """One layer or a non-empty list of them, each a non-negative integer; duplicates dropped, order kept
+    (a layer listed twice would otherwise store its activations twice)."""
+    layers = list(dict.fromkeys(_int_list("layers", value, 0, MAX_LAYER, max_layers)))
+    if not layers:
+        raise RequestError("layers", "expected at least one layer")
+    return layers
+
+
+def _choice(opt: Option, value: Any) -> str:
+    if opt.name == "score_mode":
+        return parse_score_mode(value)
+    if value not in opt.choices:
+        raise RequestError(opt.name, f"expected one of {', '.join(opt.choices)}, got {value!r}")
+    return value
+
+
+def _text(name: str, value: Any, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise RequestError(name, f"expected a string, got {value!r}")
+    if len(value) > max_chars:
+        raise RequestError(name, f"expected at most {max_chars} characters, got {len(value)}")
+    if not value.strip():
+        raise RequestError(name, "expected non-empty text")
+    return value
+
+
+def _ident(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX_CHARS:
+        raise RequestError(name, f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def check_value(opt: Option, value: Any, max_text_chars: int = 200_000, max_layers: int = 64) -> Any:
+    """One option's value, converted (CLI strings included) and checked against its type and bounds."""
+    if opt.kind == "bool":
+        return parse_bool(opt.name, value)
+    if opt.kind == "int":
+        return _int(opt.name, value, *opt.bounds)  # type: ignore[misc]
+    if opt.kind == "float":
+        return _float(opt.name, value, *opt.bounds)  # type: ignore[misc]
+    if opt.kind == "choice":
+        return _choice(opt, value)
+    if opt.kind == "choice_list":
+        return parse_streams(value) if opt.name == "streams" else [_choice(opt, v) for v in value]
+    if opt.kind == "int_list":
+        if opt.name == "layers":
+            return parse_layers(value, max_layers)
+        return sorted(set(_int_list(opt.name, value, *opt.bounds, 1_000_000)))  # type: ignore[misc]
+    if opt.kind == "text":
+        return _text(opt.name, value, max_text_chars)
+    if opt.kind == "list":
+        raise TypeError(f"{opt.name}: a list of objects has its own parser")  # a bug, not a user error
+    return _ident(opt.name, value)
+
+
+def known_values(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The mapping without None values; a key outside ``names`` is refused, naming it."""
+    if not isinstance(data, dict):
+        raise RequestError("body", f"expected an object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(names), key=str)
+    if unknown:
+        raise RequestError(str(unknown[0]), f"unknown field; expected one of {', '.join(names)}")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def fill(target: object, cls: type, values: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64,
+         skip: tuple[str, ...] = ()) -> None:
+    """Check every value present in ``values`` that is an option of ``cls`` and set it on ``target``."""
+    for opt in options(cls):
+        if opt.name in values and opt.name not in skip:
+            setattr(target, opt.name, check_value(opt, values[opt.name], max_text_chars, max_layers))
+
+
+def check_tau(req: object) -> None:
     if getattr(req, "tau", None) is not None and getattr(req, "tau_quantile", None) is not None:
         raise RequestError("tau", "give either tau or tau_quantile, not both")
+
+
+def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layers: int = 64) -> DiscoverRequest:
+    """Validate a mapping of seed options into a :class:`DiscoverRequest` (unknown keys are refused)."""
+    values = known_values(data, FIELD_NAMES)
+    req = DiscoverRequest()
+    fill(req, DiscoverRequest, values, max_text_chars, max_layers)
+    if req.text is None and req.prompt is None:
+        raise RequestError("prompt", "give a prompt (to generate from) or a text (to analyze); got neither")
+    if req.text is not None and req.prompt is not None:
+        raise RequestError("text", "give either prompt or text, not both")
+    check_tau(req)
+    return req

@@ -75,11 +75,11 @@ def test_settings_from_environment_and_flags(monkeypatch):
 
 
 def test_models_kept_are_bounded_least_recently_used_first(catalog, toy_registry):
-    from api.service import ServedDiscovery
+    from sae_discover.loaders import Loaders
     from sae_discover.registry import Registry
 
     registry = Registry.load(toy_registry)
-    disc = ServedDiscovery(catalog, registry, device="cpu", allow_paths=False, max_models=1)
+    disc = Loaders(registry, device="cpu", allow_paths=False, max_models=1)  # what the server's Discovery uses
     base, tuned = registry.models["toy"], registry.models["toy-finance"]
     first = disc.model(base)
     assert disc.model(base) is first and disc.loaded_models() == ["toy"]  # loaded once, kept

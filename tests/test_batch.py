@@ -141,7 +141,7 @@ def test_worker_processes_feed_one_writer_with_the_same_results(toy_demo, tmp_pa
     pooled_cat, single_cat = Catalog(tmp_path / "p.duckdb"), Catalog(tmp_path / "s.duckdb")
     pooled_disc = Discovery(pooled_cat, Registry.load(toy_registry), device="cpu")
     pooled = pooled_disc.discover_many(reqs, batch_size=2, workers=2)
-    assert pooled_disc._models == {}  # this process never loaded the model: the workers did
+    assert pooled_disc.loaded_models() == []  # this process never loaded the model: the workers did
     singles = Discovery(single_cat, Registry.load(toy_registry), device="cpu").discover_many(reqs)
     assert [r["run_id"] for r in pooled] == [r["run_id"] for r in singles]
     for p, s in zip(pooled, singles, strict=True):

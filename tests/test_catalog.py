@@ -10,8 +10,9 @@ from alembic import command
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog import store
+from catalog import stats, writes
 from catalog.db import Catalog, alembic_config
+from catalog.errors import CatalogError
 
 VIEW_COLUMNS = {
     "v_runs": ["run_id", "model_id", "sae_id", "mode", "prompt", "text", "generate", "gen_tokens", "seed", "created_at",
@@ -21,11 +22,11 @@ VIEW_COLUMNS = {
     "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens"],
     "v_labels": ["sae_id", "feature_id", "label", "source", "score"],
 }
-MODEL = store.ModelInfo("m", "fp-m", "gpt2", 2, 8)
+MODEL = writes.ModelInfo("m", "fp-m", "gpt2", 2, 8)
 
 
-def sae_info(d_sae: int = 8, layer: int = 0) -> store.SAEInfo:
-    return store.SAEInfo("s", layer, "resid_pre", f"fp-{d_sae}", f"blocks.{layer}.hook_resid_pre", "standard", 8, d_sae)
+def sae_info(d_sae: int = 8, layer: int = 0) -> writes.SAEInfo:
+    return writes.SAEInfo("s", layer, "resid_pre", f"fp-{d_sae}", f"blocks.{layer}.hook_resid_pre", "standard", 8, d_sae)
 
 
 def view_columns(con, view: str) -> list[str]:
@@ -67,10 +68,10 @@ def _acts(rows) -> pa.Table:
 
 
 def test_a_run_is_written_whole_and_visible_in_the_views(catalog):
-    key, created = store.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 3, 0.5),
+    key, created = writes.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 3, 0.5),
                                                                                                  (2, 0, 5, 1.5)]))
     assert created
-    again, created = store.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([]))
+    again, created = writes.write_run(catalog, _run("r1"), MODEL, [sae_info()], _tokens(), _acts([]))
     assert again == key and not created
     con = catalog.raw()
     assert con.execute("SELECT position, layer, stream, sae_id, feature_id, act FROM v_activations ORDER BY position"
@@ -83,7 +84,7 @@ def test_a_failing_write_leaves_nothing(catalog):
                        "feature_id": pa.array([1], pa.int32()), "act": pa.array([1.0], pa.float32()),
                        "no_such_column": [1]})
     with pytest.raises(duckdb.Error):
-        store.write_run(catalog, _run("bad"), MODEL, [sae_info()], _tokens(), broken)
+        writes.write_run(catalog, _run("bad"), MODEL, [sae_info()], _tokens(), broken)
     con = catalog.raw()
     for table in ("runs", "tokens", "activations", "run_saes", "models", "saes"):
         assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
@@ -95,14 +96,14 @@ def test_a_group_of_runs_is_written_whole_run_by_run(catalog, tmp_path):
     runs = [("g1", [sae_info(), two], [(1, 0, 3, 0.5), (2, 1, 4, 0.75)]),  # sae_index 0 = layer 0, 1 = layer 1
             ("g2", [two, sae_info()], [(2, 0, 5, 1.5), (2, 1, 0, 0.25)]),  # the other way round
             ("g3", [two], [(1, 0, 6, 2.0)]), ("g4", [sae_info()], [])]
-    written = store.write_runs(catalog, [store.RunRows(_run(rid), MODEL, saes, _tokens(), _acts(rows))
-                                         for rid, saes, rows in runs] + [store.RunRows(_run("g1"), MODEL, [sae_info()],
+    written = writes.write_runs(catalog, [writes.RunRows(_run(rid), MODEL, saes, _tokens(), _acts(rows))
+                                         for rid, saes, rows in runs] + [writes.RunRows(_run("g1"), MODEL, [sae_info()],
                                                                                        _tokens(), _acts([]))])
     assert [created for _, created in written] == [True, True, True, True, False]  # a repeat keeps its first row
     assert len({key for key, _ in written}) == 4 and written[4][0] == written[0][0]
     one_by_one = Catalog(tmp_path / "one.duckdb")
     for rid, saes, rows in runs:
-        store.write_run(one_by_one, _run(rid), MODEL, saes, _tokens(), _acts(rows))
+        writes.write_run(one_by_one, _run(rid), MODEL, saes, _tokens(), _acts(rows))
     query = ("SELECT run_id, position, layer, feature_id, act FROM v_activations ORDER BY ALL",
              "SELECT run_id, position, token, kept FROM v_tokens ORDER BY ALL",
              "SELECT r.run_id, count(*) FROM run_saes JOIN runs r USING (run_key) GROUP BY ALL ORDER BY ALL",
@@ -112,7 +113,7 @@ def test_a_group_of_runs_is_written_whole_run_by_run(catalog, tmp_path):
         assert con.execute(sql).fetchall() == ref.execute(sql).fetchall(), sql
     assert con.execute("SELECT run_id, position, layer, feature_id FROM v_activations ORDER BY ALL").fetchall() == [
         ("g1", 1, 0, 3), ("g1", 2, 1, 4), ("g2", 2, 0, 0), ("g2", 2, 1, 5), ("g3", 1, 1, 6)]
-    again = store.write_runs(catalog, [store.RunRows(_run("g2"), MODEL, [sae_info()], _tokens(), _acts([]))])
+    again = writes.write_runs(catalog, [writes.RunRows(_run("g2"), MODEL, [sae_info()], _tokens(), _acts([]))])
     assert again == [(written[1][0], False)]
     assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 4
 
@@ -121,12 +122,12 @@ def test_a_failing_group_leaves_none_of_its_runs(catalog):
     tokens = _tokens()
     broken = tokens.set_column(1, "token_id", pa.array([0, None, 2], pa.int32()))  # NOT NULL in the schema
     with pytest.raises(duckdb.ConstraintException):
-        store.write_runs(catalog, [store.RunRows(_run("ok"), MODEL, [sae_info()], tokens, _acts([(1, 0, 2, 0.5)])),
-                                   store.RunRows(_run("bad"), MODEL, [sae_info()], broken, _acts([]))])
+        writes.write_runs(catalog, [writes.RunRows(_run("ok"), MODEL, [sae_info()], tokens, _acts([(1, 0, 2, 0.5)])),
+                                   writes.RunRows(_run("bad"), MODEL, [sae_info()], broken, _acts([]))])
     con = catalog.raw()
     for table in ("runs", "tokens", "activations", "run_saes", "models", "saes"):
         assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
-    key, created = store.write_run(catalog, _run("ok"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 2, 0.5)]))
+    key, created = writes.write_run(catalog, _run("ok"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 2, 0.5)]))
     assert created and con.execute("SELECT count(*) FROM activations WHERE run_key = ?", [key]).fetchone()[0] == 1
 
 
@@ -138,7 +139,7 @@ def _calibrate(catalog: Catalog, dense: np.ndarray, q: float = 0.95) -> int:
     acts = pa.table({"doc": pa.array(np.zeros(len(rows), np.int32)), "position": pa.array((rows + 1).astype(np.int32)),
                      "sae_index": pa.array(np.zeros(len(rows), np.int16)), "feature_id": pa.array(cols.astype(np.int32)),
                      "act": pa.array(dense[rows, cols].astype(np.float32))})
-    return store.write_calibration(catalog, MODEL, [sae_info(d)], "corpus", "h", 1, tokens, acts, q)
+    return stats.write_calibration(catalog, MODEL, [sae_info(d)], "corpus", "h", 1, tokens, acts, q)
 
 
 @settings(max_examples=25, deadline=None)
@@ -174,3 +175,43 @@ def test_duckdb_quantile_cont_agrees_with_our_sparse_quantile(catalog):
                            ).fetchone()
     got = [r[0] for r in con.execute("SELECT p95 FROM v_feature_stats ORDER BY feature_id").fetchall()]
     np.testing.assert_allclose(got, expected, rtol=1e-7)
+
+
+def test_reading_runs_listing_detail_keys_and_ping(catalog):
+    """catalog.runs: the one run listing (CLI and API), a run's detail, key look-ups, the health ping."""
+    from catalog import runs
+
+    assert runs.ping(catalog) == 0 and runs.list_runs(catalog, 10) == ([], 0)
+    for rid in ("a1", "a2", "a3"):
+        writes.write_run(catalog, {**_run(rid), "model_id": "m2" if rid == "a3" else "m"}, MODEL, [sae_info()],
+                         _tokens(), _acts([(1, 0, 3, 0.5)]))
+    rows, total = runs.list_runs(catalog, 2)
+    assert total == 3 and [r["run_id"] for r in rows] == ["a3", "a2"]  # newest first, ties by the later run
+    assert set(rows[0]) == set(runs.LIST_COLUMNS) and rows[0]["layers"] == [0] and rows[0]["streams"] == ["resid_pre"]
+    assert rows[0]["created_at"].tzinfo is not None
+    assert [r["run_id"] for r in runs.list_runs(catalog, 10, 1, model_id="m")[0]] == ["a1"]
+    assert runs.list_runs(catalog, 10, model_id="m", sae_id="nope") == ([], 0)
+    with pytest.raises(CatalogError) as info:
+        runs.list_runs(catalog, -1)
+    assert info.value.field == "limit"
+    detail = runs.run_detail(catalog, "a2")
+    assert detail["run_id"] == "a2" and detail["created_at"].tzinfo is not None
+    assert (detail["restrict_features"], detail["timings"]) == ([], {})
+    assert [(s["layer"], s["stream"]) for s in detail["saes"]] == [(0, "resid_pre")]
+    assert runs.run_detail(catalog, "absent") is None
+    key = runs.model_key(catalog, MODEL.model_id, MODEL.fingerprint)
+    assert key is not None and runs.model_key(catalog.raw(), MODEL.model_id, "other") is None
+    assert runs.sae_keys_of(catalog, [sae_info()]) == writes.sae_keys(catalog.raw(), [sae_info()])
+    with pytest.raises(CatalogError) as info:
+        runs.sae_keys_of(catalog, [sae_info(16)])
+    assert info.value.field == "sae_id"
+    assert runs.ping(catalog) == 3
+
+
+def test_has_calibration_is_per_model_and_sae_and_writes_nothing(catalog):
+    assert not stats.has_calibration(catalog, sae_info(4), MODEL.model_id, MODEL.fingerprint)
+    assert catalog.raw().execute("SELECT count(*) FROM saes").fetchone()[0] == 0  # a pure read
+    _calibrate(catalog, np.eye(4, dtype=np.float32))
+    assert stats.has_calibration(catalog, sae_info(4), MODEL.model_id, MODEL.fingerprint)
+    assert not stats.has_calibration(catalog, sae_info(4), MODEL.model_id, "other weights")
+    assert not stats.has_calibration(catalog, sae_info(4, layer=1), MODEL.model_id, MODEL.fingerprint)

@@ -18,11 +18,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from ingest import worker
-from ingest.generate import keep_top_k, norm_proxy
+import ingest.run as ingest_run
 from ingest.models import FAMILIES, STREAMS, ModelError, load_model, quiet_transformers, read_card
 from ingest.saes import saelens
 from ingest.saes.base import SAE, SAEConfig
+from ingest.select import keep_top_k, norm_proxy
+from ingest.tokens import encode_ids, token_pieces
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "and", "then", "it", "was", "red", "blue", "green",
          "big", "small"]
@@ -166,7 +167,7 @@ def test_every_stream_equals_the_independent_reference(family_dirs, name):
     assert loaded.family == model_type(name)
     assert loaded.n_layers == N_LAYERS and loaded.d_model == D
     assert loaded.is_encoder == (loaded.family in ENCODER_TYPES)
-    ids = worker.encode_ids(loaded, "the cat sat on the mat and then it ran far", prepend_bos=True)
+    ids = encode_ids(loaded, "the cat sat on the mat and then it ran far", prepend_bos=True)
     if loaded.is_encoder:
         assert ids[0] == 2 and ids[-1] == 3  # [CLS] … [SEP], the encoder's own specials
     else:
@@ -195,7 +196,7 @@ def test_every_stream_equals_the_independent_reference(family_dirs, name):
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "gemma2", "bert"])
 def test_early_stop_gives_the_same_tensors_and_no_logits(family_dirs, name):
     loaded = load_model(name, family_dirs / name, device="cpu")
-    input_ids = torch.tensor([worker.encode_ids(loaded, "a big red dog ran", prepend_bos=True)])
+    input_ids = torch.tensor([encode_ids(loaded, "a big red dog ran", prepend_bos=True)])
     hooks = [(0, "mlp_out"), (1, "resid_post"), (1, "attn_out")]
     calls = []
     handle = loaded.blocks()[2].register_forward_hook(lambda *_: calls.append(1))
@@ -218,7 +219,7 @@ def test_early_stop_gives_the_same_tensors_and_no_logits(family_dirs, name):
 @pytest.mark.parametrize("name", ["llama", "gemma3_text"])
 def test_resid_pre_alone_stops_before_its_own_block(family_dirs, name):
     loaded = load_model(name, family_dirs / name, device="cpu")
-    input_ids = torch.tensor([worker.encode_ids(loaded, "the dog sat", prepend_bos=True)])
+    input_ids = torch.tensor([encode_ids(loaded, "the dog sat", prepend_bos=True)])
     ran = []
     handles = [block.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, block in enumerate(loaded.blocks())]
     try:
@@ -272,8 +273,8 @@ def test_only_kept_tokens_are_encoded(family_dirs, monkeypatch):
         return original(self, x, features)
     monkeypatch.setattr(SAE, "encode", spy)
     text = "the cat sat on the mat and then it ran far and it was big"
-    spec = worker.RunSpec(text=text, hooks=[(1, "resid_post")], token_proxy="norm", topk_tokens_per_seq=4)
-    batch = worker.run(loaded, [sae], spec)
+    spec = ingest_run.RunSpec(text=text, hooks=[(1, "resid_post")], token_proxy="norm", topk_tokens_per_seq=4)
+    batch = ingest_run.run(loaded, [sae], spec)
     kept = np.flatnonzero(batch.tokens.column("kept").to_numpy(zero_copy_only=False))
     assert len(kept) == 4 == batch.n_kept
     assert 0 not in kept  # BOS never analysed
@@ -296,11 +297,11 @@ def test_run_many_encodes_the_chunk_together_and_equals_one_at_a_time(family_dir
     hooks = [(0, "mlp_out"), (2, "resid_pre")]
     saes = [_relu_sae(0, "mlp_out", seed=1), _relu_sae(2, "resid_pre", seed=2)]
     texts = ["the cat sat on the mat", "a big red dog ran far and then it sat", "blue green small cat"]
-    specs = [worker.RunSpec(text=t, hooks=hooks, token_proxy="norm", topk_tokens_per_seq=k, restrict_features=r)
+    specs = [ingest_run.RunSpec(text=t, hooks=hooks, token_proxy="norm", topk_tokens_per_seq=k, restrict_features=r)
              for t, k, r in zip(texts, (3, 64, 2), ([], [], [5, 1, 30]), strict=True)]
-    together = worker.run_many(loaded, saes, specs)
+    together = ingest_run.run_many(loaded, saes, specs)
     for spec, batch in zip(specs, together, strict=True):
-        alone = worker.run(loaded, saes, spec)
+        alone = ingest_run.run(loaded, saes, spec)
         assert batch.tokens.column("kept").to_pylist() == alone.tokens.column("kept").to_pylist()
         a, b = batch.activations.to_pydict(), alone.activations.to_pydict()
         assert (a["position"], a["sae_index"], a["feature_id"]) == (b["position"], b["sae_index"], b["feature_id"])
@@ -315,19 +316,19 @@ def test_run_many_encodes_the_chunk_together_and_equals_one_at_a_time(family_dir
 def test_the_logits_budget_splits_micro_batches_without_changing_results(family_dirs, monkeypatch):
     """Entropy-filtered runs need the [batch, width, vocab] logits: a budget caps the rows per forward
     pass (long sequences, large vocabularies), and the runs come out the same."""
-    assert list(worker._micro_batches(list(range(6)), [10, 10, 20, 30, 40, 100], 16, 60)) == [[0, 1, 2], [3], [4], [5]]
-    assert list(worker._micro_batches(list(range(5)), [1] * 5, 2, None)) == [[0, 1], [2, 3], [4]]
+    assert list(ingest_run._micro_batches(list(range(6)), [10, 10, 20, 30, 40, 100], 16, 60)) == [[0, 1, 2], [3], [4], [5]]
+    assert list(ingest_run._micro_batches(list(range(5)), [1] * 5, 2, None)) == [[0, 1], [2, 3], [4]]
     loaded = load_model("gpt2", family_dirs / "gpt2", device="cpu")
     hooks = [(1, "resid_post")]
     saes = [_relu_sae(1, "resid_post", seed=3)]
     texts = ["the cat sat on the mat and the dog", "a big red dog ran far", "blue green small cat sat on a mat"]
-    specs = [worker.RunSpec(text=t, hooks=hooks, token_proxy="entropy", topk_tokens_per_seq=2) for t in texts]
-    together = worker.run_many(loaded, saes, specs)
+    specs = [ingest_run.RunSpec(text=t, hooks=hooks, token_proxy="entropy", topk_tokens_per_seq=2) for t in texts]
+    together = ingest_run.run_many(loaded, saes, specs)
     calls = []
     capture = loaded.capture
     monkeypatch.setattr(loaded, "capture", lambda ids, *a, **k: calls.append(ids.shape[0]) or capture(ids, *a, **k))
-    monkeypatch.setattr(worker, "LOGITS_BUDGET", 1)  # one row per forward pass
-    split = worker.run_many(loaded, saes, specs)
+    monkeypatch.setattr(ingest_run, "LOGITS_BUDGET", 1)  # one row per forward pass
+    split = ingest_run.run_many(loaded, saes, specs)
     assert calls == [1, 1, 1]
     for a, b in zip(together, split, strict=True):
         assert a.tokens.column("kept").to_pylist() == b.tokens.column("kept").to_pylist() and a.n_kept == 2
@@ -377,10 +378,10 @@ def test_token_pieces_are_the_text_each_token_adds_to_the_decoded_sequence(text)
     printed = [""] + [tok.decode(ids[: i + 1], skip_special_tokens=False).rstrip("\ufffd") for i in range(len(ids))]
     expected = [printed[i + 1][len(printed[i]):] for i in range(len(ids))]
     assert any(p == "" for p in expected) == (text != "Shares of Globex rose 12% after the call.")  # split chars
-    got = worker.token_pieces(tok, ids)
+    got = token_pieces(tok, ids)
     assert got == expected
     assert "".join(got) == tok.decode(ids, skip_special_tokens=False)
-    assert worker.token_pieces(tok, ids) == got  # again, from the per-tokenizer cache
+    assert token_pieces(tok, ids) == got  # again, from the per-tokenizer cache
 
 
 @pytest.mark.parametrize("text", ["hello world", "price € and ∑x 😀 ok", "€€😀😀", "x €"])
@@ -399,10 +400,10 @@ def test_token_pieces_with_sentencepiece_byte_fallback(text):
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     ids = [1, *tok(text, add_special_tokens=False)["input_ids"]]
     assert len(ids) > len(text) + 1 or text == "hello world"  # multi-byte characters really are split
-    got = worker.token_pieces(tok, ids)
+    got = token_pieces(tok, ids)
     assert len(got) == len(ids) and "".join(got) == tok.decode(ids, skip_special_tokens=False) == "<s> " + text
     assert [p for p in got if p] == ["<s>", *(" " + text)]  # one character per printing token, in order
-    cut = worker.token_pieces(tok, ids[:-1])  # ending inside a character (the last two texts): nothing is lost
+    cut = token_pieces(tok, ids[:-1])  # ending inside a character (the last two texts): nothing is lost
     assert cut[:-1] == got[: len(cut) - 1] and cut[-1] != ""
 
 
@@ -427,8 +428,8 @@ def test_encoder_text_mode_never_analyses_its_specials_and_uses_the_norm_proxy(f
     loaded = load_model("bert", family_dirs / "bert", device="cpu")
     sae = _relu_sae(1, "resid_pre")
     text = "the cat sat on the mat"
-    spec = worker.RunSpec(text=text, hooks=[(1, "resid_pre")], token_proxy="entropy", topk_tokens_per_seq=3)
-    batch = worker.run(loaded, [sae], spec)
+    spec = ingest_run.RunSpec(text=text, hooks=[(1, "resid_pre")], token_proxy="entropy", topk_tokens_per_seq=3)
+    batch = ingest_run.run(loaded, [sae], spec)
     tokens = batch.tokens.to_pydict()
     assert tokens["token_id"][0] == 2 and tokens["token_id"][-1] == 3  # [CLS] … [SEP]
     assert tokens["is_special"][0] and tokens["is_special"][-1] and not any(tokens["is_special"][1:-1])
@@ -441,7 +442,7 @@ def test_encoder_text_mode_never_analyses_its_specials_and_uses_the_norm_proxy(f
     np.testing.assert_allclose(tokens["proxy"], norms / norms[candidates].mean(), rtol=1e-6)
     assert set(batch.activations.column("position").to_pylist()) <= {i for i, k in enumerate(tokens["kept"]) if k}
     with pytest.raises(ModelError, match=r"generate: bert is an encoder \(bert\) and cannot generate"):
-        worker.run(loaded, [sae], worker.RunSpec(prompt=text, generate=True, hooks=[(1, "resid_pre")]))
+        ingest_run.run(loaded, [sae], ingest_run.RunSpec(prompt=text, generate=True, hooks=[(1, "resid_pre")]))
 
 
 def test_discovery_refuses_generation_on_an_encoder_and_runs_text_mode(family_dirs, tmp_path, catalog):

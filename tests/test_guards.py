@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.db import Catalog, CatalogError
+from catalog.db import Catalog
+from catalog.errors import CatalogError
 from sae_discover.registry import Registry
 from sae_discover.request import RequestError, build_request
 from sae_discover.service import Discovery

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from catalog import queries
-from catalog.db import CatalogError
+from catalog import ranking
+from catalog.errors import CatalogError
 from sae_discover.request import RequestError, build_request
 
 
@@ -62,7 +62,7 @@ def test_csv_and_the_best_label_wins(toy_discovery, tmp_path):
     assert 4 in lite and 6 in lite and lite[4].startswith(("fires on", "promotes"))
     other = next(f for f in sorted(lite) if f not in (4, 6))
     features = [{"sae_key": key, "feature_id": f} for f in (4, 6, other)]
-    queries._attach_labels(con, features)
+    ranking._attach_labels(con, features)
     assert [f["proto_label"] for f in features] == ["strong label", "unscored", lite[other]]
 
 

@@ -123,7 +123,7 @@ def test_second_request_never_loads_the_model(toy_registry, tmp_path):
     fresh = Discovery(cat, Registry.load(toy_registry), device="cpu")  # a new process, in effect
     b = fresh.discover(build_request({**body, "score_mode": "max", "return_top_x": 3}))
     assert b["cached"] and b["run_id"] == a["run_id"]
-    assert fresh.model_calls == 0 and fresh._models == {}  # the weights were never loaded
+    assert fresh.model_calls == 0 and fresh.loaded_models() == []  # the weights were never loaded
     assert len(b["features"]) <= 3
     cat.close()
 

@@ -7,15 +7,16 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog import queries, store
+from catalog import ranking, stats, writes
 from catalog.db import Catalog
+from catalog.labels import write_labels
 
-MODEL = store.ModelInfo("m", "fp", "gpt2", 4, 8)
+MODEL = writes.ModelInfo("m", "fp", "gpt2", 4, 8)
 HOOKS = [(1, "resid_pre"), (3, "mlp_out")]
 
 
-def infos(d: int) -> list[store.SAEInfo]:
-    return [store.SAEInfo("s", layer, stream, f"fp{layer}", f"blocks.{layer}.hook_{stream}", "standard", 8, d)
+def infos(d: int) -> list[writes.SAEInfo]:
+    return [writes.SAEInfo("s", layer, stream, f"fp{layer}", f"blocks.{layer}.hook_{stream}", "standard", 8, d)
             for layer, stream in HOOKS]
 
 
@@ -37,8 +38,8 @@ def random_dense(rng, n, d, density):
     return np.where(rng.random((n, d)) < density, rng.random((n, d)) * 3, 0).astype(np.float32)
 
 
-def oracle(run, cal, opts: queries.RankOptions):
-    """The ranking rules of catalog/queries.py, on dense matrices."""
+def oracle(run, cal, opts: ranking.RankOptions):
+    """The ranking rules of catalog/ranking.py, on dense matrices."""
     rows = []
     calibrated = cal is not None
     for h, (layer, stream) in enumerate(HOOKS):
@@ -75,7 +76,7 @@ def oracle(run, cal, opts: queries.RankOptions):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), d=st.integers(1, 20), density=st.floats(0.05, 0.9),
-       calibrated=st.booleans(), mode=st.sampled_from(queries.SCORE_MODES), min_cov=st.sampled_from([0, 0.5, 10, 50]),
+       calibrated=st.booleans(), mode=st.sampled_from(ranking.SCORE_MODES), min_cov=st.sampled_from([0, 0.5, 10, 50]),
        top=st.integers(1, 12), merge=st.booleans(), tau_kind=st.sampled_from(["default", "global", "quantile"]),
        restrict=st.booleans())
 def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, calibrated, mode, min_cov, top,
@@ -85,7 +86,7 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
     rng = np.random.default_rng(seed)
     run = [random_dense(rng, n, d, density) for _ in HOOKS]
     cal = [random_dense(rng, 25, d, density) for _ in HOOKS] if calibrated else None
-    opts = queries.RankOptions(score_mode=mode, min_coverage_pct=min_cov, return_top_x=top, merge_across_layers=merge,
+    opts = ranking.RankOptions(score_mode=mode, min_coverage_pct=min_cov, return_top_x=top, merge_across_layers=merge,
                                restrict_features=sorted(rng.choice(d, size=max(1, d // 2), replace=False).tolist())
                                if restrict else [],
                                tau=0.7 if tau_kind == "global" else None,
@@ -101,16 +102,16 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
                            "proxy": [0.0] * (n + 1)})
         run_meta = {"run_id": "r", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
                     "n_tokens": n + 1, "n_kept": n}
-        run_key, _ = store.write_run(cat, run_meta, MODEL, infos(d), tokens, sparse(run, positions))
+        run_key, _ = writes.write_run(cat, run_meta, MODEL, infos(d), tokens, sparse(run, positions))
         if calibrated:
             cal_tokens = pa.table({"doc": pa.array(np.zeros(25, np.int32)),
                                    "position": pa.array(np.arange(1, 26, dtype=np.int32)),
                                    "token_id": pa.array(np.zeros(25, np.int32)), "token": ["x"] * 25})
             acts = sparse(cal, np.arange(1, 26, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)})
-            store.write_calibration(cat, MODEL, infos(d), "corpus", "h", 1, cal_tokens, acts)
+            stats.write_calibration(cat, MODEL, infos(d), "corpus", "h", 1, cal_tokens, acts)
         con = cat.raw()
-        keys = store.sae_keys(con, infos(d))
-        got = queries.rank_run(cat, run_key, n, keys, opts)
+        keys = writes.sae_keys(con, infos(d))
+        got = ranking.rank_run(cat, run_key, n, keys, opts)
     finally:
         cat.close()
     expected = oracle(run, cal, opts)
@@ -125,7 +126,7 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
 def test_selectivity_without_a_background_is_refused_with_advice(catalog):
     import pytest
 
-    from catalog.db import CatalogError
+    from catalog.errors import CatalogError
 
     run = [np.ones((2, 3), np.float32) for _ in HOOKS]
     tokens = pa.table({"position": pa.array([0, 1, 2], pa.int32()), "token_id": pa.array([0, 1, 2], pa.int32()),
@@ -133,11 +134,11 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
                        "kept": [False, True, True], "proxy": [0.0] * 3})
     meta = {"run_id": "r", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
             "n_tokens": 3, "n_kept": 2}
-    run_key, _ = store.write_run(catalog, meta, MODEL, infos(3), tokens, sparse(run, np.array([1, 2], np.int32)))
-    keys = store.sae_keys(catalog.raw(), infos(3))
+    run_key, _ = writes.write_run(catalog, meta, MODEL, infos(3), tokens, sparse(run, np.array([1, 2], np.int32)))
+    keys = writes.sae_keys(catalog.raw(), infos(3))
     with pytest.raises(CatalogError, match="selectivity needs a background; calibrate"):
-        queries.rank_run(catalog, run_key, 2, keys, queries.RankOptions(score_mode="selectivity"))
-    plain = queries.rank_run(catalog, run_key, 2, keys, queries.RankOptions(score_mode="mean"))
+        ranking.rank_run(catalog, run_key, 2, keys, ranking.RankOptions(score_mode="selectivity"))
+    plain = ranking.rank_run(catalog, run_key, 2, keys, ranking.RankOptions(score_mode="mean"))
     assert all(f["selectivity"] is None for f in plain["features"])
     assert plain["threshold_source"] == "none" and len(plain["features"]) == 6
     spans = plain["features"][0]["top_spans"]
@@ -148,7 +149,7 @@ def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
     """Batch mode ranks a group of runs in one set of statements: every run's features, scores, spans
     and labels are exactly those of ranking it alone (both merge modes, runs of two models)."""
     rng = np.random.default_rng(7)
-    other = store.ModelInfo("m2", "fp2", "gpt2", 4, 8)
+    other = writes.ModelInfo("m2", "fp2", "gpt2", 4, 8)
     runs = []
     for r in range(4):
         n = 3 + r
@@ -160,20 +161,20 @@ def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
                            "proxy": [0.0] * (n + 1)})
         meta = {"run_id": f"r{r}", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
                 "n_tokens": n + 1, "n_kept": n}
-        key, _ = store.write_run(catalog, meta, MODEL if r % 2 else other, infos(6), tokens,
+        key, _ = writes.write_run(catalog, meta, MODEL if r % 2 else other, infos(6), tokens,
                                  sparse(dense, np.arange(1, n + 1, dtype=np.int32)))
         runs.append((key, n))
     labels = pa.table({"feature_id": pa.array([0, 1, 2], pa.int32()), "label": ["zero", "one", "two"],
                        "source": ["csv"] * 3, "score": [0.9, 0.8, None]})
-    store.write_labels(catalog, [(infos(6)[0], labels)])
-    keys = store.sae_keys(catalog.raw(), infos(6))
+    write_labels(catalog, [(infos(6)[0], labels)])
+    keys = writes.sae_keys(catalog.raw(), infos(6))
     for merge in (True, False):
-        opts = queries.RankOptions(merge_across_layers=merge, min_coverage_pct=0, return_top_x=4, span_window=1)
-        together = queries.rank_runs(catalog, runs, keys, opts)
-        alone = [queries.rank_run(catalog, key, n, keys, opts) for key, n in runs]
+        opts = ranking.RankOptions(merge_across_layers=merge, min_coverage_pct=0, return_top_x=4, span_window=1)
+        together = ranking.rank_runs(catalog, runs, keys, opts)
+        alone = [ranking.rank_run(catalog, key, n, keys, opts) for key, n in runs]
         assert together == alone
         assert all(0 < len(r["features"]) <= (4 if merge else 8) for r in together)
         assert any(f["proto_label"] == "zero" for r in together for f in r["features"])
         assert all(f["top_spans"] for r in together for f in r["features"])
-        twice = queries.rank_runs(catalog, [runs[0], runs[1], runs[0]], keys, opts)  # a run listed twice
+        twice = ranking.rank_runs(catalog, [runs[0], runs[1], runs[0]], keys, opts)  # a run listed twice
         assert twice[0] == twice[2] == alone[0] and twice[1] == alone[1] and twice[0] is not twice[2]

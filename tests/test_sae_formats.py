@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from ingest.run import sparse_codes
 from ingest.saes import saelens
 from ingest.saes.base import SAE, SAEConfig, SAEError
 from ingest.saes.sources import open_source
-from ingest.worker import sparse_codes
 
 D_IN, D_SAE, K = 16, 40, 6
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from ingest.run import sparse_codes
 from ingest.saes import saelens
 from ingest.saes.base import SAEError
 from ingest.saes.sources import open_source
-from ingest.worker import sparse_codes
 
 D_IN, D_SAE = 16, 48
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ingest.demo.corpus import DOMAINS, documents
+from ingest.models import load_model
 from ingest.saes import saelens
 from ingest.saes.base import SAE, SAEConfig
 
@@ -69,8 +70,8 @@ def write_corpus(out: Path, scale: Scale) -> tuple[list[tuple[str, str]], list[t
 
 
 def train_tokenizer(train: list[tuple[str, str]], out: Path, scale: Scale):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import ByteLevelBPETokenizer  # deferred: heavy, and only the build steps need it
+    from transformers import PreTrainedTokenizerFast  # deferred: heavy, and only the build steps need it
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator((t for _, t in train), vocab_size=scale.vocab, min_frequency=2, special_tokens=[BOS])
@@ -204,7 +205,7 @@ def sae_figures(sae: SAE, x: torch.Tensor) -> dict[str, float]:
 
 def build_models(out: Path, scale: Scale, train, heldout, tok) -> dict:
     """Train the demo LM and its finance fine-tune; return their figures."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # deferred: transformers is heavy, only this step needs it
 
     train_seqs = encode_docs(tok, train, scale.n_ctx)
     held_seqs = encode_docs(tok, heldout, scale.n_ctx)
@@ -235,8 +236,6 @@ def build_models(out: Path, scale: Scale, train, heldout, tok) -> dict:
 
 def build_saes(out: Path, scale: Scale, scale_name: str, train, heldout) -> dict:
     """Train the SAEs on the saved demo model's activations; return their figures."""
-    from ingest.models import load_model
-
     loaded = load_model("demo", out / "model", device="cpu")
     tok = loaded.tokenizer
     mid = MLP_LAYER[scale_name]

@@ -66,7 +66,7 @@ def _published_config(folder: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SAEError(f"sae {file}: not readable JSON ({exc})") from exc
+        raise SAEError("sae_id", f"{file}: not readable JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
 
 
@@ -82,7 +82,7 @@ def locate(folder: Path) -> tuple[int, str]:
     published = _published_config(folder)
     kind = str(published.get("type", "sae")).lower()
     if kind != "sae" or published.get("affine_connection"):
-        raise SAEError(f"sae {folder}: a Gemma Scope {kind}{' with an affine skip' if kind == 'sae' else ''} "
+        raise SAEError("sae_id", f"{folder}: a Gemma Scope {kind}{' with an affine skip' if kind == 'sae' else ''} "
                        "is not an SAE on one of the streams resid_pre/resid_post/mlp_out/attn_out; not supported")
     point = published.get("hf_hook_point_in")
     if point and (layer is None or stream is None):
@@ -93,7 +93,7 @@ def locate(folder: Path) -> tuple[int, str]:
                 stream = stream or name
                 break
         else:
-            raise SAEError(f"sae {folder / CONFIG_FILE}: hf_hook_point_in {point!r} is not one of the supported "
+            raise SAEError("sae_id", f"{folder / CONFIG_FILE}: hf_hook_point_in {point!r} is not one of the supported "
                            "streams (model.layers.N.output = resid_post, "
                            "model.layers.N.post_feedforward_layernorm.output = mlp_out)")
     for place in layout.ancestors(folder):
@@ -104,14 +104,14 @@ def locate(folder: Path) -> tuple[int, str]:
         if stream is None:
             for word in _words(place.name):
                 if word in _REFUSED_WORDS:
-                    raise SAEError(f"sae {folder}: Gemma Scope {_REFUSED_WORDS[word]} (folder {place.name!r}) are not "
+                    raise SAEError("sae_id", f"{folder}: Gemma Scope {_REFUSED_WORDS[word]} (folder {place.name!r}) are not "
                                    "supported; only resid_post / mlp_out SAEs are, or say the hook in "
                                    f"{layout.SIDECAR}")
                 if word in _STREAM_WORDS:
                     stream = _STREAM_WORDS[word]
                     break
     if layer is None:
-        raise SAEError(f"sae {folder}: cannot tell which layer this Gemma Scope SAE reads: no layer_N folder, "
+        raise SAEError("sae_id", f"{folder}: cannot tell which layer this Gemma Scope SAE reads: no layer_N folder, "
                        f"no config.json hf_hook_point_in; add {layout.SIDECAR} with "
                        '{"hook_name": "blocks.<layer>.hook_<stream>"}')
     return layer, stream or "resid_post"
@@ -126,16 +126,16 @@ def read_config(folder: Path) -> SAEConfig:
     """The config from the layout, sidecar and the weight shapes (headers only; no weights loaded)."""
     file = weights_file(folder)
     if file is None:
-        raise SAEError(f"sae {folder}: no {' or '.join(WEIGHT_FILES)}")
+        raise SAEError("sae_id", f"{folder}: no {' or '.join(WEIGHT_FILES)}")
     shapes = _shapes(file)
     missing = [k for k in REQUIRED if k not in shapes]
     if missing:
-        raise SAEError(f"sae weights {file}: missing arrays {missing} (has {sorted(shapes)})")
+        raise SAEError("sae_id", f"weights {file}: missing arrays {missing} (has {sorted(shapes)})")
     if any("skip" in k for k in shapes):
-        raise SAEError(f"sae weights {file}: has a skip connection ({[k for k in shapes if 'skip' in k]}): "
+        raise SAEError("sae_id", f"weights {file}: has a skip connection ({[k for k in shapes if 'skip' in k]}): "
                        "a transcoder, not supported")
     if len(shapes["w_enc"]) != 2:
-        raise SAEError(f"sae weights {file}: W_enc must be 2-d [d_in, d_sae], got shape {shapes['w_enc']}")
+        raise SAEError("sae_id", f"weights {file}: W_enc must be 2-d [d_in, d_sae], got shape {shapes['w_enc']}")
     layer, stream = locate(folder)
     side, _ = layout.read_sidecar(folder)
     published = _published_config(folder)
@@ -161,7 +161,7 @@ def load(folder: Path, source: str = "") -> SAE:
         arrays = {k.lower(): v for k, v in layout.load_safetensors(file).items()}
     for name, value in arrays.items():
         if not value.is_floating_point():
-            raise SAEError(f"sae weights {file}: array {name} has dtype {value.dtype}, expected floating point")
+            raise SAEError("sae_id", f"weights {file}: array {name} has dtype {value.dtype}, expected floating point")
     return SAE(cfg=cfg, W_enc=arrays["w_enc"], b_enc=arrays["b_enc"], W_dec=arrays["w_dec"], b_dec=arrays["b_dec"],
                threshold=arrays["threshold"], source=source or str(folder))
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from ingest.options import STREAMS
 from ingest.saes.base import SAEError
 
 SIDECAR = "sae-discover.json"
-STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 SEARCH_LEVELS = 4  # folders above an SAE's own folder that may hold its sidecar or name its release
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+HOOK_RE = re.compile(rf"^blocks\.(\d+)\.hook_({'|'.join(STREAMS)})$")  # TransformerLens hook names
 
 
 def ancestors(folder: Path, levels: int = SEARCH_LEVELS) -> list[Path]:
@@ -46,16 +47,16 @@ def read_sidecar(folder: Path) -> tuple[dict, Path | None]:
 def hook_from_sidecar(data: dict, file: Path | None) -> tuple[int | None, str | None]:
     """(layer, stream) named by a sidecar; either may be None when the sidecar leaves it to the layout."""
     if "hook_name" in data:
-        match = _HOOK_RE.match(str(data["hook_name"]))
+        match = HOOK_RE.match(str(data["hook_name"]))
         if not match:
-            raise SAEError(f"sae {file}: hook_name must look like 'blocks.<layer>.hook_<{'|'.join(STREAMS)}>', "
+            raise SAEError("sae_id", f"{file}: hook_name must look like 'blocks.<layer>.hook_<{'|'.join(STREAMS)}>', "
                            f"got {data['hook_name']!r}")
         return int(match.group(1)), match.group(2)
     layer, stream = data.get("layer"), data.get("stream")
     if stream is not None and stream not in STREAMS:
-        raise SAEError(f"sae {file}: stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+        raise SAEError("sae_id", f"{file}: stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if layer is not None and (not isinstance(layer, int) or layer < 0):
-        raise SAEError(f"sae {file}: layer must be a non-negative integer, got {layer!r}")
+        raise SAEError("sae_id", f"{file}: layer must be a non-negative integer, got {layer!r}")
     return layer, stream
 
 
@@ -64,20 +65,18 @@ def read_json_object(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SAEError(f"sae {file}: cannot read it as JSON ({exc})") from exc
+        raise SAEError("sae_id", f"{file}: cannot read it as JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise SAEError(f"sae {file}: expected a JSON object")
+        raise SAEError("sae_id", f"{file}: expected a JSON object")
     return data
 
 
 def load_safetensors(file: Path) -> dict:
     """All tensors of a safetensors file (no pickle involved); a bad file is an SAEError naming it."""
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(file))
     except (OSError, SafetensorError, ValueError) as exc:
-        raise SAEError(f"sae weights {file}: not a readable safetensors file ({exc})") from exc
+        raise SAEError("sae_id", f"weights {file}: not a readable safetensors file ({exc})") from exc
 
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -86,7 +85,7 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as fh:
             return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
     except (OSError, SafetensorError, ValueError) as exc:
-        raise SAEError(f"sae weights {file}: not a readable safetensors file ({exc})") from exc
+        raise SAEError("sae_id", f"weights {file}: not a readable safetensors file ({exc})") from exc
 
 
 def npz_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -104,7 +103,7 @@ def npz_shapes(file: Path) -> dict[str, tuple[int, ...]]:
                 shapes[name.removesuffix(".npy")] = tuple(shape)
             return shapes
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, struct.error) as exc:
-        raise SAEError(f"sae weights {file}: not a readable .npz file ({exc})") from exc
+        raise SAEError("sae_id", f"weights {file}: not a readable .npz file ({exc})") from exc
 
 
 def load_npz(file: Path) -> dict[str, np.ndarray]:
@@ -113,4 +112,4 @@ def load_npz(file: Path) -> dict[str, np.ndarray]:
         with np.load(file, allow_pickle=False) as data:
             return {k: np.asarray(data[k]) for k in data.files}
     except (OSError, zipfile.BadZipFile, ValueError, EOFError, KeyError, struct.error) as exc:
-        raise SAEError(f"sae weights {file}: not a readable .npz file ({exc})") from exc
+        raise SAEError("sae_id", f"weights {file}: not a readable .npz file ({exc})") from exc

@@ -7,26 +7,24 @@ load in SAELens itself (``SAE.load_from_disk``).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ingest.options import STREAMS
 from ingest.saes import layout
 from ingest.saes.base import SAE, SAEConfig, SAEError, numpy_weights
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
 
 def parse_hook_name(hook_name: str) -> tuple[int, str]:
     """``blocks.8.hook_resid_pre`` → ``(8, "resid_pre")`` (TransformerLens names)."""
-    match = HOOK_RE.match(hook_name or "")
+    match = layout.HOOK_RE.match(hook_name or "")
     if not match:
-        raise SAEError(f"sae hook_name: expected 'blocks.<layer>.hook_<resid_pre|resid_post|mlp_out|attn_out>', "
-                       f"got {hook_name!r}")
+        raise SAEError("sae_id", f"hook_name: expected 'blocks.<layer>.hook_<{'|'.join(STREAMS)}>', got {hook_name!r}")
     return int(match.group(1)), match.group(2)
 
 
@@ -39,7 +37,7 @@ def read_config(folder: Path) -> SAEConfig:
     try:
         raw = json.loads((folder / CFG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SAEError(f"sae cfg.json in {folder}: cannot read it ({exc})") from exc
+        raise SAEError("sae_id", f"cfg.json in {folder}: cannot read it ({exc})") from exc
     meta = raw.get("metadata") or {}
     merged = {**raw, **meta}  # v6 keeps model context in metadata; v5 has it flat
     arch = merged.get("architecture")
@@ -67,7 +65,7 @@ def read_config(folder: Path) -> SAEConfig:
             scaling_factor=merged.get("scaling_factor"), model_name=str(merged.get("model_name", "")),
         )
     except KeyError as exc:
-        raise SAEError(f"sae cfg.json in {folder}: missing field {exc.args[0]!r}") from exc
+        raise SAEError("sae_id", f"cfg.json in {folder}: missing field {exc.args[0]!r}") from exc
     cfg.check()
     return cfg
 
@@ -84,7 +82,7 @@ def load(folder: Path, source: str = "") -> SAE:
     if cfg.architecture != "gated" and "b_enc" not in tensors:
         missing.append("b_enc")
     if missing:
-        raise SAEError(f"sae weights {folder / WEIGHTS_FILE}: missing tensors {missing}")
+        raise SAEError("sae_id", f"weights {folder / WEIGHTS_FILE}: missing tensors {missing}")
     b_enc = tensors.get("b_enc")
     if b_enc is None:  # gated SAEs have b_gate/b_mag instead
         b_enc = torch.zeros(cfg.d_sae)

@@ -98,7 +98,7 @@ class SAESource:
     def folder(self, layer: int, stream: str) -> Path:
         if (layer, stream) not in self.hooks:
             have = ", ".join(f"layer {lyr} {s}" for lyr, s in sorted(self.hooks)) or "none"
-            raise SAEError(f"layers/streams: SAE source {self.sae_id!r} has no SAE for layer {layer} {stream}; "
+            raise SAEError("layers/streams", f"SAE source {self.sae_id!r} has no SAE for layer {layer} {stream}; "
                            f"it has: {have}")
         return self.hooks[(layer, stream)]
 
@@ -149,14 +149,14 @@ def open_source(sae_id: str, path: str | Path) -> SAESource:
     """Find the SAEs under ``path`` and index them by (layer, stream), reading configs and headers only."""
     root = Path(path)
     if not root.exists():
-        raise SAEError(f"sae_id: {sae_id!r} → {root} does not exist")
+        raise SAEError("sae_id", f"{sae_id!r} → {root} does not exist")
     if root.is_file():
         if root.name not in WEIGHT_FILES:
-            raise SAEError(f"sae_id: {root} is a file but not an SAE weights file ({', '.join(sorted(WEIGHT_FILES))})")
+            raise SAEError("sae_id", f"{root} is a file but not an SAE weights file ({', '.join(sorted(WEIGHT_FILES))})")
         root = root.parent
     folders = _candidates(root)
     if not folders:
-        raise SAEError(f"sae_id: no SAE found in {root} (expected a SAELens folder with cfg.json + "
+        raise SAEError("sae_id", f"no SAE found in {root} (expected a SAELens folder with cfg.json + "
                        "sae_weights.safetensors, a sparsify folder with cfg.json + sae.safetensors, Gemma Scope "
                        "params.npz / params.safetensors, or a folder of those)")
     source = SAESource(sae_id=sae_id, root=root)
@@ -165,7 +165,7 @@ def open_source(sae_id: str, path: str | Path) -> SAESource:
         cfg = fmt.read_config(folder)
         key = (cfg.layer, cfg.stream)
         if key in source.hooks:
-            raise SAEError(f"sae_id: {sae_id!r} holds several SAEs for layer {cfg.layer} {cfg.stream}: "
+            raise SAEError("sae_id", f"{sae_id!r} holds several SAEs for layer {cfg.layer} {cfg.stream}: "
                            f"{source.hooks[key]} and {folder}; point sae_id at one of them (or a folder with one per hook)")
         source.hooks[key] = folder
         source.formats[key] = fmt

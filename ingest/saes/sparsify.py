@@ -41,7 +41,7 @@ def parse_hookpoint(name: str) -> tuple[int, str]:
     """sparsify hookpoint (module name) → (layer, stream)."""
     match = _HOOKPOINT_RE.match(name)
     if not match or match.group(2) not in _SUFFIX:
-        raise SAEError(f"sae sparsify hookpoint {name!r}: expected a block ('layers.N', 'h.N') or its "
+        raise SAEError("sae_id", f"sparsify hookpoint {name!r}: expected a block ('layers.N', 'h.N') or its "
                        "'.mlp' / '.self_attn' / '.attn' / '.attention' output, or a "
                        f"{layout.SIDECAR} naming the hook")
     return int(match.group(1)), _SUFFIX[match.group(2)]
@@ -65,24 +65,24 @@ def read_config(folder: Path) -> SAEConfig:
     raw = _raw_config(folder)
     file = folder / CFG_FILE
     if raw.get("transcode"):
-        raise SAEError(f"sae {file}: a sparsify transcoder (transcode=true) reads the MLP input and predicts its "
+        raise SAEError("sae_id", f"{file}: a sparsify transcoder (transcode=true) reads the MLP input and predicts its "
                        "output; not supported")
     if raw.get("skip_connection"):
-        raise SAEError(f"sae {file}: skip_connection=true (a transcoder); not supported")
+        raise SAEError("sae_id", f"{file}: skip_connection=true (a transcoder); not supported")
     if raw.get("normalize_io"):
-        raise SAEError(f"sae {file}: normalize_io=true is not supported")
+        raise SAEError("sae_id", f"{file}: normalize_io=true is not supported")
     activation = raw.get("activation", "topk")
     if activation != "topk":
-        raise SAEError(f"sae {file}: activation {activation!r} is not supported (only topk)")
+        raise SAEError("sae_id", f"{file}: activation {activation!r} is not supported (only topk)")
     if not raw.get("k"):
-        raise SAEError(f"sae {file}: missing field 'k' (the TopK size)")
+        raise SAEError("sae_id", f"{file}: missing field 'k' (the TopK size)")
     shapes = layout.safetensors_shapes(folder / WEIGHTS_FILE)
     missing = [k for k in REQUIRED if k not in shapes]
     if missing:
-        raise SAEError(f"sae weights {folder / WEIGHTS_FILE}: missing tensors {missing} (has {sorted(shapes)})")
+        raise SAEError("sae_id", f"weights {folder / WEIGHTS_FILE}: missing tensors {missing} (has {sorted(shapes)})")
     d_sae, d_in = shapes["encoder.weight"]
     if raw.get("d_in") is not None and int(raw["d_in"]) != d_in:
-        raise SAEError(f"sae {file}: d_in={raw['d_in']} but encoder.weight has shape {shapes['encoder.weight']}")
+        raise SAEError("sae_id", f"{file}: d_in={raw['d_in']} but encoder.weight has shape {shapes['encoder.weight']}")
     layer, stream = locate(folder)
     side, _ = layout.read_sidecar(folder)
     cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="topk", hook_name=hook_name(layer, stream),

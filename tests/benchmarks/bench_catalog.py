@@ -1,6 +1,6 @@
 """Catalog benchmarks (run on demand: ``.venv/bin/python tests/benchmarks/bench_catalog.py``).
 
-1. write throughput of activation rows through ``store.write_run`` (one transaction per run) and the
+1. write throughput of activation rows through ``writes.write_run`` (one transaction per run) and the
    on-disk size per row after CHECKPOINT;
 2. ranking one run (scores, gate, spans, labels) in a catalog holding 10,000,000 activation rows;
 3. batch ingest on the demo (text mode) vs the bare forward pass over the same tokens
@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from catalog import queries, store
+from catalog import ranking, stats, writes
 from catalog.db import Catalog
+from catalog.labels import write_labels
 
-MODEL = store.ModelInfo("bench", "fp", "gpt2", 12, 768)
+MODEL = writes.ModelInfo("bench", "fp", "gpt2", 12, 768)
 D_SAE = 24_576
 
 
-def sae(layer: int = 8) -> store.SAEInfo:
-    return store.SAEInfo("bench-sae", layer, "resid_pre", "fp", f"blocks.{layer}.hook_resid_pre", "standard", 768, D_SAE)
+def sae(layer: int = 8) -> writes.SAEInfo:
+    return writes.SAEInfo("bench-sae", layer, "resid_pre", "fp", f"blocks.{layer}.hook_resid_pre", "standard", 768, D_SAE)
 
 
 def synthetic_run(rng: np.random.Generator, n_tokens: int, per_token: int) -> tuple[pa.Table, pa.Table]:
@@ -54,7 +55,7 @@ def bench_writes(path: Path, total_rows: int, per_run_tokens: int = 300, per_tok
         run = {"run_id": f"run{i}", "model_id": "bench", "sae_id": "bench-sae", "mode": "text", "text": "x",
                "generate": False, "n_tokens": per_run_tokens + 1, "n_kept": per_run_tokens}
         t0 = time.perf_counter()
-        store.write_run(cat, run, MODEL, [sae()], tokens, acts)
+        writes.write_run(cat, run, MODEL, [sae()], tokens, acts)
         elapsed += time.perf_counter() - t0
         rows += acts.num_rows
         i += 1
@@ -76,12 +77,12 @@ def bench_rank(path: Path, repeats: int = 20) -> dict:
     cal_tokens = pa.table({"doc": np.zeros(tokens.num_rows - 1, np.int32), "position": tokens["position"].to_numpy()[1:],
                            "token_id": tokens["token_id"].to_numpy()[1:], "token": tokens["token"].to_pylist()[1:]})
     cal_acts = acts.append_column("doc", pa.array(np.zeros(acts.num_rows, np.int32)))
-    store.write_calibration(cat, MODEL, [sae()], "synthetic", "h", 1, cal_tokens, cal_acts)
+    stats.write_calibration(cat, MODEL, [sae()], "synthetic", "h", 1, cal_tokens, cal_acts)
     labels = pa.table({"feature_id": np.arange(D_SAE, dtype=np.int32), "label": [f"feature {i}" for i in range(D_SAE)],
                        "source": ["csv"] * D_SAE, "score": rng.random(D_SAE)})
-    store.write_labels(cat, [(sae(), labels)])
+    write_labels(cat, [(sae(), labels)])
     con = cat.raw()
-    (key,) = store.sae_keys(con, [sae()])
+    (key,) = writes.sae_keys(con, [sae()])
     run_key, n_kept = con.execute("SELECT run_key, n_kept FROM runs ORDER BY run_key LIMIT 1 OFFSET "
                                   "(SELECT count(*) // 2 FROM runs)").fetchone()
     n_rows = con.execute("SELECT count(*) FROM activations").fetchone()[0]
@@ -89,7 +90,7 @@ def bench_rank(path: Path, repeats: int = 20) -> dict:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = queries.rank_run(cat, run_key, n_kept, [key], queries.RankOptions())
+        result = ranking.rank_run(cat, run_key, n_kept, [key], ranking.RankOptions())
         times.append(time.perf_counter() - t0)
     cat.close()
     return {"catalog_rows": n_rows, "rank_ms_median": 1000 * statistics.median(times),

@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from ingest import worker  # noqa: E402
+from ingest import run as ingest_run  # noqa: E402
 from ingest.models import LoadedModel, load_model  # noqa: E402
 from ingest.saes.base import SAE, SAEConfig  # noqa: E402
 from ingest.saes.saelens import hook_name  # noqa: E402
 from ingest.saes.sources import open_source  # noqa: E402
+from ingest.select import select_tokens  # noqa: E402
 
 BATCH, SEQ, D_SAE, TARGET_L0, K_PER_SEQ = 8, 128, 24_576, 64, 64
 CLOCK = time.perf_counter
@@ -72,14 +73,13 @@ def relu_sae(d_in: int, layer: int, stream: str, sample: torch.Tensor, seed: int
 
 
 def encode_kept(sae: SAE, captured: dict, hook: tuple[int, str], k: int):
-    """The worker's analysis step on a captured micro-batch: norm proxy, top-``k`` per sequence (BOS
-    never kept), then the kept rows encoded together (``worker._select`` + ``worker._encode_kept``)."""
+    """A run's analysis step on a captured micro-batch: norm proxy, top-``k`` per sequence (BOS
+    never kept), then the kept rows encoded together (``select.select_tokens`` + ``run._encode_kept``)."""
     batch, seq = captured[hook].shape[:2]
     candidates = torch.ones((batch, seq), dtype=torch.bool)
     candidates[:, 0] = False
-    specs = [worker.RunSpec(hooks=[hook], token_proxy="norm", topk_tokens_per_seq=k)] * batch
-    _, kept = worker._select(specs, [hook], candidates, captured, None, [seq] * batch)
-    return worker._encode_kept([sae], [hook], captured, kept, [None] * batch)
+    _, kept = select_tokens(["norm"] * batch, [k] * batch, [hook], candidates, captured, None, [seq] * batch)
+    return ingest_run._encode_kept([sae], [hook], captured, kept, [None] * batch)
 
 
 def timeit(variants: dict, reps: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -127,10 +127,10 @@ def bench_restrict(reps: int) -> str:
     feats = tuple(int(f) for f in torch.randperm(D_SAE)[:15].sort().values)
     pos = np.arange(len(x), dtype=np.int32)
     t = CLOCK()
-    worker.sparse_codes(sae, x, pos, feats)
+    ingest_run.sparse_codes(sae, x, pos, feats)
     first = CLOCK() - t  # includes slicing the 15 W_enc columns once
-    best, med, _ = timeit({"full": lambda: worker.sparse_codes(sae, x, pos, None),
-                        "restricted": lambda: worker.sparse_codes(sae, x, pos, feats)}, reps)
+    best, med, _ = timeit({"full": lambda: ingest_run.sparse_codes(sae, x, pos, None),
+                        "restricted": lambda: ingest_run.sparse_codes(sae, x, pos, feats)}, reps)
     full = best["full"]
     lines = ["**(a) restrict_features: SAE stage, 1,024 tokens, d_in 768, 24,576-feature ReLU SAE**", "",
              "| encode | best ms | speed-up vs full | median ms |", "|---|---:|---:|---:|",
@@ -142,7 +142,7 @@ def bench_restrict(reps: int) -> str:
 
 
 def bench_model(title: str, loaded: LoadedModel, sae_for, layer: int, reps: int) -> str:
-    """Floor vs capture (+ encode) for resid_post ``layer`` and resid_pre ``layer``, plus the worker path."""
+    """Floor vs capture (+ encode) for resid_post ``layer`` and resid_pre ``layer``, plus the whole run path."""
     ids = torch.randint(5, min(2000, loaded.model.config.vocab_size), (BATCH, SEQ))
     rows = []
     texts = texts_for(loaded.tokenizer, BATCH)
@@ -151,25 +151,25 @@ def bench_model(title: str, loaded: LoadedModel, sae_for, layer: int, reps: int)
         hook = (layer, stream)
         captured, _ = loaded.capture(ids, [hook])
         sae = sae_for(hook, captured[hook].reshape(-1, captured[hook].shape[-1]))
-        specs_all = [worker.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=SEQ) for t in texts]
-        specs_k = [worker.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=K_PER_SEQ) for t in texts]
+        specs_all = [ingest_run.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=SEQ) for t in texts]
+        specs_k = [ingest_run.RunSpec(text=t, hooks=[hook], token_proxy="norm", topk_tokens_per_seq=K_PER_SEQ) for t in texts]
         l0 = sum(len(parts[0][1]) for parts in encode_kept(sae, captured, hook, SEQ)) / (BATCH * (SEQ - 1))
         best, med, paired = timeit({
             "floor": lambda: truncated_forward(loaded, ids, stop_at),  # noqa: B023
             "capture": lambda: loaded.capture(ids, [hook]),  # noqa: B023
             "all": lambda: encode_kept(sae, loaded.capture(ids, [hook])[0], hook, SEQ),  # noqa: B023
             "k": lambda: encode_kept(sae, loaded.capture(ids, [hook])[0], hook, K_PER_SEQ),  # noqa: B023
-            "worker_all": lambda: worker.run_many(loaded, [sae], specs_all),  # noqa: B023
-            "worker_k": lambda: worker.run_many(loaded, [sae], specs_k),  # noqa: B023
+            "worker_all": lambda: ingest_run.run_many(loaded, [sae], specs_all),  # noqa: B023
+            "worker_k": lambda: ingest_run.run_many(loaded, [sae], specs_k),  # noqa: B023
         }, reps)
         names = {"floor": f"{floor_name} (floor)", "capture": "capture",
                  "all": f"capture + encode all {BATCH * (SEQ - 1):,} tokens after BOS (L0 ≈ {l0:.0f})",
                  "k": f"capture + top-{K_PER_SEQ}/seq (norm) + encode {BATCH * K_PER_SEQ:,} tokens",
-                 "worker_all": "worker.run_many, 8 texts, all tokens",
-                 "worker_k": f"worker.run_many, 8 texts, top-{K_PER_SEQ}/seq"}
+                 "worker_all": "run_many, 8 texts, all tokens",
+                 "worker_k": f"run_many, 8 texts, top-{K_PER_SEQ}/seq"}
         rows += [(f"`{stream}` {layer}: {label}", best[key], best[key] / best["floor"], paired[key], med[key])
                  for key, label in names.items()]
-    note = ("worker.run_many is the whole ingest of a run (tokenize, capture, token filter, encode, token "
+    note = ("run_many is the whole ingest of a run (tokenize, capture, token filter, encode, token "
             "pieces, Arrow tables), the norm proxy; the default entropy proxy with K < length needs the logits, "
             "i.e. the full forward.")
     return table(title, rows, note)

@@ -9,17 +9,25 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
 - gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates.
 τ_f: a global ``tau``; else the calibration's P95 (or another ``tau_quantile``, computed exactly
 like the P95, zeros included); else 0 (``threshold_source: "none"``).
+
+:class:`RankOptions` is the one definition of the ranking options: each field's help text and
+inclusive bounds are in its metadata and its choices in its type, for the request model to compose.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
-from catalog.db import Catalog, CatalogError
-from catalog.store import QUANTILE_CTE, quantile_positions
+import duckdb
 
-SCORE_MODES = ("mean", "max", "mean×coverage", "selectivity")
+from catalog.db import Catalog
+from catalog.errors import CatalogError
+from catalog.stats import calibration_for, newest_stats_sql, quantile_sql
+
+ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity"]
+SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 SCORE_EXPR = {
     "mean": "mean_n",
     "max": "max_n",
@@ -29,50 +37,41 @@ SCORE_EXPR = {
 SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
                   "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
 
+# help texts shared with DriftOptions (the same option means the same thing there)
+SCORE_MODE_HELP = "ranking value"
+MIN_COVERAGE_HELP = "coverage gate, a percentage 0-100 of analyzed tokens"
+TAU_HELP = "global activity threshold instead of the calibrated per-feature P95"
+TAU_QUANTILE_HELP = "another calibration quantile as threshold"
+PROTO_LABELS_HELP = "attach the best catalog label"
+
 
 @dataclass
 class RankOptions:
     """The ranking options of the seed (they never create a new run)."""
 
-    score_mode: str = "mean×coverage"
-    min_coverage_pct: float = 0.5
-    return_top_x: int = 25
-    merge_across_layers: bool = True
-    restrict_features: list[int] = field(default_factory=list)
-    tau: float | None = None
-    tau_quantile: float | None = None
-    attach_examples: bool = True
-    attach_proto_labels: bool = True
-    spans_per_feature: int = 3
-    span_window: int = 8
+    score_mode: ScoreMode = field(default="mean×coverage", metadata={"help": SCORE_MODE_HELP})
+    min_coverage_pct: float = field(default=0.5, metadata={"help": MIN_COVERAGE_HELP, "bounds": (0.0, 100.0)})
+    return_top_x: int = field(default=25, metadata={
+        "help": "features returned (per (layer, stream) when merge_across_layers is false)", "bounds": (1, 100_000)})
+    merge_across_layers: bool = field(default=True, metadata={
+        "help": "one ranking over all hooks, else the top return_top_x per hook"})
+    restrict_features: list[int] = field(default_factory=list, metadata={"internal": True})
+    tau: float | None = field(default=None, metadata={"help": TAU_HELP, "bounds": (0.0, 1e30)})
+    tau_quantile: float | None = field(default=None, metadata={"help": TAU_QUANTILE_HELP, "bounds": (0.0, 1.0)})
+    attach_examples: bool = field(default=True, metadata={"help": "attach top activating spans"})
+    attach_proto_labels: bool = field(default=True, metadata={"help": PROTO_LABELS_HELP})
+    spans_per_feature: int = field(default=3, metadata={"help": "evidence spans per feature", "bounds": (0, 100)})
+    span_window: int = field(default=8, metadata={"help": "tokens each side of a span's peak", "bounds": (0, 1024)})
     # selectivity's background: stored runs of background text (all tokens kept) instead of the
     # calibration mean; ``background_n`` is their total number of analysed tokens
-    background_runs: list[int] = field(default_factory=list)
-    background_n: int = 0
+    background_runs: list[int] = field(default_factory=list, metadata={"internal": True})
+    background_n: int = field(default=0, metadata={"internal": True})
     # whose calibration gives τ, normalization and the background mean: this model's (rank_run sets
     # it to the run's model); None = the SAE's newest calibration of any model (drift shares one)
-    model_key: int | None = None
+    model_key: int | None = field(default=None, metadata={"internal": True})
 
 
-def calibration_for(con, sae_key: int, model_key: int | None = None) -> int | None:
-    """The newest calibration with statistics for this SAE — of this model when ``model_key`` is given
-    (a run's τ and normalization come from its own model's activations), else of any model."""
-    if model_key is None:
-        row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
-    else:
-        row = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
-                          "WHERE f.sae_key = ? AND c.model_key = ?", [sae_key, model_key]).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
-def newest_stats_sql(cals: dict[int, int | None]) -> str:
-    """Feature statistics of each SAE's newest calibration (what ``v_feature_stats`` shows), as a
-    relation filtered by literal (calibration, SAE) pairs: zone maps prune it to a few row groups."""
-    pairs = [f"(calibration_id = {int(c)} AND sae_key = {int(k)})" for k, c in cals.items() if c is not None]
-    return f"SELECT * FROM feature_stats WHERE {' OR '.join(pairs) or 'false'}"
-
-
-def _thresholds_sql(con, cals: dict[int, int | None], opts: RankOptions) -> tuple[str, str]:
+def _thresholds_sql(con: duckdb.DuckDBPyConnection, cals: dict[int, int | None], opts: RankOptions) -> tuple[str, str]:
     """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance.
     ``cals``: each SAE key's calibration (None where there is none), as ``scored_sql`` found them."""
     if opts.tau is not None:
@@ -82,16 +81,7 @@ def _thresholds_sql(con, cals: dict[int, int | None], opts: RankOptions) -> tupl
     q = opts.tau_quantile
     if q is None or q == 0.95:
         return (f"SELECT sae_key, feature_id, p95 AS tau FROM ({newest_stats_sql(cals)})", "calibration_p95")
-    parts = []
-    for key, cal in cals.items():
-        if cal is None:
-            continue
-        n = con.execute("SELECT n_tokens FROM calibrations WHERE calibration_id = ?", [cal]).fetchone()[0]
-        pos = quantile_positions(n, q)
-        cte = QUANTILE_CTE.replace("$cal", str(cal)).replace("$sae", str(key)).replace("$n", str(n)) \
-            .replace("$lo", str(pos["lo"])).replace("$hi", str(pos["hi"]))
-        parts.append(f"(WITH {cte} SELECT {key} AS sae_key, feature_id, "
-                     f"v_lo + {pos['frac']!r} * (v_hi - v_lo) AS tau FROM sparse_stats)")
+    parts = [quantile_sql(con, cal, key, q) for key, cal in cals.items() if cal is not None]
     return " UNION ALL ".join(parts), f"calibration_q{q:g}"
 
 
@@ -117,12 +107,12 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     are in ``params``.
     """
     if opts.score_mode not in SCORE_MODES:
-        raise CatalogError(f"score_mode: expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
+        raise CatalogError("score_mode", f"expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
     calibrated = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     all_calibrated = all(calibrated.values())
     has_background = bool(opts.background_runs) or all_calibrated
     if opts.score_mode == "selectivity" and not has_background:
-        raise CatalogError("score_mode: selectivity needs a background; calibrate the SAE first "
+        raise CatalogError("score_mode", "selectivity needs a background; calibrate the SAE first "
                            "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
                            "or pick another score_mode")
     thresholds, threshold_source = _thresholds_sql(con, calibrated, opts)

@@ -1,14 +1,22 @@
 """A run: text or prompt (+ generation) → tokens → captured streams → top-K tokens → sparse SAE codes.
 
-The output is a :class:`RunBatch` of pyarrow tables (schema in ``catalog/store.py``); this module
-never touches the catalog. Codes are computed in token chunks and only nonzeros are kept, so no
-dense [tokens × d_sae] matrix exists for more than ``chunk`` tokens at a time.
+The six steps of a run's data flow, and where each lives:
+
+1. tokenize: the text or prompt to token ids (``ingest/tokens.py``: :func:`~ingest.tokens.encode_ids`);
+2. generate: a prompt's seeded continuation (``ingest/generate.py``);
+3. capture: one forward pass per micro-batch, streams kept by hooks (``ingest/models.py``:
+   :meth:`~ingest.models.LoadedModel.capture`);
+4. select: token proxies and the top-K filter (``ingest/select.py``);
+5. encode: the kept tokens' sparse SAE codes (:func:`sparse_codes` here, the encode math in ``ingest/saes/base.py``);
+6. assemble: a :class:`RunBatch` of pyarrow tables (:func:`_assemble` here), in the catalog's column layout.
+
+This module never touches the catalog. Codes are computed in token chunks and only nonzeros are
+kept, so no dense [tokens × d_sae] matrix exists for more than ``chunk`` tokens at a time.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -16,29 +24,29 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ingest.generate import entropy, generate, keep_top_k, norm_proxy
+from ingest.generate import generate
 from ingest.models import LoadedModel, ModelError
+from ingest.options import RunOptions
 from ingest.saes.base import SAE, SAEError
+from ingest.select import needs_logits, select_tokens
+from ingest.tokens import encode_ids, pad_batch, special_mask, token_pieces
 
+# Runs per forward micro-batch, and per group handed to the model (or a worker process) and committed
+# to the catalog together: the forward pass and the catalog's per-statement cost are shared by the
+# group's runs, while the padded batch stays small enough to hold in memory and a failed group loses few runs.
+MICRO_BATCH = 16
 ENCODE_CHUNK = 4096
 LOGITS_BUDGET = 1 << 28  # elements of a micro-batch's [batch, width, vocab] logits (1 GiB in fp32)
 
 
 @dataclass
-class RunSpec:
-    """Everything that fixes a run's activations (the ranking options are not here)."""
+class RunSpec(RunOptions):
+    """A run to make: its input (``text``, or ``prompt`` + generation), its hooks, and the options
+    that fix its activations."""
 
     prompt: str | None = None
     text: str | None = None
-    generate: bool = True
-    gen_tokens: int = 128
-    seed: int = 42
-    temperature: float = 1.0
-    top_p: float = 1.0
     hooks: list[tuple[int, str]] = field(default_factory=lambda: [(22, "resid_pre")])
-    token_proxy: str = "entropy"
-    topk_tokens_per_seq: int = 64
-    restrict_features: list[int] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -49,6 +57,8 @@ class RunSpec:
 
 @dataclass
 class RunBatch:
+    """One run's output: its tokens (proxy, kept and special flags) and sparse codes, as Arrow tables."""
+
     tokens: pa.Table
     activations: pa.Table
     n_tokens: int
@@ -56,81 +66,12 @@ class RunBatch:
     timings: dict[str, float]
 
 
-def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token's text as it appears in the decoded sequence (leading spaces kept, even for
-    SentencePiece), so that the pieces join to the decoded text.
-
-    Incremental detokenization (as LLM servers stream text): decode from a short left context and
-    print what is new once it does not end in U+FFFD, so a character split over several tokens
-    (byte-level BPE, byte fallback) is printed whole by the token that completes it and the others
-    get "". With a byte-level decoder a token of whole characters after another reads the same in
-    any context: its piece is its own decode, kept per tokenizer (most tokens take that path).
-    """
-    ids = [int(i) for i in ids]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-    solo = _solo_decodes(tokenizer, backend, ids) if fast else {}
-    byte_level = fast and type(backend.decoder).__name__ == "ByteLevel"
-
-    def decode(seq: list[int]) -> str:
-        if not seq:
-            return ""
-        return backend.decode(seq, skip_special_tokens=False) if fast else tokenizer.decode(seq, skip_special_tokens=False)
-
-    pieces: list[str] = []
-    start = read = 0  # ids[:read] are printed; decoding starts at ``start`` for context
-    printed = ""  # decode(ids[start:read])
-    for i, t in enumerate(ids):
-        if byte_level and read == i and "\ufffd" not in solo[t] and (i == 0 or "\ufffd" not in solo[ids[i - 1]]):
-            pieces.append(solo[t])
-            start = read = i + 1
-            printed = ""
-            continue
-        text = decode(ids[start: i + 1])
-        # a UTF-8 character has at most 4 bytes: pending longer than that is garbage, printed as it is
-        if len(text) > len(printed) and (not text.endswith("\ufffd") or i + 1 - read >= 4):
-            pieces.append(text[len(printed):] if text.startswith(printed) else decode([t]))
-            start, read = read, i + 1
-            printed = decode(ids[start:read])
-        else:
-            pieces.append("")
-    if read < len(ids) and pieces:  # the sequence ends inside a character: print what is left
-        pieces[-1] += decode(ids[start:])[len(printed):]
-    return pieces
-
-
-_SOLO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {token id: its decode alone}
-
-
-def _solo_decodes(tokenizer, backend, ids: list[int]) -> dict[int, str]:
-    """Each token decoded alone, kept per tokenizer (one Rust batch for the ids not seen before)."""
-    cache = _SOLO.setdefault(tokenizer, {})
-    missing = list({t for t in ids if t not in cache})
-    cache.update(zip(missing, backend.decode_batch([[t] for t in missing], skip_special_tokens=False), strict=True))
-    return cache
-
-
-def encode_ids(loaded: LoadedModel, text: str, prepend_bos: bool) -> list[int]:
-    """Tokenize without the tokenizer's own specials, then prepend BOS (as SAELens does) if asked and known.
-
-    Encoders (BERT-style) are tokenized with their own specials ([CLS] … [SEP]), truncated to the
-    context with the closing special kept; those positions are stored but never analysed.
-    """
-    tok = loaded.tokenizer
-    if loaded.is_encoder:
-        return list(tok(text, add_special_tokens=True, truncation=True, max_length=loaded.context_length)["input_ids"])
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if prepend_bos and tok.bos_token_id is not None:
-        ids = [tok.bos_token_id, *ids]
-    return ids
-
-
 def sparse_codes(sae: SAE, x: torch.Tensor, positions: np.ndarray, features: tuple[int, ...] | None,
                  chunk: int = ENCODE_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nonzero (position, feature_id, act) triples of ``sae.encode(x)``, computed ``chunk`` tokens at a time."""
     if x.shape[-1] != sae.cfg.d_in:
-        raise SAEError(f"sae d_in: the SAE for {sae.cfg.hook_name} expects width {sae.cfg.d_in}, "
-                       f"the hooked activation has width {x.shape[-1]}")
+        raise SAEError("sae_id", f"d_in: the SAE for {sae.cfg.hook_name} expects width {sae.cfg.d_in}, "
+                                 f"the hooked activation has width {x.shape[-1]}")
     out_pos, out_feat, out_act = [], [], []
     feature_ids = np.asarray(features, dtype=np.int32) if features is not None else None
     with torch.inference_mode():
@@ -162,16 +103,6 @@ def activation_table(parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarr
     return pa.table({**(extra or {}), **cols})
 
 
-def _special_mask(loaded: LoadedModel, ids: list[int], prepend_bos: bool) -> torch.Tensor:
-    """Special tokens (BOS, EOS, pads...) are stored but never analysed."""
-    tok = loaded.tokenizer
-    special_ids = set(getattr(tok, "all_special_ids", []) or [])
-    mask = torch.tensor([i in special_ids for i in ids], dtype=torch.bool)
-    if prepend_bos and tok.bos_token_id is not None and ids:
-        mask[0] = True
-    return mask
-
-
 def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: dict) -> tuple[list[int], int]:
     """The run's token ids (prompt + seeded generation, or the text) and the prompt length."""
     t0 = time.perf_counter()
@@ -180,35 +111,14 @@ def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: di
     n_prompt = len(ids)
     if spec.text is None and spec.generate:
         if loaded.is_encoder:
-            raise ModelError(f"generate: {loaded.model_id} is an encoder ({loaded.family}) and cannot generate; "
-                             "send `text` (or generate=false)")
+            raise ModelError("generate", f"{loaded.model_id} is an encoder ({loaded.family}) and cannot generate; "
+                                         "send `text` (or generate=false)")
         budget = min(spec.gen_tokens, loaded.context_length - n_prompt)
         out = generate(loaded.model, torch.tensor([ids], device=loaded.device), budget, spec.seed, spec.temperature,
                        spec.top_p, eos_token_id=loaded.tokenizer.eos_token_id)
         ids = out[0].tolist()
         timings["generate_s"] = time.perf_counter() - t0
     return ids, n_prompt
-
-
-def _needs_logits(spec: RunSpec, n_candidates: int) -> bool:
-    return spec.token_proxy == "entropy" and spec.topk_tokens_per_seq < n_candidates
-
-
-def _select(specs: Sequence[RunSpec], hooks: list[tuple[int, str]], candidates: torch.Tensor, captured: dict,
-            logits: torch.Tensor | None, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro-batch's token proxies and kept masks ([batch, width], CPU), every row at once: the norm
-    proxy from the captured streams, entropy from the logits where a row asks for it and they exist
-    (not after an early stop, never for encoders); the top-K filter per row, specials never kept."""
-    by_entropy = [logits is not None and spec.token_proxy == "entropy" for spec in specs]
-    if all(by_entropy):
-        proxy = torch.zeros(candidates.shape, dtype=torch.float64)
-    else:
-        proxy = norm_proxy([captured[h] for h in hooks], candidates.to(captured[hooks[0]].device)).cpu()
-    for row, use in enumerate(by_entropy):
-        if use:  # row by row: one [length, vocab] softmax at a time, not [batch, width, vocab]
-            proxy[row, : lengths[row]] = entropy(logits[row, : lengths[row]]).double().cpu()
-    ks = torch.tensor([spec.topk_tokens_per_seq for spec in specs])
-    return proxy, keep_top_k(proxy, candidates, ks)
 
 
 def _encode_kept(saes: Sequence[SAE], hooks: list[tuple[int, str]], captured: dict, kept: torch.Tensor,
@@ -252,7 +162,8 @@ def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: to
                     timings=timings)
 
 
-def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], batch_size: int = 16) -> list[RunBatch]:
+def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
+             batch_size: int = MICRO_BATCH) -> list[RunBatch]:
     """Several runs over the same hooks: generation one prompt at a time (each has its own seed), then
     the analysis forward passes in right-padded micro-batches of similar length. Causal models see the
     same prefix for every real token, so each run's codes equal a one-at-a-time run (to float rounding).
@@ -265,22 +176,25 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
     timings = [{} for _ in specs]
     seqs = [_sequence(loaded, spec, prepend_bos, t) for spec, t in zip(specs, timings, strict=True)]
-    special = [_special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
-    wants_logits = [_needs_logits(spec, int((~m).sum())) for spec, m in zip(specs, special, strict=True)]
+    special = [special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
+    wants_logits = [needs_logits(spec.token_proxy, spec.topk_tokens_per_seq, int((~m).sum()))
+                    for spec, m in zip(specs, special, strict=True)]
     results: list[RunBatch | None] = [None] * len(specs)
     vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
     for logits_group in (False, True):
         order = sorted((i for i in range(len(specs)) if wants_logits[i] == logits_group), key=lambda i: len(seqs[i][0]))
         widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
         for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
-            ids, mask, candidates = _padded(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
+            ids, mask, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
             t1 = time.perf_counter()
             captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
                                               stop_early=not logits_group)
             forward_s = (time.perf_counter() - t1) / len(chunk)
             t2 = time.perf_counter()
             lengths = [len(seqs[i][0]) for i in chunk]
-            proxy, kept = _select([specs[i] for i in chunk], hooks, candidates, captured, logits, lengths)
+            proxy, kept = select_tokens([specs[i].token_proxy for i in chunk],
+                                        [specs[i].topk_tokens_per_seq for i in chunk],
+                                        hooks, candidates, captured, logits, lengths)
             restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
             parts = _encode_kept(saes, hooks, captured, kept, restricts)  # only kept tokens, the chunk's rows together
             encode_s = (time.perf_counter() - t2) / len(chunk)
@@ -289,22 +203,6 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
                 results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
                                        parts[row], timings[i])
     return results  # type: ignore[return-value]
-
-
-def _padded(loaded: LoadedModel, seqs: list[list[int]], special: list[torch.Tensor]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A micro-batch right-padded to its longest sequence: ids, attention mask, and the candidate
-    positions (real and not special) — the only ones ever analysed."""
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    width = max(len(seq) for seq in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    candidates = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for row, (seq, is_special) in enumerate(zip(seqs, special, strict=True)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        candidates[row, : len(seq)] = ~is_special
-    return ids, mask, candidates
 
 
 def _micro_batches(order: list[int], sizes: list[int], batch_size: int, budget: int | None) -> Iterator[list[int]]:
@@ -325,7 +223,7 @@ def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:
 
 
 def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tuple[int, str]],
-                        docs: Sequence[str], batch_size: int = 16) -> tuple[pa.Table, pa.Table]:
+                        docs: Sequence[str], batch_size: int = MICRO_BATCH) -> tuple[pa.Table, pa.Table]:
     """Every non-special token of every document through model + SAEs (one sequence per document,
     BOS prepended, truncated at the context length): the run path with every candidate kept.
     Right-padded micro-batches: causal models see the same prefix for every real token, so codes
@@ -338,8 +236,8 @@ def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tu
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        ids, mask, kept = _padded(loaded, [seqs[i] for i in batch],
-                                  [_special_mask(loaded, seqs[i], prepend_bos) for i in batch])
+        ids, mask, kept = pad_batch(loaded, [seqs[i] for i in batch],
+                                    [special_mask(loaded, seqs[i], prepend_bos) for i in batch])
         captured, _ = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device))
         for row, (i, row_parts) in enumerate(zip(batch, _encode_kept(saes, hooks, captured, kept, [None] * len(batch)),
                                                  strict=True)):
@@ -357,56 +255,3 @@ def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tu
                        "token": pa.array(token_cols["token"], pa.string())})
     acts = activation_table(parts, {"doc": np.concatenate(docs_col) if docs_col else np.zeros(0, np.int32)})
     return tokens, acts
-
-
-@torch.inference_mode()
-def promoted_tokens(loaded: LoadedModel, sae: SAE, top: int = 5, chunk: int = 2048) -> dict[int, list[str]]:
-    """The tokens each feature's decoder direction promotes most through the unembedding (logit lens).
-
-    Encoders loaded without a head use the input embeddings (BERT ties its MLM decoder to them).
-    """
-    head = loaded.model.get_output_embeddings() or loaded.model.get_input_embeddings()
-    unembed = head.weight.detach().float()  # [vocab, d_model]
-    out: dict[int, list[str]] = {}
-    tok = loaded.tokenizer
-    for start in range(0, sae.cfg.d_sae, chunk):
-        logits = sae.W_dec[start:start + chunk].to(unembed.device) @ unembed.T
-        best = torch.topk(logits, min(top, logits.shape[-1]), dim=-1).indices.cpu().tolist()
-        for offset, ids in enumerate(best):
-            out[start + offset] = [tok.decode([i]) for i in ids]
-    return out
-
-
-# -- worker processes (batch mode with --workers N) ------------------------------------------------
-_POOL_STATE: dict = {}
-
-
-def init_worker_process(n_workers: int, device: str, dtype: str) -> None:
-    """Split the CPU threads between workers; give each worker its own GPU where there are several."""
-    import os
-
-    from ingest.models import quiet_transformers
-
-    quiet_transformers()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    if device in ("auto", "cuda") and torch.cuda.device_count() > 1:
-        import multiprocessing
-
-        ident = multiprocessing.current_process()._identity
-        device = f"cuda:{(ident[0] - 1) % torch.cuda.device_count() if ident else 0}"
-    _POOL_STATE.update(device=device, dtype=dtype)
-
-
-def pool_run(model_id: str, model_source: str, sae_id: str, sae_root: str, hooks: list[tuple[int, str]],
-             specs: list[RunSpec]) -> tuple[list[RunBatch], int]:
-    """One micro-batch in a worker process: the model and SAEs are loaded once per process and kept."""
-    from ingest.models import load_model
-    from ingest.saes.sources import open_source
-
-    key = (model_source, sae_root)
-    if _POOL_STATE.get("key") != key:
-        loaded = load_model(model_id, model_source, _POOL_STATE.get("device", "auto"), _POOL_STATE.get("dtype", "float32"))
-        _POOL_STATE.update(key=key, loaded=loaded, source=open_source(sae_id, sae_root))
-    loaded, source = _POOL_STATE["loaded"], _POOL_STATE["source"]
-    saes = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
-    return run_many(loaded, saes, specs), loaded.d_model

@@ -1,0 +1,33 @@
+"""The catalog's two errors. Each carries the field it is about as data (``.field``, ``.message``), so
+callers map it to a CLI line or an API body without parsing text."""
+
+from __future__ import annotations
+
+
+class CatalogError(ValueError):
+    """Bad input to a catalog operation: ``field`` names what was wrong, ``message`` what was expected.
+
+    ``str(exc)`` is ``"<field>: <message>"``, the one-line form the CLI prints.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self):  # pickles with both arguments (errors cross process boundaries in batch mode)
+        return type(self), (self.field, self.message)
+
+
+class CatalogLocked(RuntimeError):
+    """Another process holds the catalog file (DuckDB allows one writer per file). Not a bad request:
+    the CLI exits with its own status and the API answers 503."""
+
+    field = "db"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.message,)

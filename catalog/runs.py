@@ -1,0 +1,152 @@
+"""Reading stored runs: look-ups by id, the one run listing (CLI ``runs list`` and ``GET /runs``), a
+run's detail, model keys, and the health ping. Every read opens its own cursor (``Catalog.raw()``), so
+concurrent readers never share a DuckDB connection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import duckdb
+
+from catalog.db import Catalog
+from catalog.errors import CatalogError
+
+if TYPE_CHECKING:  # writes imports this module (its model look-up); the type alone is needed here
+    from catalog.writes import SAEInfo
+
+# what a run listing returns per run (GET /runs shows these; the CLI prints a few of them)
+LIST_COLUMNS = ("run_id", "model_id", "sae_id", "mode", "prompt", "text", "generate", "gen_tokens", "seed",
+                "created_at", "n_tokens", "n_kept", "layers", "streams")
+# columns stored as JSON text, and what an empty one reads as
+JSON_COLUMNS = {"layers": "[]", "streams": "[]", "restrict_features": "[]", "timings": "{}"}
+
+
+def _decoded(row: dict) -> dict:
+    """``row`` with its JSON text columns (:data:`JSON_COLUMNS`) as Python values."""
+    for name, empty in JSON_COLUMNS.items():
+        if name in row:
+            row[name] = json.loads(row[name] or empty)
+    return row
+
+
+def _dicts(cur: duckdb.DuckDBPyConnection) -> list[dict]:
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def find_runs(catalog: Catalog, run_ids: Sequence[str]) -> dict[str, dict]:
+    """The stored runs among ``run_ids`` (one query for a whole batch), by run_id."""
+    if not run_ids:
+        return {}
+    con = catalog.raw()
+    try:
+        rows = _dicts(con.execute("SELECT * FROM runs WHERE list_contains(?, run_id)", [list(run_ids)]))
+    finally:
+        con.close()
+    return {row["run_id"]: _decoded(row) for row in rows}
+
+
+def find_run(catalog: Catalog, run_id: str) -> dict | None:
+    return find_runs(catalog, [run_id]).get(run_id)
+
+
+def run_saes(catalog: Catalog, run_key: int) -> list[dict]:
+    """The ``saes`` rows a run was encoded with, by layer and stream."""
+    con = catalog.raw()
+    try:
+        return _dicts(con.execute("SELECT s.* FROM run_saes rs JOIN saes s USING (sae_key) WHERE rs.run_key = ? "
+                                  "ORDER BY s.layer, s.stream", [run_key]))
+    finally:
+        con.close()
+
+
+def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | None = None,
+              sae_id: str | None = None) -> tuple[list[dict], int]:
+    """One page of stored runs, newest first (ties: the later run first), and the number of runs that
+    match the filters. Each row holds :data:`LIST_COLUMNS`; ``created_at`` names its time zone (the
+    column is stored as a local TIMESTAMP), ``layers`` and ``streams`` are lists."""
+    if limit < 0:
+        raise CatalogError("limit", f"expected a non-negative integer, got {limit}")
+    if offset < 0:
+        raise CatalogError("offset", f"expected a non-negative integer, got {offset}")
+    where, params = [], []
+    for name, value in (("model_id", model_id), ("sae_id", sae_id)):
+        if value is not None:
+            where.append(f"{name} = ?")
+            params.append(value)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    cols = ", ".join("created_at::TIMESTAMPTZ AS created_at" if c == "created_at" else c for c in LIST_COLUMNS)
+    con = catalog.raw()
+    try:
+        (total,) = con.execute(f"SELECT count(*) FROM v_runs {clause}", params).fetchone()
+        rows = _dicts(con.execute(f"SELECT {cols} FROM v_runs {clause} ORDER BY created_at DESC, run_key DESC "
+                                  "LIMIT ? OFFSET ?", [*params, limit, offset]))
+    finally:
+        con.close()
+    return [_decoded(r) for r in rows], int(total)
+
+
+def run_detail(catalog: Catalog, run_id: str) -> dict | None:
+    """A stored run's ``runs`` row — ``created_at`` with its time zone, the JSON columns (layers,
+    streams, restrict_features, timings) decoded — plus ``saes``: the SAEs it was encoded with (as
+    :func:`run_saes`); None when the catalog has no such run."""
+    con = catalog.raw()
+    try:
+        rows = _dicts(con.execute("SELECT * REPLACE (created_at::TIMESTAMPTZ AS created_at) FROM runs "
+                                  "WHERE run_id = ?", [run_id]))
+    finally:
+        con.close()
+    if not rows:
+        return None
+    run = _decoded(rows[0])
+    run["saes"] = run_saes(catalog, run["run_key"])
+    return run
+
+
+def model_key(source: Catalog | duckdb.DuckDBPyConnection, model_id: str, fingerprint: str) -> int | None:
+    """The catalog key of a model (its id and weights fingerprint), or None when it has no row yet.
+    ``source``: a catalog (a cursor of its own) or a cursor already open (e.g. inside a transaction)."""
+    con = source.raw() if isinstance(source, Catalog) else source
+    try:
+        # fetchall, not fetchone: an unfinished result would block the cursor's next statement
+        rows = con.execute("SELECT model_key FROM models WHERE model_id = ? AND fingerprint = ?",
+                           [model_id, fingerprint]).fetchall()
+    finally:
+        if con is not source:
+            con.close()
+    return int(rows[0][0]) if rows else None
+
+
+def sae_keys_of(catalog: Catalog, saes: Sequence[SAEInfo]) -> list[int]:
+    """The catalog key of each SAE (by id, hook and weights fingerprint), all already stored (as they
+    are for any stored run); a read, never a write. An SAE the catalog does not hold is an error."""
+    if not saes:
+        return []
+    con = catalog.raw()
+    try:
+        found: dict[tuple, int] = {}
+        for sae_id, layer, stream, fp, key in con.execute(
+                "SELECT sae_id, layer, stream, fingerprint, sae_key FROM saes WHERE list_contains(?, sae_id) "
+                "ORDER BY sae_key", [sorted({s.sae_id for s in saes})]).fetchall():
+            found.setdefault((sae_id, layer, stream, fp), int(key))
+    finally:
+        con.close()
+    keys = []
+    for sae in saes:
+        key = found.get((sae.sae_id, sae.layer, sae.stream, sae.fingerprint))
+        if key is None:
+            raise CatalogError("sae_id", f"no SAE {sae.sae_id!r} for layer {sae.layer} {sae.stream} with these "
+                                         "weights in the catalog")
+        keys.append(key)
+    return keys
+
+
+def ping(catalog: Catalog) -> int:
+    """A cheap read that fails when the catalog cannot answer (health checks); returns the number of runs."""
+    con = catalog.raw()
+    try:
+        return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+    finally:
+        con.close()

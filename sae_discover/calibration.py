@@ -1,0 +1,78 @@
+"""Calibration: every token of a corpus through model + SAEs → per-feature statistics (τ, mean, max,
+density) and lite labels in the catalog, per (model, SAE).
+
+Registry entries with a ``calibration_corpus`` (the demo) calibrate an SAE on its first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from catalog import stats
+from catalog.db import Catalog
+from catalog.writes import ModelInfo, SAEInfo
+from ingest.lens import promoted_tokens
+from ingest.run import calibration_batches
+from ingest.saes.sources import SAESource, file_fingerprint
+from sae_discover.errors import RequestError
+from sae_discover.inputs import read_corpus
+from sae_discover.loaders import Loaders
+from sae_discover.plan import sae_infos
+from sae_discover.registry import ModelEntry
+
+
+class Calibrator:
+    """Calibrations of one catalog; shares the forward lock of the process's discovery."""
+
+    def __init__(self, catalog: Catalog, loaders: Loaders, forward_lock: threading.Lock) -> None:
+        self.catalog = catalog
+        self.loaders = loaders
+        self.forward_lock = forward_lock
+        self._known: set[tuple] = set()  # (SAE, model id, fingerprint) with stats; calibrations are never deleted
+        self._first_use = threading.Lock()  # two first requests must not both calibrate the same SAE
+
+    def has_stats(self, info: SAEInfo, entry: ModelEntry) -> bool:
+        """Whether this model has calibrated this SAE (thresholds are per model and SAE)."""
+        fingerprint = self.loaders.card(entry).fingerprint
+        key = (info, entry.id, fingerprint)
+        if key not in self._known and stats.has_calibration(self.catalog, info, entry.id, fingerprint):
+            self._known.add(key)
+        return key in self._known
+
+    def ensure(self, entry: ModelEntry, source: SAESource, hooks: list[tuple[int, str]]) -> list[str]:
+        """Calibrate, on first use, the SAEs of a registry entry with a ``calibration_corpus``; returns notes."""
+        if not entry.calibration_corpus:
+            return []
+        with self._first_use:
+            missing = [h for h, info in zip(hooks, sae_infos(source, hooks), strict=True)
+                       if not self.has_stats(info, entry)]
+            if not missing:
+                return []
+            self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing)
+        return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
+
+    def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,
+                  lite_labels: bool = True) -> dict:
+        """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
+        entry = self.loaders.entry(model_id)
+        source = self.loaders.source(sae_id)
+        hooks = list(hooks or sorted(source.hooks))
+        card = self.loaders.card(entry)
+        for layer, _ in hooks:
+            if not 0 <= layer < card.n_layers:
+                raise RequestError("layers", f"layer {layer} is out of range for {model_id} ({card.n_layers} layers)")
+        docs = read_corpus(corpus)
+        loaded = self.loaders.model(entry)
+        sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
+        with self.forward_lock:
+            tokens, acts = calibration_batches(loaded, sae_objs, hooks, docs)
+        infos = sae_infos(source, hooks)
+        model_info = ModelInfo(model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
+        cal_id = stats.write_calibration(self.catalog, model_info, infos, str(corpus), file_fingerprint(Path(corpus)),
+                                         len(docs), tokens, acts)
+        if lite_labels:
+            for info, sae in zip(infos, sae_objs, strict=True):
+                stats.write_lite_labels(self.catalog, cal_id, info, promoted_tokens(loaded, sae))
+        return {"calibration_id": cal_id, "n_docs": len(docs), "n_tokens": tokens.num_rows,
+                "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows}

@@ -1,0 +1,136 @@
+"""A drift report: make or reuse the runs of every prompt × model (or select stored runs), then the SQL
+of ``catalog/drift.py`` over them, shaped as a JSON-ready dict."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import fields
+from typing import Any
+
+from tqdm import tqdm
+
+from catalog import drift as catalog_drift
+from catalog.db import Catalog, CatalogError
+from sae_discover.drift.request import DriftRequest, build_drift_request, discover_requests
+from sae_discover.errors import RequestError
+from sae_discover.output import clip
+from sae_discover.response import NO_CALIBRATION
+
+
+def _as_request(request: DriftRequest | dict | None, extra: dict) -> DriftRequest:
+    if isinstance(request, DriftRequest):
+        request = {k: v for k, v in request.to_dict().items() if v is not None}
+    return build_drift_request({**(request or {}), **extra})
+
+
+def drift_report(source, request: DriftRequest | dict | None = None, *, progress: bool = False,
+                 allow_sql_filter: bool = True, **fields_: Any) -> dict:
+    """A drift report (a JSON-ready dict) for ``request`` (a :class:`DriftRequest`, a mapping, or keywords).
+
+    ``source`` is a :class:`~sae_discover.service.Discovery` (needed to make missing runs), or a bare
+    :class:`~catalog.db.Catalog` for ``base_runs``/``tuned_runs`` reports. ``allow_sql_filter=False``
+    refuses SQL filters (run ids only), e.g. for a server exposed to untrusted clients.
+    """
+    t0 = time.perf_counter()
+    req = _as_request(request, fields_)
+    catalog: Catalog = getattr(source, "catalog", source)
+    warnings: list[str] = []
+    ingested = None
+    line_ids: dict[str, str] = {}
+    try:
+        if req.prompts is not None:
+            if not hasattr(source, "discover"):
+                raise RequestError("prompts", "making runs needs a model: use base_runs/tuned_runs with a bare catalog")
+            base_ids, tuned_ids, ingested, line_ids, layers, streams = _ingest(source, req, progress)
+            base_rows = catalog_drift.runs_by_ids(catalog, base_ids, "base")
+            tuned_rows = catalog_drift.runs_by_ids(catalog, tuned_ids, "tuned")
+        else:
+            layers, streams = req.layers, req.streams
+            base_rows = _select(catalog, "base_runs", req.base_runs, allow_sql_filter)
+            tuned_rows = _select(catalog, "tuned_runs", req.tuned_runs, allow_sql_filter)
+        saes = catalog_drift.common_saes(catalog, base_rows + tuned_rows, layers, streams, req.sae_id)
+        t_sql = time.perf_counter()
+        opts = catalog_drift.DriftOptions(**{f.name: getattr(req, f.name) for f in fields(catalog_drift.DriftOptions)})
+        out = catalog_drift.drift(catalog, [r["run_key"] for r in base_rows], [r["run_key"] for r in tuned_rows],
+                                  [s["sae_key"] for s in saes], opts)
+    except CatalogError as exc:  # the catalog names the field; here it is a field of this request
+        raise RequestError(exc.field, exc.message) from exc
+    timings = {"drift_sql_s": time.perf_counter() - t_sql}
+    if out["threshold_source"] == "none":
+        warnings.append(NO_CALIBRATION)
+    for u in out["unpaired"]:
+        warnings.append(f"{u['side']} run {u['run_id']} has no counterpart on the other side "
+                        f"({u['mode']} {clip(u['content'], 40)!r}); left out")
+    models = {side: sorted({r["model_id"] for r in rows}) for side, rows in (("base", base_rows), ("tuned", tuned_rows))}
+    timings["total_s"] = time.perf_counter() - t0
+    return {
+        "base": {"model_id": req.base or (models["base"][0] if len(models["base"]) == 1 else None),
+                 "model_ids": models["base"], "run_ids": [r["run_id"] for r in base_rows]},
+        "tuned": {"model_id": req.tuned or (models["tuned"][0] if len(models["tuned"]) == 1 else None),
+                  "model_ids": models["tuned"], "run_ids": [r["run_id"] for r in tuned_rows]},
+        "sae_id": base_rows[0]["sae_id"], "hooks": [[s["layer"], s["stream"]] for s in saes],
+        "score_mode": req.score_mode, "min_coverage_pct": req.min_coverage_pct,
+        "threshold_source": out["threshold_source"], "normalization": out["normalization"], "top_k": req.top_k,
+        "thresholds": {"min_score_change": req.min_score_change, "min_relative_change": req.min_relative_change,
+                       "min_rank_shift": opts.rank_shift()},
+        "overall": out["overall"],
+        "prompts": [_prompt_json(p, line_ids) for p in out["prompts"]],
+        "features": [_feature_json(f) for f in out["features"]],
+        "flagged": {k: [_feature_json(f) for f in v] for k, v in out["flagged"].items()},
+        "unpaired": [{"side": u["side"], "run_id": u["run_id"], "mode": u["mode"]} for u in out["unpaired"]],
+        "ingested": ingested, "warnings": warnings, "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def _select(catalog: Catalog, name: str, spec: list[str] | str, allow_sql_filter: bool) -> list[dict]:
+    if isinstance(spec, list):
+        return catalog_drift.runs_by_ids(catalog, spec, name)
+    if not allow_sql_filter:
+        raise RequestError(name, "SQL filters are disabled here; give a list of run ids")
+    return catalog_drift.runs_where(catalog, spec, name)
+
+
+def _ingest(discovery, req: DriftRequest, progress: bool):
+    """Make (or reuse) the run of every prompt × model; returns the run ids in prompt order."""
+    entries = {}
+    for side, model in (("base", req.base), ("tuned", req.tuned)):
+        try:
+            entries[side] = discovery.registry.model(model, discovery.allow_paths)
+        except RequestError as exc:
+            raise RequestError(side, exc.message) from exc
+    layers = req.layers or list(entries["base"].default_layers)
+    streams = req.streams or ["resid_pre"]
+    plans = {side: discover_requests(req, model, layers, streams)
+             for side, model in (("base", req.base), ("tuned", req.tuned))}
+    ids: dict[str, list[str]] = {"base": [], "tuned": []}
+    line_ids: dict[str, str] = {}
+    counts = {"new_runs": 0, "cached_runs": 0}
+    with tqdm(total=2 * len(req.prompts or []), desc="drift", unit="run", file=sys.stderr,
+              disable=not progress) as bar:
+        for i in range(len(req.prompts or [])):
+            for side in ("base", "tuned"):
+                result = discovery.discover(plans[side][i])
+                counts["cached_runs" if result["cached"] else "new_runs"] += 1
+                ids[side].append(result["run_id"])
+                bar.update(1)
+            item = (req.prompts or [])[i]
+            line_ids.setdefault(ids["base"][-1], str(item.get("id", i + 1)))
+    return ids["base"], ids["tuned"], counts, line_ids, layers, streams
+
+
+def _prompt_json(p: dict, line_ids: dict[str, str]) -> dict:
+    key = "text" if p["is_text"] else "prompt"
+    return {"index": int(p["scope"]), "id": next((line_ids[r] for r in p["base_run_ids"] if r in line_ids), None),
+            "mode": p["mode"], key: p["content"], "base_run_ids": p["base_run_ids"], "tuned_run_ids": p["tuned_run_ids"],
+            **{k: p[k] for k in ("jaccard", "spearman", "spearman_all", "n_features_base", "n_features_tuned",
+                                 "n_top_both", "n_top_union", "n_gained", "n_lost", "n_shifted")}}
+
+
+def _feature_json(f: dict) -> dict:
+    return {"feature_id": int(f["feature_id"]), "layer": int(f["layer"]), "stream": f["stream"], "flag": f["flag"],
+            "score_base": f["score_base"], "score_tuned": f["score_tuned"], "score_change": f["score_change"],
+            "rank_base": f["rank_base"], "rank_tuned": f["rank_tuned"], "rank_change": f["rank_change"],
+            "in_top_k_base": bool(f["top_base"]), "in_top_k_tuned": bool(f["top_tuned"]),
+            "prompts_base": int(f["prompts_base"]), "prompts_tuned": int(f["prompts_tuned"]),
+            "proto_label": f["proto_label"]}

@@ -1,0 +1,72 @@
+"""Input files a user names: batch prompts (JSONL) and corpora (one document per line). Torch-free.
+
+Each reader refuses what it cannot read with a :class:`RequestError` naming the option that named the
+file (``prompts_file``, ``corpus``, ``background_file``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_discover.errors import RequestError
+
+MAX_INPUT_BYTES = 1 << 30  # a larger input file is refused before it is read
+
+
+def read_text_file(path: str | Path, field: str) -> tuple[Path, str]:
+    """The file's text (UTF-8), or a one-line error naming ``field``."""
+    file = Path(path)
+    if not file.exists():
+        raise RequestError(field, f"{file} does not exist")
+    if not file.is_file():
+        raise RequestError(field, f"{file} is not a regular file")
+    try:
+        if file.stat().st_size > MAX_INPUT_BYTES:
+            raise RequestError(field, f"{file} is larger than {MAX_INPUT_BYTES} bytes")
+        return file, file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(field, f"{file} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise RequestError(field, f"{file} cannot be read ({exc.strerror or exc})") from None
+
+
+def read_lines(path: str | Path, field: str = "prompts_file") -> list[tuple[int, dict | str]]:
+    """Batch lines: ``(line number, object)``, or ``(line number, error text)`` for a line that is not a
+    JSON object (the batch reports it in place and goes on). Blank lines are skipped."""
+    _, text = read_text_file(path, field)
+    out: list[tuple[int, dict | str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            out.append((number, obj if isinstance(obj, dict) else f"line {number}: expected a JSON object"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            out.append((number, f"line {number}: not JSON ({reason})"))
+    return out
+
+
+def read_corpus(path: str | Path, field: str = "corpus") -> list[str]:
+    """One document per line: plain text, or JSONL with a ``text`` field (SPEC.md)."""
+    file, text = read_text_file(path, field)
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RequestError(field, f"{file}:{number} is not JSON ({exc.msg})") from exc
+            except RecursionError:
+                raise RequestError(field, f"{file}:{number} is nested too deeply") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise RequestError(field, f"{file}:{number} has no string field 'text'")
+            docs.append(obj["text"])
+        else:
+            docs.append(line)
+    if not docs:
+        raise RequestError(field, f"{file} holds no documents")
+    return docs

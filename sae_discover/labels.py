@@ -1,0 +1,52 @@
+"""AutoInterp label import: a parsed label file (``catalog.labels``) → the labels of each SAE hook it names.
+
+Each row's hook comes from ``layer``/``stream`` when given, else from the file (Neuronpedia's ``layer``
+field, delphi's module, CSV columns), else from the source when it has one SAE. One transaction for the
+whole file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from catalog import labels
+from catalog.db import Catalog
+from ingest.saes.sources import SAESource
+from sae_discover.errors import RequestError
+from sae_discover.plan import sae_infos
+
+
+def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
+                  layer: int | None = None, stream: str | None = None) -> dict:
+    """Import an AutoInterp label file for the SAEs of ``source``."""
+    sae_id = source.sae_id
+    if (layer is None) != (stream is None):
+        raise RequestError("layer" if layer is None else "stream", "give --layer and --stream together")
+    rows = labels.parse(path, fmt)
+    groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
+    for row in rows:
+        if row.sae is not None and row.sae != sae_id:
+            raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
+                                      "(split the file, or import it once per SAE)")
+        hook = (layer, stream) if layer is not None and stream is not None else row.hook
+        if hook is None:
+            if len(source.hooks) != 1:
+                raise RequestError("layer", f"the file does not say which hook its labels belong to and "
+                                            f"{sae_id!r} has {len(source.hooks)} SAEs; pass --layer and --stream")
+            hook = next(iter(source.hooks))
+        groups.setdefault(hook, []).append(row)
+    batches = []
+    for hook, group in sorted(groups.items()):
+        (info,) = sae_infos(source, [hook])
+        too_big = [r.feature_id for r in group if r.feature_id >= info.d_sae]
+        if too_big:
+            raise RequestError("feature_id", f"{too_big[0]} is beyond the {info.d_sae} features of the SAE for "
+                                             f"layer {hook[0]} {hook[1]}")
+        batches.append((info, pa.table({
+            "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
+            "label": [r.label for r in group], "source": [r.source for r in group],
+            "score": pa.array([r.score for r in group], pa.float64())})))
+    n = labels.write_labels(catalog, batches)
+    return {"imported": n, "hooks": [list(h) for h in sorted(groups)]}

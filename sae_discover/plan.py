@@ -1,0 +1,112 @@
+"""What fixes a run: its model, SAEs, hooks and run options — resolved and checked before any weights load.
+
+The run id is a hash of everything that fixes the activations (SPEC.md "Runs and caching"); ranking
+options never change it, so asking again with other ranking options reads the stored run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+
+from catalog.writes import ModelInfo, SAEInfo
+from ingest.models import ENCODERS, ModelCard
+from ingest.options import RunOptions
+from ingest.run import RunSpec
+from ingest.saes.sources import SAESource
+from sae_discover.errors import RequestError
+from sae_discover.loaders import Loaders, tokenizer_fingerprint
+from sae_discover.registry import ModelEntry
+from sae_discover.request import DiscoverRequest
+
+
+@dataclass
+class RunPlan:
+    """A validated request with everything resolved that names its run."""
+
+    req: DiscoverRequest
+    entry: ModelEntry
+    card: ModelCard
+    source: SAESource
+    layers: list[int]
+    hooks: list[tuple[int, str]]
+    saes: list[SAEInfo]
+    run_id: str
+
+    @property
+    def spec(self) -> RunSpec:
+        """What ingest needs to make this run: the request's run options, its text and hooks."""
+        r = self.req
+        return RunSpec(prompt=r.prompt, text=r.text, hooks=self.hooks,
+                       **{f.name: getattr(r, f.name) for f in fields(RunOptions)})
+
+    def model_info(self, d_model: int) -> ModelInfo:
+        return ModelInfo(self.req.model_id, self.card.fingerprint, self.card.family, self.card.n_layers, d_model)
+
+    def run_row(self, n_tokens: int, n_kept: int, timings: dict) -> dict:
+        """The run's row of the ``runs`` table."""
+        r, mode = self.req, self.spec.mode
+        return {"run_id": self.run_id, "model_id": r.model_id, "sae_id": r.sae_id, "mode": mode, "prompt": r.prompt,
+                "text": r.text, "generate": mode == "prompt+gen", "gen_tokens": r.gen_tokens if mode == "prompt+gen" else 0,
+                "seed": r.seed, "temperature": r.temperature, "top_p": r.top_p, "token_proxy": r.token_proxy,
+                "topk_tokens_per_seq": r.topk_tokens_per_seq, "layers": self.layers, "streams": r.streams,
+                "restrict_features": r.restrict_features, "n_tokens": n_tokens, "n_kept": n_kept, "timings": timings}
+
+
+def sae_infos(source: SAESource, hooks: list[tuple[int, str]]) -> list[SAEInfo]:
+    """Catalog facts of the source's SAE at each hook (from its config; no weights loaded)."""
+    infos = []
+    for layer, stream in hooks:
+        cfg = source.config(layer, stream)
+        infos.append(SAEInfo(source.sae_id, layer, stream, source.fingerprint(layer, stream), cfg.hook_name,
+                             cfg.architecture, cfg.d_in, cfg.d_sae))
+    return infos
+
+
+def resolve_hooks(req: DiscoverRequest, entry: ModelEntry, card: ModelCard, source: SAESource
+                  ) -> tuple[list[int], list[tuple[int, str]]]:
+    """The request's layers (else the registry default) × streams, each checked against model and source."""
+    layers = req.layers or entry.default_layers
+    for layer in layers:
+        if not 0 <= layer < card.n_layers:
+            raise RequestError("layers", f"layer {layer} is out of range for {req.model_id} "
+                                         f"({card.n_layers} layers: 0..{card.n_layers - 1})")
+    hooks = [(layer, stream) for layer in layers for stream in req.streams]
+    for layer, stream in hooks:
+        source.folder(layer, stream)  # raises with the list of hooks the source has
+    return layers, hooks
+
+
+def run_id(req: DiscoverRequest, card: ModelCard, saes: list[SAEInfo], tokenizer_fp: str,
+           precision: list[str] | None = None) -> str:
+    """Hash of everything that fixes the activations (ranking options excluded)."""
+    gen = req.text is None and req.generate
+    key = {
+        "model": [req.model_id, card.fingerprint, tokenizer_fp], "prompt": req.prompt, "text": req.text,
+        "generate": gen, "gen_tokens": req.gen_tokens if gen else 0, "seed": req.seed if gen else None,
+        "temperature": req.temperature if gen else None, "top_p": req.top_p if gen else None,
+        "saes": sorted([s.sae_id, s.layer, s.stream, s.fingerprint] for s in saes),
+        "token_proxy": req.token_proxy, "topk": req.topk_tokens_per_seq, "restrict": sorted(req.restrict_features),
+        "precision": precision or ["float32", "cpu"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def plan_run(loaders: Loaders, req: DiscoverRequest) -> RunPlan:
+    """Resolve ids, hooks and the run id without loading any weights (validation happens here)."""
+    entry = loaders.entry(req.model_id)
+    card = loaders.card(entry)
+    if card.family in ENCODERS and req.text is None and req.generate:
+        raise RequestError("generate", f"{req.model_id} is an encoder ({card.family}) and cannot generate; "
+                                       "send `text` (text mode) or set generate=false")
+    source = loaders.source(req.sae_id)
+    layers, hooks = resolve_hooks(req, entry, card, source)
+    saes = sae_infos(source, hooks)
+    for info in saes:
+        beyond = [f for f in req.restrict_features if f >= info.d_sae]
+        if beyond:
+            raise RequestError("restrict_features", f"feature {beyond[0]} is beyond the {info.d_sae} features of "
+                                                    f"the SAE for layer {info.layer} {info.stream}")
+    return RunPlan(req, entry, card, source, layers, hooks, saes,
+                   run_id(req, card, saes, tokenizer_fingerprint(entry.source), loaders.precision()))
