@@ -15,7 +15,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
@@ -26,8 +26,10 @@ from litestar.types import ControllerRouterHandler
 
 from api import schemas
 from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.report import report_routes
 from api.service import ApiService
 from api.settings import ApiSettings
+from catalog.runs import RUN_MODES
 from sae_discover import __version__
 from sae_discover.request import INT32_MAX
 
@@ -77,15 +79,17 @@ def discovery_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 
 def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     rank_type = schemas.rank_body(svc.settings)
-    RunId = Annotated[str, Parameter(description="a run id (GET /v1/runs)", min_length=1, max_length=64)]
+    RunId = Annotated[str, Parameter(description="a run id (GET /v1/runs) or a unique prefix of at least 6 hex "
+                                                 "characters", min_length=1, max_length=64)]
     Filter = Annotated[str | None, Parameter(min_length=1, max_length=schemas.ID_MAX)]
 
     @get("/v1/runs", sync_to_thread=True, tags=["runs"], responses=ERRORS, summary="Stored runs, newest first")
     def list_runs(limit: Annotated[int, Parameter(ge=1, le=svc.settings.max_page)] = 50,
                   offset: Annotated[int, Parameter(ge=0, le=INT32_MAX)] = 0,
-                  model_id: Filter = None, sae_id: Filter = None) -> schemas.RunPage:
-        """Rows of the public `v_runs` view, filtered by model_id and/or sae_id."""
-        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id), schemas.RunPage)
+                  model_id: Filter = None, sae_id: Filter = None,
+                  mode: Annotated[Literal[RUN_MODES] | None, Parameter()] = None) -> schemas.RunPage:  # type: ignore[valid-type]
+        """Rows of the public `v_runs` view, filtered by model_id, sae_id and/or mode."""
+        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id, mode), schemas.RunPage)
 
     @get("/v1/runs/{run_id:str}", sync_to_thread=True, tags=["runs"], responses={**ERRORS, **NOT_FOUND},
          summary="One stored run with its options and SAEs")
@@ -135,7 +139,7 @@ def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     return [drift]
 
 
-ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, health_routes]
+ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, health_routes, report_routes]
 
 
 def create_app(catalog_path: str | Path | None = None, registry_path: str | Path | None = None,

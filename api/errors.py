@@ -78,6 +78,16 @@ def on_locked(_: Request, exc: CatalogLocked) -> Response:
     return error_response(503, "catalog: held by another process; try again later")
 
 
+def on_undecodable(request: Request, exc: Exception) -> Response:
+    """A body the JSON decoder cannot read: bytes that are not UTF-8, or nesting deeper than it recurses
+    (msgspec raises these itself, before validation). Any other such error is a bug: a 500."""
+    if isinstance(exc, UnicodeDecodeError):
+        return error_response(400, f"body: not UTF-8 text (byte {exc.start})", "body")
+    if "deserializing" in str(exc):
+        return error_response(400, "body: JSON nested too deeply", "body")
+    return on_unexpected(request, exc)
+
+
 def on_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error; see the server log")
@@ -89,5 +99,7 @@ EXCEPTION_HANDLERS = {
     ApiError: on_api_error,
     **{error: on_user_error for error in USER_ERRORS},
     CatalogLocked: on_locked,
+    UnicodeDecodeError: on_undecodable,
+    RecursionError: on_undecodable,
     Exception: on_unexpected,
 }

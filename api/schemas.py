@@ -17,8 +17,15 @@ import msgspec
 from msgspec import Meta, Struct
 
 from api.settings import ApiSettings
-from catalog.ranking import RankOptions
-from sae_discover.request import ID_MAX_CHARS, MAX_LAYER, SCORE_MODE_ALIASES, DiscoverRequest, Option, options
+from sae_discover.request import (
+    ID_MAX_CHARS,
+    MAX_LAYER,
+    RERANK_OPTIONS,
+    SCORE_MODE_ALIASES,
+    DiscoverRequest,
+    Option,
+    options,
+)
 from sae_discover.response import DiscoverResponse
 
 __all__ = ["API_REFUSED", "DiscoverResponse", "discover_body", "labels_body", "rank_body"]
@@ -57,6 +64,10 @@ def _field_type(opt: Option, settings: ApiSettings) -> Any:
         limits = {"min_length": 1, "max_length": settings.max_layers} if opt.name == "layers" \
             else {"max_length": settings.max_restrict_features}
         kind = Annotated[list[item], Meta(**limits, description=doc)]  # type: ignore[valid-type]
+    elif opt.kind == "hook_list":  # [[layer, "stream"], ...]
+        low, high = opt.bounds  # type: ignore[misc]
+        pair = tuple[Annotated[int, Meta(ge=low, le=high)], Literal[opt.choices]]  # type: ignore[valid-type]
+        kind = Annotated[list[pair], Meta(min_length=1, max_length=settings.max_layers, description=doc)]  # type: ignore[valid-type]
     elif opt.kind == "text":
         kind = Annotated[str, Meta(min_length=1, max_length=settings.max_text_chars, pattern=r"\S", description=doc)]
     else:
@@ -90,8 +101,9 @@ def discover_body(settings: ApiSettings) -> type[Struct]:
 
 def rank_body(settings: ApiSettings) -> type[Struct]:
     """``POST /v1/runs/{run_id}/rank``: ranking options only (they never create a new run)."""
-    return _struct("RankBody", options(RankOptions), settings,
-                   "Ranking options for a stored run. Unknown fields are refused.")
+    return _struct("RankBody", RERANK_OPTIONS, settings,
+                   "Ranking options for a stored run (restrict_features filters its stored rows). "
+                   "Unknown fields are refused.")
 
 
 def labels_body(settings: ApiSettings) -> type[Struct]:
@@ -171,6 +183,8 @@ class RunDetail(RunSummary, kw_only=True):
     restrict_features: list[int]
     timings: dict[str, float]
     saes: list[RunSAE]
+    analyzed_text: str
+    continuation: str | None
 
 
 class LabelsImported(Struct, kw_only=True):

@@ -22,6 +22,7 @@ from api.errors import ApiError
 from api.settings import ApiSettings
 from catalog import runs
 from catalog.db import Catalog, CatalogError
+from catalog.errors import UnknownRun
 from catalog.labels import DELPHI_NAME
 from sae_discover.drift import build_drift_request, drift_report
 from sae_discover.errors import RequestError
@@ -57,6 +58,15 @@ class KeyedLocks:
             return sum(count for _, count in self._locks.values())
 
 
+def _utf8(field: str, text: str) -> str:
+    """``text`` if it can be written as UTF-8 (a JSON ``\\ud800`` escape decodes to a lone surrogate, which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(field, f"not valid Unicode text (a lone surrogate at character {exc.start})") from None
+    return text
+
+
 class ApiService:
     """One catalog (held by this process), one registry, one device."""
 
@@ -65,7 +75,7 @@ class ApiService:
         self.registry = Registry.load(registry_path)
         self.catalog = Catalog(catalog_path)
         self.discovery = Discovery(self.catalog, self.registry, device=settings.device, dtype=settings.dtype,
-                                   allow_paths=False, max_models=settings.max_models)
+                                   allow_paths=False, max_models=settings.max_models, threads=settings.threads)
         self._same_run = KeyedLocks()
 
     def in_flight(self) -> int:
@@ -123,22 +133,28 @@ class ApiService:
             return drift_report(self.discovery, req, allow_sql_filter=False)
 
     # -- runs --------------------------------------------------------------------------------------
-    def runs_page(self, limit: int, offset: int, model_id: str | None, sae_id: str | None) -> dict:
-        rows, total = runs.list_runs(self.catalog, limit, offset, model_id=model_id, sae_id=sae_id)
+    def runs_page(self, limit: int, offset: int, model_id: str | None, sae_id: str | None,
+                  mode: str | None = None) -> dict:
+        rows, total = runs.list_runs(self.catalog, limit, offset, model_id=model_id, sae_id=sae_id, mode=mode)
         return {"runs": rows, "total": total, "limit": limit, "offset": offset}
 
+    def resolve(self, run_id: str) -> str:
+        """The full id of a run id or unique prefix; 404 when the catalog has no such run."""
+        try:
+            return runs.resolve_run_id(self.catalog, run_id)
+        except UnknownRun:
+            raise ApiError(404, "run_id", f"no run {run_id!r} in the catalog") from None
+
     def run_detail(self, run_id: str) -> dict:
-        detail = runs.run_detail(self.catalog, run_id)
-        if detail is None:
-            raise ApiError(404, "run_id", f"no run {run_id!r} in the catalog")
-        return detail
+        return runs.run_detail(self.catalog, self.resolve(run_id))  # type: ignore[return-value]
 
     def rank(self, run_id: str, options: dict[str, Any]) -> dict:
-        if runs.find_run(self.catalog, run_id) is None:
-            raise ApiError(404, "run_id", f"no run {run_id!r} in the catalog")
+        full_id = self.resolve(run_id)
         options = {k: v for k, v in options.items() if v is not None}
         self._at_most("return_top_x", options.get("return_top_x"), self.settings.max_return_top_x)
-        return rerank(self.catalog, run_id, options)
+        self._at_most("restrict_features", len(options.get("restrict_features") or []),
+                      self.settings.max_restrict_features, " ids")
+        return rerank(self.catalog, full_id, options)
 
     # -- labels ------------------------------------------------------------------------------------
     def import_labels(self, sae_id: str, fmt: str, content: str | None, files: dict[str, str] | None,
@@ -162,11 +178,11 @@ class ApiService:
                 for name, text in (files or {}).items():
                     if Path(name).name != name or not DELPHI_NAME.match(name):
                         raise RequestError("files", f"expected file names <module>_latent<N>.txt, got {name!r}")
-                    (Path(tmp) / name).write_text(text, encoding="utf-8")
+                    (Path(tmp) / name).write_text(_utf8("files", text), encoding="utf-8")
                 path = Path(tmp)
             else:
                 path = Path(tmp) / ("labels.csv" if fmt == "csv" else "labels.jsonl")
-                path.write_text(content or "", encoding="utf-8")
+                path.write_text(_utf8("content", content or ""), encoding="utf-8")
             try:
                 return self.discovery.import_labels(path, sae_id, fmt, layer, stream)
             except CatalogError as exc:  # the parsers name the file; here it is the body field holding it

@@ -29,6 +29,7 @@ class ApiSettings:
     max_drift_prompts: int = 200  # prompts per POST /v1/drift
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = None  # torch CPU threads (None: ingest.threads' rule by model size)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -47,7 +48,8 @@ class ApiSettings:
         for f in fields(cls):
             raw = os.environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
-                kind = type(getattr(settings, f.name))
+                default = getattr(settings, f.name)
+                kind = int if default is None else type(default)  # the optional setting (threads) is an int
                 try:
                     values[f.name] = kind(raw)
                 except ValueError:

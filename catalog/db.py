@@ -84,7 +84,10 @@ class Catalog:
         self.path = str(path or default_path())
         self.read_only = read_only
         if self.path != ":memory:" and not read_only:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CatalogError("db", f"{self.path}: its folder cannot be made ({exc.strerror or exc})") from exc
         self.url = f"duckdb:///{self.path}"
         args = {"read_only": True} if read_only else {}
         self.engine = sa.create_engine(self.url, connect_args=args, poolclass=sa.pool.SingletonThreadPool)

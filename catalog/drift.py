@@ -35,22 +35,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import duckdb
-
+from catalog import sandbox
 from catalog.db import Catalog
 from catalog.errors import CatalogError
 from catalog.ranking import (
+    ATTRIBUTION_MODES,
     MIN_COVERAGE_HELP,
     PROTO_LABELS_HELP,
     SCORE_MODE_HELP,
+    TAU_BASIS_HELP,
     TAU_HELP,
     TAU_QUANTILE_HELP,
     RankOptions,
     ScoreMode,
     best_labels_sql,
+    require_attributions,
     scored_sql,
 )
-from catalog.stats import calibration_for
+from catalog.runs import resolve_run_id
+from catalog.stats import TauBasis, calibration_for
 
 RUN_FIELDS = "run_key, run_id, model_id, sae_id, mode, prompt, text, n_kept, created_at"
 
@@ -64,6 +67,7 @@ class DriftOptions:
     min_coverage_pct: float = field(default=0.5, metadata={"help": MIN_COVERAGE_HELP, "bounds": (0.0, 100.0)})
     tau: float | None = field(default=None, metadata={"help": TAU_HELP, "bounds": (0.0, 1e30)})
     tau_quantile: float | None = field(default=None, metadata={"help": TAU_QUANTILE_HELP, "bounds": (0.0, 1.0)})
+    tau_basis: TauBasis = field(default="active", metadata={"help": TAU_BASIS_HELP})
     top_k: int = field(default=50, metadata={
         "help": "size of each side's top-K feature set (Jaccard@K, Spearman, flags)", "bounds": (1, 100_000)})
     min_score_change: float = field(default=0.0, metadata={
@@ -87,7 +91,15 @@ def _rows(cur) -> list[dict]:
 
 
 def runs_by_ids(catalog: Catalog, run_ids: list[str], field: str) -> list[dict]:
-    """The stored runs with these ids, in the given order (duplicates dropped); unknown ids are an error."""
+    """The stored runs with these ids (or unique prefixes of at least 6 hex characters), in the given
+    order (duplicates dropped); unknown ids are an error."""
+    full = []
+    for run_id in run_ids:
+        try:
+            full.append(resolve_run_id(catalog, run_id))
+        except CatalogError as exc:
+            raise CatalogError(field, exc.message) from None
+    run_ids = full
     con = catalog.raw()
     try:
         rows = _rows(con.execute(f"SELECT {RUN_FIELDS} FROM v_runs WHERE list_contains($ids, run_id)",
@@ -102,29 +114,27 @@ def runs_by_ids(catalog: Catalog, run_ids: list[str], field: str) -> list[dict]:
     return [by_id[i] for i in dict.fromkeys(run_ids)]
 
 
-def runs_where(catalog: Catalog, where: str, field: str) -> list[dict]:
+def runs_where(catalog: Catalog, where: str, field: str, limits: sandbox.Limits | None = None) -> list[dict]:
     """The stored runs matching a SQL boolean expression over ``v_runs`` columns, oldest first.
 
-    The filter must keep the statement one read-only SELECT (checked with DuckDB's parser).
+    The filter is user-written SQL: :func:`catalog.sandbox.filter_rows` parses it as one expression and
+    evaluates it on a locked-down in-memory copy of the ``v_runs`` rows (no other table, no file, no
+    sequence, within ``limits``); only the matching run keys come back to this catalog's connection.
     """
-    sql = f"SELECT {RUN_FIELDS} FROM v_runs WHERE ({where}) ORDER BY created_at, run_key"
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise CatalogError(field, f"not a valid SQL filter over v_runs ({str(exc).splitlines()[0]})") from exc
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        raise CatalogError(field, "expected one boolean SQL expression over v_runs columns, e.g. "
-                           "\"model_id = 'demo' AND mode = 'text'\"")
     con = catalog.raw()
     try:
-        rows = _rows(con.execute(sql))
-    except duckdb.Error as exc:
-        raise CatalogError(field, f"the filter failed over v_runs ({str(exc).splitlines()[0]})") from exc
+        view = con.sql("SELECT * FROM v_runs").to_arrow_table()
     finally:
         con.close()
-    if not rows:
+    keys = sandbox.filter_rows(view, "v_runs", where, field, "run_key", limits)
+    if not keys:
         raise CatalogError(field, f"the filter {where!r} matches no run in {catalog.path}")
-    return rows
+    con = catalog.raw()
+    try:
+        return _rows(con.execute(f"SELECT {RUN_FIELDS} FROM v_runs WHERE list_contains($keys, run_key) "
+                                 "ORDER BY created_at, run_key", {"keys": [int(k) for k in keys]}))
+    finally:
+        con.close()
 
 
 def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, streams: list[str] | None,
@@ -342,8 +352,10 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         shared = base_models[0] if len(base_models) == 1 else None  # the base model's calibration serves both
         if shared is not None and not all(calibration_for(con, k, shared) for k in sae_keys):
             shared = None  # else the SAE's newest calibration of any model
+        if opts.score_mode in ATTRIBUTION_MODES:
+            require_attributions(con, [*base_run_keys, *tuned_run_keys])
         rank_opts = RankOptions(score_mode=opts.score_mode, min_coverage_pct=opts.min_coverage_pct, tau=opts.tau,
-                                tau_quantile=opts.tau_quantile, model_key=shared)
+                                tau_quantile=opts.tau_quantile, tau_basis=opts.tau_basis, model_key=shared)
         scoring = scored_sql(con, sae_keys, rank_opts, "SELECT DISTINCT run_key, n FROM pair_runs")
         prefix = _prefix(scoring.sql)
         params = {**scoring.params, "base": [int(k) for k in base_run_keys], "tuned": [int(k) for k in tuned_run_keys],

@@ -1,4 +1,4 @@
-"""The catalog's two errors. Each carries the field it is about as data (``.field``, ``.message``), so
+"""The catalog's errors. Each carries the field it is about as data (``.field``, ``.message``), so
 callers map it to a CLI line or an API body without parsing text."""
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ class CatalogError(ValueError):
 
     def __reduce__(self):  # pickles with both arguments (errors cross process boundaries in batch mode)
         return type(self), (self.field, self.message)
+
+
+class UnknownRun(CatalogError):
+    """No stored run has this id (or id prefix): the API answers 404, the CLI prints it like any bad input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
 
 
 class CatalogLocked(RuntimeError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from catalog.writes import SAEInfo, append_rows, sae_keys, transaction
 
 FORMATS = ("neuronpedia", "delphi", "csv")
 STREAMS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-DELPHI_NAME = re.compile(r"^(?P<module>.+)_latent(?P<index>\d+)\.txt$")
+DELPHI_NAME = re.compile(r"^(?P<module>.+)_latent(?P<index>[0-9]+)\.txt$")
 
 
 @dataclass(frozen=True)
@@ -53,23 +54,57 @@ def detect_format(path: Path) -> str:
     raise CatalogError("format", f"cannot tell the label format of {path.name}; pass --format one of {', '.join(FORMATS)}")
 
 
+ASCII_INT = re.compile(r"[0-9]{1,10}")  # Python's int() also reads "٥", "²" and "1_0": a file's ids must not
+RESERVED_SOURCES = ("lite",)  # labels the catalog makes itself (calibrate): an import must not replace them
+
+
+def _index(value: object, where: str, field: str, what: str) -> int:
+    """A non-negative integer below 2^31 written in ASCII digits (an int, or its decimal text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < 2**31:
+            return value
+        text = "a number out of range"  # str() of a 5,000-digit int raises: do not print it
+    else:
+        text = value.strip() if isinstance(value, str) else repr(value)
+        if ASCII_INT.fullmatch(text) and int(text) < 2**31:
+            return int(text)
+        text = repr(text if len(text) <= 40 else text[:40] + "…")
+    raise CatalogError(field, f"{where}: expected {what}, an integer in [0, 2^31) in ASCII digits, got {text}")
+
+
 def _feature(value: object, where: str) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise CatalogError("feature_id", f"{where}: expected an integer feature index, got {value!r}") from None
-    if not 0 <= number < 2**31:
-        raise CatalogError("feature_id", f"{where}: expected 0 <= id < 2^31, got {number}")
-    return number
+    return _index(value, where, "feature_id", "a feature index")
 
 
 def _score(value: object, where: str) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise CatalogError("score", f"{where}: expected a number, got {value!r}") from None
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise CatalogError("score", f"{where}: expected a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(score):
+        raise CatalogError("score", f"{where}: expected a finite number, got {value!r}")
+    return score
+
+
+def _label(value: object, where: str) -> str:
+    """A label's text: non-empty and encodable (no lone surrogate from a JSON ``\\ud800`` escape)."""
+    label = (value or "").strip() if isinstance(value, str) else ""
+    if not label:
+        raise CatalogError("label", f"{where}: empty label")
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CatalogError("label", f"{where}: not valid Unicode text (a lone surrogate)") from None
+    return label
+
+
+def _source(value: object, where: str, default: str) -> str:
+    source = (value or "").strip() if isinstance(value, str) else ""
+    if source in RESERVED_SOURCES:
+        raise CatalogError("source", f"{where}: source {source!r} is reserved for the labels calibrate makes")
+    return source or default
 
 
 def neuronpedia_hook(sae_name: str) -> tuple[int, str] | None:
@@ -83,14 +118,32 @@ def neuronpedia_hook(sae_name: str) -> tuple[int, str] | None:
     return int(match.group(1)), stream
 
 
+DELPHI_MODULES = ("layers.N (block N's output: resid_post of N, the same as resid_pre of N+1)", "layers.N.mlp",
+                  "layers.N.self_attn (or .attn, .attention)",
+                  "blocks.N.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out (TransformerLens)")
+TL_MODULE = re.compile(r"blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+
+
 def delphi_hook(module: str) -> tuple[int, str] | None:
-    """delphi/sparsify module names: ``layers.6`` (block output), ``layers.6.mlp``, ``layers.6.self_attn``."""
+    """The hook a delphi/sparsify module name reads (:data:`DELPHI_MODULES`); None for another name."""
+    tl = TL_MODULE.search(module)
+    if tl:
+        return int(tl.group(1)), tl.group(2)
     match = re.search(r"(?:layers|h|layer)\.(\d+)(?:\.(\w+))?$", module)
     if not match:
         return None
     sub = match.group(2) or ""
     stream = "mlp_out" if "mlp" in sub else "attn_out" if "attn" in sub or "attention" in sub else "resid_post"
     return int(match.group(1)), stream
+
+
+def _sae_name(value: object, where: str) -> str:
+    """Neuronpedia's ``layer`` field (the SAE id, e.g. ``6-res-jb``); a bare number names no hook, as before."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(_index(value, where, 'layer', 'a layer'))
+    raise CatalogError("layer", f"{where}: expected an SAE id such as '6-res-jb', got {type(value).__name__}")
 
 
 def parse_neuronpedia(path: Path) -> list[LabelRow]:
@@ -102,8 +155,10 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
     if text.lstrip().startswith("["):  # a JSON array export
         try:
             objects = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CatalogError("file", f"{path.name} is not a JSON array ({exc.msg})") from None
+        except ValueError as exc:  # JSONDecodeError, or a number of more digits than int() takes
+            raise CatalogError("file", f"{path.name} is not a JSON array ({getattr(exc, 'msg', exc)})") from None
+        except RecursionError:
+            raise CatalogError("file", f"{path.name} is nested too deeply") from None
         lines = [json.dumps(o) for o in objects]
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -111,16 +166,18 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         where = f"{path.name}:{number}"
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CatalogError("file", f"{where} is not JSON ({exc.msg})") from None
+        except ValueError as exc:  # JSONDecodeError, or a number of more digits than int() takes
+            raise CatalogError("file", f"{where} is not JSON ({getattr(exc, 'msg', exc)})") from None
+        except RecursionError:
+            raise CatalogError("file", f"{where} is nested too deeply") from None
         if not isinstance(obj, dict) or "index" not in obj or not isinstance(obj.get("description"), str):
             raise CatalogError("file", f"{where}: expected Neuronpedia fields index and description")
         score = obj.get("score")
         if score is None and isinstance(obj.get("scores"), list) and obj["scores"]:
             first = obj["scores"][0]
             score = first.get("value") if isinstance(first, dict) else first
-        rows.append(LabelRow(_feature(obj["index"], where), obj["description"].strip(), "neuronpedia",
-                             _score(score, where), neuronpedia_hook(str(obj.get("layer", "")))))
+        rows.append(LabelRow(_feature(obj["index"], where), _label(obj["description"], where), "neuronpedia",
+                             _score(score, where), neuronpedia_hook(_sae_name(obj.get("layer"), where))))
     return rows
 
 
@@ -134,18 +191,28 @@ def parse_delphi(path: Path) -> list[LabelRow]:
         raw = file.read_text().strip()
         try:
             label = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not a JSON string: the text itself
             label = raw
         if not isinstance(label, str) or not label.strip():
             raise CatalogError("file", f"{file.name}: expected an explanation string")
-        rows.append(LabelRow(int(match.group("index")), label.strip(), "delphi", None, delphi_hook(match.group("module"))))
+        rows.append(LabelRow(_feature(match.group("index"), file.name), _label(label, file.name), "delphi", None,
+                             delphi_hook(match.group("module"))))
     if not rows:
         raise CatalogError("file", f"no delphi explanation files (<module>_latent<N>.txt) in {path}")
     return rows
 
 
 def parse_csv(path: Path) -> list[LabelRow]:
-    with path.open(newline="") as fh:
+    try:
+        return _parse_csv(path)
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+        raise CatalogError("file", f"{path.name}: not a readable CSV table ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError("file", f"{path.name}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _parse_csv(path: Path) -> list[LabelRow]:
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
             raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source]; "
@@ -155,16 +222,13 @@ def parse_csv(path: Path) -> list[LabelRow]:
             where = f"{path.name}:{number}"
             hook = None
             if rec.get("layer") not in (None, "") and rec.get("stream"):
-                if not str(rec["layer"]).strip().isdigit():
-                    raise CatalogError("layer", f"{where}: expected a non-negative integer, got {rec['layer']!r}")
+                layer_index = _index(rec["layer"], where, "layer", "a layer")
                 if rec["stream"] not in STREAMS:
                     raise CatalogError("stream", f"{where}: expected one of {', '.join(STREAMS)}, got {rec['stream']!r}")
-                hook = (int(rec["layer"]), rec["stream"])
-            label = (rec.get("label") or "").strip()
-            if not label:
-                raise CatalogError("label", f"{where}: empty label")
-            rows.append(LabelRow(_feature(rec["feature_id"], where), label, (rec.get("source") or "csv").strip(),
-                                 _score(rec.get("score"), where), hook, (rec.get("sae") or "").strip() or None))
+                hook = (layer_index, rec["stream"])
+            rows.append(LabelRow(_feature(rec["feature_id"], where), _label(rec.get("label"), where),
+                                 _source(rec.get("source"), where, "csv"), _score(rec.get("score"), where), hook,
+                                 (rec.get("sae") or "").strip() or None))
     return rows
 
 

@@ -6,9 +6,16 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
 - score = the chosen mode on activations divided by the feature's calibration max
   (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
   or on raw activations when the SAE has no calibration (``normalization: "none"``)
+- attribution = sum(attr): the first-order drop of the run's attribution target M were the feature removed
+  at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes
+  ``attribution`` (what pushed M up) and ``attribution_abs`` (|sum|: what mattered either way) rank by it
+  raw (no calibration normalization: it is in units of M)
 - gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates.
 τ_f: a global ``tau``; else the calibration's P95 (or another ``tau_quantile``, computed exactly
-like the P95, zeros included); else 0 (``threshold_source: "none"``).
+like the P95) on ``tau_basis``: ``active`` (default) over the feature's nonzero activations, its
+firing distribution — ``all`` over every calibration token, zeros included, which is 0 for nearly
+every feature (most fire on a few % of tokens), so the gate would not gate; else 0
+(``threshold_source: "none"``). A feature that never fired in calibration has τ = 0.
 
 :class:`RankOptions` is the one definition of the ranking options: each field's help text and
 inclusive bounds are in its metadata and its choices in its type, for the request model to compose.
@@ -24,16 +31,19 @@ import duckdb
 
 from catalog.db import Catalog
 from catalog.errors import CatalogError
-from catalog.stats import calibration_for, newest_stats_sql, quantile_sql
+from catalog.stats import P95_COLUMN, TauBasis, calibration_for, newest_stats_sql, quantile_sql
 
-ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity"]
+ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "attribution", "attribution_abs"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 SCORE_EXPR = {
     "mean": "mean_n",
     "max": "max_n",
     "mean×coverage": "mean_n * coverage",
     "selectivity": "(mean - bg_mean) / divisor",
+    "attribution": "attribution",
+    "attribution_abs": "abs(attribution)",
 }
+ATTRIBUTION_MODES = ("attribution", "attribution_abs")
 SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
                   "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
 
@@ -41,7 +51,9 @@ SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delp
 SCORE_MODE_HELP = "ranking value"
 MIN_COVERAGE_HELP = "coverage gate, a percentage 0-100 of analyzed tokens"
 TAU_HELP = "global activity threshold instead of the calibrated per-feature P95"
-TAU_QUANTILE_HELP = "another calibration quantile as threshold"
+TAU_QUANTILE_HELP = "another calibration quantile as threshold (on tau_basis)"
+TAU_BASIS_HELP = ("what the calibrated quantile is taken over: active = the feature's nonzero activations "
+                  "(its firing distribution), all = every calibration token, zeros included")
 PROTO_LABELS_HELP = "attach the best catalog label"
 
 
@@ -58,6 +70,7 @@ class RankOptions:
     restrict_features: list[int] = field(default_factory=list, metadata={"internal": True})
     tau: float | None = field(default=None, metadata={"help": TAU_HELP, "bounds": (0.0, 1e30)})
     tau_quantile: float | None = field(default=None, metadata={"help": TAU_QUANTILE_HELP, "bounds": (0.0, 1.0)})
+    tau_basis: TauBasis = field(default="active", metadata={"help": TAU_BASIS_HELP})
     attach_examples: bool = field(default=True, metadata={"help": "attach top activating spans"})
     attach_proto_labels: bool = field(default=True, metadata={"help": PROTO_LABELS_HELP})
     spans_per_feature: int = field(default=3, metadata={"help": "evidence spans per feature", "bounds": (0, 100)})
@@ -72,17 +85,22 @@ class RankOptions:
 
 
 def _thresholds_sql(con: duckdb.DuckDBPyConnection, cals: dict[int, int | None], opts: RankOptions) -> tuple[str, str]:
-    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance.
-    ``cals``: each SAE key's calibration (None where there is none), as ``scored_sql`` found them."""
+    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance
+    (``calibration_p95`` / ``calibration_q<q>`` on the default basis, with ``_all`` appended on the
+    all-token basis). ``cals``: each SAE key's calibration (None where there is none), as
+    ``scored_sql`` found them."""
     if opts.tau is not None:
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "global"
     if not any(cals.values()):
         return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
+    suffix = "" if opts.tau_basis == "active" else f"_{opts.tau_basis}"
     q = opts.tau_quantile
     if q is None or q == 0.95:
-        return (f"SELECT sae_key, feature_id, p95 AS tau FROM ({newest_stats_sql(cals)})", "calibration_p95")
-    parts = [quantile_sql(con, cal, key, q) for key, cal in cals.items() if cal is not None]
-    return " UNION ALL ".join(parts), f"calibration_q{q:g}"
+        column = P95_COLUMN[opts.tau_basis]
+        return (f"SELECT sae_key, feature_id, {column} AS tau FROM ({newest_stats_sql(cals)})",
+                f"calibration_p95{suffix}")
+    parts = [quantile_sql(con, cal, key, q, opts.tau_basis) for key, cal in cals.items() if cal is not None]
+    return " UNION ALL ".join(parts), f"calibration_q{q:g}{suffix}"
 
 
 @dataclass
@@ -108,6 +126,8 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     """
     if opts.score_mode not in SCORE_MODES:
         raise CatalogError("score_mode", f"expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
+    if opts.tau_basis not in P95_COLUMN:
+        raise CatalogError("tau_basis", f"expected one of {', '.join(P95_COLUMN)}, got {opts.tau_basis!r}")
     calibrated = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     all_calibrated = all(calibrated.values())
     has_background = bool(opts.background_runs) or all_calibrated
@@ -140,7 +160,8 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
                    max(a.act) AS max,
                    count(*) FILTER (WHERE a.act > {tau_expr}) / sr.n AS coverage,
                    {bg_expr} AS bg_mean,
-                   any_value({divisor}) AS divisor
+                   any_value({divisor}) AS divisor,
+                   sum(a.attr)::DOUBLE AS attribution
             FROM activations a
             JOIN scoring_runs sr ON sr.run_key = a.run_key
             LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
@@ -153,7 +174,7 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
             SELECT *, mean / divisor AS mean_n, max / divisor AS max_n FROM agg
             WHERE coverage * 100 >= $min_cov
         )
-        SELECT run_key, sae_key, feature_id, mean, max, coverage, {selectivity} AS selectivity,
+        SELECT run_key, sae_key, feature_id, mean, max, coverage, {selectivity} AS selectivity, attribution,
                {SCORE_EXPR[opts.score_mode]} AS score
         FROM gated"""
     params: dict = {"saes": list(sae_keys), "min_cov": opts.min_coverage_pct}
@@ -198,13 +219,15 @@ def rank_runs(catalog: Catalog, runs: list[tuple[int, int]], sae_keys: list[int]
 def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts: RankOptions) -> dict[int, dict]:
     """``rank_runs`` for runs of one model (one calibration per SAE): run_key → ranked result."""
     run_keys = [k for k, _ in runs]
+    if opts.score_mode in ATTRIBUTION_MODES:
+        require_attributions(con, run_keys)
     scoring = scored_sql(con, sae_keys, opts, "SELECT unnest($runs)::INTEGER AS run_key, unnest($ns)::DOUBLE AS n",
                          run_filter=_runs_filter("a"))
     order = "score DESC, layer, stream, feature_id" if opts.merge_across_layers else "score DESC, feature_id"
     per = "run_key" if opts.merge_across_layers else "run_key, sae_key"
     sql = f"""
         WITH scored AS ({scoring.sql})
-        SELECT r.run_key, r.sae_key, r.feature_id, r.mean, r.max, r.coverage, r.selectivity, r.score,
+        SELECT r.run_key, r.sae_key, r.feature_id, r.mean, r.max, r.coverage, r.selectivity, r.attribution, r.score,
                sa.layer, sa.stream
         FROM scored r JOIN saes sa USING (sae_key)
         QUALIFY row_number() OVER (PARTITION BY {per} ORDER BY {order}) <= $top
@@ -225,6 +248,19 @@ def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts
     for f in features:
         out[f.pop("run_key")]["features"].append(f)
     return out
+
+
+def require_attributions(con, run_keys: list[int]) -> None:
+    """Refuse an attribution score mode over runs stored without an attribution target (their ``attr``
+    is NULL: the ranking would be empty or meaningless), naming score_mode."""
+    missing = con.execute(f"""
+        SELECT r.run_id FROM runs r WHERE list_contains($runs, r.run_key) AND NOT EXISTS (
+            SELECT 1 FROM activations a WHERE {_runs_filter("a")} AND a.run_key = r.run_key AND a.attr IS NOT NULL)
+        ORDER BY r.run_key LIMIT 1""", _runs_params(run_keys)).fetchall()
+    if missing:
+        raise CatalogError("score_mode", f"run {missing[0][0]} has no attributions (it was made with "
+                                         "attribution_target=none); rank it by another score_mode, or run it again "
+                                         "with an attribution_target")
 
 
 def _runs_filter(alias: str) -> str:
@@ -289,10 +325,38 @@ def _attach_spans(con, run_keys: list[int], features: list[dict], per_feature: i
         text = texts.get(f["run_key"], [])
         chosen: list[tuple[int, int]] = []
         for pos, act in by_feature.get((f["run_key"], f["sae_key"], f["feature_id"]), []):
-            start, end = max(0, pos - window), min(len(text), pos + window + 1)
+            start, end = word_window(text, pos, window)
             if any(start < e and s < end for s, e in chosen):
                 continue
             chosen.append((start, end))
-            f["top_spans"].append({"text": "".join(text[start:end]), "position": [start, end], "act": float(act)})
+            f["top_spans"].append({"text": "".join(text[start:end]), "position": [start, end], "act": float(act),
+                                   "marked": "".join(text[start:pos]) + f"[[{text[pos] if pos < len(text) else ''}]]"
+                                             + "".join(text[pos + 1:end])})
             if len(chosen) >= per_feature:
                 break
+
+
+def _word_start(text: list[str], i: int) -> bool:
+    """Whether token ``i`` begins a word: the first token or the end, after a left-out special token or
+    whitespace, or itself starting with whitespace or punctuation that is not inside a word."""
+    if i <= 0 or i >= len(text):
+        return True
+    prev, tok = text[i - 1], text[i]
+    return not prev or not tok or prev[-1].isspace() or tok[0].isspace() or not (tok[0].isalnum() and prev[-1].isalnum())
+
+
+def word_window(text: list[str], peak: int, window: int) -> tuple[int, int]:
+    """The token span ``[start, end)`` of about ``window`` tokens each side of ``peak``, moved to word
+    boundaries (no span starts or ends inside a word): shrunk towards the peak, or, when the peak's own
+    word reaches past the window, grown to hold that word (at most ``window`` more tokens each side)."""
+    n = len(text)
+    start, end = max(0, peak - window), min(n, peak + window + 1)
+    while start < peak and not _word_start(text, start):
+        start += 1
+    while start > max(0, peak - 2 * window) and not _word_start(text, start):
+        start -= 1
+    while end > peak + 1 and not _word_start(text, end):
+        end -= 1
+    while end < min(n, peak + 1 + 2 * window) and not _word_start(text, end):
+        end += 1
+    return start, end

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import duckdb
 
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, UnknownRun
 
 if TYPE_CHECKING:  # writes imports this module (its model look-up); the type alone is needed here
     from catalog.writes import SAEInfo
@@ -21,6 +21,9 @@ LIST_COLUMNS = ("run_id", "model_id", "sae_id", "mode", "prompt", "text", "gener
                 "created_at", "n_tokens", "n_kept", "layers", "streams")
 # columns stored as JSON text, and what an empty one reads as
 JSON_COLUMNS = {"layers": "[]", "streams": "[]", "restrict_features": "[]", "timings": "{}"}
+RUN_MODES = ("prompt+gen", "prompt", "text")
+MIN_PREFIX = 6  # hex characters of a run id prefix (run ids are 24)
+HEX = frozenset("0123456789abcdef")
 
 
 def _decoded(row: dict) -> dict:
@@ -62,8 +65,49 @@ def run_saes(catalog: Catalog, run_key: int) -> list[dict]:
         con.close()
 
 
+def resolve_run_id(catalog: Catalog, prefix: str) -> str:
+    """The full id of the one stored run whose id starts with ``prefix`` (a whole id, or at least
+    :data:`MIN_PREFIX` hex characters), so users can paste the short ids they see. No such run (or
+    no run id at all): :class:`UnknownRun`; a prefix of several runs: :class:`CatalogError`."""
+    value = str(prefix).strip().lower()
+    if len(value) < MIN_PREFIX or not set(value) <= HEX:
+        raise UnknownRun("run_id", f"expected a run id or a unique prefix of at least {MIN_PREFIX} hex characters, "
+                                     f"got {prefix!r}")
+    con = catalog.raw()
+    try:
+        found = [r[0] for r in con.execute("SELECT run_id FROM runs WHERE starts_with(run_id, ?) ORDER BY run_id "
+                                           "LIMIT 3", [value]).fetchall()]
+    finally:
+        con.close()
+    if not found:
+        raise UnknownRun("run_id", f"no run {prefix!r} in {catalog.path}")
+    if len(found) > 1:
+        raise CatalogError("run_id", f"{prefix!r} is the prefix of several runs ({', '.join(found[:2])}, ...); "
+                                     "give more characters")
+    return found[0]
+
+
+def run_texts(catalog: Catalog, run_keys: Sequence[int]) -> dict[int, dict]:
+    """What each run analyzed, from its stored tokens (special tokens left out): ``text``, the whole
+    sequence (prompt and continuation), and ``continuation``, the generated part (None when nothing
+    was generated). One statement for a whole batch of runs."""
+    if not run_keys:
+        return {}
+    con = catalog.raw()
+    try:
+        rows = con.execute(
+            "SELECT run_key, string_agg(token, '' ORDER BY position) FILTER (WHERE NOT is_special), "
+            "string_agg(token, '' ORDER BY position) FILTER (WHERE is_generated AND NOT is_special), "
+            "bool_or(is_generated) FROM tokens WHERE list_contains(?, run_key) GROUP BY run_key",
+            [list(run_keys)]).fetchall()
+    finally:
+        con.close()
+    return {int(k): {"text": text or "", "continuation": (gen or "") if generated else None}
+            for k, text, gen, generated in rows}
+
+
 def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | None = None,
-              sae_id: str | None = None) -> tuple[list[dict], int]:
+              sae_id: str | None = None, mode: str | None = None) -> tuple[list[dict], int]:
     """One page of stored runs, newest first (ties: the later run first), and the number of runs that
     match the filters. Each row holds :data:`LIST_COLUMNS`; ``created_at`` names its time zone (the
     column is stored as a local TIMESTAMP), ``layers`` and ``streams`` are lists."""
@@ -71,8 +115,10 @@ def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | Non
         raise CatalogError("limit", f"expected a non-negative integer, got {limit}")
     if offset < 0:
         raise CatalogError("offset", f"expected a non-negative integer, got {offset}")
+    if mode is not None and mode not in RUN_MODES:
+        raise CatalogError("mode", f"expected one of {', '.join(RUN_MODES)}, got {mode!r}")
     where, params = [], []
-    for name, value in (("model_id", model_id), ("sae_id", sae_id)):
+    for name, value in (("model_id", model_id), ("sae_id", sae_id), ("mode", mode)):
         if value is not None:
             where.append(f"{name} = ?")
             params.append(value)
@@ -91,7 +137,8 @@ def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | Non
 def run_detail(catalog: Catalog, run_id: str) -> dict | None:
     """A stored run's ``runs`` row — ``created_at`` with its time zone, the JSON columns (layers,
     streams, restrict_features, timings) decoded — plus ``saes``: the SAEs it was encoded with (as
-    :func:`run_saes`); None when the catalog has no such run."""
+    :func:`run_saes`), and ``analyzed_text`` / ``continuation`` (as :func:`run_texts`: the row's
+    ``text`` is only the text a user sent); None when the catalog has no such run."""
     con = catalog.raw()
     try:
         rows = _dicts(con.execute("SELECT * REPLACE (created_at::TIMESTAMPTZ AS created_at) FROM runs "
@@ -102,6 +149,8 @@ def run_detail(catalog: Catalog, run_id: str) -> dict | None:
         return None
     run = _decoded(rows[0])
     run["saes"] = run_saes(catalog, run["run_key"])
+    analyzed = run_texts(catalog, [run["run_key"]]).get(run["run_key"], {"text": "", "continuation": None})
+    run["analyzed_text"], run["continuation"] = analyzed["text"], analyzed["continuation"]
     return run
 
 

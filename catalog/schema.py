@@ -98,6 +98,7 @@ activations = sa.Table(
     sa.Column("sae_key", sa.Integer, nullable=False),
     sa.Column("feature_id", sa.Integer, nullable=False),
     sa.Column("act", sa.Float, nullable=False),  # float32 in DuckDB
+    sa.Column("attr", sa.Float),  # attribution to the run's target, NULL without one (revision 0003)
 )
 
 calibrations = sa.Table(
@@ -142,11 +143,12 @@ feature_stats = sa.Table(
     sa.Column("calibration_id", sa.Integer, nullable=False),
     sa.Column("sae_key", sa.Integer, nullable=False),
     sa.Column("feature_id", sa.Integer, nullable=False),
-    sa.Column("p95", sa.Double, nullable=False),
+    sa.Column("p95", sa.Double, nullable=False),  # P95 of the feature's nonzero activations (default τ)
     sa.Column("mean", sa.Double, nullable=False),
     sa.Column("max", sa.Double, nullable=False),
     sa.Column("density", sa.Double, nullable=False),
     sa.Column("n_tokens", sa.Integer, nullable=False),
+    sa.Column("p95_all", sa.Double, nullable=False),  # P95 over every token, zeros included (revision 0002)
 )
 
 labels = sa.Table(

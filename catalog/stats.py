@@ -1,14 +1,17 @@
 """Calibrations and feature statistics: writing a calibration (its per-feature p95/mean/max/density
 computed in SQL), finding the calibration a ranking uses, and the lite labels built from it.
 
-A feature's quantile is over its *dense* column (zeros included), computed exactly from the sparse
-nonzero rows, so it equals numpy's ``quantile`` (and DuckDB's ``quantile_cont``) on the dense matrix.
+Each feature gets two quantiles, both exact (numpy's ``percentile``, DuckDB's ``quantile_cont``):
+``p95`` over its *firing distribution* (its nonzero activations; the default τ, ``tau_basis = active``)
+and ``p95_all`` over its *dense* column (zeros included, ``tau_basis = all``), computed from the sparse
+nonzero rows as if the zeros were there. A feature that never fired has 0 for both.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import duckdb
 import numpy as np
@@ -19,10 +22,15 @@ from catalog.errors import CatalogError
 from catalog.labels import write_labels
 from catalog.writes import ModelInfo, SAEInfo, append_rows, model_key_of, sae_keys, transaction, with_sae_keys
 
+TauBasis = Literal["active", "all"]
+TAU_BASES: tuple[str, ...] = get_args(TauBasis)
+# the feature_stats column holding each basis's P95
+P95_COLUMN = {"active": "p95", "all": "p95_all"}
+
 
 def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo], corpus: str, corpus_hash: str,
                       n_docs: int, tokens: pa.Table, acts: pa.Table, q: float = 0.95) -> int:
-    """Store a calibration and compute each feature's p95/mean/max/density in SQL, in one transaction.
+    """Store a calibration and compute each feature's p95 (both bases)/mean/max/density in SQL, in one transaction.
 
     ``tokens``: doc int32, position int32, token_id int32, token string — every analysed token.
     ``acts``: doc, position, sae_index, feature_id, act — nonzero codes of those tokens.
@@ -41,7 +49,7 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
         append_rows(con, "calibration_activations", with_sae_keys(acts, [np.asarray(keys)], [acts.num_rows]),
                     calibration_id=cal_id)
         for sae, key in zip(saes, keys, strict=True):
-            con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae,
+            con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae, "q": q,
                                             **quantile_positions(n_tokens, q)})
         return cal_id
 
@@ -54,9 +62,11 @@ def quantile_positions(n: int, q: float) -> dict:
     return {"lo": lo, "hi": min(lo + 1, n - 1), "frac": h - lo}
 
 
-# The quantile of a feature's *dense* column (zeros included) from its sparse nonzero rows: with n
-# tokens and k nonzeros (all codes are >= 0), the sorted dense column is n-k zeros followed by the
-# nonzeros in ascending order, so dense index i holds the (i-(n-k))-th nonzero, or 0 when i < n-k.
+# Both quantiles of a feature from its sparse nonzero rows. ``q_active``: over the nonzeros alone
+# (quantile_cont is numpy's interpolation). ``v_lo``/``v_hi``: the order statistics of its *dense*
+# column (zeros included) — with n tokens and k nonzeros (all codes are >= 0), the sorted dense column
+# is n-k zeros followed by the nonzeros in ascending order, so dense index i holds the (i-(n-k))-th
+# nonzero, or 0 when i < n-k.
 QUANTILE_CTE = """
     ranked AS (
         SELECT feature_id, act,
@@ -68,14 +78,16 @@ QUANTILE_CTE = """
     sparse_stats AS (
         SELECT feature_id, any_value(k) AS k, sum(act) AS total, max(act) AS max_act,
                coalesce(max(act) FILTER (WHERE $n - k + r = $lo), 0) AS v_lo,
-               coalesce(max(act) FILTER (WHERE $n - k + r = $hi), 0) AS v_hi
+               coalesce(max(act) FILTER (WHERE $n - k + r = $hi), 0) AS v_hi,
+               quantile_cont(act::DOUBLE, $q) AS q_active
         FROM ranked GROUP BY feature_id
     )"""
 
 FEATURE_STATS_SQL = f"""
-    INSERT INTO feature_stats (calibration_id, sae_key, feature_id, p95, mean, max, density, n_tokens)
+    INSERT INTO feature_stats (calibration_id, sae_key, feature_id, p95, p95_all, mean, max, density, n_tokens)
     WITH {QUANTILE_CTE}
     SELECT $cal, $sae, f.feature_id,
+           coalesce(s.q_active, 0),
            coalesce(s.v_lo + $frac * (s.v_hi - s.v_lo), 0),
            coalesce(s.total, 0) / $n,
            coalesce(s.max_act, 0),
@@ -87,15 +99,17 @@ FEATURE_STATS_SQL = f"""
 """
 
 
-def quantile_sql(con: duckdb.DuckDBPyConnection, calibration_id: int, sae_key: int, q: float) -> str:
-    """A relation (sae_key, feature_id, tau): the q-quantile of each feature's dense column in that
-    calibration, computed exactly like the stored p95 (features that never fired are absent: 0)."""
+def quantile_sql(con: duckdb.DuckDBPyConnection, calibration_id: int, sae_key: int, q: float,
+                 basis: TauBasis = "active") -> str:
+    """A relation (sae_key, feature_id, tau): the q-quantile of each feature in that calibration on
+    ``basis`` (its nonzero activations, or its dense column), computed exactly like the stored p95 /
+    p95_all (features that never fired are absent: 0)."""
     n = con.execute("SELECT n_tokens FROM calibrations WHERE calibration_id = ?", [calibration_id]).fetchone()[0]
     pos = quantile_positions(n, q)
     cte = QUANTILE_CTE.replace("$cal", str(int(calibration_id))).replace("$sae", str(int(sae_key))) \
-        .replace("$n", str(n)).replace("$lo", str(pos["lo"])).replace("$hi", str(pos["hi"]))
-    return (f"(WITH {cte} SELECT {int(sae_key)} AS sae_key, feature_id, "
-            f"v_lo + {pos['frac']!r} * (v_hi - v_lo) AS tau FROM sparse_stats)")
+        .replace("$n", str(n)).replace("$lo", str(pos["lo"])).replace("$hi", str(pos["hi"])).replace("$q", repr(float(q)))
+    tau = "q_active" if basis == "active" else f"v_lo + {pos['frac']!r} * (v_hi - v_lo)"
+    return f"(WITH {cte} SELECT {int(sae_key)} AS sae_key, feature_id, {tau} AS tau FROM sparse_stats)"
 
 
 def calibration_for(con: duckdb.DuckDBPyConnection, sae_key: int, model_key: int | None = None) -> int | None:

@@ -30,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ingest.errors import ModelError
@@ -125,26 +127,63 @@ class LoadedModel:
                                  f"({self.n_layers} layers: 0..{self.n_layers - 1})")
 
     def capture(self, input_ids: torch.Tensor, hooks: list[tuple[int, str]], attention_mask: torch.Tensor | None = None,
-                stop_early: bool = True) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor | None]:
+                stop_early: bool = True, grad: bool = False
+                ) -> tuple[dict[tuple[int, str], torch.Tensor], torch.Tensor | None]:
         """Run one forward pass; return ``{(layer, stream): [batch, seq, d_model]}`` and the logits.
 
         Logits are ``None`` when the pass stopped early (no LM head was run) and always for encoders
-        (loaded without an LM head).
+        (loaded without an LM head). With ``grad`` the pass records the autograd graph from the hooked
+        streams on (each becomes a tensor that requires grad, same values), so one backward pass gives
+        ∂M/∂stream for every hook at once; the captured tensors and logits are then not detached.
         """
         self.check_hooks([layer for layer, _ in hooks], [stream for _, stream in hooks])
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+
+        def keep(key: tuple[int, str], x: torch.Tensor) -> torch.Tensor | None:
+            if not grad:
+                captured[key] = x.detach()
+                return None
+            if not x.requires_grad:  # the first hooked stream: the graph starts here
+                x = x.detach().requires_grad_(True)
+            captured[key] = x
+            return x
+
+        logits = self._hooked_forward(input_ids, hooks, keep, attention_mask, stop_early, grad)
+        return captured, logits
+
+    def forward_edited(self, input_ids: torch.Tensor, edits: dict[tuple[int, str], Callable[[torch.Tensor], torch.Tensor]],
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of a forward pass in which each hooked stream is replaced by ``edits[hook](stream)``
+        (ablation: the model downstream of the edit runs as usual)."""
+        self.check_hooks([layer for layer, _ in edits], [stream for _, stream in edits])
+        logits = self._hooked_forward(input_ids, list(edits), lambda key, x: edits[key](x), attention_mask,
+                                      stop_early=False, grad=False)
+        assert logits is not None
+        return logits
+
+    def _hooked_forward(self, input_ids: torch.Tensor, hooks: list[tuple[int, str]],
+                        on_stream: Callable[[tuple[int, str], torch.Tensor], torch.Tensor | None],
+                        attention_mask: torch.Tensor | None, stop_early: bool, grad: bool) -> torch.Tensor | None:
+        """One forward pass with ``on_stream(key, tensor)`` called at each hook; a tensor it returns
+        replaces the stream. Returns the logits (None when stopped early, and for encoders)."""
         blocks = self.blocks()
         fmap = self.family_map
-        captured: dict[tuple[int, str], torch.Tensor] = {}
         handles = []
 
         def keep(key: tuple[int, str]):
             def hook(_module, _inputs, output):
-                captured[key] = _first(output).detach()
+                new = on_stream(key, _first(output))
+                if new is None:
+                    return None
+                return (new, *output[1:]) if isinstance(output, tuple) else new
             return hook
 
         def keep_input(key: tuple[int, str]):
             def hook(_module, args, kwargs):
-                captured[key] = (args[0] if args else kwargs["hidden_states"]).detach()
+                new = on_stream(key, args[0] if args else kwargs["hidden_states"])
+                if new is None:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
             return hook
 
         def stop(_module, _args, _kwargs):
@@ -154,7 +193,7 @@ class LoadedModel:
         # which runs before the stop hook registered after it); every other stream needs block L to run
         stop_at = max(layer if stream == "resid_pre" else layer + 1 for layer, stream in hooks)
         try:
-            for layer, stream in set(hooks):
+            for layer, stream in dict.fromkeys(hooks):
                 block = blocks[layer]
                 if stream == "resid_pre":
                     handles.append(block.register_forward_pre_hook(keep_input((layer, stream)), with_kwargs=True))
@@ -167,7 +206,7 @@ class LoadedModel:
                 handles.append(blocks[stop_at].register_forward_pre_hook(stop, with_kwargs=True))
             logits = None
             kwargs = {"use_cache": False} if fmap.decoder else {}
-            with torch.inference_mode():
+            with torch.enable_grad() if grad else torch.inference_mode():
                 try:
                     out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                     logits = getattr(out, "logits", None) if fmap.decoder else None
@@ -176,7 +215,7 @@ class LoadedModel:
         finally:
             for handle in handles:
                 handle.remove()
-        return captured, logits
+        return logits
 
 
 def _fingerprint(path: Path | None, config: dict) -> str:
@@ -263,6 +302,11 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     except OSError as exc:
         raise ModelError("model_id", f"{source!r} has no safetensors weights (pickled .bin weights are never loaded; "
                          f"convert them with `save_pretrained(..., safe_serialization=True)`): {exc}") from exc
+    except (RuntimeError, ValueError, SafetensorError) as exc:  # truncated weights, sizes not those of config.json
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "mismatched_sizes" in first:  # transformers' line points at a report it logged; say what it found
+            first = "the tensor sizes in config.json do not match those of the weights"
+        raise ModelError("model_id", f"{source!r}: its weights cannot be loaded ({first})") from exc
     model.eval().to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source)
     text_cfg = getattr(config, "text_config", config)

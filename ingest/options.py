@@ -33,3 +33,51 @@ class RunOptions:
         "help": "keep the K most informative tokens (token_proxy)", "bounds": (1, 1_000_000)})
     restrict_features: list[int] = field(default_factory=list, metadata={
         "help": "score only these feature ids (default: all)", "item_bounds": (0, 2**31 - 1)})
+    attribution_target: str = field(default="none", metadata={
+        "help": "the metric M whose gradient attributes each (token, feature): none, continuation (log-prob of the "
+                "generated tokens), next_tokens (log-prob of each next token of the text), token:<text> (log-prob "
+                "of one token at the last position), logit_diff:<a>|<b> (logit a - logit b at the last position)"})
+
+
+ATTRIBUTION_KINDS = ("none", "continuation", "next_tokens", "token", "logit_diff")
+
+
+@dataclass(frozen=True)
+class AttributionTarget:
+    """A parsed ``attribution_target``: its kind and, for ``token`` / ``logit_diff``, the token texts."""
+
+    kind: str
+    texts: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def canonical(self) -> str:
+        """The one spelling of this target (what the run id hashes)."""
+        if self.kind == "token":
+            return f"token:{self.texts[0]}"
+        if self.kind == "logit_diff":
+            return f"logit_diff:{self.texts[0]}|{self.texts[1]}"
+        return self.kind
+
+
+def parse_attribution_target(value: str) -> AttributionTarget:
+    """``none``, ``continuation``, ``next_tokens``, ``token:<text>`` or ``logit_diff:<a>|<b>`` (the texts
+    verbatim: ``token: Paris`` means the token " Paris"). Raises ValueError with the reason; callers
+    name the field. Whether each text is one token needs the tokenizer (:mod:`ingest.attribution`)."""
+    kind, sep, rest = value.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("none", "continuation", "next_tokens") and not sep:
+        return AttributionTarget(kind)
+    if kind == "token" and sep:
+        if not rest:
+            raise ValueError("token:<text> needs the token's text after the colon")
+        return AttributionTarget(kind, (rest,))
+    if kind == "logit_diff" and sep:
+        a, bar, b = rest.partition("|")
+        if not bar or not a or not b:
+            raise ValueError(f"expected logit_diff:<a>|<b> with two token texts, got {value!r}")
+        return AttributionTarget(kind, (a, b))
+    raise ValueError(f"expected none, continuation, next_tokens, token:<text> or logit_diff:<a>|<b>, got {value!r}")

@@ -17,13 +17,14 @@ kept, so no dense [tokens × d_sae] matrix exists for more than ``chunk`` tokens
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from ingest.attribution import Metric, attributions, capture_with_gradients, resolve_metric
 from ingest.generate import generate
 from ingest.models import LoadedModel, ModelError
 from ingest.options import RunOptions
@@ -87,19 +88,25 @@ def sparse_codes(sae: SAE, x: torch.Tensor, positions: np.ndarray, features: tup
     return cat(out_pos, np.int32), cat(out_feat, np.int32), cat(out_act, np.float32)
 
 
-def activation_table(parts: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
-                     extra: dict[str, np.ndarray] | None = None) -> pa.Table:
-    """Stack per-SAE triples into the activations batch (position, sae_index, feature_id, act)."""
-    pos, idx, feat, act = [], [], [], []
-    for sae_index, p, f, a in parts:
+def activation_table(parts: Iterable[tuple], extra: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """Stack per-SAE parts ``(sae_index, position, feature_id, act[, attr])`` into the activations batch;
+    the ``attr`` column is there when the parts carry attributions (float32, like ``act``)."""
+    pos, idx, feat, act, attr = [], [], [], [], []
+    for sae_index, p, f, a, *rest in parts:
         pos.append(p)
         idx.append(np.full(len(p), sae_index, dtype=np.int16))
         feat.append(f)
         act.append(a)
+        if rest and rest[0] is not None:
+            attr.append(np.asarray(rest[0], dtype=np.float32))
     cols = {"position": np.concatenate(pos) if pos else np.zeros(0, np.int32),
             "sae_index": np.concatenate(idx) if idx else np.zeros(0, np.int16),
             "feature_id": np.concatenate(feat) if feat else np.zeros(0, np.int32),
             "act": np.concatenate(act) if act else np.zeros(0, np.float32)}
+    if attr:
+        if len(attr) != len(pos):
+            raise ValueError("activation_table: attributions for some SAE parts only")
+        cols["attr"] = np.concatenate(attr)
     return pa.table({**(extra or {}), **cols})
 
 
@@ -122,10 +129,11 @@ def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: di
 
 
 def _encode_kept(saes: Sequence[SAE], hooks: list[tuple[int, str]], captured: dict, kept: torch.Tensor,
-                 restricts: list[tuple[int, ...] | None]) -> list[list[tuple]]:
+                 restricts: list[tuple[int, ...] | None], grads: dict | None = None) -> list[list[tuple]]:
     """Sparse codes of the kept tokens of a micro-batch (``kept`` [batch, width]): one encode per (hook,
     restrict set) over all its rows — one large GEMM, not one per sequence — split back into each
-    row's ``(sae_index, position, feature_id, act)`` parts."""
+    row's ``(sae_index, position, feature_id, act, attr)`` parts (``attr`` None without ``grads``,
+    ∂M/∂stream per hook: :mod:`ingest.attribution`)."""
     out: list[list[tuple]] = [[] for _ in restricts]
     groups: dict[tuple[int, ...] | None, list[int]] = {}
     for row, features in enumerate(restricts):
@@ -137,11 +145,15 @@ def _encode_kept(saes: Sequence[SAE], hooks: list[tuple[int, str]], captured: di
         flat = np.arange(len(owner), dtype=np.int32)
         row_starts = np.searchsorted(owner, np.arange(len(restricts) + 1))  # each row's slice of ``flat``
         for sae_index, (hook, sae) in enumerate(zip(hooks, saes, strict=True)):
-            where, feat, act = sparse_codes(sae, captured[hook][mask.to(captured[hook].device)], flat, features)
+            x = captured[hook][mask.to(captured[hook].device)]
+            where, feat, act = sparse_codes(sae, x, flat, features)
+            attr = None if grads is None else attributions(sae, x, grads[hook][mask.to(grads[hook].device)], where,
+                                                           feat, act)
             cuts = np.searchsorted(where, row_starts)  # ``where`` ascends, so each row's triples are contiguous
             for row in members:
                 part = slice(cuts[row], cuts[row + 1])
-                out[row].append((sae_index, positions[where[part]].astype(np.int32), feat[part], act[part]))
+                out[row].append((sae_index, positions[where[part]].astype(np.int32), feat[part], act[part],
+                                 None if attr is None else attr[part]))
     return out
 
 
@@ -163,10 +175,11 @@ def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: to
 
 
 def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
-             batch_size: int = MICRO_BATCH) -> list[RunBatch]:
+             batch_size: int = MICRO_BATCH, on_sequence: Callable[[int], object] | None = None) -> list[RunBatch]:
     """Several runs over the same hooks: generation one prompt at a time (each has its own seed), then
     the analysis forward passes in right-padded micro-batches of similar length. Causal models see the
     same prefix for every real token, so each run's codes equal a one-at-a-time run (to float rounding).
+    ``on_sequence(1)`` is told as each prompt's sequence is ready (generation is the slow, per-prompt part).
     """
     if not specs:
         return []
@@ -174,35 +187,58 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     if any(s.hooks != hooks for s in specs):
         raise ValueError("run_many: every spec must use the same hooks")
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
+    metrics = run_metrics(loaded, specs)  # before any generation: a refused target costs nothing
     timings = [{} for _ in specs]
-    seqs = [_sequence(loaded, spec, prepend_bos, t) for spec, t in zip(specs, timings, strict=True)]
+    seqs = []
+    for spec, t in zip(specs, timings, strict=True):
+        seqs.append(_sequence(loaded, spec, prepend_bos, t))
+        if on_sequence is not None:
+            on_sequence(1)
     special = [special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
-    wants_logits = [needs_logits(spec.token_proxy, spec.topk_tokens_per_seq, int((~m).sum()))
-                    for spec, m in zip(specs, special, strict=True)]
+    # attribution needs the logits (M) and a backward pass: its runs get micro-batches of their own
+    groups = [(needs_logits(spec.token_proxy, spec.topk_tokens_per_seq, int((~m).sum())) or metric is not None,
+               metric is not None) for spec, m, metric in zip(specs, special, metrics, strict=True)]
     results: list[RunBatch | None] = [None] * len(specs)
     vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
-    for logits_group in (False, True):
-        order = sorted((i for i in range(len(specs)) if wants_logits[i] == logits_group), key=lambda i: len(seqs[i][0]))
+    for group in ((False, False), (True, False), (True, True)):
+        logits_group, attributing = group
+        order = sorted((i for i in range(len(specs)) if groups[i] == group), key=lambda i: len(seqs[i][0]))
         widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
         for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
             ids, mask, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
+            lengths = [len(seqs[i][0]) for i in chunk]
             t1 = time.perf_counter()
-            captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
-                                              stop_early=not logits_group)
+            grads = None
+            if attributing:
+                captured, logits, grads, _ = capture_with_gradients(
+                    loaded, ids.to(loaded.device), mask.to(loaded.device), hooks, lengths,
+                    [seqs[i][1] for i in chunk], [metrics[i] for i in chunk])
+            else:
+                captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
+                                                  stop_early=not logits_group)
             forward_s = (time.perf_counter() - t1) / len(chunk)
             t2 = time.perf_counter()
-            lengths = [len(seqs[i][0]) for i in chunk]
             proxy, kept = select_tokens([specs[i].token_proxy for i in chunk],
                                         [specs[i].topk_tokens_per_seq for i in chunk],
                                         hooks, candidates, captured, logits, lengths)
             restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
-            parts = _encode_kept(saes, hooks, captured, kept, restricts)  # only kept tokens, the chunk's rows together
+            parts = _encode_kept(saes, hooks, captured, kept, restricts, grads)  # only kept tokens, the chunk's rows together
             encode_s = (time.perf_counter() - t2) / len(chunk)
             for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
                 timings[i].update(forward_s=forward_s, encode_s=encode_s)
                 results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
                                        parts[row], timings[i])
     return results  # type: ignore[return-value]
+
+
+def run_metrics(loaded: LoadedModel, specs: Sequence[RunSpec]) -> list[Metric | None]:
+    """Each run's attribution metric (None without one), refused for an encoder (no LM head) and for a
+    ``token`` / ``logit_diff`` text that is not one token of this tokenizer."""
+    metrics = [resolve_metric(loaded.tokenizer, spec.attribution_target) for spec in specs]
+    if loaded.is_encoder and any(m is not None for m in metrics):
+        raise ModelError("attribution_target", f"{loaded.model_id} is an encoder ({loaded.family}) with no LM head: "
+                                               "there is no log-probability to attribute; use none")
+    return metrics
 
 
 def _micro_batches(order: list[int], sizes: list[int], batch_size: int, budget: int | None) -> Iterator[list[int]]:
@@ -223,11 +259,12 @@ def run(loaded: LoadedModel, saes: Sequence[SAE], spec: RunSpec) -> RunBatch:
 
 
 def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tuple[int, str]],
-                        docs: Sequence[str], batch_size: int = MICRO_BATCH) -> tuple[pa.Table, pa.Table]:
+                        docs: Sequence[str], batch_size: int = MICRO_BATCH,
+                        on_batch: Callable[[int], object] | None = None) -> tuple[pa.Table, pa.Table]:
     """Every non-special token of every document through model + SAEs (one sequence per document,
     BOS prepended, truncated at the context length): the run path with every candidate kept.
     Right-padded micro-batches: causal models see the same prefix for every real token, so codes
-    equal one-document-at-a-time runs."""
+    equal one-document-at-a-time runs. ``on_batch(n)`` is told after each micro-batch of n documents."""
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
     seqs = [encode_ids(loaded, d, prepend_bos)[: loaded.context_length] for d in docs]
     token_cols: dict[str, list] = {"doc": [], "position": [], "token_id": [], "token": []}
@@ -249,6 +286,8 @@ def calibration_batches(loaded: LoadedModel, saes: Sequence[SAE], hooks: list[tu
             token_cols["token"] += [pieces[j] for j in positions]
             parts += row_parts
             docs_col += [np.full(len(part[1]), i, np.int32) for part in row_parts]
+        if on_batch is not None:
+            on_batch(len(batch))
     tokens = pa.table({"doc": pa.array(token_cols["doc"], pa.int32()),
                        "position": pa.array(token_cols["position"], pa.int32()),
                        "token_id": pa.array(token_cols["token_id"], pa.int32()),

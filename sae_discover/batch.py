@@ -3,12 +3,14 @@
 Each line is an object with ``prompt`` or ``text`` plus optional per-line overrides of any seed
 option and an ``id``. A bad line yields ``{"id": ..., "error": ...}`` and the batch goes on.
 Finished runs are in the catalog, so rerunning a half-done batch skips them (``cached: true``).
+The bar advances per prompt (as each one's run is made or found); the CLI exits 1 when any line failed.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
                     slots.append(None)
                 except USER_ERRORS as exc:
                     slots.append(exc)
-            done = iter(_discover_chunk(discovery, reqs, workers))
+            bar.update(len(part) - len(reqs))  # refused lines are done
+            done = iter(_discover_chunk(discovery, reqs, workers, bar.update))
             for line_id, slot in zip(ids, slots, strict=True):
                 result = slot if slot is not None else next(done)
                 if isinstance(result, Exception):
@@ -50,14 +53,14 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
                     result = {"id": line_id, "error": str(result)}
                 sink.write(json.dumps(result, ensure_ascii=False) + "\n")
             sink.flush()
-            bar.update(len(part))
+            bar.update(start + len(part) - bar.n)  # settle at the chunk's end (a retried chunk told twice)
     return out_path, n_err
 
 
-def _discover_chunk(discovery: Discovery, reqs: list, workers: int) -> list:
+def _discover_chunk(discovery: Discovery, reqs: list, workers: int, progress: Callable[[int], object]) -> list:
     """A chunk at once; if something unexpected breaks it, line by line, so one bad line cannot stop the batch."""
     try:
-        return discovery.discover_many(reqs, workers=workers)
+        return discovery.discover_many(reqs, workers=workers, progress=progress)
     except Exception:
         out = []
         for req in reqs:

@@ -6,8 +6,12 @@ Registry entries with a ``calibration_corpus`` (the demo) calibrate an SAE on it
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+from tqdm import tqdm
 
 from catalog import stats
 from catalog.db import Catalog
@@ -25,10 +29,12 @@ from sae_discover.registry import ModelEntry
 class Calibrator:
     """Calibrations of one catalog; shares the forward lock of the process's discovery."""
 
-    def __init__(self, catalog: Catalog, loaders: Loaders, forward_lock: threading.Lock) -> None:
+    def __init__(self, catalog: Catalog, loaders: Loaders, forward_lock: threading.Lock,
+                 notify: Callable[[str], None] | None = None) -> None:
         self.catalog = catalog
         self.loaders = loaders
         self.forward_lock = forward_lock
+        self.notify = notify  # told before a first-use calibration starts (the CLI prints it on stderr)
         self._known: set[tuple] = set()  # (SAE, model id, fingerprint) with stats; calibrations are never deleted
         self._first_use = threading.Lock()  # two first requests must not both calibrate the same SAE
 
@@ -49,11 +55,15 @@ class Calibrator:
                        if not self.has_stats(info, entry)]
             if not missing:
                 return []
-            self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing)
+            if self.notify is not None:
+                self.notify(f"calibrating {len(missing)} SAE(s) of {source.sae_id!r} for {entry.id!r} on "
+                            f"{entry.calibration_corpus} (first use; once per model and SAE)")
+            self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing,
+                           progress=self.notify is not None)
         return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
 
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,
-                  lite_labels: bool = True) -> dict:
+                  lite_labels: bool = True, progress: bool = False) -> dict:
         """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
         entry = self.loaders.entry(model_id)
         source = self.loaders.source(sae_id)
@@ -65,8 +75,9 @@ class Calibrator:
         docs = read_corpus(corpus)
         loaded = self.loaders.model(entry)
         sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
-        with self.forward_lock:
-            tokens, acts = calibration_batches(loaded, sae_objs, hooks, docs)
+        with self.forward_lock, tqdm(total=len(docs), desc="calibrate", unit="doc", file=sys.stderr,
+                                     disable=not progress) as bar:
+            tokens, acts = calibration_batches(loaded, sae_objs, hooks, docs, on_batch=bar.update)
         infos = sae_infos(source, hooks)
         model_info = ModelInfo(model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
         cal_id = stats.write_calibration(self.catalog, model_info, infos, str(corpus), file_fingerprint(Path(corpus)),

@@ -14,36 +14,72 @@ defaults, choices and help are written once, there. Errors print one line
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from catalog import runs, sandbox
 from catalog.db import Catalog
-from catalog.ranking import RankOptions
+from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
 from sae_discover.drift import table as drift_table
 from sae_discover.drift.request import DRIFT_FIELDS, DriftRequest
 from sae_discover.errors import USER_ERRORS, CatalogLocked, RequestError
 from sae_discover.inputs import read_lines
-from sae_discover.output import table, write_result
+from sae_discover.output import out_format, render_runs, table, write_result, write_runs
 from sae_discover.registry import Registry
-from sae_discover.request import FIELD_NAMES, DiscoverRequest, Option, build_request, options
+from sae_discover.report import batch_report, drift_page, run_report, stored_report, write_html
+from sae_discover.request import (
+    FIELD_NAMES,
+    INT32_MAX,
+    RERANK_FIELDS,
+    RERANK_OPTIONS,
+    DiscoverRequest,
+    Option,
+    build_request,
+    check_value,
+    options,
+    parse_bool,
+)
 from sae_discover.stored import rerank, show_run
 
 SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve")
-RUN_ID = re.compile(r"^[0-9a-f]{8,64}$")
+MAX_WORKERS = 64  # model worker processes in batch mode
+RUN_ID = re.compile(r"^[0-9a-f]{6,64}$")  # a run id or a prefix of one (catalog.runs.resolve_run_id)
 LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more values
+ARGPARSE_FLAG = re.compile(r"^argument (?:-\w+/)?--?(\w+)(?:/[^:]*)?: (.*)$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the house error line: ``error: <field>: <message> (see <prog> --help)``, exit 2,
+    instead of the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        match = ARGPARSE_FLAG.match(message)
+        line = f"{match.group(1)}: {match.group(2)}" if match else message
+        self.exit(2, f"error: {line} (see {self.prog} --help)\n")
 
 
 def _help(opt: Option) -> str:
     text = opt.help
     if opt.choices:
-        text += f"; one of {', '.join(opt.choices)}"
-    text += f" (default: {opt.shown_default})"
+        text += f"; {'STREAM ' if opt.kind == 'hook_list' else ''}one of {', '.join(opt.choices)}"
+    if "(default:" not in text:  # some help texts say what their default means
+        text += f" (default: {opt.shown_default})"
     return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _metavar(opt: Option) -> str:
+    if opt.kind == "bool":
+        return "true|false"
+    if opt.kind in ("choice", "choice_list"):
+        return "{" + ",".join(opt.choices) + "}"
+    return "LAYER:STREAM" if opt.kind == "hook_list" else opt.name.upper()
 
 
 def add_options(parser: argparse.ArgumentParser, opts: list[Option], skip: tuple[str, ...] = ()) -> None:
@@ -52,10 +88,8 @@ def add_options(parser: argparse.ArgumentParser, opts: list[Option], skip: tuple
     for opt in opts:
         if opt.name in skip:
             continue
-        nargs = LIST_FLAGS.get(opt.name, "+") if opt.kind in ("int_list", "choice_list", "list") else None
-        parser.add_argument(opt.flag, dest=opt.name, nargs=nargs, help=_help(opt),
-                            metavar=opt.name.upper() if opt.kind not in ("choice", "bool") else
-                            ("true|false" if opt.kind == "bool" else "{" + ",".join(opt.choices) + "}"))
+        nargs = LIST_FLAGS.get(opt.name, "+") if opt.kind in ("int_list", "choice_list", "hook_list", "list") else None
+        parser.add_argument(opt.flag, dest=opt.name, nargs=nargs, help=_help(opt), metavar=_metavar(opt))
 
 
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -66,15 +100,41 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
                             help="model device (default: auto)")
         parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                             help="model dtype; SAE math is always fp32 (default: float32)")
+        parser.add_argument("--threads", type=int,
+                            help="torch CPU threads, split between --workers (default: 1 for models under "
+                                 f"{SMALL_MODEL_PARAMS // 1_000_000}M parameters, else the cores up to "
+                                 f"{MAX_DEFAULT_THREADS})")
+
+
+def check_threads(threads: int | None) -> int | None:
+    """``--threads``: at least 1, at most the cores this process may use (more would only wait for a core)."""
+    cores = available_cores()
+    if threads is not None and not 1 <= threads <= cores:
+        raise RequestError("threads", f"expected an integer in [1, {cores}] (the CPU cores this process may use), "
+                                      f"got {threads}")
+    return threads
 
 
 def _output_flags(parser: argparse.ArgumentParser, what: str = "the result") -> None:
-    parser.add_argument("--out", help=f"write {what} here (.json, .csv; .jsonl in batch mode)")
-    parser.add_argument("--format", choices=["json", "csv"], help="output format (default: by --out extension)")
+    parser.add_argument("--out", help=f"write {what} here (.json, .csv, .html: a report for the browser; .jsonl or "
+                                      ".html in batch mode)")
+    parser.add_argument("--format", choices=["json", "csv", "html"], help="output format (default: by --out extension)")
+
+
+OUT_FORMATS = ("json", "csv", "html")
+
+
+def _html_writer(catalog: Catalog, write: Any, html_of: Any) -> Any:
+    """``write`` for JSON and CSV; for HTML, the report ``html_of(catalog, result)`` written to the file."""
+    def writer(result: dict, out: str, fmt: str | None) -> Path:
+        if out_format(out, fmt, OUT_FORMATS) != "html":
+            return write(result, out, fmt)
+        return write_html(html_of(catalog, result), out)
+    return writer
 
 
 def discover_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sae_discover",
+    p = Parser(prog="python -m sae_discover",
                                 description="Find the SAE features a model used on a prompt or text.",
                                 epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (python -m sae_discover SUB --help)")
     add_options(p, options(DiscoverRequest), skip=("id",))
@@ -89,10 +149,19 @@ def _fields(ns: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k in names and v is not None}
 
 
+def _show(result: dict, ns: argparse.Namespace, as_table: Any, write: Any) -> int:
+    """Print a result as a table; also write it to ``--out`` (as ``--format``) when given."""
+    print(as_table(result))
+    if ns.out:
+        print(f"wrote {write(result, ns.out, ns.format)}")
+    return 0
+
+
 def _discovery(ns: argparse.Namespace):
     from sae_discover.service import Discovery  # loads torch: only commands that run a model import it
 
-    return Discovery(Catalog(ns.db), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype)
+    return Discovery(Catalog(ns.db), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype,
+                     notify=lambda message: print(message, file=sys.stderr, flush=True), threads=check_threads(ns.threads))
 
 
 def cmd_discover(argv: list[str]) -> int:
@@ -101,22 +170,31 @@ def cmd_discover(argv: list[str]) -> int:
     if ns.prompts_file:
         from sae_discover.batch import run_batch  # loads torch (the service)
 
+        if not 1 <= ns.workers <= MAX_WORKERS:
+            raise RequestError("workers", f"expected an integer in [1, {MAX_WORKERS}], got {ns.workers}")
+        out = ns.out or "results/discover_batch.jsonl"
+        fmt = out_format(out, ns.format if ns.format != "json" else "jsonl", ("jsonl", "html"))
         lines = read_lines(ns.prompts_file)
-        out, n_err = run_batch(_discovery(ns), lines, fields, ns.out or "results/discover_batch.jsonl",
-                               workers=ns.workers or 1)
-        print(f"wrote {out} ({len(lines)} lines, {n_err} errors)")
-        return 0
+        disc = _discovery(ns)
+        # an HTML report of a batch is made from its JSONL, written next to it
+        jsonl = Path(out).with_suffix(".jsonl") if fmt == "html" else out
+        out_path, n_err = run_batch(disc, lines, fields, jsonl, workers=ns.workers)
+        print(f"wrote {out_path} ({len(lines)} lines, {len(lines) - n_err} ok, {n_err} failed)")
+        if fmt == "html":
+            results = [json.loads(line) for line in Path(out_path).read_text().splitlines() if line.strip()]
+            print(f"wrote {write_html(batch_report(disc.catalog, results), out)}")
+        return 1 if n_err else 0  # any failed line: exit 1 (its error is in the output file)
+    out_format(ns.out, ns.format, OUT_FORMATS)
     req = build_request(fields)
-    result = _discovery(ns).discover(req)
-    print(table(result))
-    if ns.out:
-        print(f"wrote {write_result(result, ns.out, ns.format)}")
-    return 0
+    disc = _discovery(ns)
+    return _show(disc.discover(req), ns, functools.partial(table, by_hook=not req.merge_across_layers),
+                 _html_writer(disc.catalog, write_result, run_report))
 
 
 def cmd_calibrate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae_discover calibrate",
-                                description="Per-feature P95/mean/max/density over a calibration corpus, in the catalog.")
+    p = Parser(prog="python -m sae_discover calibrate",
+                                description="Per-feature P95 (of its nonzero activations, and of all tokens)/mean/max/density "
+                                "over a calibration corpus, in the catalog.")
     p.add_argument("--model", dest="model_id", default="demo", help="model (default: demo)")
     p.add_argument("--sae", dest="sae_id", default="demo", help="SAE source (default: demo)")
     p.add_argument("--corpus", help="one document per line (text or JSONL with 'text'); default: the registry's")
@@ -140,41 +218,90 @@ def cmd_calibrate(argv: list[str]) -> int:
     return 0
 
 
+def runs_parser() -> argparse.ArgumentParser:
+    """``runs list | show | rank``: each action with its own flags (ranking options only where they apply)."""
+    p = Parser(prog="python -m sae_discover runs", description="List, show or re-rank stored runs "
+                                "(a run id may be shortened to a unique prefix of at least 6 hex characters).")
+    sub = p.add_subparsers(dest="action", metavar="{list,show,rank,report}", required=True)
+    ls = sub.add_parser("list", help="stored runs, newest first (default action)",
+                        description="Stored runs, newest first, with the filters of GET /v1/runs.")
+    ls.add_argument("--model", dest="model_id", help="only runs of this model id (default: all)")
+    ls.add_argument("--sae", dest="sae_id", help="only runs of this SAE source id (default: all)")
+    ls.add_argument("--mode", choices=runs.RUN_MODES, help="only runs of this mode (default: all)")
+    ls.add_argument("--limit", default="50", help="runs listed (default: 50)")
+    ls.add_argument("--offset", default="0", help="runs skipped, newest first (default: 0)")
+    ls.add_argument("--out", help="write the listing here (.json: the API's page, .csv, .jsonl: one run per line)")
+    ls.add_argument("--format", choices=["json", "csv", "jsonl"],
+                    help="print (or, with --out, write) in this format (default: a table; with --out, its extension)")
+    show = sub.add_parser("show", help="one run as JSON: options, SAEs, timings, analyzed text",
+                          description="One stored run as JSON (the API's GET /v1/runs/{run_id}).")
+    show.add_argument("run_id", help="a run id or a unique prefix (at least 6 hex characters)")
+    show.add_argument("--out", help="also write the JSON here (.json)")
+    rank = sub.add_parser("rank", help="rank a stored run again (SQL only, no model, no new run)",
+                          description="Rank a stored run again with other ranking options: SQL over its stored rows.")
+    rank.add_argument("run_id", help="a run id or a unique prefix (at least 6 hex characters)")
+    add_options(rank, RERANK_OPTIONS)
+    _output_flags(rank)
+    report = sub.add_parser("report", help="a stored run as a self-contained HTML report (no model)",
+                            description="A stored run as one HTML file for the browser: tokens with the selected "
+                                        "feature's activations, the feature table, spans, calibration histograms, "
+                                        "labels (the API's GET /v1/runs/{run_id}/report).")
+    report.add_argument("run_id", help="a run id or a unique prefix (at least 6 hex characters)")
+    add_options(report, RERANK_OPTIONS)
+    report.add_argument("--out", required=True, help="the HTML file to write (.html)")
+    for part in (ls, show, rank, report):
+        _common(part, model=False)
+    return p
+
+
 def cmd_runs(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae_discover runs", description="List, show or re-rank stored runs.")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "rank"])
-    p.add_argument("run_id", nargs="?")
-    p.add_argument("--limit", type=int, default=50, help="runs listed (default: 50)")
-    add_options(p, options(RankOptions))
-    _output_flags(p)
-    _common(p, model=False)
-    ns = p.parse_args(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["list", *argv]  # ``runs`` alone lists
+    ns = runs_parser().parse_args(argv)
     catalog = Catalog(ns.db)
     if ns.action == "list":
-        rows, _ = runs.list_runs(catalog, ns.limit, 0)
-        for r in rows:
-            cells = [str(r[k]) for k in ("run_id", "model_id", "sae_id", "mode", "n_kept", "n_tokens", "created_at")]
-            print("\t".join([*cells, json.dumps(str(r["prompt"] if r["prompt"] is not None else r["text"])[:60])]))
+        fmt = out_format(ns.out, ns.format, ("json", "csv", "jsonl"))
+        limit, offset = (check_value(Option(n, "int", 0, "", (0, INT32_MAX)), getattr(ns, n)) for n in ("limit", "offset"))
+        rows, total = runs.list_runs(catalog, limit, offset, model_id=ns.model_id, sae_id=ns.sae_id, mode=ns.mode)
+        page = {"runs": rows, "total": total, "limit": limit, "offset": offset}
+        if ns.out:
+            print(f"wrote {write_runs(page, ns.out, fmt)}")
+        else:
+            sys.stdout.write(render_runs(page, fmt))
         return 0
-    if not ns.run_id:
-        raise RequestError("run_id", f"runs {ns.action} needs a RUN_ID")
     if ns.action == "show":
-        print(json.dumps(show_run(catalog, ns.run_id), indent=2, default=str))
+        out_format(ns.out, None, ("json",))
+        text = json.dumps(show_run(catalog, ns.run_id), indent=2, ensure_ascii=False, default=str)
+        print(text)
+        if ns.out:
+            Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(ns.out).write_text(text + "\n")
+            print(f"wrote {ns.out}", file=sys.stderr)  # stdout stays one JSON document
         return 0
-    result = rerank(catalog, ns.run_id, _fields(ns, tuple(o.name for o in options(RankOptions))))
-    print(table(result))
-    if ns.out:
-        print(f"wrote {write_result(result, ns.out, ns.format)}")
-    return 0
+    if ns.action == "report":
+        out_format(ns.out, None, ("html",))
+        print(f"wrote {write_html(stored_report(catalog, ns.run_id, _fields(ns, RERANK_FIELDS)), ns.out)}")
+        return 0
+    out_format(ns.out, ns.format, OUT_FORMATS)
+    options = _fields(ns, RERANK_FIELDS)
+    result = rerank(catalog, ns.run_id, options)
+    by_hook = not parse_bool("merge_across_layers", options.get("merge_across_layers", True))
+    return _show(result, ns, functools.partial(table, by_hook=by_hook), _html_writer(catalog, write_result, run_report))
 
 
 def cmd_sql(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae_discover sql", description="Read-only SQL over the catalog.")
+    p = Parser(prog="python -m sae_discover sql", description="Read-only SQL over the catalog.")
     p.add_argument("query")
     p.add_argument("--db", help="catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
     p.add_argument("--format", choices=["tsv", "json"], default="tsv", help="output format (default: tsv)")
+    p.add_argument("--memory_limit", default=sandbox.DEFAULT_MEMORY_LIMIT,
+                   help=f"DuckDB memory limit for the query (default: {sandbox.DEFAULT_MEMORY_LIMIT})")
+    p.add_argument("--timeout_s", type=float, default=sandbox.DEFAULT_TIMEOUT_S,
+                   help=f"stop the query after this many seconds (default: {sandbox.DEFAULT_TIMEOUT_S:g})")
     ns = p.parse_args(argv)
-    columns, rows = sandbox.run_user_sql(ns.db, ns.query)
+    limits = sandbox.Limits(ns.memory_limit, ns.timeout_s)
+    sandbox.cap_process_memory(limits)  # this process only runs the query
+    columns, rows = sandbox.run_user_sql(ns.db, ns.query, limits)
     if columns is None:
         return 0
     if ns.format == "json":
@@ -187,7 +314,7 @@ def cmd_sql(argv: list[str]) -> int:
 
 
 def cmd_labels(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae_discover labels",
+    p = Parser(prog="python -m sae_discover labels",
                                 description="Import AutoInterp label tables (Neuronpedia JSONL[.gz], delphi, CSV).")
     p.add_argument("action", choices=["import"])
     p.add_argument("file")
@@ -206,7 +333,7 @@ def cmd_labels(argv: list[str]) -> int:
 
 
 def drift_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m sae_discover drift",
         description="Compare the SAE features of two models (base vs tuned) on the same prompts: aggregate scores, "
                     "ranks, Jaccard@K, Spearman and flagged features (gained, lost, shifted).")
@@ -245,18 +372,16 @@ def drift_fields(ns: argparse.Namespace) -> dict:
 def cmd_drift(argv: list[str]) -> int:
     ns = drift_parser().parse_args(argv)
     fields = drift_fields(ns)
+    out_format(ns.out, ns.format, OUT_FORMATS)
     source = _discovery(ns) if "prompts" in fields else Catalog(ns.db)  # stored runs only: no model, no torch
-    report = drift_report(source, fields, progress=True)
-    print(drift_table(report))
-    if ns.out:
-        print(f"wrote {write_report(report, ns.out, ns.format)}")
-    return 0
+    return _show(drift_report(source, fields, progress=True, allow_sql_filter=True), ns, drift_table,
+                 _html_writer(getattr(source, "catalog", source), write_report, lambda _, report: drift_page(report)))
 
 
 def cmd_serve(argv: list[str]) -> int:
     from api.settings import ApiSettings  # the server's modules load only for this command
 
-    p = argparse.ArgumentParser(prog="python -m sae_discover serve",
+    p = Parser(prog="python -m sae_discover serve",
                                 description="The HTTP API (Litestar + uvicorn, one worker process: it holds the catalog). "
                                             "Limits default to $SAE_DISCOVER_API_<NAME>, else api/settings.py.")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
@@ -272,7 +397,8 @@ def cmd_serve(argv: list[str]) -> int:
     from api.app import create_app  # (as above)
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in (*limits, "device", "dtype")})
+    check_threads(ns.threads)
+    settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in (*limits, "device", "dtype", "threads")})
     app = create_app(ns.db, ns.registry, settings)  # opens (and holds) the catalog before binding the port
     uvicorn.run(app, host=ns.host, port=ns.port, workers=1, log_level=ns.log_level)
     return 0
@@ -286,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     handler = COMMANDS.get(argv[0]) if argv else None
     try:
-        return handler(argv[1:]) if handler else cmd_discover(argv)
+        status = handler(argv[1:]) if handler else cmd_discover(argv)
+        sys.stdout.flush()  # inside the try: a reader that stopped early (``| head``) is handled below
+        return status
+    except BrokenPipeError:  # the reader of stdout stopped reading (``| head``): what it took is enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except CatalogLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -7,7 +7,7 @@ of them to "``error: <field>: <message>``" (CLI, exit 2) or a 4xx naming the fie
 
 from __future__ import annotations
 
-from catalog.db import CatalogError, CatalogLocked
+from catalog.errors import CatalogError, CatalogLocked
 from ingest.errors import ModelError, SAEError  # torch-free: light commands import this module
 
 
@@ -27,9 +27,4 @@ class RequestError(UserError):
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, CatalogError, SAEError, ModelError)
 """Every error a user can cause; anything else is a bug (a traceback in the CLI, a 500 in the API)."""
 
-__all__ = ["USER_ERRORS", "CatalogLocked", "RequestError", "UserError", "field_of"]
-
-
-def field_of(exc: BaseException, default: str = "request") -> str:
-    """The field a user error names (``default`` for an error that names none)."""
-    return getattr(exc, "field", None) or default
+__all__ = ["USER_ERRORS", "CatalogLocked", "RequestError", "UserError"]

@@ -7,6 +7,7 @@ file (``prompts_file``, ``corpus``, ``background_file``), never a traceback.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from sae_discover.errors import RequestError
@@ -14,13 +15,22 @@ from sae_discover.errors import RequestError
 MAX_INPUT_BYTES = 1 << 30  # a larger input file is refused before it is read
 
 
-def read_text_file(path: str | Path, field: str) -> tuple[Path, str]:
-    """The file's text (UTF-8), or a one-line error naming ``field``."""
+def check_file(path: str | Path, field: str) -> Path:
+    """``path`` as a readable regular file, or a one-line error naming ``field``: cheap enough to run
+    before any work, so a request that would fail on its file fails before it computes or stores."""
     file = Path(path)
     if not file.exists():
         raise RequestError(field, f"{file} does not exist")
     if not file.is_file():
         raise RequestError(field, f"{file} is not a regular file")
+    if not os.access(file, os.R_OK):
+        raise RequestError(field, f"{file} cannot be read (permission denied)")
+    return file
+
+
+def read_text_file(path: str | Path, field: str) -> tuple[Path, str]:
+    """The file's text (UTF-8), or a one-line error naming ``field``."""
+    file = check_file(path, field)
     try:
         if file.stat().st_size > MAX_INPUT_BYTES:
             raise RequestError(field, f"{file} is larger than {MAX_INPUT_BYTES} bytes")

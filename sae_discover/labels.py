@@ -18,6 +18,20 @@ from sae_discover.errors import RequestError
 from sae_discover.plan import sae_infos
 
 
+def source_hook(source: SAESource, hook: tuple[int, str] | None) -> tuple[int, str] | None:
+    """The source's hook for a hook a label file names: itself, or for resid_post of layer N the
+    resid_pre SAE of layer N+1 (the same activations: a block's output is the next block's input).
+    A hook the source has no SAE for is refused, listing the hooks it has and the names files may use."""
+    if hook is None or hook in source.hooks:
+        return hook
+    layer, stream = hook
+    if stream == "resid_post" and (layer + 1, "resid_pre") in source.hooks:
+        return layer + 1, "resid_pre"
+    raise RequestError("layer", f"the file names layer {layer} {stream}, and {source.sae_id!r} has no SAE there "
+                                f"(it has {sorted(source.hooks)}); delphi file names read: "
+                                f"{'; '.join(labels.DELPHI_MODULES)}; or pass --layer and --stream")
+
+
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
                   layer: int | None = None, stream: str | None = None) -> dict:
     """Import an AutoInterp label file for the SAEs of ``source``."""
@@ -30,11 +44,14 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
         if row.sae is not None and row.sae != sae_id:
             raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
                                       "(split the file, or import it once per SAE)")
-        hook = (layer, stream) if layer is not None and stream is not None else row.hook
+        hook = (layer, stream) if layer is not None and stream is not None else source_hook(source, row.hook)
         if hook is None:
             if len(source.hooks) != 1:
+                accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \
+                    if row.source == "delphi" else ""
                 raise RequestError("layer", f"the file does not say which hook its labels belong to and "
-                                            f"{sae_id!r} has {len(source.hooks)} SAEs; pass --layer and --stream")
+                                            f"{sae_id!r} has {len(source.hooks)} SAEs; pass --layer and --stream"
+                                            f"{accepted}")
             hook = next(iter(source.hooks))
         groups.setdefault(hook, []).append(row)
     batches = []

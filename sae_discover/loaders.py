@@ -13,17 +13,23 @@ import torch
 
 from ingest.models import LoadedModel, ModelCard, load_model, read_card, resolve_device
 from ingest.saes.sources import SAESource, file_fingerprint, open_source
+from ingest.threads import apply_threads
 from sae_discover.registry import ModelEntry, Registry
 
 
 class Loaders:
-    """Registry lookups plus the model, card and SAE-source caches of one process and device."""
+    """Registry lookups plus the model, card and SAE-source caches of one process and device.
+
+    ``threads`` (``--threads``) is this process's torch CPU thread count; None: ``ingest.threads``' rule
+    for the model in use. It changes no activation, so it is no part of a run's identity.
+    """
 
     def __init__(self, registry: Registry, device: str = "auto", dtype: str = "float32", allow_paths: bool = True,
-                 max_models: int | None = None) -> None:
+                 max_models: int | None = None, threads: int | None = None) -> None:
         self.registry = registry
         self.device = device
         self.dtype = dtype
+        self.threads = threads
         self.allow_paths = allow_paths
         self.max_models = max_models
         self._models: dict[str, LoadedModel] = {}
@@ -47,6 +53,7 @@ class Loaders:
                 self._models[entry.source] = load_model(entry.id, entry.source, self.device, self.dtype)
             loaded = self._models.pop(entry.source)
             self._models[entry.source] = loaded  # most recently used last
+            apply_threads(self.threads, loaded.model)  # the rule sizes by the model about to run
             if self.max_models is not None and len(self._models) > self.max_models:
                 while len(self._models) > self.max_models:
                     del self._models[next(iter(self._models))]

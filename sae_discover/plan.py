@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from catalog.writes import ModelInfo, SAEInfo
 from ingest.models import ENCODERS, ModelCard
-from ingest.options import RunOptions
+from ingest.options import RunOptions, parse_attribution_target
 from ingest.run import RunSpec
 from ingest.saes.sources import SAESource
 from sae_discover.errors import RequestError
@@ -35,6 +35,11 @@ class RunPlan:
     run_id: str
 
     @property
+    def streams(self) -> list[str]:
+        """The distinct streams of the run's hooks, in order (what the runs row and the response list)."""
+        return list(dict.fromkeys(stream for _, stream in self.hooks))
+
+    @property
     def spec(self) -> RunSpec:
         """What ingest needs to make this run: the request's run options, its text and hooks."""
         r = self.req
@@ -50,7 +55,7 @@ class RunPlan:
         return {"run_id": self.run_id, "model_id": r.model_id, "sae_id": r.sae_id, "mode": mode, "prompt": r.prompt,
                 "text": r.text, "generate": mode == "prompt+gen", "gen_tokens": r.gen_tokens if mode == "prompt+gen" else 0,
                 "seed": r.seed, "temperature": r.temperature, "top_p": r.top_p, "token_proxy": r.token_proxy,
-                "topk_tokens_per_seq": r.topk_tokens_per_seq, "layers": self.layers, "streams": r.streams,
+                "topk_tokens_per_seq": r.topk_tokens_per_seq, "layers": self.layers, "streams": self.streams,
                 "restrict_features": r.restrict_features, "n_tokens": n_tokens, "n_kept": n_kept, "timings": timings}
 
 
@@ -66,13 +71,19 @@ def sae_infos(source: SAESource, hooks: list[tuple[int, str]]) -> list[SAEInfo]:
 
 def resolve_hooks(req: DiscoverRequest, entry: ModelEntry, card: ModelCard, source: SAESource
                   ) -> tuple[list[int], list[tuple[int, str]]]:
-    """The request's layers (else the registry default) × streams, each checked against model and source."""
-    layers = req.layers or entry.default_layers
+    """The request's ``hooks`` pairs as given, else its layers (else the registry default) × streams; each
+    checked against model and source. Returns the distinct layers (in order) and the hooks."""
+    field_name = "hooks" if req.hooks else "layers"
+    if req.hooks:
+        hooks = [(layer, stream) for layer, stream in req.hooks]
+        layers = list(dict.fromkeys(layer for layer, _ in hooks))
+    else:
+        layers = req.layers or entry.default_layers
+        hooks = [(layer, stream) for layer in layers for stream in req.streams]
     for layer in layers:
         if not 0 <= layer < card.n_layers:
-            raise RequestError("layers", f"layer {layer} is out of range for {req.model_id} "
-                                         f"({card.n_layers} layers: 0..{card.n_layers - 1})")
-    hooks = [(layer, stream) for layer in layers for stream in req.streams]
+            raise RequestError(field_name, f"layer {layer} is out of range for {req.model_id} "
+                                           f"({card.n_layers} layers: 0..{card.n_layers - 1})")
     for layer, stream in hooks:
         source.folder(layer, stream)  # raises with the list of hooks the source has
     return layers, hooks
@@ -90,7 +101,28 @@ def run_id(req: DiscoverRequest, card: ModelCard, saes: list[SAEInfo], tokenizer
         "token_proxy": req.token_proxy, "topk": req.topk_tokens_per_seq, "restrict": sorted(req.restrict_features),
         "precision": precision or ["float32", "cpu"],
     }
+    if req.attribution_target != "none":  # only then: the ids of runs without attribution stay as they were
+        key["attribution"] = req.attribution_target
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def check_attribution(req: DiscoverRequest, card: ModelCard) -> None:
+    """Refuse an attribution target the run cannot have (its texts' tokenization is checked by ingest,
+    which has the tokenizer, before anything is written); ``req.attribution_target`` is made canonical."""
+    try:
+        target = parse_attribution_target(req.attribution_target)
+    except ValueError as exc:
+        raise RequestError("attribution_target", str(exc)) from None
+    req.attribution_target = target.canonical
+    if target.enabled and card.family in ENCODERS:
+        raise RequestError("attribution_target", f"{req.model_id} is an encoder ({card.family}) with no LM head: "
+                                                 "there is no log-probability to attribute; use none")
+    if target.kind == "continuation" and not (req.text is None and req.generate and req.gen_tokens > 0):
+        raise RequestError("attribution_target", "continuation attributes the generated tokens, and this request "
+                                                 "generates none; use next_tokens, token:<text> or logit_diff:<a>|<b>")
+    if req.verify_top and not target.enabled:
+        raise RequestError("verify_top", "verification measures the change of the attribution target: "
+                                         "give attribution_target (e.g. continuation or next_tokens)")
 
 
 def plan_run(loaders: Loaders, req: DiscoverRequest) -> RunPlan:
@@ -100,6 +132,7 @@ def plan_run(loaders: Loaders, req: DiscoverRequest) -> RunPlan:
     if card.family in ENCODERS and req.text is None and req.generate:
         raise RequestError("generate", f"{req.model_id} is an encoder ({card.family}) and cannot generate; "
                                        "send `text` (text mode) or set generate=false")
+    check_attribution(req, card)
     source = loaders.source(req.sae_id)
     layers, hooks = resolve_hooks(req, entry, card, source)
     saes = sae_infos(source, hooks)

@@ -2,7 +2,8 @@
 
 One definition of every option, composed of the parts that use them:
 
-- :class:`Target` (here): model, SAE source, the prompt or text, and the hooks (layers × streams);
+- :class:`Target` (here): model, SAE source, the prompt or text, and the hooks (layers × streams, or
+  exact (layer, stream) pairs);
 - :class:`ingest.options.RunOptions`: everything else that fixes a run's activations;
 - :class:`catalog.ranking.RankOptions`: how stored activations are ranked (never creates a run).
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from catalog.ranking import SCORE_MODES, RankOptions
-from ingest.options import STREAMS, RunOptions, Stream
+from ingest.options import STREAMS, RunOptions, Stream, parse_attribution_target
 from sae_discover.errors import RequestError
 
 SCORE_MODE_ALIASES = {**{mode: mode for mode in SCORE_MODES}, "mean_x_coverage": "mean×coverage",
@@ -52,11 +53,17 @@ class Target:
         "item_bounds": (0, MAX_LAYER)})
     streams: list[Stream] = field(default_factory=lambda: ["resid_pre"], metadata={
         "help": "hook points, TransformerLens names"})
+    hooks: list[tuple[int, Stream]] | None = field(default=None, metadata={
+        "help": "exactly these (layer, stream) pairs instead of layers × streams: LAYER:STREAM,... on the command "
+                "line, [[layer, \"stream\"], ...] in JSON", "item_bounds": (0, MAX_LAYER)})
     background_text: str | None = field(default=None, metadata={
         "help": "selectivity's background text (default: the calibration corpus mean)", "text": True})
     background_file: str | None = field(default=None, metadata={
         "help": "selectivity's background: a file, one document per line", "text": True, "path": True})
     id: str | None = field(default=None, metadata={"help": "echoed back in the response (batch lines)"})
+    verify_top: int = field(default=0, metadata={
+        "help": "ablate each of the top N returned features (and the top N by mean activation) and measure the "
+                "true change of the attribution target", "bounds": (0, 100)})
 
 
 @dataclass
@@ -72,7 +79,7 @@ class Option:
     """One user-facing field of a request part, as the front doors see it."""
 
     name: str
-    kind: Literal["bool", "int", "float", "id", "text", "choice", "int_list", "choice_list", "list"]
+    kind: Literal["bool", "int", "float", "id", "text", "choice", "int_list", "choice_list", "hook_list", "list"]
     default: Any
     help: str
     bounds: tuple[float, float] | None = None
@@ -98,6 +105,8 @@ def _kind(hint: Any, meta: dataclasses.Field) -> tuple[str, tuple[str, ...], boo
         return "choice", tuple(args), optional
     if origin is list:
         (item,) = args
+        if typing.get_origin(item) is tuple:  # (layer, stream) pairs
+            return "hook_list", typing.get_args(typing.get_args(item)[1]), optional
         if typing.get_origin(item) is Literal:
             return "choice_list", typing.get_args(item), optional
         return ("int_list" if item is int else "list"), (), optional
@@ -132,6 +141,12 @@ def field_names(cls: type) -> tuple[str, ...]:
 FIELD_NAMES = field_names(DiscoverRequest)
 RANKING_FIELDS = field_names(RankOptions)
 OPTIONS = {o.name: o for o in options(DiscoverRequest)}
+# re-ranking a stored run (``runs rank``, POST /v1/runs/{id}/rank): the ranking options, plus
+# restrict_features as a filter over the run's stored rows (the run itself, and its id, stay as they are)
+RERANK_OPTIONS = [*options(RankOptions), dataclasses.replace(
+    OPTIONS["restrict_features"], help="rank only these feature ids among the run's stored rows (default: the "
+                                       "run's own restrict set, else all)")]
+RERANK_FIELDS = tuple(o.name for o in RERANK_OPTIONS)
 MAX_TOPK = int(OPTIONS["topk_tokens_per_seq"].bounds[1])  # "keep every token" (backgrounds, calibration)
 
 
@@ -213,6 +228,34 @@ def parse_layers(value: Any, max_layers: int) -> list[int]:
     return layers
 
 
+def _hook(value: Any) -> tuple[int, str]:
+    """One ``LAYER:STREAM`` string or ``[layer, stream]`` pair."""
+    pair = value.split(":") if isinstance(value, str) else value
+    if not isinstance(pair, list | tuple) or len(pair) != 2:
+        raise RequestError("hooks", f"expected LAYER:STREAM (e.g. 2:resid_pre) or [layer, \"stream\"], got {value!r}")
+    layer = _int("hooks", pair[0], 0, MAX_LAYER)
+    stream = pair[1].strip() if isinstance(pair[1], str) else pair[1]
+    if stream not in STREAMS:
+        raise RequestError("hooks", f"expected streams in {', '.join(STREAMS)}, got {stream!r}")
+    return layer, stream
+
+
+def parse_hooks(value: Any, max_layers: int) -> list[tuple[int, str]]:
+    """(layer, stream) pairs from ``"2:resid_pre,3:mlp_out"``, a list of such strings (CLI words) or a
+    list of ``[layer, stream]`` pairs (JSON); duplicates dropped, order kept. At most ``max_layers``
+    pairs (each pair is one SAE, as each layer of ``layers`` is)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise RequestError("hooks", "expected at least one LAYER:STREAM pair")
+    words = [w for item in items for w in (item.split(",") if isinstance(item, str) else [item])]
+    hooks = list(dict.fromkeys(_hook(w) for w in words if not (isinstance(w, str) and not w.strip())))
+    if not hooks:
+        raise RequestError("hooks", "expected at least one LAYER:STREAM pair")
+    if len(hooks) > max_layers:
+        raise RequestError("hooks", f"expected at most {max_layers} pairs, got {len(hooks)}")
+    return hooks
+
+
 def _choice(opt: Option, value: Any) -> str:
     if opt.name == "score_mode":
         return parse_score_mode(value)
@@ -255,6 +298,8 @@ def check_value(opt: Option, value: Any, max_text_chars: int = 200_000, max_laye
         return sorted(set(_int_list(opt.name, value, *opt.bounds, 1_000_000)))  # type: ignore[misc]
     if opt.kind == "text":
         return _text(opt.name, value, max_text_chars)
+    if opt.kind == "hook_list":
+        return parse_hooks(value, max_layers)
     if opt.kind == "list":
         raise TypeError(f"{opt.name}: a list of objects has its own parser")  # a bug, not a user error
     return _ident(opt.name, value)
@@ -292,5 +337,13 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
         raise RequestError("prompt", "give a prompt (to generate from) or a text (to analyze); got neither")
     if req.text is not None and req.prompt is not None:
         raise RequestError("text", "give either prompt or text, not both")
+    # streams at its default says nothing (the API's body always carries it): only other streams clash
+    if req.hooks is not None and ("layers" in values or req.streams != OPTIONS["streams"].default):
+        raise RequestError("hooks", "give hooks (exact layer:stream pairs) or layers/streams (their cross product), "
+                                    "not both")
     check_tau(req)
+    try:
+        req.attribution_target = parse_attribution_target(req.attribution_target).canonical
+    except ValueError as exc:
+        raise RequestError("attribution_target", str(exc)) from None
     return req

@@ -16,20 +16,24 @@ NO_CALIBRATION = ("no calibration for this SAE: τ = 0 (active means act > 0) an
 
 
 class Span(Struct, kw_only=True):
-    """A window of tokens around one of the feature's highest activations; ``position`` is [start, end)."""
+    """A window of tokens around one of the feature's highest activations, at word boundaries;
+    ``position`` is [start, end), ``marked`` the text with the peak token in ``[[ ]]``."""
 
     text: str
     position: list[int]
     act: float
+    marked: str
 
 
-class Scores(Struct, kw_only=True):
-    """Raw measurements over the analyzed tokens (``score`` is the chosen mode, normalized)."""
+class Scores(Struct, kw_only=True, omit_defaults=True):
+    """Raw measurements over the analyzed tokens (``score`` is the chosen mode, normalized);
+    ``attribution`` (Σ attr, in units of the attribution target) only for runs that have attributions."""
 
     mean: float
     coverage: float
     max: float
     selectivity: float | None
+    attribution: float | UnsetType = UNSET
 
 
 class Feature(Struct, kw_only=True, omit_defaults=True):
@@ -40,14 +44,43 @@ class Feature(Struct, kw_only=True, omit_defaults=True):
     scores: Scores
     proto_label: str | UnsetType | None = UNSET
     top_spans: list[Span] | UnsetType = UNSET
+    ablation_delta: float | UnsetType = UNSET  # verify_top: M(feature removed) − M, measured
+
+
+class VerifiedPair(Struct, kw_only=True):
+    feature_id: int
+    layer: int
+    stream: str
+    attribution: float
+    ablation_delta: float
+
+
+class Verification(Struct, kw_only=True):
+    """``verify_top``: the top N returned features ablated one at a time. ``pearson`` / ``spearman``
+    correlate −attribution (the predicted change) with the measured deltas (null with fewer than two
+    pairs or no spread); ``mean_abs_delta`` is over these N, ``mean_abs_delta_top_mean`` over the top N
+    by mean activation, ablated the same way: whether "used" beats "active"."""
+
+    target: str
+    metric: float
+    pairs: list[VerifiedPair]
+    pearson: float | None
+    spearman: float | None
+    mean_abs_delta: float
+    mean_abs_delta_top_mean: float
 
 
 class Analyzed(Struct, kw_only=True):
+    """What was analyzed: ``text`` is the whole sequence (prompt and continuation, special tokens left
+    out), ``continuation`` the generated part (null when nothing was generated)."""
+
     mode: str
     tokens: int
     layers: list[int]
     streams: list[str]
     total_tokens: int
+    text: str
+    continuation: str | None
 
 
 class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
@@ -65,6 +98,7 @@ class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
     warnings: list[str]
     timings: dict[str, float] | UnsetType = UNSET
     id: str | UnsetType = UNSET
+    verification: Verification | UnsetType = UNSET
 
 
 def feature_json(f: dict, req: DiscoverRequest) -> dict:
@@ -73,6 +107,10 @@ def feature_json(f: dict, req: DiscoverRequest) -> dict:
            "score": float(f["score"]),
            "scores": {"mean": float(f["mean"]), "coverage": float(f["coverage"]), "max": float(f["max"]),
                       "selectivity": None if f["selectivity"] is None else float(f["selectivity"])}}
+    if f.get("attribution") is not None:
+        out["scores"]["attribution"] = float(f["attribution"])
+    if "ablation_delta" in f:
+        out["ablation_delta"] = float(f["ablation_delta"])
     if req.attach_proto_labels:
         out["proto_label"] = f.get("proto_label")
     if req.attach_examples:
@@ -81,14 +119,18 @@ def feature_json(f: dict, req: DiscoverRequest) -> dict:
 
 
 def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: list[int], streams: list[str],
-                       ranked: dict, notes: list[str], timings: dict[str, float] | None = None) -> dict:
-    """The seed's response for a ranked stored run (``run``: its catalog row plus ``cached``)."""
+                       ranked: dict, notes: list[str], timings: dict[str, float] | None = None,
+                       analyzed: dict | None = None) -> dict:
+    """The seed's response for a ranked stored run (``run``: its catalog row plus ``cached``;
+    ``analyzed``: its text and continuation, as :func:`catalog.runs.run_texts` reads them)."""
+    analyzed = analyzed or {"text": "", "continuation": None}
     warnings = list(notes)
     if ranked["threshold_source"] == "none":
         warnings.append(NO_CALIBRATION)
     out = {"model_id": req.model_id, "sae_id": req.sae_id, "run_id": run_id, "cached": run["cached"],
            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": layers, "streams": streams,
-                        "total_tokens": run["n_tokens"]},
+                        "total_tokens": run["n_tokens"], "text": analyzed["text"],
+                        "continuation": analyzed["continuation"]},
            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
            "normalization": ranked["normalization"], "features": [feature_json(f, req) for f in ranked["features"]],
            "warnings": warnings}
@@ -96,4 +138,6 @@ def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: lis
         out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if req.id is not None:
         out["id"] = req.id
+    if ranked.get("verification") is not None:
+        out["verification"] = ranked["verification"]
     return out

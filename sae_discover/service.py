@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from catalog import runs
 from catalog.db import Catalog
+from catalog.ranking import ATTRIBUTION_MODES
 from catalog.writes import RunRows, write_runs
 from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
 from sae_discover.calibration import Calibrator
 from sae_discover.errors import USER_ERRORS, RequestError
-from sae_discover.inputs import read_corpus
+from sae_discover.inputs import check_file, read_corpus
 from sae_discover.labels import import_labels
 from sae_discover.loaders import Loaders
 from sae_discover.plan import RunPlan, plan_run
@@ -34,19 +35,29 @@ from sae_discover.registry import Registry
 from sae_discover.request import MAX_TOPK, DiscoverRequest, build_request
 from sae_discover.response import discovery_response
 from sae_discover.stored import rank_options, rank_stored
+from sae_discover.verify import verify
 
 Outcome = dict | Exception
+Progress = Callable[[int], object]  # told the number of requests that just got their run
+
+
+def line_timings(stages: dict[str, float], rank_s: float) -> dict[str, float]:
+    """One run's own timings: its stages (a micro-batch's shared passes split evenly between its runs),
+    its share of the ranking, and ``total_s``, their sum — never the time of the whole batch."""
+    own = {**stages, "rank_s": rank_s}
+    return {**own, "total_s": sum(own.values())}
 
 
 class Discovery:
     """One catalog + registry + device; models and SAEs cached across requests."""
 
     def __init__(self, catalog: Catalog, registry: Registry | None = None, device: str = "auto",
-                 dtype: str = "float32", allow_paths: bool = True, max_models: int | None = None) -> None:
+                 dtype: str = "float32", allow_paths: bool = True, max_models: int | None = None,
+                 notify: Callable[[str], None] | None = None, threads: int | None = None) -> None:
         self.catalog = catalog
-        self.loaders = Loaders(registry or Registry.load(), device, dtype, allow_paths, max_models)
+        self.loaders = Loaders(registry or Registry.load(), device, dtype, allow_paths, max_models, threads)
         self._forward_lock = threading.Lock()
-        self.calibrator = Calibrator(catalog, self.loaders, self._forward_lock)
+        self.calibrator = Calibrator(catalog, self.loaders, self._forward_lock, notify)
         self.model_calls = 0  # forward runs done by this process (tests check caching with it)
 
     @property
@@ -61,6 +72,11 @@ class Discovery:
     def prepare(self, req: DiscoverRequest) -> RunPlan:
         """Resolve ids, hooks and the run id without loading weights; refuse what cannot be answered."""
         plan = plan_run(self.loaders, req)
+        if req.score_mode in ATTRIBUTION_MODES and req.attribution_target == "none":
+            raise RequestError("score_mode", f"{req.score_mode} ranks by attributions, and this run has none: "
+                                             "give attribution_target (e.g. continuation or next_tokens)")
+        if req.background_file is not None:  # before any run is made for this request
+            self._check_background_file(req.background_file)
         no_background = req.background_text is None and req.background_file is None
         if req.score_mode == "selectivity" and no_background and not plan.entry.calibration_corpus \
                 and not all(self.calibrator.has_stats(info, plan.entry) for info in plan.saes):
@@ -76,14 +92,15 @@ class Discovery:
             raise result
         return result
 
-    def discover_many(self, reqs: list[DiscoverRequest], batch_size: int = MICRO_BATCH, workers: int = 1
-                      ) -> list[Outcome]:
+    def discover_many(self, reqs: list[DiscoverRequest], batch_size: int = MICRO_BATCH, workers: int = 1,
+                      progress: Progress | None = None) -> list[Outcome]:
         """Several requests: cached runs are read back, the others run through the model in groups of
         ``batch_size`` (same model, SAE source and hooks), each group's runs written whole in one
         transaction, then ranked. With ``workers`` > 1, worker processes run the model and this process
-        is the one writer. A request that fails yields its exception in place; the others go on."""
-        t0 = time.perf_counter()
-        results, plans, stored = self.stored_runs(reqs, batch_size, workers)
+        is the one writer. A request that fails yields its exception in place; the others go on.
+        ``progress(n)`` is told as requests get their run: per prompt in this process, per micro-batch
+        from worker processes (each request once)."""
+        results, plans, stored = self.stored_runs(reqs, batch_size, workers, progress)
         groups: dict[tuple, list[int]] = {}  # runs ranked together: same model, SAEs and ranking options
         for i, p in plans.items():
             if results[i] is None:
@@ -95,7 +112,7 @@ class Discovery:
             for start in range(0, len(members), batch_size):
                 part = members[start:start + batch_size]
                 try:
-                    answers: list[Outcome] = self._respond([plans[i] for i in part], [stored[i] for i in part], t0)
+                    answers: list[Outcome] = self._respond([plans[i] for i in part], [stored[i] for i in part])
                 except USER_ERRORS as exc:
                     answers = [exc] * len(part)
                 for i, answer in zip(part, answers, strict=True):
@@ -103,9 +120,11 @@ class Discovery:
         return results  # type: ignore[return-value]
 
     # -- steps 2-4: make sure every run is stored -----------------------------------------------------
-    def stored_runs(self, reqs: list[DiscoverRequest], batch_size: int = MICRO_BATCH, workers: int = 1
+    def stored_runs(self, reqs: list[DiscoverRequest], batch_size: int = MICRO_BATCH, workers: int = 1,
+                    progress: Progress | None = None
                     ) -> tuple[list[Outcome | None], dict[int, RunPlan], dict[int, dict]]:
         """Make sure every request's run is in the catalog: ``(errors, plans, stored runs)`` by index."""
+        tell = progress or (lambda n: None)
         results: list[Outcome | None] = [None] * len(reqs)
         plans: dict[int, RunPlan] = {}
         for i, req in enumerate(reqs):
@@ -115,13 +134,14 @@ class Discovery:
                 results[i] = exc
         found = runs.find_runs(self.catalog, [p.run_id for p in plans.values()])
         stored = {i: {**found[p.run_id], "cached": True, "timings": {}} for i, p in plans.items() if p.run_id in found}
+        tell(len(reqs) - len(plans) + len(stored))  # refused and cached requests are done already
         groups: dict[tuple, list[int]] = {}  # runs computed together: same model, SAE source and hooks
         for i, p in plans.items():
             if i not in stored:
                 groups.setdefault((p.entry.source, p.source.root, tuple(p.hooks)), []).append(i)
         chunks = [members[start:start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
-        for chunk, outcome in self._compute([[plans[i] for i in c] for c in chunks], chunks, workers):
+        for chunk, outcome in self._compute([[plans[i] for i in c] for c in chunks], chunks, workers, tell):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
@@ -131,27 +151,38 @@ class Discovery:
                     results[i] = exc
         return results, plans, stored
 
-    def _compute(self, batches: list[list[RunPlan]], chunks: list[list[int]], workers: int
+    def _compute(self, batches: list[list[RunPlan]], chunks: list[list[int]], workers: int, tell: Progress
                  ) -> Iterator[tuple[list[int], tuple[list[RunBatch], int] | Exception]]:
-        """``(chunk, (outputs, d_model) | error)`` per micro-batch, in this process or in worker processes."""
+        """``(chunk, (outputs, d_model) | error)`` per micro-batch, in this process or in worker processes;
+        ``tell(n)`` once per request of each micro-batch."""
         if workers > 1 and len(batches) > 1:
             jobs = [(b[0].entry.id, b[0].entry.source, b[0].source.sae_id, str(b[0].source.root), b[0].hooks,
                      [p.spec for p in b]) for b in batches]
-            for index, outcome in pool_runs(jobs, workers, self.loaders.device, self.loaders.dtype, USER_ERRORS):
+            for index, outcome in pool_runs(jobs, workers, self.loaders.device, self.loaders.dtype, USER_ERRORS,
+                                            self.loaders.threads):
                 if not isinstance(outcome, Exception):
                     self.model_calls += len(outcome[0])
+                tell(len(chunks[index]))
                 yield chunks[index], outcome
             return
         for batch, chunk in zip(batches, chunks, strict=True):
+            told = 0
+
+            def one(n: int) -> None:
+                nonlocal told
+                told += n
+                tell(n)
+
             try:
                 first = batch[0]
                 loaded = self.loaders.model(first.entry)
                 saes = [first.source.load(layer, stream).to(loaded.device) for layer, stream in first.hooks]
                 with self._forward_lock:
-                    outputs = run_many(loaded, saes, [p.spec for p in batch])
+                    outputs = run_many(loaded, saes, [p.spec for p in batch], on_sequence=one)
                     self.model_calls += len(batch)
                 yield chunk, (outputs, loaded.d_model)
             except USER_ERRORS as exc:
+                tell(len(batch) - told)  # the rest of a failed micro-batch is done too
                 yield chunk, exc
 
     def _store(self, batch: list[RunPlan], indices: list[int], outputs: list[RunBatch], d_model: int
@@ -166,31 +197,52 @@ class Discovery:
                 for i, r, (run_key, created) in zip(indices, rows, written, strict=True)}
 
     # -- steps 5-6: rank in SQL and answer ------------------------------------------------------------
-    def _respond(self, plans: list[RunPlan], stored: list[dict], t0: float) -> list[dict]:
+    def _respond(self, plans: list[RunPlan], stored: list[dict]) -> list[dict]:
         """Rank stored runs that share model, SAEs and ranking options (one set of statements for all)
         and shape each one's response as the seed does."""
         first = plans[0]
+        t_cal = time.perf_counter()
         notes = self.calibrator.ensure(first.entry, first.source, first.hooks)
+        if notes:  # the first line pays for a first-use calibration, and says so
+            stored = [{**stored[0], "timings": {**stored[0]["timings"], "calibrate_s": time.perf_counter() - t_cal}},
+                      *stored[1:]]
         t_rank = time.perf_counter()
         req = first.req
         has_background = req.background_text is not None or req.background_file is not None
+        background = self.background(req) if has_background else None
         ranked = rank_stored(self.catalog, [(run["run_key"], run["n_kept"]) for run in stored], first.saes, req,
-                             self.background(req) if has_background else None)
+                             background)
+        for p, run, r in zip(plans, stored, ranked, strict=True):
+            if p.req.verify_top:
+                r["verification"] = self._verify(p, run, r, rank_options(p.req, background))
+        texts = runs.run_texts(self.catalog, [run["run_key"] for run in stored])
         rank_s = (time.perf_counter() - t_rank) / len(plans)
-        return [discovery_response(p.req, p.run_id, run, p.layers, p.req.streams, r,
+        return [discovery_response(p.req, p.run_id, run, p.layers, p.streams, r,
                                    notes if n == 0 else [],  # a first-use calibration is reported once
-                                   {**run["timings"], "rank_s": rank_s, "total_s": time.perf_counter() - t0})
+                                   line_timings(run["timings"], rank_s), texts.get(run["run_key"]))
                 for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True))]
+
+    def _verify(self, plan: RunPlan, run: dict, ranked: dict, opts) -> dict:
+        """verify_top: the ablation forward passes on the stored run (sae_discover/verify.py)."""
+        loaded = self.loaders.model(plan.entry)
+        with self._forward_lock:
+            return verify(self.catalog, loaded, plan, run, ranked, runs.sae_keys_of(self.catalog, plan.saes), opts)
+
+    def _check_background_file(self, path: str) -> None:
+        if not self.allow_paths:
+            raise RequestError("background_file", "this server does not read files; send background_text")
+        check_file(path, "background_file")
 
     def background(self, req: DiscoverRequest) -> tuple[list[int], int]:
         """Stored runs of ``background_text`` / ``background_file`` (one document per line) with every
         token kept, over the request's model, SAEs and hooks: selectivity's background."""
-        if req.background_file is not None and not self.allow_paths:
-            raise RequestError("background_file", "this server does not read files; send background_text")
+        if req.background_file is not None:
+            self._check_background_file(req.background_file)
         docs = [req.background_text] if req.background_text is not None \
             else read_corpus(req.background_file, "background_file")
-        reqs = [build_request({"model_id": req.model_id, "sae_id": req.sae_id, "text": doc, "layers": req.layers,
-                               "streams": req.streams, "restrict_features": req.restrict_features,
+        reqs = [build_request({"model_id": req.model_id, "sae_id": req.sae_id, "text": doc,
+                               **({"hooks": req.hooks} if req.hooks else {"layers": req.layers, "streams": req.streams}),
+                               "restrict_features": req.restrict_features,
                                "topk_tokens_per_seq": MAX_TOPK}) for doc in docs]
         errors, _, stored = self.stored_runs(reqs)
         failed = next((e for e in errors if isinstance(e, Exception)), None)

@@ -12,7 +12,7 @@ from catalog.db import Catalog
 from catalog.ranking import RankOptions, rank_runs
 from catalog.writes import SAEInfo
 from sae_discover.errors import RequestError
-from sae_discover.request import RANKING_FIELDS, DiscoverRequest, build_request
+from sae_discover.request import RERANK_FIELDS, DiscoverRequest, build_request
 from sae_discover.response import discovery_response
 
 
@@ -33,29 +33,34 @@ def rank_stored(catalog: Catalog, stored: list[tuple[int, int]], saes: list[SAEI
 
 
 def stored_run(catalog: Catalog, run_id: str) -> dict:
-    run = runs.find_run(catalog, run_id)
-    if run is None:
-        raise RequestError("run_id", f"no run {run_id!r} in {catalog.path}")
+    """A stored run's row by its id or a unique prefix of it (:func:`catalog.runs.resolve_run_id`)."""
+    run = runs.find_run(catalog, runs.resolve_run_id(catalog, run_id))
+    assert run is not None  # resolve_run_id found it
     return run
 
 
 def show_run(catalog: Catalog, run_id: str) -> dict:
-    run = stored_run(catalog, run_id)
-    run["saes"] = runs.run_saes(catalog, run["run_key"])
-    return run
+    """A stored run's detail (:func:`catalog.runs.run_detail`), JSON columns decoded, with its analyzed text."""
+    return runs.run_detail(catalog, runs.resolve_run_id(catalog, run_id))  # type: ignore[return-value]
 
 
 def rerank(catalog: Catalog, run_id: str, options: dict) -> dict:
-    """Rank a stored run again; only ranking options may change (they never create a new run)."""
-    bad = sorted(set(options) - set(RANKING_FIELDS))
+    """Rank a stored run again; only ranking options may change (they never create a new run).
+    ``restrict_features`` filters the stored rows (a run made with a restrict set holds no others)."""
+    bad = sorted(set(options) - set(RERANK_FIELDS))
     if bad:
-        raise RequestError(bad[0], f"not a ranking option; a stored run can be re-ranked with {', '.join(RANKING_FIELDS)}")
+        raise RequestError(bad[0], f"not a ranking option; a stored run can be re-ranked with {', '.join(RERANK_FIELDS)}")
     run = stored_run(catalog, run_id)
+    options = {"restrict_features": run["restrict_features"], **{k: v for k, v in options.items() if v is not None}}
+    if not options["restrict_features"]:  # [] means every stored feature, as in a run
+        options["restrict_features"] = run["restrict_features"]
     req = build_request({"model_id": run["model_id"], "sae_id": run["sae_id"],
                          **({"text": run["text"]} if run["text"] is not None else {"prompt": run["prompt"]}),
-                         "restrict_features": run["restrict_features"], **options})
+                         **options})
     saes = [SAEInfo(s["sae_id"], s["layer"], s["stream"], s["fingerprint"], s["hook_name"] or "",
                     s["architecture"] or "", s["d_in"] or 0, s["d_sae"] or 0)
             for s in runs.run_saes(catalog, run["run_key"])]
     (ranked,) = rank_stored(catalog, [(run["run_key"], run["n_kept"])], saes, req)
-    return discovery_response(req, run_id, {**run, "cached": True}, run["layers"], run["streams"], ranked, [])
+    analyzed = runs.run_texts(catalog, [run["run_key"]])[run["run_key"]]
+    return discovery_response(req, run["run_id"], {**run, "cached": True}, run["layers"], run["streams"], ranked, [],
+                              analyzed=analyzed)

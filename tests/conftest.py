@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def held_catalog(path: Path) -> Iterator[None]:
+    """Another process holding ``path`` open read-write (DuckDB's file lock) for the duration."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); "
+                               "c.execute('CREATE TABLE x (i INT)'); print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

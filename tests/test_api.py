@@ -132,7 +132,7 @@ def test_seed_body_on_the_demo_then_cached(server):
         assert set(f) == FEATURE_KEYS and set(f["scores"]) == {"mean", "coverage", "max", "selectivity"}
         assert (f["layer"], f["stream"]) == (2, "resid_pre")
         for span in f["top_spans"]:
-            assert set(span) == {"text", "position", "act"} and span["position"][0] < span["position"][1]
+            assert set(span) == {"text", "position", "act", "marked"} and span["position"][0] < span["position"][1]
     scores = [f["score"] for f in first["features"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -213,6 +213,7 @@ def test_bad_bodies_are_4xx_naming_the_field(server):
         ({**base, "token_proxy": "loss"}, "token_proxy"),
         ({**base, "generate": "perhaps"}, "generate"),
         ({**base, "tau": 1.0, "tau_quantile": 0.5}, "tau"),
+        ({**base, "tau_basis": "zeros"}, "tau_basis"),
         ({**base, "span_window": 10**6}, "span_window"),
         ({**base, "surprise": 1}, "surprise"),
         ({**base, "prompt": "x" * 2001}, "prompt"),  # over max_text_chars
@@ -274,6 +275,8 @@ def test_runs_show_and_rerank(server):
     assert 1 <= len(ranked["features"]) <= 3
     assert [f["score"] for f in ranked["features"]] == sorted((f["score"] for f in ranked["features"]), reverse=True)
     assert server.client.get("/v1/runs").json()["total"] == total  # re-ranking never makes a run
+    every = server.client.post(f"/v1/runs/{run_id}/rank", json={"tau_basis": "all"}).json()
+    assert every["threshold_source"] == "calibration_p95_all" and first["threshold_source"] == "calibration_p95"
 
     page = server.client.get("/v1/runs", params={"limit": 1, "offset": 1, "sae_id": "toy"}).json()
     assert len(page["runs"]) == 1 and page["limit"] == 1 and page["offset"] == 1
@@ -287,6 +290,40 @@ def test_runs_show_and_rerank(server):
     for params, field in (({"limit": 0}, "limit"), ({"limit": 10**6}, "limit"), ({"limit": "all"}, "limit"),
                           ({"offset": -1}, "offset"), ({"offset": 10**20}, "offset")):
         assert_error(server.client.get("/v1/runs", params=params), 400, field)
+
+
+def test_hooks_pairs_analyzed_text_prefixes_mode_filter_and_restricted_rerank(server):
+    """Issue 13 over HTTP: hooks as [[layer, stream]] pairs, the analyzed text and continuation, run id
+    prefixes, GET /v1/runs?mode=, and restrict_features as a filter when re-ranking."""
+    body = toy("Quarterly revenue of Initech rose", hooks=[[0, "resid_pre"], [1, "mlp_out"]], min_coverage_pct=0,
+               return_top_x=50)
+    del body["layers"]
+    r = server.client.post(DISCOVER, json=body)
+    assert r.status_code == 200, r.text
+    first = r.json()
+    a = first["analyzed"]
+    assert a["layers"] == [0, 1] and a["streams"] == ["resid_pre", "mlp_out"]
+    assert {(f["layer"], f["stream"]) for f in first["features"]} <= {(0, "resid_pre"), (1, "mlp_out")}
+    assert a["continuation"] and a["text"].startswith("Quarterly revenue of Initech rose")
+    assert a["text"].endswith(a["continuation"])
+    assert_error(server.client.post(DISCOVER, json={**body, "layers": [1]}), 400, "hooks")
+    assert_error(server.client.post(DISCOVER, json={**body, "hooks": [[1, "nowhere"]]}), 400, "hooks")
+
+    run_id = first["run_id"]
+    detail = server.client.get(f"/v1/runs/{run_id[:7]}").json()
+    assert detail["run_id"] == run_id and detail["streams"] == ["resid_pre", "mlp_out"]
+    assert (detail["analyzed_text"], detail["continuation"]) == (a["text"], a["continuation"])
+    modes = {row["mode"] for row in server.client.get("/v1/runs", params={"mode": "prompt+gen", "limit": 500}).json()["runs"]}
+    assert modes == {"prompt+gen"}
+    assert_error(server.client.get("/v1/runs", params={"mode": "poem"}), 400, "mode")
+
+    keep = sorted({f["feature_id"] for f in first["features"]})[:3]
+    ranked = server.client.post(f"/v1/runs/{run_id[:8]}/rank", json={"restrict_features": keep, "min_coverage_pct": 0})
+    assert ranked.status_code == 200, ranked.text
+    got = ranked.json()
+    assert got["run_id"] == run_id and {f["feature_id"] for f in got["features"]} <= set(keep)
+    assert {f["feature_id"] for f in got["features"]} >= set(keep)
+    assert_error(server.client.get("/v1/runs/abc"), 404, "run_id")
 
 
 def test_labels_import_from_content(server):
@@ -352,6 +389,22 @@ def test_cli_on_a_served_catalog_says_so(server, toy_registry):
     # and a second server on the same file refuses to start, with the same message
     proc = run_cli("serve", "--db", str(server.db), "--port", str(free_port()))
     assert proc.returncode == 3 and "held by another process" in proc.stderr, proc.stderr
+
+
+def test_attribution_over_http_and_its_bad_bodies(server):
+    """attribution_target and verify_top in the body; scores.attribution and verification in the response;
+    bad targets are 4xx naming the field (issue 15)."""
+    r = server.client.post(DISCOVER, json=toy("Revenue rose because", attribution_target="next_tokens",
+                                              score_mode="attribution_abs", verify_top=2, min_coverage_pct=0))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["features"] and all("attribution" in f["scores"] for f in body["features"])
+    assert len(body["verification"]["pairs"]) == 2 and "ablation_delta" in body["features"][0]
+    for extra, field in (({"attribution_target": "loss"}, "attribution_target"),
+                         ({"attribution_target": "token:Revenue rose"}, "attribution_target"),
+                         ({"verify_top": 2}, "verify_top"), ({"verify_top": 101}, "verify_top"),
+                         ({"score_mode": "attribution"}, "score_mode")):
+        assert_error(server.client.post(DISCOVER, json=toy("Costs fell sharply", **extra)), 400, field)
 
 
 def test_after_shutdown_the_catalog_holds_one_run_per_distinct_request(server):

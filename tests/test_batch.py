@@ -84,7 +84,8 @@ def test_batch_cli_keeps_order_reports_bad_lines_and_goes_on(toy_registry, tmp_p
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(_batch_cmd(toy_registry, tmp_path / "c.duckdb", prompts, out), capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # some lines failed: exit 1, with the summary line
+    assert f"wrote {out} (4 lines, 2 ok, 2 failed)" in proc.stdout
     assert "discover" in proc.stderr  # the progress bar
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "2", "x", "c"]

@@ -19,7 +19,8 @@ VIEW_COLUMNS = {
                "n_tokens"],
     "v_tokens": ["run_id", "position", "token_id", "token", "is_generated", "kept"],
     "v_activations": ["run_id", "position", "layer", "stream", "sae_id", "feature_id", "act"],
-    "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens"],
+    "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens",
+                        "p95_all"],
     "v_labels": ["sae_id", "feature_id", "label", "source", "score"],
 }
 MODEL = writes.ModelInfo("m", "fp-m", "gpt2", 2, 8)
@@ -131,6 +132,12 @@ def test_a_failing_group_leaves_none_of_its_runs(catalog):
     assert created and con.execute("SELECT count(*) FROM activations WHERE run_key = ?", [key]).fetchone()[0] == 1
 
 
+def active_percentile(dense: np.ndarray, pct: float) -> np.ndarray:
+    """numpy's percentile of each column's nonzero values (the firing distribution); 0 for a column
+    that is all zeros (a feature that never fired)."""
+    return np.array([np.percentile(col[col > 0], pct) if (col > 0).any() else 0.0 for col in dense.T])
+
+
 def _calibrate(catalog: Catalog, dense: np.ndarray, q: float = 0.95) -> int:
     n, d = dense.shape
     tokens = pa.table({"doc": pa.array(np.zeros(n, np.int32)), "position": pa.array(np.arange(1, n + 1, dtype=np.int32)),
@@ -151,18 +158,19 @@ def test_calibration_stats_equal_numpy_on_the_dense_matrix(tmp_path_factory, n, 
     cat = Catalog(tmp_path_factory.mktemp("cal") / "c.duckdb")
     try:
         _calibrate(cat, dense)
-        got = np.array(cat.raw().execute("SELECT feature_id, p95, mean, max, density, n_tokens FROM v_feature_stats "
-                                         "ORDER BY feature_id").fetchall())
+        got = np.array(cat.raw().execute("SELECT feature_id, p95, mean, max, density, n_tokens, p95_all "
+                                         "FROM v_feature_stats ORDER BY feature_id").fetchall())
     finally:
         cat.close()
     ref = dense.astype(np.float64)
     np.testing.assert_array_equal(got[:, 0], np.arange(d))
-    np.testing.assert_allclose(got[:, 1], np.percentile(ref, 95, axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[:, 1], active_percentile(ref, 95), rtol=1e-9, atol=1e-12)  # tau_basis active
+    np.testing.assert_allclose(got[:, 6], np.percentile(ref, 95, axis=0), rtol=1e-9, atol=1e-12)  # all, zeros in
     np.testing.assert_allclose(got[:, 2], ref.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(got[:, 3], ref.max(0))
     np.testing.assert_allclose(got[:, 4], (ref > 0).mean(0))
     assert (got[:, 5] == n).all()
-    assert got[0, 1:5].tolist() == [0, 0, 0, 0]
+    assert got[0, 1:7].tolist() == [0, 0, 0, 0, n, 0]
 
 
 def test_duckdb_quantile_cont_agrees_with_our_sparse_quantile(catalog):
@@ -173,8 +181,100 @@ def test_duckdb_quantile_cont_agrees_with_our_sparse_quantile(catalog):
     con.register("dense_tbl", pa.table({f"f{i}": dense[:, i].astype(np.float64) for i in range(4)}))
     expected = con.execute("SELECT " + ", ".join(f"quantile_cont(f{i}, 0.95)" for i in range(4)) + " FROM dense_tbl"
                            ).fetchone()
-    got = [r[0] for r in con.execute("SELECT p95 FROM v_feature_stats ORDER BY feature_id").fetchall()]
-    np.testing.assert_allclose(got, expected, rtol=1e-7)
+    active = con.execute("SELECT " + ", ".join(f"quantile_cont(f{i}, 0.95) FILTER (WHERE f{i} > 0)" for i in range(4))
+                         + " FROM dense_tbl").fetchone()
+    rows = con.execute("SELECT p95_all, p95 FROM v_feature_stats ORDER BY feature_id").fetchall()
+    np.testing.assert_allclose([r[0] for r in rows], expected, rtol=1e-7)
+    np.testing.assert_allclose([r[1] for r in rows], active, rtol=1e-7)
+
+
+def _old_calibration(path, dense: np.ndarray) -> None:
+    """A catalog as revision 0001 wrote it: a run, and a calibration whose ``p95`` is the all-token P95
+    (the rule before revision 0002), its statistics inserted as the old code stored them."""
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.upgrade(cfg, "0001")
+    old = Catalog(path, migrate=False)
+    try:
+        writes.write_run(old, _run("r1", 4), MODEL, [sae_info(dense.shape[1])], _tokens(4),
+                         _acts([(1, 0, 2, 0.5), (2, 0, 2, 2.5), (3, 0, 3, 0.25)]))
+        con = old.raw()
+        (model_key,) = con.execute("SELECT model_key FROM models").fetchone()
+        (sae_key,) = con.execute("SELECT sae_key FROM saes").fetchone()
+        n, d = dense.shape
+        (cal,) = con.execute("INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) "
+                             "VALUES (?, 'corpus', 'h', 1, ?) RETURNING calibration_id", [model_key, n]).fetchone()
+        con.execute("INSERT INTO calibration_saes VALUES (?, ?)", [cal, sae_key])
+        rows, cols = np.nonzero(dense)
+        con.register("cal_acts", pa.table({"doc": np.zeros(len(rows), np.int32), "position": (rows + 1).astype(np.int32),
+                                            "feature_id": cols.astype(np.int32), "act": dense[rows, cols]}))
+        con.execute(f"INSERT INTO calibration_activations SELECT {cal}, {sae_key}, doc, position, feature_id, act "
+                    "FROM cal_acts")
+        ref = dense.astype(np.float64)
+        con.register("old_stats", pa.table({"feature_id": np.arange(d, dtype=np.int32),
+                                            "p95": np.percentile(ref, 95, axis=0), "mean": ref.mean(0),
+                                            "max": ref.max(0), "density": (ref > 0).mean(0)}))
+        con.execute(f"INSERT INTO feature_stats SELECT {cal}, {sae_key}, feature_id, p95, mean, max, density, {n} "
+                    "FROM old_stats")
+    finally:
+        old.close()
+
+
+def test_migration_0002_keeps_both_p95s_of_an_existing_calibration(tmp_path):
+    """Upgrading a 0001 catalog moves the old all-token p95 to p95_all and recomputes p95 on the
+    firing distribution from the stored calibration codes; runs are untouched; downgrade restores it."""
+    path = tmp_path / "old.duckdb"
+    rng = np.random.default_rng(5)
+    firing_rate = np.array([0, 0, 0, 0, 0.3, 0.5])  # features 4, 5 fire often (all-token P95 > 0)
+    dense = np.where(rng.random((60, 6)) < firing_rate, rng.random((60, 6)) * 2 + 0.1, 0).astype(np.float32)
+    dense[[0, 1, 9], 2:4] = [[0.7, 1.1], [0.9, 0], [0, 0.4]]  # features 2, 3 fire twice (all-token P95 = 0)
+    dense[:, 1] = 0
+    dense[7, 1] = 1.5  # fired once
+    ref = dense.astype(np.float64)
+    _old_calibration(path, dense)
+    query = "SELECT feature_id, p95, mean, max, density, n_tokens FROM v_feature_stats ORDER BY feature_id"
+    con = duckdb.connect(str(path))
+    before = np.array(con.execute(query).fetchall())
+    run_rows = con.execute("SELECT * FROM v_activations ORDER BY ALL").fetchall()
+    con.close()
+    np.testing.assert_allclose(before[:, 1], np.percentile(ref, 95, axis=0), rtol=1e-12)
+    assert before[:4, 1].tolist() == [0] * 4 and (before[4:, 1] > 0).all()  # the old rule: 0 for sparse features
+
+    cat = Catalog(path)  # upgrade head
+    try:
+        con = cat.raw()
+        after = np.array(con.execute(query.replace("n_tokens", "n_tokens, p95_all")).fetchall())
+        np.testing.assert_allclose(after[:, 1], active_percentile(ref, 95), rtol=1e-9)
+        np.testing.assert_allclose(after[:, 6], before[:, 1], rtol=0)
+        np.testing.assert_array_equal(after[:, [0, 2, 3, 4, 5]], before[:, [0, 2, 3, 4, 5]])
+        assert after[0, 1] == 0 and after[1, 1] == pytest.approx(1.5) and (after[2:, 1] > 0).all()
+        assert [r[:7] for r in con.execute("SELECT * FROM v_activations ORDER BY ALL").fetchall()] == run_rows  # + attr (0003)
+        keys = writes.sae_keys(con, [sae_info(6)])
+        from catalog import ranking
+
+        (run_key,) = con.execute("SELECT run_key FROM runs").fetchone()
+        # the run: feature 2 at 0.5 and 2.5, feature 3 at 0.25, over 3 analysed tokens; τ active: feature 2
+        # P95 of (0.7, 0.9) = 0.89, feature 3 of (0.4, 1.1) = 1.065; τ all: 0 for both (two nonzeros in 60)
+        for basis, source, coverage in (("active", "calibration_p95", {2: 1 / 3, 3: 0.0}),
+                                         ("all", "calibration_p95_all", {2: 2 / 3, 3: 1 / 3})):
+            got = ranking.rank_run(cat, run_key, 3, keys, ranking.RankOptions(
+                tau_basis=basis, min_coverage_pct=0, attach_examples=False, attach_proto_labels=False))
+            assert got["threshold_source"] == source
+            assert {f["feature_id"]: f["coverage"] for f in got["features"]} == pytest.approx(coverage)
+    finally:
+        cat.close()
+
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.downgrade(cfg, "0001")
+    con = duckdb.connect(str(path))
+    assert "p95_all" not in [r[0] for r in con.execute("DESCRIBE feature_stats").fetchall()]
+    assert view_columns(con, "v_feature_stats")[:9] == VIEW_COLUMNS["v_feature_stats"][:9]
+    np.testing.assert_array_equal(np.array(con.execute(query).fetchall()), before)
+    assert con.execute("SELECT * FROM v_activations ORDER BY ALL").fetchall() == run_rows
+    con.close()
+    command.upgrade(cfg, "head")
+    con = duckdb.connect(str(path), read_only=True)
+    again = np.array(con.execute(query.replace("n_tokens", "n_tokens, p95_all")).fetchall())
+    np.testing.assert_array_equal(again, after)
 
 
 def test_reading_runs_listing_detail_keys_and_ping(catalog):

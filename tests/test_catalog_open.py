@@ -4,14 +4,13 @@ errors carry their field as data; the user-SQL connection is read-only and its c
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 
 import pytest
 
 from catalog import sandbox
 from catalog.db import Catalog
 from catalog.errors import CatalogError, CatalogLocked
+from tests.conftest import held_catalog
 
 
 def test_errors_carry_field_and_message():
@@ -45,20 +44,13 @@ def test_a_missing_file_for_queries_names_db(tmp_path):
 
 def test_a_file_held_by_another_process_is_locked(tmp_path):
     path = tmp_path / "held.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); "
-                               "c.execute('CREATE TABLE x (i INT)'); print('ready', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with held_catalog(path):
         for read_only in (False, True):
             with pytest.raises(CatalogLocked) as info:
                 Catalog(path, read_only=read_only)
             assert info.value.field == "db" and "held by another process" in info.value.message
         with pytest.raises(CatalogLocked):
             sandbox.run_user_sql(path, "SELECT 1")
-    finally:
-        holder.kill()
-        holder.wait()
     Catalog(path).close()  # free again once the holder is gone
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import duckdb
 import pytest
 
-from tests.conftest import read_json, run_cli
+from tests.conftest import held_catalog, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,9 @@ def test_runs_list_and_show(stored):
     proc = run_cli("runs", "list", "--db", str(stored["db"]))
     assert proc.returncode == 0, proc.stderr
     run_id = stored["result"]["run_id"]
-    assert proc.stdout.splitlines()[0].split("\t")[:4] == [run_id, "toy", "toy", "text"]
+    header, first = proc.stdout.splitlines()[:2]
+    assert header.split()[:6] == ["run_id", "model_id", "sae_id", "mode", "layers", "streams"]
+    assert first.split()[:7] == [run_id, "toy", "toy", "text", "0", "1", "resid_pre"]
     show = run_cli("runs", "show", run_id, "--db", str(stored["db"]))
     info = json.loads(show.stdout)
     assert info["run_id"] == run_id and info["n_kept"] == stored["result"]["analyzed"]["tokens"]
@@ -52,6 +52,22 @@ def test_runs_rank_reranks_without_the_model(stored):
     assert full[(0, top0["feature_id"])]["scores"]["max"] == pytest.approx(top0["scores"]["max"])
     bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--score_mode", "median")
     assert bad.returncode == 2 and bad.stderr.startswith("error: score_mode:")
+    # the τ basis: the all-token P95 (zeros included) is never above the firing-distribution P95, so every
+    # feature's coverage can only grow
+    cover = {}
+    for basis in ("active", "all"):
+        out = stored["tmp"] / f"rerank-{basis}.json"
+        proc = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--tau_basis", basis,
+                       "--min_coverage_pct", "0", "--return_top_x", "1000", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        r = read_json(out)
+        assert r["threshold_source"] == {"active": "calibration_p95", "all": "calibration_p95_all"}[basis]
+        cover[basis] = {(f["layer"], f["feature_id"]): f["scores"]["coverage"] for f in r["features"]}
+    assert cover["active"].keys() == cover["all"].keys()
+    assert all(cover["all"][k] >= c for k, c in cover["active"].items())
+    assert sum(cover["all"].values()) > sum(cover["active"].values())
+    bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--tau_basis", "zeros")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: tau_basis:")
 
 
 def test_sql_is_read_only(stored):
@@ -66,18 +82,11 @@ def test_sql_is_read_only(stored):
 
 def test_a_catalog_held_by_another_process_gets_a_clear_message(stored, tmp_path):
     db = tmp_path / "held.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
-                               "c.execute('CREATE TABLE x (i INT)'); print('ready', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with held_catalog(db):
         proc = run_cli("--registry", str(stored["registry"]), "--db", str(db), "--model", "toy", "--sae", "toy",
                        "--text", "hello there")
         assert proc.returncode == 3
         assert "held by another process" in proc.stderr and "Traceback" not in proc.stderr
         sql = run_cli("sql", "SELECT 1", "--db", str(db))
         assert sql.returncode == 3 and "held by another process" in sql.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     time.sleep(0.1)

@@ -67,10 +67,11 @@ def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):
 # -- the recomputation oracle ---------------------------------------------------------------------
 
 def _recompute(con, base_ids: list[str], tuned_ids: list[str], k: int, min_cov: float, min_change: float,
-               min_rel: float, min_shift: int) -> dict:
-    """Every figure of the report from the stored rows, with numpy and scipy (no shared SQL)."""
+               min_rel: float, min_shift: int, tau_column: str = "p95") -> dict:
+    """Every figure of the report from the stored rows, with numpy and scipy (no shared SQL); τ is the
+    stored ``tau_column`` (p95: the default basis, p95_all: tau_basis all)."""
     stats = {(layer, stream, f): (p95, mx) for layer, stream, f, p95, mx in con.execute(
-        "SELECT layer, stream, feature_id, p95, max FROM v_feature_stats WHERE sae_id = 'toy'").fetchall()}
+        f"SELECT layer, stream, feature_id, {tau_column}, max FROM v_feature_stats WHERE sae_id = 'toy'").fetchall()}
 
     def run_scores(run_id: str) -> dict:
         n = con.execute("SELECT count(*) FROM v_tokens WHERE run_id = ? AND kept", [run_id]).fetchone()[0]
@@ -158,10 +159,16 @@ def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
     expected = _recompute(con, report["base"]["run_ids"], report["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3)
     _check(report, expected)
     assert report["overall"]["spearman"] < 1.0  # the fine-tune moved something
+    every = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
+                         layers=LAYERS, tau_basis="all", **opts)  # the same stored runs, the all-token τ
+    assert every["threshold_source"] == "calibration_p95_all"
+    _check(every, _recompute(con, every["base"]["run_ids"], every["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3,
+                             tau_column="p95_all"))
+    assert {f["feature_id"] for f in every["features"]} != {f["feature_id"] for f in report["features"]}
 
     # historical runs only (a bare catalog, no model): ids on one side, a SQL filter on the other → same figures
     again = drift_report(toy_discovery.catalog, base_runs=report["base"]["run_ids"],
-                         tuned_runs="model_id = 'toy-finance' AND mode = 'text'", layers=LAYERS, **opts)
+                         tuned_runs="model_id = 'toy-finance' AND mode = 'text'", layers=LAYERS, **opts, allow_sql_filter=True)
     assert again["overall"] == report["overall"] and again["features"] == report["features"]
     assert again["ingested"] is None and again["prompts"][0]["text"] == FINANCE[0]["text"]
 
@@ -233,11 +240,11 @@ def test_bad_run_selections(catalog):
     with pytest.raises(RequestError, match="base_runs: no run 'feedface00'"):
         drift_report(catalog, base_runs=["feedface00"], tuned_runs=["feedface00"])
     with pytest.raises(RequestError, match="base_runs: not a valid SQL filter"):
-        drift_report(catalog, base_runs="true; DROP TABLE runs", tuned_runs="true")
+        drift_report(catalog, base_runs="true; DROP TABLE runs", tuned_runs="true", allow_sql_filter=True)
     with pytest.raises(RequestError, match="base_runs: expected one boolean SQL expression"):
-        drift_report(catalog, base_runs="true); DROP TABLE runs; SELECT (1", tuned_runs="true")
+        drift_report(catalog, base_runs="true); DROP TABLE runs; SELECT (1", tuned_runs="true", allow_sql_filter=True)
     with pytest.raises(RequestError, match=r"base_runs: the filter .* matches no run"):
-        drift_report(catalog, base_runs="model_id = 'nope'", tuned_runs="true")
+        drift_report(catalog, base_runs="model_id = 'nope'", tuned_runs="true", allow_sql_filter=True)
     with pytest.raises(RequestError, match="SQL filters are disabled"):
         drift_report(catalog, base_runs="true", tuned_runs="true", allow_sql_filter=False)
     with pytest.raises(RequestError, match="needs a model"):

@@ -58,12 +58,18 @@ def test_calibration_stats_equal_numpy_on_dense_codes(toy_demo, toy_discovery, l
     x = np.concatenate(rows)
     assert len(x) == info["n_tokens"] == len(toks)
     dense = dense_codes(sae_dir, x).astype(np.float32).astype(np.float64)  # stored as float32
-    stats = con.execute("SELECT feature_id, p95, mean, max, density, n_tokens FROM v_feature_stats "
+    stats = con.execute("SELECT feature_id, p95, mean, max, density, n_tokens, p95_all FROM v_feature_stats "
                         "WHERE layer = ? AND stream = ? ORDER BY feature_id", [layer, stream]).fetchall()
     d_sae = dense.shape[1]
     assert [s[0] for s in stats] == list(range(d_sae))  # every feature, never-active ones too
     got = np.array([s[1:5] for s in stats])
-    np.testing.assert_allclose(got[:, 0], np.percentile(dense, 95, axis=0), rtol=1e-4, atol=1e-5)
+    # τ on both bases: the P95 of each feature's nonzero codes (active, default; 0 if it never fired),
+    # and of its whole column, zeros included (all)
+    active = np.array([np.percentile(c[c > 0], 95) if (c > 0).any() else 0.0 for c in dense.T])
+    np.testing.assert_allclose(got[:, 0], active, rtol=1e-4, atol=1e-5)
+    every = np.percentile(dense, 95, axis=0)
+    np.testing.assert_allclose([s[6] for s in stats], every, rtol=1e-4, atol=1e-5)
+    assert (active >= every).all() and (active > every).any()  # dropping the zeros raises the quantile
     np.testing.assert_allclose(got[:, 1], dense.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[:, 2], dense.max(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[:, 3], (dense > 0).mean(0), atol=2.0 / len(x))

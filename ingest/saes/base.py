@@ -215,6 +215,45 @@ class SAE:
         """Reconstruction in the SAE's input space (before any de-normalisation)."""
         return codes @ self.W_dec + self.b_dec
 
+    # -- decode in model space (attribution and ablation) ------------------------------------------
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token factor [n] of SAELens' de-normalisation (``run_time_activation_norm_fn_out``) for
+        activations x [n, d_in], with x's statistics held fixed: 1/scaling_factor for
+        expected_average_only_in (SAELens folds it into W_dec and b_dec), the input norm / √d_in for
+        constant_norm_rescale, the input std for layer_norm (SAELens multiplies by std, not std + eps)."""
+        x = x.to(torch.float32) if x.dtype != torch.float64 else x
+        if self.cfg.center_writing_weights:
+            x = x - x.mean(dim=-1, keepdim=True)
+        norm = self.cfg.normalize_activations
+        ones = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+        if norm == "expected_average_only_in":
+            return ones / float(self.cfg.scaling_factor)
+        if norm == "constant_norm_rescale":
+            return x.norm(dim=-1) / (self.cfg.d_in ** 0.5)
+        if norm == "layer_norm":
+            return (x - x.mean(dim=-1, keepdim=True)).std(dim=-1)
+        return ones
+
+    def decoder_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """∂(SAE-space reconstruction)/∂code_f for feature ids [m]: W_dec[f], divided by ‖W_dec[f]‖ where
+        a TopK SAE rescales its codes by the decoder norm (SAELens' decode divides them back)."""
+        rows = self.W_dec[features]
+        if self.cfg.architecture == "topk" and self.cfg.rescale_acts_by_decoder_norm:
+            rows = rows / rows.norm(dim=-1, keepdim=True)
+        return rows
+
+    def decode_model(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in model space [n, d_in] (SAELens' ``decode``, de-normalised with x's
+        statistics): affine in the codes, so ``∂x/∂code_f = output_scale(x) · decoder_rows(f)``."""
+        all_rows = self.decoder_rows(torch.arange(self.cfg.d_sae, device=self.W_dec.device)).to(codes.dtype)
+        out = codes @ all_rows + self.b_dec.to(codes.dtype)
+        x = x.to(codes.dtype)
+        norm = self.cfg.normalize_activations
+        if norm == "layer_norm":
+            centred = x - x.mean(dim=-1, keepdim=True) if self.cfg.center_writing_weights else x
+            return out * self.output_scale(x)[:, None].to(codes.dtype) + centred.mean(dim=-1, keepdim=True)
+        return out * self.output_scale(x)[:, None].to(codes.dtype)
+
 
 def numpy_weights(sae: SAE) -> dict[str, np.ndarray]:
     """The weights as numpy arrays, for writers and oracles."""

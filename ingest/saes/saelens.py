@@ -34,11 +34,10 @@ def hook_name(layer: int, stream: str) -> str:
 
 def read_config(folder: Path) -> SAEConfig:
     """Parse cfg.json of either layout into an :class:`SAEConfig`."""
-    try:
-        raw = json.loads((folder / CFG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SAEError("sae_id", f"cfg.json in {folder}: cannot read it ({exc})") from exc
+    raw = layout.read_json_object(folder / CFG_FILE)
     meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SAEError("sae_id", f"cfg.json in {folder}: metadata must be a JSON object")
     merged = {**raw, **meta}  # v6 keeps model context in metadata; v5 has it flat
     arch = merged.get("architecture")
     act_fn = merged.get("activation_fn_str") or merged.get("activation_fn")
@@ -66,6 +65,8 @@ def read_config(folder: Path) -> SAEConfig:
         )
     except KeyError as exc:
         raise SAEError("sae_id", f"cfg.json in {folder}: missing field {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:  # e.g. "d_in": "wide", or a list where an object goes
+        raise SAEError("sae_id", f"cfg.json in {folder}: a field has the wrong type ({exc})") from exc
     cfg.check()
     return cfg
 

@@ -25,12 +25,13 @@ def _as_request(request: DriftRequest | dict | None, extra: dict) -> DriftReques
 
 
 def drift_report(source, request: DriftRequest | dict | None = None, *, progress: bool = False,
-                 allow_sql_filter: bool = True, **fields_: Any) -> dict:
+                 allow_sql_filter: bool = False, **fields_: Any) -> dict:
     """A drift report (a JSON-ready dict) for ``request`` (a :class:`DriftRequest`, a mapping, or keywords).
 
     ``source`` is a :class:`~sae_discover.service.Discovery` (needed to make missing runs), or a bare
-    :class:`~catalog.db.Catalog` for ``base_runs``/``tuned_runs`` reports. ``allow_sql_filter=False``
-    refuses SQL filters (run ids only), e.g. for a server exposed to untrusted clients.
+    :class:`~catalog.db.Catalog` for ``base_runs``/``tuned_runs`` reports. SQL filters for
+    ``base_runs``/``tuned_runs`` are refused (run ids only) unless ``allow_sql_filter`` — the CLI allows
+    them (the user's own catalog); the API does not (a filter is code from a client).
     """
     t0 = time.perf_counter()
     req = _as_request(request, fields_)

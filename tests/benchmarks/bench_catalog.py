@@ -123,13 +123,13 @@ def bench_batch_ingest(n_prompts: int = 128, repeats: int = 5) -> dict:
                 disc.discover(build_request({"text": "warm up", "layers": [2]}))  # load + calibrate outside the timing
                 t0 = time.perf_counter()
                 if name == "ingest_only":  # model + encode + writes (whole runs per transaction); no ranking
-                    disc._stored_runs(reqs)
+                    disc.stored_runs(reqs)
                 else:  # what `--prompts_file` does: ingest, then rank each run with spans and labels
                     results = disc.discover_many(reqs)
                 times[name] = time.perf_counter() - t0
                 cat.close()
             if loaded is None:
-                loaded = disc.model(disc.registry.model("demo", True))
+                loaded = disc.loaders.model(disc.registry.model("demo", True))
                 seqs = [[loaded.tokenizer.bos_token_id, *loaded.tokenizer(t, add_special_tokens=False)["input_ids"]]
                         [:128] for t in texts]
             for batch in (8, 16):  # before and after the ingest rounds: the forward's better showing counts

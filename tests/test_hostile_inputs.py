@@ -1,0 +1,318 @@
+"""Hostile and careless inputs (issue 12), replayed through the real CLI (subprocess) and a real server:
+each ends in one line naming the field (exit 2, or a 4xx with ``field``), no traceback, and the
+catalog exactly as it was (row counts and sequences)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from catalog import sandbox
+from catalog.errors import CatalogError
+from sae_discover.drift import drift_report
+from sae_discover.errors import RequestError
+from tests.conftest import ROOT, read_json, run_cli
+
+TEXT = "Shares of Hooli fell 9% after the company missed on churn."
+TABLES = ("models", "saes", "runs", "run_saes", "tokens", "activations", "labels", "calibrations", "feature_stats")
+
+
+def snapshot(db: Path) -> dict:
+    """Every table's row count and every sequence's last value: what a refused input must not change."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        seqs = dict(con.execute("SELECT sequence_name, last_value FROM duckdb_sequences()").fetchall())
+    finally:
+        con.close()
+    return {**counts, **seqs}
+
+
+def assert_refused(proc: subprocess.CompletedProcess, field: str, words: str = "") -> str:
+    """Exit 2 and exactly one line on stderr, ``error: <field>: ...`` (holding ``words``), no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "\n" not in err and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert err.startswith(f"error: {field}: "), err
+    assert words in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def stored(toy_registry, tmp_path_factory):
+    """A catalog with the same text run on the toy model and on its finance tune (layer 1)."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    db = tmp / "c.duckdb"
+    ids = {}
+    for model in ("toy", "toy-finance"):
+        out = tmp / f"{model}.json"
+        proc = run_cli("--registry", str(toy_registry), "--db", str(db), "--model", model, "--sae", "toy", "--text",
+                       TEXT, "--layers", "1", "--min_coverage_pct", "0", "--return_top_x", "1000", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        ids[model] = read_json(out)
+    return {"db": db, "tmp": tmp, "registry": toy_registry, "results": ids}
+
+
+# -- 1. drift filters: one expression, evaluated in the sandbox -------------------------------------
+
+ESCAPES = [  # (filter, words of the one-line error)
+    ("model_id='toy-finance') UNION ALL SELECT 7, content, 'x', 'y', 'text', NULL, content, 1, now() "
+     "FROM read_text('/etc/passwd') WHERE (1=1", "not a valid SQL filter"),
+    ("(SELECT count(*) FROM glob('/*')) > 0", "subqueries are refused"),
+    ("EXISTS (FROM read_text('/etc/passwd'))", "subqueries are refused"),
+    ("run_key IN (SELECT run_key FROM runs)", "subqueries are refused"),
+    ("current_setting('memory_limit') IS NOT NULL", "current_setting() is refused"),
+    ("nextval('run_key_seq') > 0", "run_key_seq does not exist"),
+    ("len(read_text('/etc/passwd')) > 0", "the filter failed"),
+    ("true; DROP TABLE runs", "not a valid SQL filter"),
+    ("   ", "empty"),
+]
+
+
+@pytest.mark.parametrize(("where", "words"), ESCAPES)
+def test_drift_filters_cannot_escape_the_sandbox(stored, where, words):
+    before = snapshot(stored["db"])
+    base = stored["results"]["toy"]["run_id"]
+    proc = run_cli("drift", "--db", str(stored["db"]), "--base_runs", base, "--tuned_runs", where, "--layers", "1")
+    assert_refused(proc, "tuned_runs", words)
+    assert "root:" not in proc.stdout + proc.stderr
+    assert snapshot(stored["db"]) == before
+
+
+def test_a_plain_filter_still_selects_runs_and_the_library_refuses_filters_by_default(stored):
+    base = stored["results"]["toy"]["run_id"]
+    proc = run_cli("drift", "--db", str(stored["db"]), "--base_runs", base, "--tuned_runs",
+                   "model_id = 'toy-finance' AND length(text) > 10", "--layers", "1", "--top_k", "5")
+    assert proc.returncode == 0, proc.stderr
+    from catalog.db import Catalog
+
+    cat = Catalog(stored["db"])
+    try:
+        with pytest.raises(RequestError, match="tuned_runs: SQL filters are disabled"):
+            drift_report(cat, base_runs=[base], tuned_runs="model_id = 'toy-finance'")
+        report = drift_report(cat, base_runs=[base], tuned_runs="model_id = 'toy-finance'", allow_sql_filter=True,
+                              layers=[1], top_k=5)
+        assert report["tuned"]["run_ids"] == [stored["results"]["toy-finance"]["run_id"]]
+    finally:
+        cat.close()
+
+
+def test_a_filter_runs_under_the_sandbox_time_limit():
+    import pyarrow as pa
+
+    rows = pa.table({"run_key": list(range(3)), "model_id": ["a", "b", "c"]})
+    assert sandbox.filter_rows(rows, "v_runs", "model_id <> 'b'", "base_runs", "run_key") == [0, 2]
+    with pytest.raises(CatalogError, match=r"base_runs: stopped after the time limit of 0\.2 s"):
+        sandbox.filter_rows(rows, "v_runs", "list_sum(list_transform(range(300000000), lambda x: x % 7)) > 0",
+                            "base_runs", "run_key", sandbox.Limits(timeout_s=0.2))
+    with pytest.raises(CatalogError, match="memory_limit"):
+        sandbox.Limits(memory_limit="1GB'; SET x = '1")
+
+
+# -- 2. the sql command ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "field", "words"), [
+    (("SELECT count(*) FROM range(100000) a, range(1000000) b", "--timeout_s", "1"), "query", "time limit of 1 s"),
+    (("SELECT length(repeat('x', 3000000000))",), "query", "memory limit of 2GB"),
+    (("SET memory_limit = '1TB'",), "query", "configuration has been locked"),
+    (("",), "query", "expected a SQL statement"),
+    (("-- hi",), "query", "expected a SQL statement"),
+    (("PRAGMA profiling_output",), "query", ""),
+    (("PRAGMA profiling_output = '/tmp/x'",), "query", ""),
+    (("SELECT 1", "--memory_limit", "lots"), "memory_limit", "expected a size"),
+    (("SELECT 1", "--timeout_s", "soon"), "timeout_s", "--help"),
+    (("SELECT nextval('run_key_seq')",), "query", ""),
+])
+def test_sql_is_limited_and_says_why_in_one_line(stored, args, field, words):
+    before = snapshot(stored["db"])
+    assert_refused(run_cli("sql", *args, "--db", str(stored["db"])), field, words)
+    assert snapshot(stored["db"]) == before
+
+
+def test_sql_into_a_reader_that_stops_early_exits_quietly(stored):
+    proc = subprocess.Popen([sys.executable, "-m", "sae_discover", "sql", "SELECT * FROM range(2000000)", "--db",
+                             str(stored["db"])], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"range\n"
+    proc.stdout.close()  # like `| head -1`
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr is not None and proc.stderr.read() == b""
+
+
+# -- 3. repeated layers ---------------------------------------------------------------------------
+
+def test_repeated_layers_make_the_same_run(stored):
+    before = snapshot(stored["db"])
+    out = stored["tmp"] / "again.json"
+    proc = run_cli("--registry", str(stored["registry"]), "--db", str(stored["db"]), "--model", "toy", "--sae", "toy",
+                   "--text", TEXT, "--layers", "1", "1", "1", "--min_coverage_pct", "0", "--return_top_x", "1000",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    again, first = read_json(out), stored["results"]["toy"]
+    assert again["cached"] and again["run_id"] == first["run_id"]
+    assert [f["scores"] for f in again["features"]] == [f["scores"] for f in first["features"]]
+    assert all(f["scores"]["coverage"] <= 1 for f in again["features"])
+    assert snapshot(stored["db"]) == before
+
+
+# -- 5, 7. failed commands write nothing and name the field -----------------------------------------
+
+@pytest.fixture(scope="module")
+def damaged(toy_demo, tmp_path_factory):
+    """Copies of the toy model and SAEs, each damaged one way, and a registry naming them."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    for name in ("sizes", "truncated"):
+        shutil.copytree(toy_demo / "model", tmp / name)
+    cfg = json.loads((tmp / "sizes" / "config.json").read_text())
+    cfg["n_embd"] *= 2
+    (tmp / "sizes" / "config.json").write_text(json.dumps(cfg))
+    weights = tmp / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(toy_demo / "saes", tmp / "saes_list")
+    for cfg_file in (tmp / "saes_list").rglob("cfg.json"):
+        cfg_file.write_text("[1, 2]")
+    (tmp / "prompts_dir").mkdir()
+    registry = tmp / "sae-discover.toml"
+    registry.write_text(f"""
+[models.toy]
+path = "{toy_demo / 'model'}"
+default_layers = [1]
+
+[models.sizes]
+path = "{tmp / 'sizes'}"
+
+[models.truncated]
+path = "{tmp / 'truncated'}"
+
+[saes.toy]
+path = "{toy_demo / 'saes'}"
+
+[saes.listcfg]
+path = "{tmp / 'saes_list'}"
+""")
+    return {"tmp": tmp, "registry": registry}
+
+
+CLI_FAILURES = [  # (extra arguments, field, words)
+    (("--out", "/proc/nope/x.json"), "out", "cannot be written"),
+    (("--out", "{tmp}/a_dir.json"), "out", "is a directory"),
+    (("--score_mode", "selectivity", "--background_file", "/nonexistent.txt"), "background_file", "does not exist"),
+    (("--prompts_file", "{tmp}/prompts_dir"), "prompts_file", ""),
+    (("--prompts_file", "/proc/self/mem"), "prompts_file", ""),
+    (("--prompts_file", "{tmp}/one.jsonl", "--workers", "0"), "workers", "[1, 64]"),
+    (("--model", "sizes"), "model_id", "config.json do not match"),
+    (("--model", "truncated"), "model_id", "cannot be loaded"),
+    (("--sae", "listcfg"), "sae_id", "expected a JSON object"),
+    (("--layers", "1", "--no_such_flag", "3"), "unrecognized arguments", "--help"),
+    (("--return_top_x", "many"), "return_top_x", ""),
+]
+
+
+@pytest.mark.parametrize(("extra", "field", "words"), CLI_FAILURES)
+def test_failed_discovery_names_the_field_and_writes_nothing(stored, damaged, extra, field, words):
+    (damaged["tmp"] / "a_dir.json").mkdir(exist_ok=True)
+    (damaged["tmp"] / "one.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    before = snapshot(stored["db"])
+    args = [a.format(tmp=damaged["tmp"]) for a in extra]
+    defaults = {"--model": "toy", "--sae": "toy", "--text": "Costs rose.", "--layers": "1"}
+    if any(a == "--prompts_file" for a in args):
+        defaults.pop("--text")
+    flags = [x for k, v in defaults.items() if k not in args for x in (k, v)]
+    proc = run_cli("--registry", str(damaged["registry"]), "--db", str(stored["db"]), *flags, *args)
+    if field == "unrecognized arguments":
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith("error: unrecognized arguments: --no_such_flag 3") and words in proc.stderr
+    else:
+        assert_refused(proc, field, words)
+    assert snapshot(stored["db"]) == before
+    assert not Path("/proc/nope").exists()
+
+
+def test_other_commands_refuse_bad_values_in_one_line(stored, tmp_path):
+    assert_refused(run_cli("runs", "list", "--limit", "-1", "--db", str(stored["db"])), "limit")
+    assert_refused(run_cli("--db", "/proc/x/cat.duckdb", "--text", "hi"), "db", "cannot be made")
+    assert not (tmp_path / "x").exists()
+    proc = run_cli("runs", "lst", "--db", str(stored["db"]))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "runs --help" in proc.stderr
+
+
+# -- 4. the API: 4xx naming the field, never a 500 -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(stored, tmp_path_factory):
+    from tests.test_api import Server
+
+    tmp = tmp_path_factory.mktemp("hostile-api")
+    srv = Server(tmp / "served.duckdb", stored["registry"], tmp / "server.log")
+    yield srv
+    srv.stop()
+    assert "unhandled error" not in srv.log.read_text()  # no request ended in a 500
+
+
+def api_error(r: httpx.Response, field: str) -> str:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:2000])
+    body = r.json()
+    assert body["field"] == field, body
+    assert "Traceback" not in r.text and "\n" not in body["detail"]
+    return body["detail"]
+
+
+def test_api_refuses_drift_filters_and_repeated_layers_make_one_run(server):
+    body = {"model_id": "toy", "sae_id": "toy", "text": TEXT, "layers": [1]}
+    one = server.client.post("/v1/sae/features/discover", json=body).json()
+    again = server.client.post("/v1/sae/features/discover", json={**body, "layers": [1, 1, 1]}).json()
+    assert again["cached"] and again["run_id"] == one["run_id"]
+    assert all(f["scores"]["coverage"] <= 1 for f in again["features"])
+    detail = api_error(server.client.post("/v1/drift", json={"base_runs": [one["run_id"]],
+                                                             "tuned_runs": "model_id = 'toy'"}), "tuned_runs")
+    assert "SQL filters are disabled" in detail
+
+
+LABELS = "/v1/labels/import"
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(("path", "raw", "field"), [
+    ("/v1/sae/features/discover", b'{"model_id": "toy", "prompt": ' + DEEP.encode() + b"}", "body"),
+    ("/v1/drift", b'{"base_runs": ' + DEEP.encode() + b"}", "body"),
+    (LABELS, b'{"sae_id": "toy", "format": "csv", "content": ' + DEEP.encode() + b"}", "body"),
+    ("/v1/sae/features/discover", b'{"model_id": "toy", "sae_id": "toy", "prompt": "caf\xe9"}', "body"),
+    (LABELS, b'{"sae_id": "toy", "format": "csv", "content": "\xff\xfe"}', "body"),
+], ids=["deep-discover", "deep-drift", "deep-labels", "latin1-discover", "bytes-labels"])
+def test_api_refuses_unparseable_bodies(server, path, raw, field):
+    r = server.client.post(path, content=raw, headers={"content-type": "application/json"})
+    api_error(r, field)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"format": "csv", "content": "feature_id,label,layer,stream\n1,x,²,resid_pre\n"}, "layer"),
+    ({"format": "csv", "content": "feature_id,label\n1," + "x" * 200_000 + "\n"}, "content"),
+    ({"format": "csv", "content": "feature_id,label\n" + "9" * 5000 + ",x\n", "layer": 1, "stream": "resid_pre"},
+     "feature_id"),
+    ({"format": "csv", "content": "feature_id,label,layer,stream\n1,x," + "9" * 5000 + ",resid_pre\n"}, "layer"),
+    ({"format": "neuronpedia", "content": '{"index": ' + "9" * 5000 + ', "description": "x"}\n'}, "content"),
+    ({"format": "neuronpedia", "content": '{"index": 1, "description": "x", "layer": ' + "9" * 5000 + "}\n"},
+     "content"),
+    ({"format": "neuronpedia", "content": '{"index": 1, "description": "bad \\ud800 text"}\n', "layer": 1,
+      "stream": "resid_pre"}, "label"),
+    ({"format": "neuronpedia", "content": DEEP + "\n"}, "content"),
+    ({"format": "csv", "content": "feature_id,label\n٥,x\n", "layer": 1, "stream": "resid_pre"}, "feature_id"),
+    ({"format": "csv", "content": "feature_id,label\n1_0,x\n", "layer": 1, "stream": "resid_pre"}, "feature_id"),
+    ({"format": "csv", "content": "feature_id,label,score\n1,x,nan\n", "layer": 1, "stream": "resid_pre"}, "score"),
+    ({"format": "csv", "content": "feature_id,label,score\n1,x,inf\n", "layer": 1, "stream": "resid_pre"}, "score"),
+    ({"format": "csv", "content": "feature_id,label,source\n1,x,lite\n", "layer": 1, "stream": "resid_pre"}, "source"),
+])
+def test_api_label_imports_refuse_bad_fields(server, body, field):
+    api_error(server.client.post(LABELS, json={"sae_id": "toy", **body}), field)
+
+
+def test_api_refuses_a_lone_surrogate_in_label_content(server):
+    raw = b'{"sae_id": "toy", "format": "csv", "layer": 1, "stream": "resid_pre", "content": "feature_id,label\\n1,\\ud800\\n"}'
+    r = server.client.post(LABELS, content=raw, headers={"content-type": "application/json"})
+    api_error(r, "body")  # the JSON decoder refuses it; a surrogate inside the file's own JSON: see above

@@ -1,0 +1,324 @@
+"""HTML reports: structure and escaping (parsed with the standard library's HTML parser, checked against
+the catalog file read directly), the CLI's writers in real subprocesses, and the report and the API's
+``/`` page in a real headless Chromium (skipped with an install hint when there is none, failing under
+``SAE_DISCOVER_REQUIRE_BROWSER=1`` as in CI)."""
+
+from __future__ import annotations
+
+import json
+import time
+from html.parser import HTMLParser
+
+import pytest
+
+from sae_discover.report import run_report, stored_report
+from sae_discover.request import build_request
+from tests.browser import NoBrowser, open_browser, required
+from tests.conftest import run_cli
+
+HOSTILE = 'Revenue grew <script>alert(1)</script> and "><img src=x onerror=alert(2)> the margins'
+
+
+class Page(HTMLParser):
+    """What a report shows: token texts (in order, with their classes), feature rows, tags seen, the text of
+    every ``dd``, and the JSON blocks."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tokens: list[tuple[str, str, int]] = []  # text, class, position
+        self.rows: list[dict] = []  # data-feature and cell texts
+        self.tags: list[str] = []
+        self.dds: list[str] = []
+        self.json_blocks: list[str] = []
+        self._tok: list | None = None
+        self._row: dict | None = None
+        self._cell: list[str] | None = None
+        self._dd: list[str] | None = None
+        self._json: list[str] | None = None
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if tag == "span" and "tok" in (a.get("class") or "").split():
+            self._tok = ["", a["class"], int(a["data-i"])]
+        elif tag == "tr" and "data-feature" in a:
+            self._row = {"feature": int(a["data-feature"]), "cells": []}
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+        elif tag == "dd":
+            self._dd = []
+        elif tag == "script" and a.get("type") == "application/json":
+            self._json = []
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._tok is not None:
+            self.tokens.append(tuple(self._tok))  # type: ignore[arg-type]
+            self._tok = None
+        elif tag == "td" and self._cell is not None and self._row is not None:
+            self._row["cells"].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+        elif tag == "dd" and self._dd is not None:
+            self.dds.append("".join(self._dd))
+            self._dd = None
+        elif tag == "script" and self._json is not None:
+            self.json_blocks.append("".join(self._json))
+            self._json = None
+
+    def handle_data(self, data):
+        for part in (self._cell, self._dd, self._json):
+            if part is not None:
+                part.append(data)
+        if self._tok is not None:
+            self._tok[0] += data
+
+
+def catalog_tokens(cat, run_id: str) -> list[tuple[int, str, bool, bool, bool]]:
+    """The run's tokens, read with SQL of this test's own (an oracle independent of catalog/report.py)."""
+    with cat.raw() as con:
+        return con.execute("SELECT t.position, coalesce(t.token, ''), t.is_generated, t.is_special, t.kept FROM tokens t "
+                           "JOIN runs r USING (run_key) WHERE r.run_id = ? ORDER BY t.position", [run_id]).fetchall()
+
+
+def catalog_positions(cat, run_id: str, layer: int, stream: str, feature: int) -> list[int]:
+    with cat.raw() as con:
+        return [p for (p,) in con.execute(
+            "SELECT a.position FROM activations a JOIN runs r USING (run_key) JOIN saes s USING (sae_key) "
+            "WHERE r.run_id = ? AND s.layer = ? AND s.stream = ? AND a.feature_id = ? AND a.act <> 0 ORDER BY 1",
+            [run_id, layer, stream, feature]).fetchall()]
+
+
+@pytest.fixture()
+def hostile_run(toy_discovery):
+    """A generated run of the toy model on a prompt full of markup, with spans and labels."""
+    req = build_request({"model_id": "toy", "sae_id": "toy", "prompt": HOSTILE, "generate": True, "gen_tokens": 8,
+                         "return_top_x": 12, "attach_examples": True, "attach_proto_labels": True,
+                         "min_coverage_pct": 0.0})
+    result = toy_discovery.discover(req)
+    return toy_discovery.catalog, result, run_report(toy_discovery.catalog, result)
+
+
+def test_report_shows_every_token_feature_and_value_and_escapes_user_text(hostile_run):
+    cat, result, text = hostile_run
+    page = Page(text)
+    assert result["features"], "the toy run should rank some features"
+    # every token of the run, in order, with its flags
+    stored = catalog_tokens(cat, result["run_id"])
+    assert [(p, t) for t, _, p in page.tokens] == [(p, t) for p, t, *_ in stored]
+    for (_, cls, _), (_, _, generated, special, kept) in zip(page.tokens, stored, strict=True):
+        assert ("gen" in cls.split()) == generated and ("special" in cls.split()) == special
+        assert ("drop" in cls.split()) == (not kept)
+    assert any(g for _, _, g, _, _ in stored) and any(s for _, _, _, s, _ in stored)
+    # the analyzed text of the response is the tokens' text (specials left out)
+    assert "".join(t for t, cls, _ in page.tokens if "special" not in cls.split()) == result["analyzed"]["text"]
+    # every returned feature, in rank order, with its values as printed
+    assert [r["feature"] for r in page.rows] == [f["feature_id"] for f in result["features"]]
+    for row, f in zip(page.rows, result["features"], strict=True):
+        assert row["cells"][:9] == [str(page.rows.index(row) + 1), str(f["feature_id"]), str(f["layer"]), f["stream"],
+                                    f"{f['score']:.4f}", f"{f['scores']['mean']:.4f}", f"{f['scores']['coverage']:.3f}",
+                                    f"{f['scores']['max']:.3f}",
+                                    "-" if f["scores"]["selectivity"] is None else f"{f['scores']['selectivity']:.4f}"]
+        assert f["proto_label"] is None or row["cells"][9].startswith(f["proto_label"])
+    # the JSON response, embedded whole
+    data = json.loads(page.json_blocks[0])
+    assert data["response"] == json.loads(json.dumps(result))
+    # per feature: its positions are the catalog's nonzero positions
+    for f, extra in zip(result["features"], data["features"], strict=True):
+        assert extra["p"] == catalog_positions(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"])
+        assert extra["h"] is not None and len(extra["h"]["counts"]) == 24  # the toy registry calibrates on first use
+        assert extra["h"]["zeros"] + sum(extra["h"]["counts"]) == extra["h"]["n_tokens"]
+    # user text is text: the prompt shows as written, never as markup
+    assert HOSTILE in page.dds
+    assert "img" not in page.tags and page.tags.count("script") == 2  # the data block and the report's script
+    assert "<script>alert(1)" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in text
+    assert "</script" not in page.json_blocks[0] and "<" not in page.json_blocks[0]
+
+
+def test_stored_report_is_the_reranked_run(hostile_run):
+    cat, result, _ = hostile_run
+    page = Page(stored_report(cat, result["run_id"][:8], {"score_mode": "max", "return_top_x": 3}))
+    data = json.loads(page.json_blocks[0])
+    assert data["response"]["score_mode"] == "max" and len(page.rows) == len(data["response"]["features"]) <= 3
+    ordered = [f["score"] for f in data["response"]["features"]]  # max, normalized by the calibration max
+    assert ordered == sorted(ordered, reverse=True)
+
+
+# -- the CLI writers (real subprocesses) ----------------------------------------------------------
+
+def test_cli_writes_html_for_discovery_rank_report_batch_and_drift(toy_registry, tmp_path):
+    db, reg = str(tmp_path / "c.duckdb"), str(toy_registry)
+    common = ["--db", db, "--registry", reg]
+    r = run_cli("--model", "toy", "--sae", "toy", "--prompt", HOSTILE, "--out", str(tmp_path / "r.html"),
+                "--device", "cpu", *common)
+    assert r.returncode == 0, r.stderr
+    page = Page((tmp_path / "r.html").read_text())
+    response = json.loads(page.json_blocks[0])["response"]
+    assert HOSTILE in page.dds and [row["feature"] for row in page.rows] == [f["feature_id"] for f in response["features"]]
+    run_id = response["run_id"]
+
+    r = run_cli("runs", "report", run_id[:8], "--score_mode", "max", "--out", str(tmp_path / "s.html"), *common)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Page((tmp_path / "s.html").read_text()).json_blocks[0])["response"]["score_mode"] == "max"
+    r = run_cli("runs", "rank", run_id[:8], "--format", "html", "--out", str(tmp_path / "k.html"), *common)
+    assert r.returncode == 0 and (tmp_path / "k.html").read_text().startswith("<!DOCTYPE html>")
+    r = run_cli("runs", "report", run_id[:8], "--out", str(tmp_path / "s.json"), *common)
+    assert r.returncode == 2 and r.stderr.startswith("error: out: expected a file ending in .html")
+
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"id": "a", "text": "first line of text"}) + "\n"
+                     + json.dumps({"id": "b<i>", "text": "second one", "score_mode": "nope"}) + "\n"
+                     + json.dumps({"id": "c", "prompt": "third"}) + "\n")
+    r = run_cli("--model", "toy", "--sae", "toy", "--prompts_file", str(lines), "--out",
+                str(tmp_path / "batch.html"), "--device", "cpu", *common)
+    assert r.returncode == 1, r.stderr  # one line failed
+    batch = (tmp_path / "batch.html").read_text()
+    ids = [json.loads(x)["run_id"] for x in (tmp_path / "batch.jsonl").read_text().splitlines() if "run_id" in x]
+    assert len(ids) == 2 and all(f'href="#run-{i}"' in batch and f'id="run-{i}"' in batch for i in ids)
+    assert "b&lt;i&gt;: score_mode" in batch and "<i>" not in batch
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "first line of text"}) + "\n" + json.dumps({"prompt": "third"}) + "\n")
+    drift = tmp_path / "drift.html"
+    r = run_cli("drift", "--base", "toy", "--tuned", "toy-finance", "--sae", "toy", "--prompts_file", str(good),
+                "--out", str(drift), "--device", "cpu", *common)
+    assert r.returncode == 0, r.stderr
+    dpage = Page(drift.read_text())
+    report = json.loads(dpage.json_blocks[0])
+    assert report["overall"]["n_prompts"] == 2 and "<svg" in drift.read_text()
+    assert drift.read_text().count("<circle") == len(report["features"])
+
+
+# -- in a real browser ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        driver = open_browser()
+    except NoBrowser as exc:
+        if required():
+            pytest.fail(f"SAE_DISCOVER_REQUIRE_BROWSER is set but {exc}")
+        pytest.skip(str(exc))
+    yield driver
+    driver.quit()
+
+
+def console_errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def lit(driver) -> list[int]:
+    return sorted(int(e) for e in driver.execute_script(
+        "return Array.from(document.querySelectorAll('section.run .tok.on')).map(t => t.dataset.i)"))
+
+
+def test_report_in_chromium_click_sort_filter_offline(browser, hostile_run, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    cat, result, text = hostile_run
+    path = tmp_path / "report.html"
+    path.write_text(text)
+    browser.get_log("browser")  # start from an empty console log
+    browser.get(path.as_uri())
+    features = result["features"]
+    assert len(features) >= 2
+    first = features[0]
+    assert lit(browser) == catalog_positions(cat, result["run_id"], first["layer"], first["stream"], first["feature_id"])
+    for i in (1, len(features) - 1):
+        f = features[i]
+        browser.find_element(By.CSS_SELECTOR, f"table.feats tbody tr[data-f='{i}']").click()
+        assert lit(browser) == catalog_positions(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"])
+        detail = browser.find_element(By.CSS_SELECTOR, ".detail").text
+        assert f"feature {f['feature_id']} · layer {f['layer']}" in detail and "P95 τ" in detail
+    # sorting by max reorders the rows by the response's max, largest first (twice: smallest first)
+    header = browser.find_element(By.XPATH, "//table[@class='feats']//th[text()='max']")
+    header.click()
+
+    def order() -> list[int]:
+        return [int(x) for x in browser.execute_script(
+            "return Array.from(document.querySelectorAll('table.feats tbody tr')).map(r => r.dataset.feature)")]
+    by_max = sorted(features, key=lambda f: -f["scores"]["max"])
+    assert [f["scores"]["max"] for f in features if f["feature_id"] in order()]  # rows present
+    assert [next(f for f in features if f["feature_id"] == x)["scores"]["max"] for x in order()] == \
+        [f["scores"]["max"] for f in by_max]
+    assert order() != [f["feature_id"] for f in features] or [f["scores"]["max"] for f in features] == \
+        [f["scores"]["max"] for f in by_max]
+    header.click()
+    assert [next(f for f in features if f["feature_id"] == x)["scores"]["max"] for x in order()] == \
+        [f["scores"]["max"] for f in reversed(by_max)]
+    # filtering by a feature id leaves the rows that mention it
+    target = str(features[1]["feature_id"])
+    box = browser.find_element(By.CSS_SELECTOR, "input.filter")
+    box.send_keys(target)
+    shown = browser.execute_script("return Array.from(document.querySelectorAll('table.feats tbody tr'))"
+                                   ".filter(r => r.style.display !== 'none').map(r => r.textContent)")
+    assert shown and all(target in s for s in shown) and len(shown) < len(features) + 1
+    # hovering a token lists features
+    tok = browser.find_element(By.CSS_SELECTOR, f".tok[data-i='{lit(browser)[0] if lit(browser) else 0}']")
+    from selenium.webdriver import ActionChains
+
+    ActionChains(browser).move_to_element(tok).perform()
+    assert browser.find_element(By.ID, "tip").text.startswith("token ")
+    # the markup in the prompt stayed text; nothing was fetched; the console is clean
+    assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert console_errors(browser) == []
+
+
+def test_api_ui_lists_runs_opens_reports_and_runs_a_discovery(browser, toy_registry, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_api import Server
+
+    srv = Server(tmp_path / "served.duckdb", toy_registry, tmp_path / "server.log")
+    try:
+        made = srv.client.post("/v1/sae/features/discover", json={"model_id": "toy", "sae_id": "toy", "text": HOSTILE})
+        assert made.status_code == 200, made.text
+        run_id = made.json()["run_id"]
+        r = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"score_mode": "max"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert json.loads(Page(r.text).json_blocks[0])["response"]["score_mode"] == "max"
+        assert "<img src=x" not in r.text
+        bad = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"tau": "-1"})
+        assert bad.status_code == 400 and bad.json()["field"] == "tau"
+        assert srv.client.get("/v1/runs/abcdef01/report").status_code == 404
+
+        browser.get_log("browser")
+        browser.get(srv.url + "/")
+        link = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "a.open"))[0]
+        assert link.text == run_id[:12]
+        assert HOSTILE[:40] in browser.find_element(By.ID, "runs-body").text
+        link.click()
+        _wait(lambda: "/report" in browser.current_url and browser.find_elements(By.CSS_SELECTOR, "section.run"))
+        assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+        # the discovery form: a new run, then its report
+        browser.get(srv.url + "/")
+        _wait(lambda: len(Select(browser.find_element(By.ID, "d-model_id")).options) > 1)
+        Select(browser.find_element(By.ID, "d-model_id")).select_by_value("toy")
+        Select(browser.find_element(By.ID, "d-sae_id")).select_by_value("toy")
+        Select(browser.find_element(By.ID, "d-score_mode")).select_by_value("max")
+        browser.find_element(By.ID, "d-input").send_keys("The quarterly revenue grew")
+        browser.find_element(By.CSS_SELECTOR, "#discover button").click()
+        _wait(lambda: "/report" in browser.current_url and browser.find_elements(By.CSS_SELECTOR, "section.run"), 120)
+        data = json.loads(browser.find_element(By.CSS_SELECTOR, "script.data").get_attribute("textContent"))
+        assert data["response"]["score_mode"] == "max" and data["response"]["analyzed"]["text"].endswith("revenue grew")
+        origins = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert all(u.startswith(srv.url + "/") for u in origins)
+        assert console_errors(browser) == []
+    finally:
+        srv.stop()
+
+
+def _wait(check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("the page did not get there in time")
