@@ -12,6 +12,7 @@ No ``from __future__ import annotations`` here: handler annotations name body ty
 """
 
 import functools
+import importlib.util
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -19,9 +20,13 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
-from litestar import Litestar, get, post
+from litestar import Litestar, Request, Router, get, post
+from litestar._openapi.schema_generation.plugins import StructSchemaPlugin  # no public name; pinned in constraints.txt
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Schema
 from litestar.params import JSONBody, Parameter
+from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 from api import schemas
@@ -128,15 +133,65 @@ def health_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 
 
 def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    body_type = schemas.drift_body(svc.settings)
+
     @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **TIMEOUT},
           summary="Cross-model drift: which features a fine-tune gained, lost or reweighted")
-    async def drift(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+    async def drift(data: JSONBody[body_type]) -> schemas.DriftResponse:  # type: ignore[valid-type]
         """The CLI's drift request (`python -m sae_discover drift`): base and tuned model ids, sae_id, prompts
         (objects with prompt or text), or base_runs/tuned_runs as lists of run ids; layers, streams,
         score_mode, top_k and the flag thresholds. Missing runs are made; cached runs are reused."""
-        return await in_thread(svc.drift, data, timeout=svc.settings.request_timeout_s)
+        report = await in_thread(svc.drift, msgspec.to_builtins(data), timeout=svc.settings.request_timeout_s)
+        return msgspec.convert(report, schemas.DriftResponse)
 
     return [drift]
+
+
+class StrictStructSchemaPlugin(StructSchemaPlugin):
+    """Litestar's msgspec Struct schema, plus ``additionalProperties: false`` for a Struct that refuses
+    unknown fields (Litestar does not say so), so that the schema states what the server enforces."""
+
+    def to_openapi_schema(self, field_definition: Any, schema_creator: Any) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        if getattr(msgspec.inspect.type_info(field_definition.type_), "forbid_unknown_fields", False):
+            schema.additional_properties = False
+        return schema
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """Before every API route: a query parameter the route does not declare is a 400 naming it, as an
+    unknown body field is (a misspelt ``limt=5`` must not silently give the default page). A handler that
+    takes the request itself reads (and checks) its own query string."""
+    params = request.route_handler.parsed_fn_signature.parameters
+    if not request.query_params or "request" in params:
+        return
+    declared = {getattr(f.kwarg_definition, "query", None) or name for name, f in params.items()}
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        raise ApiError(400, unknown[0], "unknown query parameter; the request schema is at /schema/openapi.json")
+
+
+def docs_config() -> tuple[OpenAPIConfig, list[ControllerRouterHandler]]:
+    """The OpenAPI config with interactive docs (Swagger UI at /schema) that work offline: their assets
+    come from the installed ``swagger-ui-py`` package, served under /schema/assets, never from a CDN."""
+    spec = importlib.util.find_spec("swagger_ui")
+    assets = Path(next(iter(spec.submodule_search_locations))) / "static" if spec and spec.submodule_search_locations \
+        else None
+    plugins, routes = [], []
+    if assets is not None and (assets / "swagger-ui-bundle.js").is_file():
+        base = "/schema/assets"
+        plugins.append(SwaggerRenderPlugin(js_url=f"{base}/swagger-ui-bundle.js", css_url=f"{base}/swagger-ui.css",
+                                           standalone_preset_js_url=f"{base}/swagger-ui-standalone-preset.js",
+                                           path=["/", "/swagger"], favicon=""))
+        routes.append(create_static_files_router(base, directories=[assets], include_in_schema=False))
+    else:  # no offline assets: the JSON schema only, no page that would load scripts from a CDN
+        log.warning("swagger-ui-py is not installed: no interactive docs under /schema (the schema is at "
+                    "/schema/openapi.json)")
+    config = OpenAPIConfig(title="sae-discover", version=__version__,
+                           description="Which SAE features did a model use on a prompt? Discovery, stored runs, "
+                                       "re-ranking, drift and label import over a DuckDB feature catalog.",
+                           render_plugins=plugins or [JsonRenderPlugin(path=["/openapi.json", "/"])])
+    return config, routes
 
 
 ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, health_routes, report_routes]
@@ -151,14 +206,13 @@ def create_app(catalog_path: str | Path | None = None, registry_path: str | Path
     """
     svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env())
     handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
+    openapi_config, docs_routes = docs_config()
     app = Litestar(
-        route_handlers=handlers,
+        route_handlers=[Router("/", route_handlers=handlers, before_request=refuse_unknown_query), *docs_routes],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         on_shutdown=[lambda: svc.close()],  # Litestar passes the app to hooks that take arguments
-        openapi_config=OpenAPIConfig(title="sae-discover", version=__version__,
-                                     description="Which SAE features did a model use on a prompt? "
-                                                 "Discovery, stored runs, re-ranking and label import over a "
-                                                 "DuckDB feature catalog."),
+        openapi_config=openapi_config,
+        plugins=[StrictStructSchemaPlugin()],
         request_max_body_size=svc.settings.max_body_bytes,
         debug=debug,
     )

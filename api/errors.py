@@ -12,7 +12,7 @@ import re
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from api.schemas import API_REFUSED, ErrorBody
+from api.schemas import API_REFUSED, API_TYPE_HINTS, ErrorBody
 from sae_discover.errors import USER_ERRORS, CatalogLocked
 
 log = logging.getLogger("sae_discover.api")
@@ -28,9 +28,10 @@ class ApiError(Exception):
         self.field = field
 
 
-def error_response(status_code: int, detail: str, field: str | None = None) -> Response:
+def error_response(status_code: int, detail: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
     return Response(ErrorBody(status_code=status_code, detail=detail, field=field), status_code=status_code,
-                    media_type=MediaType.JSON)
+                    media_type=MediaType.JSON, headers=headers)
 
 
 def _top_level(key: str) -> str:
@@ -43,9 +44,12 @@ def on_validation(_: Request, exc: ValidationException) -> Response:
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
     key, message = str(first.get("key") or ""), str(first.get("message") or exc.detail)
     unknown = UNKNOWN_FIELD.search(message)
-    if unknown:
-        key = unknown.group(1)
+    if unknown:  # in a nested object, msgspec's key is the object's path (prompts[0]): name the field in it
+        name = unknown.group(1)
+        key = f"{key}.{name}" if key and key != "data" else name
         message = API_REFUSED.get(key, "unknown field; the request schema is at /schema/openapi.json")
+    elif key in API_TYPE_HINTS and message.endswith(f"got `{API_TYPE_HINTS[key][0]}`"):
+        message = API_TYPE_HINTS[key][1]
     if not key or key == "data":
         key = "body"
     return error_response(400, f"{key}: {message}", _top_level(key))
@@ -60,7 +64,8 @@ def on_http(_: Request, exc: HTTPException) -> Response:
         return error_response(413, f"body: larger than this server accepts ({exc.detail})", "body")
     if exc.status_code == 400:  # e.g. malformed JSON
         return error_response(400, f"body: {exc.detail}", "body")
-    return error_response(exc.status_code, str(exc.detail))
+    allow = (exc.headers or {}).get("allow")  # a 405 says which methods the path takes (RFC 9110)
+    return error_response(exc.status_code, str(exc.detail), headers={"Allow": allow} if allow else None)
 
 
 def on_api_error(_: Request, exc: ApiError) -> Response:

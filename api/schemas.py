@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from api.settings import ApiSettings
+from sae_discover.drift.request import DriftRequest, DriftRunOptions
 from sae_discover.request import (
     ID_MAX_CHARS,
     MAX_LAYER,
@@ -28,12 +29,16 @@ from sae_discover.request import (
 )
 from sae_discover.response import DiscoverResponse
 
-__all__ = ["API_REFUSED", "DiscoverResponse", "discover_body", "labels_body", "rank_body"]
+__all__ = ["API_REFUSED", "API_TYPE_HINTS", "DiscoverResponse", "discover_body", "drift_body", "labels_body",
+           "rank_body"]
 
 ID_MAX = 200
 # request-model fields the HTTP API refuses, and why (the API never reads server paths)
 API_REFUSED = {o.name: f"this server does not read files; send the {o.name.replace('_file', '')} as "
                        f"{o.name.replace('_file', '_text')}" for o in options(DiscoverRequest) if o.path}
+# what a field of the right name but the wrong JSON type means on this server (replaces msgspec's "Expected ...")
+API_TYPE_HINTS = {name: ("str", "SQL filters are disabled here (a filter is code from a client); give a list of run ids")
+                  for name in ("base_runs", "tuned_runs")}
 API_HELP = {  # what a field means for a client of this server
     "model_id": "registry id of the model (GET /healthz lists them); paths and hub ids are refused",
     "sae_id": "registry id of the SAE source; paths are refused",
@@ -76,19 +81,25 @@ def _field_type(opt: Option, settings: ApiSettings) -> Any:
     return kind | None if opt.optional or opt.default is None else kind
 
 
-def _struct(name: str, opts: list[Option], settings: ApiSettings, doc: str) -> type[Struct]:
+def _struct(name: str, opts: list[Option], settings: ApiSettings, doc: str, types: dict[str, Any] | None = None,
+            extra: tuple = (), omit_defaults: bool = False) -> type[Struct]:
+    """A body struct of request options (``types`` gives the type of options whose kind has no generic
+    JSON form, e.g. lists of objects; ``extra`` adds (name, type, default) fields). Unknown fields are refused."""
     caps = {"gen_tokens": settings.max_gen_tokens, "return_top_x": settings.max_return_top_x}
+    types = types or {}
     specs = []
     for opt in opts:
         if opt.name in API_REFUSED:
             continue
         default = opt.default
-        if opt.name in caps:  # a server limit below the request model's default caps the default too
+        if opt.name in caps and default is not None:  # a server limit below the default caps the default too
             default = min(default, caps[opt.name])
         if isinstance(default, list):
             default = msgspec.field(default_factory=lambda d=tuple(default): list(d))
-        specs.append((opt.name, _field_type(opt, settings), default))
-    struct = msgspec.defstruct(name, specs, kw_only=True, forbid_unknown_fields=True, module=__name__)
+        kind = types.get(opt.name) or _field_type(opt, settings)
+        specs.append((opt.name, kind | None if opt.name in types and default is None else kind, default))
+    struct = msgspec.defstruct(name, [*specs, *extra], kw_only=True, forbid_unknown_fields=True,
+                               omit_defaults=omit_defaults, module=__name__)
     struct.__doc__ = doc
     return struct
 
@@ -104,6 +115,27 @@ def rank_body(settings: ApiSettings) -> type[Struct]:
     return _struct("RankBody", RERANK_OPTIONS, settings,
                    "Ranking options for a stored run (restrict_features filters its stored rows). "
                    "Unknown fields are refused.")
+
+
+RunIds = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\S")]], Meta(
+    min_length=1, max_length=100_000, description="stored runs only: run ids (GET /v1/runs) or unique prefixes of at "
+                                                  "least 6 hex characters; SQL filters are refused here")]
+
+
+def drift_body(settings: ApiSettings) -> type[Struct]:
+    """``POST /v1/drift``: the drift request model (:class:`~sae_discover.drift.request.DriftRequest`), with
+    run ids only for base_runs/tuned_runs and each prompts item typed like discovery's prompt/text."""
+    texts = [o for o in options(DiscoverRequest) if o.name in ("prompt", "text")]
+    item = _struct("DriftPrompt", [*texts, *options(DriftRunOptions)], settings,
+                   "One prompt of a drift report: prompt or text, an optional id, and run options for it.",
+                   extra=(("id", Annotated[str | int, Meta(description="echoed in the report's prompts")] | None, None),),
+                   omit_defaults=True)
+    prompts = Annotated[list[item], Meta(min_length=1, max_length=settings.max_drift_prompts,  # type: ignore[valid-type]
+                                         description="objects with prompt or text (+ optional id and run options)")]
+    return _struct("DriftBody", options(DriftRequest), settings,
+                   "A drift report: base + tuned + prompts (runs are made or reused), or base_runs + tuned_runs "
+                   "(stored runs only). Unknown fields are refused.",
+                   types={"prompts": prompts, "base_runs": RunIds, "tuned_runs": RunIds})
 
 
 def labels_body(settings: ApiSettings) -> type[Struct]:
@@ -190,6 +222,107 @@ class RunDetail(RunSummary, kw_only=True):
 class LabelsImported(Struct, kw_only=True):
     imported: int
     hooks: list[list[int | str]]
+
+
+class DriftSide(Struct, kw_only=True):
+    model_id: str | None
+    model_ids: list[str]
+    run_ids: list[str]
+
+
+class DriftMetrics(Struct, kw_only=True):
+    """Agreement of the two sides' top-K feature sets (one prompt, or all of them)."""
+
+    n_features_base: int
+    n_features_tuned: int
+    n_top_both: int
+    n_top_union: int
+    jaccard: float | None
+    spearman: float | None
+    spearman_all: float | None
+    n_gained: int
+    n_lost: int
+    n_shifted: int
+
+
+class DriftOverall(DriftMetrics, kw_only=True):
+    n_prompts: int
+
+
+class DriftPromptMetrics(DriftMetrics, kw_only=True, omit_defaults=True):
+    """One prompt's metrics; it carries prompt or text (the other is left out)."""
+
+    index: int
+    id: str | None
+    mode: str
+    prompt: str | None = None
+    text: str | None = None
+    base_run_ids: list[str]
+    tuned_run_ids: list[str]
+
+
+class DriftFeature(Struct, kw_only=True):
+    feature_id: int
+    layer: int
+    stream: str
+    flag: str | None
+    score_base: float
+    score_tuned: float
+    score_change: float
+    rank_base: int | None
+    rank_tuned: int | None
+    rank_change: int | None
+    in_top_k_base: bool
+    in_top_k_tuned: bool
+    prompts_base: int
+    prompts_tuned: int
+    proto_label: str | None
+
+
+class DriftFlagged(Struct, kw_only=True):
+    gained: list[DriftFeature]
+    lost: list[DriftFeature]
+    shifted: list[DriftFeature]
+
+
+class DriftThresholds(Struct, kw_only=True):
+    min_score_change: float
+    min_relative_change: float
+    min_rank_shift: int
+
+
+class DriftUnpaired(Struct, kw_only=True):
+    side: str
+    run_id: str
+    mode: str
+
+
+class DriftIngested(Struct, kw_only=True):
+    new_runs: int
+    cached_runs: int
+
+
+class DriftResponse(Struct, kw_only=True):
+    """A drift report (README, "Drift reports"): the CLI's ``drift`` JSON."""
+
+    base: DriftSide
+    tuned: DriftSide
+    sae_id: str
+    hooks: list[tuple[int, str]]
+    score_mode: str
+    min_coverage_pct: float
+    threshold_source: str
+    normalization: str
+    top_k: int
+    thresholds: DriftThresholds
+    overall: DriftOverall
+    prompts: list[DriftPromptMetrics]
+    features: list[DriftFeature]
+    flagged: DriftFlagged
+    unpaired: list[DriftUnpaired]
+    ingested: DriftIngested | None
+    warnings: list[str]
+    timings: dict[str, float]
 
 
 Limits = msgspec.defstruct("Limits", [(name, hint) for name, hint in get_type_hints(ApiSettings).items()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
 import threading
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -20,10 +22,11 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
-from catalog.errors import CatalogError, CatalogLocked
+from catalog.errors import CatalogError, CatalogLocked, CatalogWarning
 
 DEFAULT_DB = "sae_catalog.duckdb"
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+WAL_HEADER_MAX = 256  # bytes: the WAL's version header (a small serialized object) ends within these
 
 
 def default_path() -> str:
@@ -61,19 +64,67 @@ def held_by_another_process(path: str | Path, read_only: bool) -> bool:
         os.close(fd)
 
 
+def _wal_chain_end(fh, start: int, size: int) -> int:
+    """Where the run of whole WAL entries that begins at ``start`` ends (``size`` when it fills the file)."""
+    pos = start
+    while pos + 16 <= size:
+        fh.seek(pos)
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if length > size - pos - 16:
+            break
+        pos += 16 + length
+    return pos
+
+
+def wal_cut_short(path: str | Path) -> tuple[int, int] | None:
+    """``(whole_bytes, size)`` when ``path``'s write-ahead log ends inside an entry (a crash or a copy cut
+    it short: DuckDB replays the whole entries and silently skips the rest); None when there is no WAL
+    or it ends on an entry boundary.
+
+    DuckDB 2.0's WAL (the catalog pins duckdb <2.1) is a version header, a serialized object that ends
+    with the 0xFFFF end-of-object marker, then entries framed as ``u64 length, u64 checksum, payload``.
+    The header's length varies, so every end marker in its first bytes is tried as the start of the
+    entries: a complete WAL chains to its last byte from the right one (no false warning).
+    """
+    wal = Path(f"{path}.wal")
+    try:
+        size = wal.stat().st_size
+        if size == 0:
+            return None
+        with wal.open("rb") as fh:
+            head = fh.read(WAL_HEADER_MAX)
+            ends = [_wal_chain_end(fh, i + 2, size) for i in range(len(head) - 1) if head[i:i + 2] == b"\xff\xff"]
+    except OSError:  # unreadable: DuckDB's own open reports it
+        return None
+    if size in ends:
+        return None
+    return max(ends, default=0), size
+
+
 def open_error(path: str, read_only: bool, exc: BaseException, locked_message: str) -> Exception | None:
     """The catalog's error for DuckDB failing to open ``path`` (``exc``, possibly wrapped by SQLAlchemy):
     :class:`CatalogLocked` (with ``locked_message``) when another process holds the file,
     :class:`CatalogError` (``db``) when the file is unusable; None for an error that is not about the
     file (the caller raises the original)."""
     cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
-    if not isinstance(cause, duckdb.IOException) or path == ":memory:":
+    if not isinstance(cause, duckdb.Error) or path == ":memory:":
         return None
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if not isinstance(cause, duckdb.IOException):  # the file's header was read; replaying its WAL failed
+        wal = Path(f"{path}.wal")
+        if wal.is_file() and wal.stat().st_size:
+            return CatalogError("db", f"{wal} (the write-ahead log of {path}) cannot be replayed, it is damaged "
+                                      f"({first}); move it aside to open the catalog as of its last checkpoint "
+                                      "(the transactions in it are then lost)")
+        return CatalogError("db", f"{path} is not a usable DuckDB catalog: {first}")
     if held_by_another_process(path, read_only):
         return CatalogLocked(locked_message)
     if read_only and not Path(path).exists():
         return CatalogError("db", f"{path} does not exist")
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if Path(path).is_dir():
+        return CatalogError("db", f"{path} is a directory; give a catalog file (e.g. {Path(path) / DEFAULT_DB})")
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return CatalogError("db", f"{path} is an empty file, not a DuckDB catalog; remove it to start a new catalog")
     return CatalogError("db", f"{path} is not a usable DuckDB catalog: {first}")
 
 
@@ -95,6 +146,7 @@ class Catalog:
         # catalog keys of models/SAEs whose rows are committed (filled by writes.transaction after commit)
         self.known_keys: dict = {}
         self.pending_keys: dict = {}
+        cut = None if self.path == ":memory:" else wal_cut_short(self.path)
         try:
             conn = self.engine.connect()
         except Exception as exc:
@@ -107,6 +159,10 @@ class Catalog:
             if error is None:
                 raise
             raise error from exc
+        if cut is not None:
+            warnings.warn(CatalogWarning(
+                f"db: the write-ahead log of {self.path} was incomplete (it ends inside a transaction: {cut[0]} of "
+                f"{cut[1]} bytes were whole); the last transaction(s) written before a crash may be lost"), stacklevel=2)
         try:
             with conn:
                 conn.exec_driver_sql("SELECT 1")

@@ -38,3 +38,8 @@ class CatalogLocked(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.message,)
+
+
+class CatalogWarning(UserWarning):
+    """Something about the catalog file the user must hear but that does not stop the command (e.g. a
+    write-ahead log whose last transaction was cut short by a crash). The CLI prints it as one line."""

@@ -3,6 +3,9 @@
 For one run, over its kept (analysed) tokens, n of them, and each feature f with a nonzero code:
 - mean = sum(act) / n, max = max(act), coverage = #(act > τ_f) / n (a fraction, 0-1)
 - selectivity = mean − background mean (the calibration's per-token mean), null without one
+- lift = (mean + ε) / (background mean + ε), ε = ``LIFT_PRIOR`` × the calibration max: how many times
+  its usual level the feature is active here (a ratio, so it needs no normalization; the score mode
+  that put the most features of the prompt's own domain on top in ``tests/benchmarks/bench_quality.py``)
 - score = the chosen mode on activations divided by the feature's calibration max
   (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
   or on raw activations when the SAE has no calibration (``normalization: "none"``)
@@ -33,13 +36,17 @@ from catalog.db import Catalog
 from catalog.errors import CatalogError
 from catalog.stats import P95_COLUMN, TauBasis, calibration_for, newest_stats_sql, quantile_sql
 
-ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "attribution", "attribution_abs"]
+# lift's prior, a share of the feature's calibration max added to both means: it keeps a feature that
+# (almost) never fired in calibration from an unbounded ratio, and leaves the score free of units
+LIFT_PRIOR = 3e-4
+ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 SCORE_EXPR = {
     "mean": "mean_n",
     "max": "max_n",
     "mean×coverage": "mean_n * coverage",
     "selectivity": "(mean - bg_mean) / divisor",
+    "lift": f"(mean + {LIFT_PRIOR} * divisor) / (bg_mean + {LIFT_PRIOR} * divisor)",
     "attribution": "attribution",
     "attribution_abs": "abs(attribution)",
 }
@@ -131,8 +138,8 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
     calibrated = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
     all_calibrated = all(calibrated.values())
     has_background = bool(opts.background_runs) or all_calibrated
-    if opts.score_mode == "selectivity" and not has_background:
-        raise CatalogError("score_mode", "selectivity needs a background; calibrate the SAE first "
+    if opts.score_mode in ("selectivity", "lift") and not has_background:
+        raise CatalogError("score_mode", f"{opts.score_mode} needs a background; calibrate the SAE first "
                            "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
                            "or pick another score_mode")
     thresholds, threshold_source = _thresholds_sql(con, calibrated, opts)
@@ -252,10 +259,13 @@ def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts
 
 def require_attributions(con, run_keys: list[int]) -> None:
     """Refuse an attribution score mode over runs stored without an attribution target (their ``attr``
-    is NULL: the ranking would be empty or meaningless), naming score_mode."""
+    is NULL: the ranking would be empty or meaningless), naming score_mode. A run with no nonzero code
+    at all has nothing to rank either way (an empty ranking, not an error)."""
     missing = con.execute(f"""
-        SELECT r.run_id FROM runs r WHERE list_contains($runs, r.run_key) AND NOT EXISTS (
-            SELECT 1 FROM activations a WHERE {_runs_filter("a")} AND a.run_key = r.run_key AND a.attr IS NOT NULL)
+        SELECT r.run_id FROM runs r WHERE list_contains($runs, r.run_key)
+          AND EXISTS (SELECT 1 FROM activations a WHERE {_runs_filter("a")} AND a.run_key = r.run_key)
+          AND NOT EXISTS (SELECT 1 FROM activations a WHERE {_runs_filter("a")} AND a.run_key = r.run_key
+                          AND a.attr IS NOT NULL)
         ORDER BY r.run_key LIMIT 1""", _runs_params(run_keys)).fetchall()
     if missing:
         raise CatalogError("score_mode", f"run {missing[0][0]} has no attributions (it was made with "

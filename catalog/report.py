@@ -72,7 +72,8 @@ def feature_activations(con: duckdb.DuckDBPyConnection, run_key: int, keys: Sequ
         f"FROM activations JOIN {WANTED} USING (sae_key, feature_id) WHERE run_key = ? GROUP BY sae_key, feature_id",
         [*_wanted(keys), run_key]).fetchall()
     return {(int(k), int(f)): {"positions": list(p), "acts": [float(a) for a in acts],
-                               "attr": None if at is None else [None if x is None else float(x) for x in at]}
+                               "attr": None if at is None or all(x is None for x in at)  # a run made without it
+                               else [None if x is None else float(x) for x in at]}
             for k, f, p, acts, at in rows}
 
 

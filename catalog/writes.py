@@ -13,7 +13,8 @@ model (README, Performance). A crash loses at most that uncommitted group, which
 
 Columnar batch schema (what ``ingest`` hands over):
 - tokens: position int32, token_id int32, token string, is_generated bool, is_special bool, kept bool, proxy float64
-- activations: position int32, sae_index int16 (index into the batch's SAE list), feature_id int32, act float32
+- activations: position int32, sae_index int16 (index into the batch's SAE list), feature_id int32, act float32,
+  and optionally attr float32 (a run with an attribution target; absent → NULL)
 """
 
 from __future__ import annotations

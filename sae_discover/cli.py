@@ -20,11 +20,13 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from catalog import runs, sandbox
 from catalog.db import Catalog
+from catalog.errors import CatalogWarning
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
 from sae_discover.drift import table as drift_table
@@ -408,8 +410,20 @@ COMMANDS = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "label
             "serve": cmd_serve}
 
 
+PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """Catalog warnings (e.g. a WAL cut short by a crash) as one ``warning: ...`` line; others as Python shows them."""
+    if issubclass(category, CatalogWarning):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        PYTHON_SHOWWARNING(message, category, *args, **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     handler = COMMANDS.get(argv[0]) if argv else None
     try:
         status = handler(argv[1:]) if handler else cmd_discover(argv)

@@ -78,9 +78,9 @@ class Discovery:
         if req.background_file is not None:  # before any run is made for this request
             self._check_background_file(req.background_file)
         no_background = req.background_text is None and req.background_file is None
-        if req.score_mode == "selectivity" and no_background and not plan.entry.calibration_corpus \
+        if req.score_mode in ("selectivity", "lift") and no_background and not plan.entry.calibration_corpus \
                 and not all(self.calibrator.has_stats(info, plan.entry) for info in plan.saes):
-            raise RequestError("score_mode", "selectivity needs a background; calibrate the SAE first "
+            raise RequestError("score_mode", f"{req.score_mode} needs a background; calibrate the SAE first "
                                              "(python -m sae_discover calibrate), give background_text / "
                                              "background_file, or pick another score_mode")
         return plan

@@ -4,13 +4,17 @@ errors carry their field as data; the user-SQL connection is read-only and its c
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 
 from catalog import sandbox
 from catalog.db import Catalog
-from catalog.errors import CatalogError, CatalogLocked
-from tests.conftest import held_catalog
+from catalog.errors import CatalogError, CatalogLocked, CatalogWarning
+from tests.conftest import ROOT, held_catalog, run_cli
 
 
 def test_errors_carry_field_and_message():
@@ -76,3 +80,103 @@ def test_user_sql_is_read_only_and_its_configuration_locked(tmp_path):
         assert limit.endswith("GiB") and float(limit.split()[0]) < 2
     finally:
         con.close()
+
+
+# -- damaged catalogs and write-ahead logs (issue 12, item 6) ---------------------------------------
+
+WRITER = """
+import os, sys
+from catalog.db import Catalog
+cat = Catalog(sys.argv[1])
+con = cat.raw()
+con.execute("CREATE TABLE probe (i INTEGER, s VARCHAR)")
+con.execute("CHECKPOINT")
+for k in range(8):  # eight committed transactions, only in the WAL: the writer dies before any checkpoint
+    con.execute("INSERT INTO probe SELECT range, repeat('x', 40) FROM range(?, ?)", [k * 500, (k + 1) * 500])
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory) -> tuple[bytes, bytes]:
+    """The bytes of a catalog file and of its WAL, left by a writer that died after eight commits."""
+    tmp = tmp_path_factory.mktemp("crashed")
+    path = tmp / "c.duckdb"
+    subprocess.run([sys.executable, "-c", WRITER, str(path)], check=True, cwd=ROOT, timeout=120)
+    wal = Path(f"{path}.wal")
+    assert wal.stat().st_size > 8 * 500 * 40
+    return path.read_bytes(), wal.read_bytes()
+
+
+def lay(tmp_path: Path, db: bytes, wal: bytes) -> Path:
+    path = tmp_path / "c.duckdb"
+    path.write_bytes(db)
+    Path(f"{path}.wal").write_bytes(wal)
+    return path
+
+
+def probe_rows(path: Path) -> tuple[int, list[str]]:
+    """Rows of the probe table after opening the catalog, and the catalog warnings the open gave."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cat = Catalog(path)
+        try:
+            (n,) = cat.raw().execute("SELECT count(*) FROM probe").fetchone()
+        finally:
+            cat.close()
+    return n, [str(w.message) for w in seen if issubclass(w.category, CatalogWarning)]
+
+
+@pytest.mark.parametrize("eighths", range(1, 9))  # 0 bytes: no entry to tell from no WAL
+def test_a_wal_cut_short_is_replayed_whole_or_reported(crashed, tmp_path, eighths):
+    db, wal = crashed
+    path = lay(tmp_path, db, wal[: len(wal) * eighths // 8])
+    n, said = probe_rows(path)
+    if eighths == 8:
+        assert (n, said) == (8 * 500, [])  # the whole WAL replays, without a word
+    else:
+        assert n < 8 * 500 and n % 500 == 0  # whole transactions only
+        (line,) = said
+        assert f"the write-ahead log of {path} was incomplete" in line and "may be lost" in line, said
+    assert probe_rows(path)[0] == n  # nothing more is lost by opening it again
+
+
+def test_a_wal_cut_short_is_one_warning_line_in_the_cli(crashed, tmp_path):
+    db, wal = crashed
+    path = lay(tmp_path, db, wal[: len(wal) * 5 // 8])
+    proc = run_cli("runs", "list", "--db", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning: db: the write-ahead log of") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_damaged_wal_is_one_line_naming_it(crashed, tmp_path):
+    db, wal = crashed
+    damaged = bytearray(wal)
+    damaged[len(wal) // 2: len(wal) // 2 + 64] = bytes(64)
+    path = lay(tmp_path, db, bytes(damaged))
+    with pytest.raises(CatalogError) as info:
+        Catalog(path)
+    assert not isinstance(info.value, CatalogLocked)
+    assert info.value.field == "db" and f"{path}.wal (the write-ahead log of {path}) cannot be replayed" in str(info.value)
+    proc = run_cli("runs", "list", "--db", str(path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: db: {path}.wal (the write-ahead log")
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"", "is an empty file, not a DuckDB catalog"),
+    (b"DUCK" + bytes(8188), "is not a usable DuckDB catalog"),
+    (b"id,label\n1,revenue\n" * 300, "is not a usable DuckDB catalog"),
+    (None, "is a directory; give a catalog file"),
+], ids=["empty", "bad-header", "text", "directory"])
+def test_an_unusable_catalog_path_is_one_line_naming_it(tmp_path, content, words):
+    path = tmp_path / "c.duckdb"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    for args in (("runs", "list"), ("sql", "SELECT 1"), ("--text", "hi", "--model", "demo")):
+        proc = run_cli(*args, "--db", str(path))
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "held by" not in proc.stderr
+        assert proc.stderr.startswith(f"error: db: {path}") and words in proc.stderr, proc.stderr

@@ -5,9 +5,11 @@ catalog exactly as it was (row counts and sequences)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -16,6 +18,7 @@ import pytest
 
 from catalog import sandbox
 from catalog.errors import CatalogError
+from ingest.errors import SAEError
 from sae_discover.drift import drift_report
 from sae_discover.errors import RequestError
 from tests.conftest import ROOT, read_json, run_cli
@@ -163,6 +166,15 @@ def test_repeated_layers_make_the_same_run(stored):
 
 # -- 5, 7. failed commands write nothing and name the field -----------------------------------------
 
+def poison(weights_file: Path, name: str, value: float) -> None:
+    """Rewrite one tensor of a safetensors file with ``value`` in its first element."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(weights_file))
+    tensors[name].reshape(-1)[0] = value
+    save_file(tensors, str(weights_file))
+
+
 @pytest.fixture(scope="module")
 def damaged(toy_demo, tmp_path_factory):
     """Copies of the toy model and SAEs, each damaged one way, and a registry naming them."""
@@ -177,6 +189,9 @@ def damaged(toy_demo, tmp_path_factory):
     shutil.copytree(toy_demo / "saes", tmp / "saes_list")
     for cfg_file in (tmp / "saes_list").rglob("cfg.json"):
         cfg_file.write_text("[1, 2]")
+    shutil.copytree(toy_demo / "saes", tmp / "saes_nan")
+    for weights_file in (tmp / "saes_nan").rglob("sae_weights.safetensors"):
+        poison(weights_file, "W_enc", float("nan"))
     (tmp / "prompts_dir").mkdir()
     registry = tmp / "sae-discover.toml"
     registry.write_text(f"""
@@ -195,6 +210,9 @@ path = "{toy_demo / 'saes'}"
 
 [saes.listcfg]
 path = "{tmp / 'saes_list'}"
+
+[saes.nansae]
+path = "{tmp / 'saes_nan'}"
 """)
     return {"tmp": tmp, "registry": registry}
 
@@ -209,6 +227,7 @@ CLI_FAILURES = [  # (extra arguments, field, words)
     (("--model", "sizes"), "model_id", "config.json do not match"),
     (("--model", "truncated"), "model_id", "cannot be loaded"),
     (("--sae", "listcfg"), "sae_id", "expected a JSON object"),
+    (("--sae", "nansae"), "sae_id", "tensor W_enc holds NaN/inf"),
     (("--layers", "1", "--no_such_flag", "3"), "unrecognized arguments", "--help"),
     (("--return_top_x", "many"), "return_top_x", ""),
 ]
@@ -232,6 +251,35 @@ def test_failed_discovery_names_the_field_and_writes_nothing(stored, damaged, ex
         assert_refused(proc, field, words)
     assert snapshot(stored["db"]) == before
     assert not Path("/proc/nope").exists()
+
+
+@pytest.mark.parametrize(("fmt", "file", "tensor", "name", "value"), [
+    ("saelens", "sae_weights.safetensors", "b_dec", "b_dec", float("inf")),
+    ("saelens-jumprelu", "sae_weights.safetensors", "threshold", "threshold", float("nan")),
+    ("gemmascope", "params.safetensors", "W_dec", "W_dec", -float("inf")),
+    ("sparsify", "sae.safetensors", "encoder.weight", "W_enc", float("nan")),
+])
+def test_sae_weights_that_are_not_finite_are_refused_naming_the_tensor(tmp_path, fmt, file, tensor, name, value):
+    from ingest.saes.sources import open_source
+    from tests.test_sae_formats import write_gemmascope, write_sparsify
+    from tests.test_saes import write_sae
+
+    folder = tmp_path / "layer_1" / "sae"
+    if fmt.startswith("saelens"):
+        write_sae(folder, "jumprelu" if fmt.endswith("jumprelu") else "standard", layer=1)
+    elif fmt == "gemmascope":
+        write_gemmascope(folder, kind="safetensors")
+        (folder / "sae-discover.json").write_text(json.dumps({"hook_name": "blocks.1.hook_resid_post"}))
+    else:
+        write_sparsify(folder)
+        (folder / "sae-discover.json").write_text(json.dumps({"hook_name": "blocks.1.hook_resid_post"}))
+    (layer, stream), = open_source("nan", folder).hooks
+    open_source("nan", folder).load(layer, stream)  # finite weights load
+    poison(folder / file, tensor, value)
+    source = open_source("nan", folder)
+    with pytest.raises(SAEError) as info:
+        source.load(layer, stream)
+    assert info.value.field == "sae_id" and f"tensor {name} holds NaN/inf (1 of " in info.value.message
 
 
 def test_other_commands_refuse_bad_values_in_one_line(stored, tmp_path):
@@ -316,3 +364,164 @@ def test_api_refuses_a_lone_surrogate_in_label_content(server):
     raw = b'{"sae_id": "toy", "format": "csv", "layer": 1, "stream": "resid_pre", "content": "feature_id,label\\n1,\\ud800\\n"}'
     r = server.client.post(LABELS, content=raw, headers={"content-type": "application/json"})
     api_error(r, "body")  # the JSON decoder refuses it; a surrogate inside the file's own JSON: see above
+
+
+# -- 9. the OpenAPI schema tells the truth ---------------------------------------------------------
+
+def test_schema_declares_refused_fields_and_types_drift(server):
+    spec = server.client.get("/schema/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ("DiscoverBody", "RankBody", "LabelsImportBody", "DriftBody", "DriftPrompt"):
+        assert schemas[name]["additionalProperties"] is False, name
+    drift = spec["paths"]["/v1/drift"]["post"]
+    assert drift["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/DriftBody"}
+    assert drift["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/DriftResponse"}
+    body = schemas["DriftBody"]["properties"]
+    assert {"base", "tuned", "prompts", "base_runs", "tuned_runs", "top_k", "min_relative_change"} <= set(body)
+    assert {alt["type"] for alt in body["base_runs"]["oneOf"]} == {"array", "null"}  # run ids only, no SQL filter
+    assert {"overall", "prompts", "features", "flagged", "thresholds"} <= set(schemas["DriftResponse"]["properties"])
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"base_runs": "model_id = 'toy'", "tuned_runs": ["abcdef12"]}, "base_runs", "SQL filters are disabled"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "hi", "colour": 1}]}, "prompts", "prompts[0].colour"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "hi"}], "top_k": "many"}, "top_k", ""),
+    ({"base_runs": ["abcdef12"], "tuned_runs": ["abcdef12"], "bogus": 1}, "bogus", "unknown field"),
+])
+def test_drift_bodies_are_checked_against_the_typed_schema(server, body, field, words):
+    assert words in api_error(server.client.post("/v1/drift", json=body), field)
+
+
+def test_unknown_query_parameters_are_refused_and_405_says_allow(server):
+    assert "unknown query parameter" in api_error(server.client.get("/v1/runs", params={"bogus": 1}), "bogus")
+    api_error(server.client.get("/v1/runs", params={"limit": 5, "limt": 5}), "limt")
+    api_error(server.client.get("/healthz", params={"verbose": 1}), "verbose")
+    assert server.client.get("/v1/runs", params={"limit": 5, "sae_id": "toy"}).status_code == 200
+    for method, path, allowed in (("DELETE", "/v1/runs", {"GET"}), ("GET", "/v1/drift", {"POST"}),
+                                  ("PUT", "/healthz", {"GET"})):
+        r = server.client.request(method, path)
+        assert r.status_code == 405 and allowed <= {m.strip() for m in r.headers["allow"].split(",")}, r.headers
+
+
+def test_interactive_docs_load_nothing_from_another_host(server):
+    page = server.client.get("/schema")
+    assert page.status_code == 200 and "swagger-ui" in page.text.lower()
+    links = re.findall(r"""(?:src|href)=["']([^"']*)["']""", page.text)
+    assert links and not [u for u in links if "//" in u], links
+    for url in links:
+        asset = server.client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
+
+
+def test_interactive_docs_render_in_a_browser_without_network(server):
+    from tests.browser import NoBrowser, open_browser, required
+
+    try:
+        driver = open_browser()
+    except NoBrowser as exc:
+        if required():
+            pytest.fail(f"SAE_DISCOVER_REQUIRE_BROWSER is set but {exc}")
+        pytest.skip(str(exc))
+    try:
+        driver.get(server.url + "/schema")
+        deadline = time.monotonic() + 30
+        ops: list = []
+        while time.monotonic() < deadline and not ops:
+            ops = driver.find_elements("css selector", ".opblock-summary-path")
+            time.sleep(0.2)
+        paths = {o.get_attribute("data-path") for o in ops}
+        assert {"/v1/drift", "/v1/runs", "/v1/sae/features/discover"} <= paths, paths
+        fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert fetched and all(u.startswith(server.url + "/") for u in fetched), fetched
+    finally:
+        driver.quit()
+
+
+# -- fault tests: a SIGKILL inside a group commit ----------------------------------------------------
+
+GROUP_WRITER = """
+import sys
+import numpy as np, pyarrow as pa
+from catalog import writes
+from catalog.db import Catalog
+
+path, log, group, runs_per_group, tokens, feats = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:])
+cat = Catalog(path)
+model = writes.ModelInfo("m", "fp-m", "gpt2", 2, 8)
+saes = [writes.SAEInfo("s", 0, "resid_pre", "fp-s", "blocks.0.hook_resid_pre", "standard", 8, feats)]
+tok = pa.table({"position": pa.array(range(tokens), pa.int32()), "token_id": pa.array(range(tokens), pa.int32()),
+                "token": [f"t{i}" for i in range(tokens)], "is_generated": [False] * tokens,
+                "is_special": [False] * tokens, "kept": [True] * tokens, "proxy": [0.0] * tokens})
+acts = pa.table({"position": pa.array(np.repeat(np.arange(tokens), feats), pa.int32()),
+                 "sae_index": pa.array(np.zeros(tokens * feats), pa.int16()),
+                 "feature_id": pa.array(np.tile(np.arange(feats), tokens), pa.int32()),
+                 "act": pa.array(np.random.default_rng(0).random(tokens * feats), pa.float32())})
+with open(log, "a") as fh:
+    while True:
+        rows = [writes.RunRows({"run_id": f"g{group}-{i}", "model_id": "m", "sae_id": "s", "mode": "text", "prompt": None,
+                                "text": f"group {group} run {i}", "generate": False, "gen_tokens": 0, "seed": 0,
+                                "layers": [0], "streams": ["resid_pre"], "restrict_features": [], "n_tokens": tokens,
+                                "n_kept": tokens, "timings": {}}, model, saes, tok, acts)
+                for i in range(runs_per_group)]
+        fh.write(f"begin {group}\\n"); fh.flush()
+        writes.write_runs(cat, rows)
+        fh.write(f"end {group}\\n"); fh.flush()
+        group += 1
+"""
+
+
+def test_sigkill_inside_group_commits_leaves_whole_groups(tmp_path):
+    """A writer that does nothing but group commits (16 runs each), killed at random moments: the kills
+    land inside write_runs' transaction, and after each one every group is stored whole or not at all,
+    and every group whose commit returned is there (the WAL replays it)."""
+    import random
+    import signal
+
+    db, log = tmp_path / "c.duckdb", tmp_path / "log.txt"
+    runs_per_group, tokens, feats = 16, 64, 256
+    rng = random.Random(12)
+    inside, group = 0, 0
+    committed: set[int] = set()  # groups whose write_runs returned, over every writer so far
+    cut: set[int] = set()  # groups whose write_runs was running when its writer was killed
+    for _attempt in range(12):
+        log.write_text("")
+        proc = subprocess.Popen([sys.executable, "-c", GROUP_WRITER, str(db), str(log), str(group), str(runs_per_group),
+                                 str(tokens), str(feats)], cwd=ROOT, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while "begin" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        lines = log.read_text().split()
+        begun = [int(g) for kind, g in zip(lines[::2], lines[1::2], strict=True) if kind == "begin"]
+        ended = {int(g) for kind, g in zip(lines[::2], lines[1::2], strict=True) if kind == "end"}
+        committed |= ended
+        if begun and begun[-1] not in ended:
+            cut.add(begun[-1])
+            inside += 1
+        con = duckdb.connect(str(db))
+        try:
+            per_run = con.execute(
+                "SELECT r.run_id, r.n_tokens, (SELECT count(*) FROM tokens t WHERE t.run_key = r.run_key), "
+                "(SELECT count(*) FROM activations a WHERE a.run_key = r.run_key) FROM runs r").fetchall()
+            orphans = con.execute("SELECT (SELECT count(*) FROM tokens WHERE run_key NOT IN (SELECT run_key FROM runs)) "
+                                  "+ (SELECT count(*) FROM activations WHERE run_key NOT IN (SELECT run_key FROM runs))"
+                                  ).fetchone()[0]
+        finally:
+            con.close()
+        assert orphans == 0
+        assert all((n, t, a) == (tokens, tokens, tokens * feats) for _, n, t, a in per_run), per_run[:5]
+        stored: dict[int, int] = {}
+        for run_id, *_ in per_run:
+            g = int(run_id.split("-")[0][1:])
+            stored[g] = stored.get(g, 0) + 1
+        assert all(count == runs_per_group for count in stored.values()), stored  # whole groups only
+        assert committed <= set(stored), sorted(committed - set(stored))  # every commit that returned survived
+        assert set(stored) <= committed | cut
+        group = max([*stored, *begun, group]) + 1
+        if inside >= 3:
+            break
+    assert inside >= 3, f"only {inside} kills landed inside a group commit"

@@ -18,8 +18,9 @@ from sae_discover.service import Discovery
 from tests.benchmarks import quality
 
 LAYER = 2
-# precision@5 floors on layer 2 (in-distribution, 2 prompts per domain), each below its measured value
-FLOORS = {"max": 0.45, "selectivity": 0.35}
+# precision@5 floors on layer 2 (in-distribution, 2 prompts per domain, a 240-document oracle), each a
+# margin below its measured value (max 0.48, selectivity 0.52, lift 0.48 when written)
+FLOORS = {"max": 0.4, "selectivity": 0.4, "lift": 0.4}
 
 
 @pytest.fixture(scope="module")

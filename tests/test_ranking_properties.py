@@ -73,7 +73,8 @@ def oracle(run, cal, opts: ranking.RankOptions, attr=None):
         mean, mx, cov = a.sum(0) / n, a.max(0), (a > tau).sum(0) / n
         used = attr[h].astype(np.float32).astype(np.float64).sum(0) if attr is not None else np.full(d, np.nan)
         score = {"mean": mean / div, "max": mx / div, "mean×coverage": mean / div * cov,
-                 "selectivity": (mean - bg) / div, "attribution": used, "attribution_abs": np.abs(used)}[opts.score_mode]
+                 "selectivity": (mean - bg) / div, "attribution": used, "attribution_abs": np.abs(used),
+                 "lift": (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)}[opts.score_mode]
         for f in range(d):
             if mx[f] <= 0 or (opts.restrict_features and f not in opts.restrict_features):
                 continue
@@ -97,7 +98,7 @@ def oracle(run, cal, opts: ranking.RankOptions, attr=None):
        restrict=st.booleans(), basis=st.sampled_from(["active", "all"]), attributed=st.booleans())
 def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, calibrated, mode, min_cov, top,
                                          merge, tau_kind, restrict, basis, attributed):
-    if mode == "selectivity" and not calibrated:
+    if mode in ("selectivity", "lift") and not calibrated:
         return  # refused with a message; tested below
     attributed = attributed or mode in ranking.ATTRIBUTION_MODES  # else refused; tested in test_attribution.py
     rng = np.random.default_rng(seed)

@@ -83,9 +83,19 @@ class SAE:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.detach().to(torch.float32).contiguous())
+                self._check_finite(name)
         # the encoder columns of the last few restrict sets (a long-running server sees many)
         self._restricted: OrderedDict[tuple[int, ...], tuple[torch.Tensor, ...]] = OrderedDict()
         self._packed: torch.Tensor | bool | None = False  # False: not tried yet; None: not available
+
+    def _check_finite(self, name: str) -> None:
+        """Refuse a weight holding NaN or ±inf (checked after the fp32 cast, which can overflow fp64
+        weights): its codes would be NaN/inf, stored as activations, and poison every score."""
+        tensor = getattr(self, name)
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SAEError("sae_id", f"{self.source or 'the SAE'}: tensor {name} holds NaN/inf "
+                           f"({bad} of {tensor.numel()} values); refusing SAE weights that are not finite")
 
     @property
     def fingerprint(self) -> str:

@@ -119,8 +119,15 @@ def bench_verify(loaded: LoadedModel, reps: int) -> str:
                       best["verify"] / best["floor"], paired["verify"], med["verify"])])
 
 
+def _rss() -> int:
+    """This process's resident set size in bytes, now."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
 def memory_probe(d_sae: int, attribute: bool) -> None:
-    """In a fresh process: peak RSS (MiB) added by one run over BATCH × SEQ tokens, printed."""
+    """In a fresh process: peak RSS (MiB) above the RSS at the start of one run over BATCH × SEQ tokens,
+    sampled every millisecond by a thread (the lifetime peak would hold the set-up's)."""
+    import threading
     loaded = gpt2_small()
     texts = bi.texts_for(loaded.tokenizer, BATCH)
     ids = torch.tensor([ingest_run.encode_ids(loaded, t, True)[:SEQ] for t in texts])
@@ -128,13 +135,25 @@ def memory_probe(d_sae: int, attribute: bool) -> None:
     saes = saes_for(loaded, ids, hooks, d_sae)
     specs = [ingest_run.RunSpec(text=t, hooks=hooks, token_proxy="norm", topk_tokens_per_seq=SEQ,
                                 attribution_target="next_tokens" if attribute else "none") for t in texts]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ingest_run.run_many(loaded, saes, specs[:1])  # warm-up: lazily allocated buffers of the first call
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            done.wait(0.001)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
     ingest_run.run_many(loaded, saes, specs)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    done.set()
+    watcher.join()
+    print((max(peak[0], _rss()) - before) / 2**20)
 
 
 def bench_memory() -> str:
-    lines = [f"**(c) peak RSS added by one run over {BATCH * SEQ:,} tokens (every token kept), fresh process each**",
+    lines = [f"**(c) peak RSS above the start of one run over {BATCH * SEQ:,} tokens (every token kept), "
+             "fresh process each**",
              "", "| SAE features | without attribution MiB | with attribution MiB |", "|---:|---:|---:|"]
     for d_sae in (bi.D_SAE, 2 * bi.D_SAE):
         got = [float(subprocess.run([sys.executable, __file__, "--memory-probe", str(d_sae), flag],
@@ -154,6 +173,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--memory-probe", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--only-memory", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,6 +184,9 @@ def main() -> None:
         bi.CLOCK = __import__("time").process_time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock, "
           f"{platform.processor() or platform.machine()}, fp32, CPU\n")
+    if args.only_memory:
+        print(bench_memory())
+        return
     loaded = gpt2_small()
     print(bench_run(loaded, args.reps))
     print(bench_verify(loaded, args.reps))
