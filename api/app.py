@@ -36,7 +36,8 @@ from api.service import ApiService
 from api.settings import ApiSettings
 from catalog.runs import RUN_MODES
 from sae_discover import __version__
-from sae_discover.request import INT32_MAX
+from sae_discover.features import MAX_LIMIT
+from sae_discover.request import INT32_MAX, MAX_LAYER
 
 log = logging.getLogger("sae_discover.api")
 RouteFactory = Callable[[ApiService], Sequence[ControllerRouterHandler]]
@@ -50,6 +51,8 @@ ERRORS = {400: _error("Bad input: detail says `<field>: <what was expected>`, fi
           413: _error("Request body larger than the server accepts"),
           500: _error("Unexpected server error (details in the server log only)")}
 NOT_FOUND = {404: _error("No such run in the catalog")}
+READ_ONLY = {409: _error("The catalog is read-only (serve --read_only, or its file is not writable) and this "
+                         "request needs to write to it (a run not stored yet, labels); field is db")}
 TIMEOUT = {503: _error("The run took longer than request_timeout_s; it completes in the background, "
                        "and the same request later answers from the catalog")}
 
@@ -70,7 +73,8 @@ async def in_thread(fn: Callable[..., Any], *args: Any, timeout: float | None = 
 def discovery_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     body_type = schemas.discover_body(svc.settings)
 
-    @post("/v1/sae/features/discover", status_code=200, tags=["discovery"], responses={**ERRORS, **TIMEOUT},
+    @post("/v1/sae/features/discover", status_code=200, tags=["discovery"],
+          responses={**ERRORS, **READ_ONLY, **TIMEOUT},
           summary="Which SAE features did the model use on this prompt or text?")
     async def discover(data: JSONBody[body_type]) -> schemas.DiscoverResponse:  # type: ignore[valid-type]
         """The seed's request and response. A request whose activations are already in the catalog (same model,
@@ -92,9 +96,12 @@ def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     def list_runs(limit: Annotated[int, Parameter(ge=1, le=svc.settings.max_page)] = 50,
                   offset: Annotated[int, Parameter(ge=0, le=INT32_MAX)] = 0,
                   model_id: Filter = None, sae_id: Filter = None,
-                  mode: Annotated[Literal[RUN_MODES] | None, Parameter()] = None) -> schemas.RunPage:  # type: ignore[valid-type]
-        """Rows of the public `v_runs` view, filtered by model_id, sae_id and/or mode."""
-        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id, mode), schemas.RunPage)
+                  mode: Annotated[Literal[RUN_MODES] | None, Parameter()] = None,  # type: ignore[valid-type]
+                  tag: Annotated[list[str] | None, Parameter(
+                      description="only runs tagged KEY:VALUE (repeat: all of them)", max_items=64)] = None
+                  ) -> schemas.RunPage:
+        """Rows of the public `v_runs` view, filtered by model_id, sae_id, mode and/or tags."""
+        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id, mode, tag or []), schemas.RunPage)
 
     @get("/v1/runs/{run_id:str}", sync_to_thread=True, tags=["runs"], responses={**ERRORS, **NOT_FOUND},
          summary="One stored run with its options and SAEs")
@@ -113,7 +120,8 @@ def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 def label_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     labels_type = schemas.labels_body(svc.settings)
 
-    @post("/v1/labels/import", status_code=200, sync_to_thread=True, tags=["labels"], responses=ERRORS,
+    @post("/v1/labels/import", status_code=200, sync_to_thread=True, tags=["labels"],
+          responses={**ERRORS, **READ_ONLY},
           summary="Import an AutoInterp label table (file content in the body)")
     def import_labels(data: JSONBody[labels_type]) -> schemas.LabelsImported:  # type: ignore[valid-type]
         """One transaction for the whole table; the hook of each label comes from layer/stream, else the file."""
@@ -121,6 +129,28 @@ def label_routes(svc: ApiService) -> list[ControllerRouterHandler]:
         return msgspec.convert(result, schemas.LabelsImported)
 
     return [import_labels]
+
+
+def feature_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    unknown = {404: _error("The catalog holds no such SAE, hook or feature id (field: sae_id, layer, stream or "
+                           "feature_id)")}
+
+    @get("/v1/features/{sae_id:str}/{layer:int}/{stream:str}/{feature_id:int}", sync_to_thread=True,
+         tags=["features"], responses={**ERRORS, **unknown}, summary="One feature across the stored runs")
+    def show_feature(sae_id: Annotated[str, Parameter(description=schemas.API_HELP["sae_id"], min_length=1,
+                                                      max_length=schemas.ID_MAX)],
+                     layer: Annotated[int, Parameter(ge=0, le=MAX_LAYER)],
+                     stream: Annotated[schemas.StreamName, Parameter()],  # type: ignore[valid-type]
+                     feature_id: Annotated[int, Parameter(ge=0, le=INT32_MAX)],
+                     limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="top contexts and top runs "
+                                                                                     "listed")] = 10,
+                     ) -> schemas.FeatureView:
+        """Its labels (all sources), calibration statistics and histogram, its top contexts over the stored runs
+        (its peak in each run, the peak token in `[[ ]]`), the runs where its mean was among the top 10 features
+        of its SAE, and the tokens its decoder promotes and suppresses (from its lite label)."""
+        return msgspec.convert(svc.feature(sae_id, layer, stream, feature_id, limit), schemas.FeatureView)
+
+    return [show_feature]
 
 
 def health_routes(svc: ApiService) -> list[ControllerRouterHandler]:
@@ -135,7 +165,7 @@ def health_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     body_type = schemas.drift_body(svc.settings)
 
-    @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **TIMEOUT},
+    @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **READ_ONLY, **TIMEOUT},
           summary="Cross-model drift: which features a fine-tune gained, lost or reweighted")
     async def drift(data: JSONBody[body_type]) -> schemas.DriftResponse:  # type: ignore[valid-type]
         """The CLI's drift request (`python -m sae_discover drift`): base and tuned model ids, sae_id, prompts
@@ -194,17 +224,19 @@ def docs_config() -> tuple[OpenAPIConfig, list[ControllerRouterHandler]]:
     return config, routes
 
 
-ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, health_routes, report_routes]
+ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, feature_routes, health_routes,
+                              report_routes]
 
 
 def create_app(catalog_path: str | Path | None = None, registry_path: str | Path | None = None,
                settings: ApiSettings | None = None, extra_routes: Iterable[RouteFactory] = (),
-               debug: bool = False) -> Litestar:
+               debug: bool = False, read_only: bool | None = None) -> Litestar:
     """The app over one catalog file, which this process then holds (DuckDB: one writer per file).
+    ``read_only``: serve stored runs only (writes answer 409); None: only when the file is not writable.
 
     Raises :class:`catalog.db.CatalogLocked` when another process holds the file.
     """
-    svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env())
+    svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env(), read_only)
     handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
     openapi_config, docs_routes = docs_config()
     app = Litestar(

@@ -6,17 +6,22 @@ is a bug or an outage: the client gets a generic 500 and the traceback goes to t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.utils.scope.state import ScopeState  # the request's cached body; pinned in constraints.txt
 
 from api.schemas import API_REFUSED, API_TYPE_HINTS, ErrorBody
+from catalog.errors import CatalogReadOnly
 from sae_discover.errors import USER_ERRORS, CatalogLocked
 
 log = logging.getLogger("sae_discover.api")
 UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")  # msgspec's wording for a body key it refuses
+INT_OUT_OF_RANGE = "Integer value out of range"  # msgspec's wording for a JSON integer beyond 64 bits
 
 
 class ApiError(Exception):
@@ -55,13 +60,41 @@ def on_validation(_: Request, exc: ValidationException) -> Response:
     return error_response(400, f"{key}: {message}", _top_level(key))
 
 
-def on_http(_: Request, exc: HTTPException) -> Response:
+def _holds(value: Any, marker: object) -> bool:
+    if value is marker:
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds(v, marker) for v in items)
+
+
+def huge_integer_field(body: bytes) -> str | None:
+    """The top-level field of a JSON body that holds an integer beyond 64 bits, which the decoder refuses
+    naming only ``$[...]``: the body read again by Python's parser, which hands over integers as text."""
+    marker = object()
+
+    def parse_int(text: str) -> object:
+        return marker if len(text) > 20 or not -2**63 <= int(text) < 2**64 else 0
+
+    try:
+        data = json.loads(body, parse_int=parse_int)
+    except (ValueError, RecursionError):
+        return None
+    fields = [k for k, v in data.items() if _holds(v, marker)] if isinstance(data, dict) else []
+    return fields[0] if fields else None
+
+
+def on_http(request: Request, exc: HTTPException) -> Response:
     """Routing and protocol errors (404 no route, 405, 413 body too large, ...) keep their status."""
     if exc.status_code >= 500:
         log.error("HTTP %s: %s", exc.status_code, exc.detail)
         return error_response(exc.status_code, "internal error; see the server log")
     if exc.status_code == 413:
         return error_response(413, f"body: larger than this server accepts ({exc.detail})", "body")
+    if exc.status_code == 400 and INT_OUT_OF_RANGE in str(exc.detail):
+        body = ScopeState.from_scope(request.scope).body
+        field = huge_integer_field(body) if isinstance(body, bytes) else None
+        if field is not None:
+            return error_response(400, f"{field}: expected an integer that fits in 64 bits", field)
     if exc.status_code == 400:  # e.g. malformed JSON
         return error_response(400, f"body: {exc.detail}", "body")
     allow = (exc.headers or {}).get("allow")  # a 405 says which methods the path takes (RFC 9110)
@@ -76,6 +109,12 @@ def on_user_error(_: Request, exc: Exception) -> Response:
     """Any user error: it carries its field (``exc.field``) and says what was expected."""
     field = getattr(exc, "field", None)
     return error_response(400, str(exc), _top_level(field) if field else None)
+
+
+def on_read_only(_: Request, exc: CatalogReadOnly) -> Response:
+    """A request that would write to a read-only catalog (``serve --read_only``): 409, the server's state
+    conflicts with it; the same request is answered by a server that can write."""
+    return error_response(409, str(exc), exc.field)
 
 
 def on_locked(_: Request, exc: CatalogLocked) -> Response:
@@ -103,6 +142,7 @@ EXCEPTION_HANDLERS = {
     HTTPException: on_http,
     ApiError: on_api_error,
     **{error: on_user_error for error in USER_ERRORS},
+    CatalogReadOnly: on_read_only,
     CatalogLocked: on_locked,
     UnicodeDecodeError: on_undecodable,
     RecursionError: on_undecodable,

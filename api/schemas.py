@@ -21,6 +21,8 @@ from sae_discover.drift.request import DriftRequest, DriftRunOptions
 from sae_discover.request import (
     ID_MAX_CHARS,
     MAX_LAYER,
+    MAX_TAG_KEY,
+    MAX_TAGS,
     RERANK_OPTIONS,
     SCORE_MODE_ALIASES,
     DiscoverRequest,
@@ -73,6 +75,9 @@ def _field_type(opt: Option, settings: ApiSettings) -> Any:
         low, high = opt.bounds  # type: ignore[misc]
         pair = tuple[Annotated[int, Meta(ge=low, le=high)], Literal[opt.choices]]  # type: ignore[valid-type]
         kind = Annotated[list[pair], Meta(min_length=1, max_length=settings.max_layers, description=doc)]  # type: ignore[valid-type]
+    elif opt.kind == "tags":  # a flat object of scalars (request.parse_tags checks it again)
+        key = Annotated[str, Meta(min_length=1, max_length=MAX_TAG_KEY)]
+        kind = Annotated[dict[key, str | int | float | bool], Meta(max_length=MAX_TAGS, description=doc)]  # type: ignore[valid-type]
     elif opt.kind == "text":
         kind = Annotated[str, Meta(min_length=1, max_length=settings.max_text_chars, pattern=r"\S", description=doc)]
     else:
@@ -187,6 +192,8 @@ class RunSummary(Struct, kw_only=True):
     n_kept: int
     layers: list[int]
     streams: list[str]
+    batch_id: str | None = None  # the id of the batch line / body that last asked for the run
+    tags: dict[str, str] = {}  # merged over every request for the run (not part of its id)
 
 
 class RunPage(Struct, kw_only=True):
@@ -325,6 +332,77 @@ class DriftResponse(Struct, kw_only=True):
     timings: dict[str, float]
 
 
+class FeatureLabel(Struct, kw_only=True):
+    label: str
+    source: str  # neuronpedia | delphi | csv | lite | ...
+    score: float | None
+
+
+class HistogramBucket(Struct, kw_only=True):
+    lo: float
+    hi: float
+    count: int
+
+
+class FeatureCalibration(Struct, kw_only=True):
+    """The feature's statistics in the newest calibration of its SAE, and the histogram of its nonzero
+    activations there (buckets over (0, max]; ``zeros``: the calibration tokens where it was 0)."""
+
+    calibration_id: int
+    corpus: str | None
+    corpus_hash: str | None
+    n_tokens: int | None
+    density: float
+    mean: float
+    max: float
+    p95: float
+    p95_all: float
+    zeros: int
+    buckets: list[HistogramBucket]
+
+
+class FeatureContext(Struct, kw_only=True):
+    """The feature's peak in one stored run (a row of ``v_top_contexts``) as an evidence span."""
+
+    rank: int
+    run_id: str
+    token: str | None
+    n_fired: int
+    text: str
+    position: list[int]  # [start, end) of the span
+    act: float
+    marked: str  # the span with the peak token in [[ ]]
+    peak: int  # the peak token's position
+    tags: dict[str, str]
+
+
+class FeatureTopRun(Struct, kw_only=True):
+    run_id: str
+    rank: int  # of the feature's mean among the features of its SAE in the run
+    mean: float
+    max: float
+    tags: dict[str, str]
+
+
+class FeatureView(Struct, kw_only=True):
+    """One feature across the catalog (``feature show``)."""
+
+    sae_id: str
+    layer: int
+    stream: str
+    feature_id: int
+    labels: list[FeatureLabel]
+    calibration: FeatureCalibration | None
+    n_runs: int
+    top_contexts: list[FeatureContext]
+    top_runs: list[FeatureTopRun]
+    n_top_runs: int
+    top_run_rank: int
+    fires_on: list[str] | None
+    promotes: list[str] | None
+    suppresses: list[str] | None
+
+
 Limits = msgspec.defstruct("Limits", [(name, hint) for name, hint in get_type_hints(ApiSettings).items()
                                        if name in ApiSettings().public()], kw_only=True, module=__name__)
 
@@ -336,4 +414,5 @@ class Health(Struct, kw_only=True):
     models_loaded: list[str]
     forward_runs: int
     in_flight: int
+    read_only: bool  # the catalog is open read-only: stored runs only (serve --read_only, or not writable)
     limits: Limits  # type: ignore[valid-type]

@@ -22,12 +22,13 @@ from api.errors import ApiError
 from api.settings import ApiSettings
 from catalog import runs
 from catalog.db import Catalog, CatalogError
-from catalog.errors import UnknownRun
+from catalog.errors import UnknownFeature, UnknownRun
 from catalog.labels import DELPHI_NAME
 from sae_discover.drift import build_drift_request, drift_report
 from sae_discover.errors import RequestError
+from sae_discover.features import show_feature
 from sae_discover.registry import Registry
-from sae_discover.request import RANKING_FIELDS, DiscoverRequest, build_request
+from sae_discover.request import RANKING_FIELDS, DiscoverRequest, build_request, parse_tag_filter
 from sae_discover.service import Discovery
 from sae_discover.stored import rerank
 
@@ -70,10 +71,11 @@ def _utf8(field: str, text: str) -> str:
 class ApiService:
     """One catalog (held by this process), one registry, one device."""
 
-    def __init__(self, catalog_path: str | Path | None, registry_path: str | Path | None, settings: ApiSettings) -> None:
+    def __init__(self, catalog_path: str | Path | None, registry_path: str | Path | None, settings: ApiSettings,
+                 read_only: bool | None = None) -> None:
         self.settings = settings
         self.registry = Registry.load(registry_path)
-        self.catalog = Catalog(catalog_path)
+        self.catalog = Catalog(catalog_path, read_only=read_only)  # None: read-only when not writable
         self.discovery = Discovery(self.catalog, self.registry, device=settings.device, dtype=settings.dtype,
                                    allow_paths=False, max_models=settings.max_models, threads=settings.threads)
         self._same_run = KeyedLocks()
@@ -108,7 +110,7 @@ class ApiService:
 
     def discover(self, req: DiscoverRequest) -> dict:
         # identical activations → one run: the second request waits and answers from the catalog
-        key = json.dumps({k: v for k, v in req.to_dict().items() if k not in RANKING_FIELDS and k != "id"},
+        key = json.dumps({k: v for k, v in req.to_dict().items() if k not in RANKING_FIELDS and k not in ("id", "tags")},
                          sort_keys=True, default=str)
         with self._same_run.hold(key):
             return self.discovery.discover(req)
@@ -134,8 +136,10 @@ class ApiService:
 
     # -- runs --------------------------------------------------------------------------------------
     def runs_page(self, limit: int, offset: int, model_id: str | None, sae_id: str | None,
-                  mode: str | None = None) -> dict:
-        rows, total = runs.list_runs(self.catalog, limit, offset, model_id=model_id, sae_id=sae_id, mode=mode)
+                  mode: str | None = None, tags: list[str] | None = None) -> dict:
+        pairs = [parse_tag_filter("tag", t, ":") for t in tags or []]
+        rows, total = runs.list_runs(self.catalog, limit, offset, model_id=model_id, sae_id=sae_id, mode=mode,
+                                     tags=pairs)
         return {"runs": rows, "total": total, "limit": limit, "offset": offset}
 
     def resolve(self, run_id: str) -> str:
@@ -155,6 +159,17 @@ class ApiService:
         self._at_most("restrict_features", len(options.get("restrict_features") or []),
                       self.settings.max_restrict_features, " ids")
         return rerank(self.catalog, full_id, options)
+
+    # -- features ----------------------------------------------------------------------------------
+    def feature(self, sae_id: str, layer: int, stream: str, feature_id: int, limit: int) -> dict:
+        """One feature across the stored runs; registry SAE ids only, 404 naming the field the catalog
+        does not hold (the SAE, its hook, or the feature id)."""
+        self.registry.sae(sae_id, allow_paths=False)
+        try:
+            return show_feature(self.catalog, {"sae_id": sae_id, "layer": layer, "stream": stream,
+                                               "feature_id": feature_id, "limit": limit})
+        except UnknownFeature as exc:
+            raise ApiError(404, exc.field, exc.message) from None
 
     # -- labels ------------------------------------------------------------------------------------
     def import_labels(self, sae_id: str, fmt: str, content: str | None, files: dict[str, str] | None,
@@ -187,11 +202,11 @@ class ApiService:
                 return self.discovery.import_labels(path, sae_id, fmt, layer, stream)
             except CatalogError as exc:  # the parsers name the file; here it is the body field holding it
                 field = body_field if exc.field == "file" else exc.field
-                raise CatalogError(field, exc.message.replace(tmp, "<upload>")) from None
+                raise type(exc)(field, exc.message.replace(tmp, "<upload>")) from None  # its kind kept (its status)
 
     # -- health ------------------------------------------------------------------------------------
     def health(self) -> dict:
         runs.ping(self.catalog)
         return {"status": "ok", "models": sorted(self.registry.models), "saes": sorted(self.registry.saes),
                 "models_loaded": self.discovery.loaded_models(), "forward_runs": self.discovery.model_calls,
-                "in_flight": self.in_flight(), "limits": self.settings.public()}
+                "in_flight": self.in_flight(), "read_only": self.catalog.read_only, "limits": self.settings.public()}

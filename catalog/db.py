@@ -20,9 +20,10 @@ import duckdb
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 import migrations
-from catalog.errors import CatalogError, CatalogLocked, CatalogWarning
+from catalog.errors import CatalogError, CatalogLocked, CatalogReadOnly, CatalogWarning
 
 DEFAULT_DB = "sae_catalog.duckdb"
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
@@ -101,6 +102,27 @@ def wal_cut_short(path: str | Path) -> tuple[int, int] | None:
     return max(ends, default=0), size
 
 
+def cannot_write(path: str) -> str | None:
+    """Why this process cannot open the existing catalog ``path`` read-write, or None when it can (or the
+    file is not there yet). DuckDB writes the file, and creates and removes its write-ahead log next to
+    it, so the file, the folder and a WAL left there must all be writable."""
+    if path == ":memory:" or not Path(path).is_file():
+        return None
+    wal = Path(f"{path}.wal")
+    for what, target in (("the file", Path(path)), ("its folder", Path(path).parent), ("its write-ahead log", wal)):
+        if (target is not wal or wal.exists()) and not os.access(target, os.W_OK):
+            return f"{what} is not writable"
+    return None
+
+
+def schema_behind(conn: sa.Connection) -> tuple[str | None, str] | None:
+    """``(the catalog's schema revision, head)`` when they differ (a read-only open cannot upgrade it), else None."""
+    known = conn.exec_driver_sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'alembic_version'").scalar()
+    current = conn.exec_driver_sql("SELECT max(version_num) FROM alembic_version").scalar() if known else None
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    return None if current == head else (current, head or "")
+
+
 def open_error(path: str, read_only: bool, exc: BaseException, locked_message: str) -> Exception | None:
     """The catalog's error for DuckDB failing to open ``path`` (``exc``, possibly wrapped by SQLAlchemy):
     :class:`CatalogLocked` (with ``locked_message``) when another process holds the file,
@@ -121,6 +143,8 @@ def open_error(path: str, read_only: bool, exc: BaseException, locked_message: s
         return CatalogLocked(locked_message)
     if read_only and not Path(path).exists():
         return CatalogError("db", f"{path} does not exist")
+    if not Path(path).exists() and not os.access(Path(path).parent, os.W_OK):
+        return CatalogError("db", f"{path} cannot be created: its folder is not writable")
     if Path(path).is_dir():
         return CatalogError("db", f"{path} is a directory; give a catalog file (e.g. {Path(path) / DEFAULT_DB})")
     if Path(path).is_file() and Path(path).stat().st_size == 0:
@@ -129,11 +153,21 @@ def open_error(path: str, read_only: bool, exc: BaseException, locked_message: s
 
 
 class Catalog:
-    """A catalog file, migrated to head, with a lock that serialises this process's writes."""
+    """A catalog file, migrated to head, with a lock that serialises this process's writes.
 
-    def __init__(self, path: str | Path | None = None, read_only: bool = False, migrate: bool = True) -> None:
+    ``read_only``: True opens the file read-only; None (the default) does so only when this process
+    cannot write it (:func:`cannot_write`). A read-only catalog answers every read; a write is refused
+    by :meth:`require_writable` before any work for it is done.
+    """
+
+    def __init__(self, path: str | Path | None = None, read_only: bool | None = None, migrate: bool = True) -> None:
         self.path = str(path or default_path())
-        self.read_only = read_only
+        # why this catalog is read-only (None: it is writable)
+        if read_only is None:
+            self.read_only_reason = cannot_write(self.path)
+        else:
+            self.read_only_reason = "opened read-only" if read_only else None
+        self.read_only = read_only = self.read_only_reason is not None
         if self.path != ":memory:" and not read_only:
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +205,10 @@ class Catalog:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
                     conn.commit()
+                elif migrate and (behind := schema_behind(conn)) is not None:
+                    raise CatalogError("db", f"{self.path} has catalog schema {behind[0] or 'none'}, this version "
+                                             f"uses {behind[1]}; a read-only catalog ({self.read_only_reason}) is "
+                                             "not upgraded: open it once with write access")
         except Exception:
             self.engine.dispose()
             raise
@@ -185,6 +223,12 @@ class Catalog:
             # one commit per run stays cheap under bulk ingest (README, Performance), and a crash
             # still replays the WAL on the next open
             self._base.execute("SET checkpoint_threshold = '256MB'")
+
+    def require_writable(self, what: str) -> None:
+        """Refuse ``what`` (e.g. "storing a new run") on a read-only catalog, before any work for it is done."""
+        if self.read_only:
+            raise CatalogReadOnly("db", f"{self.path} is read-only ({self.read_only_reason}): {what} needs to "
+                                        "write to it; only what is stored can be read")
 
     def raw(self) -> duckdb.DuckDBPyConnection:
         """A new DuckDB cursor on this catalog (one per thread or task: DuckDB connections are not shared)."""

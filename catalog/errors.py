@@ -26,6 +26,22 @@ class UnknownRun(CatalogError):
         super().__init__(field, message)
 
 
+class UnknownFeature(CatalogError):
+    """The catalog holds no SAE with this id, hook or feature id (``field`` says which): the API answers
+    404, the CLI prints it like any bad input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+
+
+class CatalogReadOnly(CatalogError):
+    """The catalog is open read-only and the request needs to write (a new run, a calibration, labels):
+    refused before any work is done. The CLI prints it like any bad input; the API answers 409."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+
+
 class CatalogLocked(RuntimeError):
     """Another process holds the catalog file (DuckDB allows one writer per file). Not a bad request:
     the CLI exits with its own status and the API answers 503."""

@@ -249,7 +249,7 @@ def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], r
     source's labels for the SAE rather than adding duplicates: ``replace`` names the sources to clear
     (default: the sources present in the rows)."""
     total = 0
-    with transaction(catalog) as con:
+    with transaction(catalog, "importing labels") as con:
         for sae, rows in groups:
             (key,) = sae_keys(con, [sae])
             sources = list(replace) if replace is not None else sorted(set(rows.column("source").to_pylist()))

@@ -82,6 +82,9 @@ class RankOptions:
     attach_proto_labels: bool = field(default=True, metadata={"help": PROTO_LABELS_HELP})
     spans_per_feature: int = field(default=3, metadata={"help": "evidence spans per feature", "bounds": (0, 100)})
     span_window: int = field(default=8, metadata={"help": "tokens each side of a span's peak", "bounds": (0, 1024)})
+    calibration_id: int | None = field(default=None, metadata={
+        "help": "pin the calibration that gives τ, normalization and the background mean (default: the newest "
+                "of the run's model for each SAE); results name the one used", "bounds": (1, 2**31 - 1)})
     # selectivity's background: stored runs of background text (all tokens kept) instead of the
     # calibration mean; ``background_n`` is their total number of analysed tokens
     background_runs: list[int] = field(default_factory=list, metadata={"internal": True})
@@ -112,13 +115,68 @@ def _thresholds_sql(con: duckdb.DuckDBPyConnection, cals: dict[int, int | None],
 
 @dataclass
 class Scoring:
-    """A per-(run, SAE, feature) scored relation: its SQL (one SELECT), parameters and provenance."""
+    """A per-(run, SAE, feature) scored relation: its SQL (one SELECT), parameters and provenance
+    (``calibrations``: the calibration of each SAE key, None where there is none)."""
 
     sql: str
     params: dict
     threshold_source: str
     normalization: str
     has_background: bool
+    calibrations: dict[int, int | None]
+
+
+def calibrations_for(con, sae_keys: list[int], opts: RankOptions) -> dict[int, int | None]:
+    """Each SAE key's calibration: the pinned ``calibration_id`` (which must hold statistics for every
+    one of them), else the newest of ``opts.model_key``'s (:func:`catalog.stats.calibration_for`)."""
+    if opts.calibration_id is None:
+        return {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
+    held = {int(k) for (k,) in con.execute("SELECT DISTINCT sae_key FROM feature_stats WHERE calibration_id = ? "
+                                           "AND list_contains(?, sae_key)", [opts.calibration_id, list(sae_keys)])
+            .fetchall()}
+    missing = [k for k in sae_keys if k not in held]
+    if missing:
+        hooks = con.execute("SELECT layer, stream FROM saes WHERE sae_key = ?", [missing[0]]).fetchone()
+        raise CatalogError("calibration_id", f"calibration {opts.calibration_id} has no statistics for the SAE of "
+                                             f"layer {hooks[0]} {hooks[1]}; calibrations that do: "
+                                             f"{calibrations_of(con, missing[0]) or 'none'}")
+    return {k: opts.calibration_id for k in sae_keys}
+
+
+def calibrations_of(con, sae_key: int) -> str:
+    """The ids of the calibrations holding statistics for an SAE key, as text for an error message."""
+    ids = [str(c) for (c,) in con.execute("SELECT DISTINCT calibration_id FROM feature_stats WHERE sae_key = ? "
+                                          "ORDER BY 1", [sae_key]).fetchall()]
+    return ", ".join(ids)
+
+
+def calibration_info(con, calibrations: dict[int, int | None]) -> dict | None:
+    """The calibration a ranking used — the newest among its SAEs' — with its corpus, the corpus's hash
+    and token count; None when no SAE was calibrated."""
+    used = [c for c in calibrations.values() if c is not None]
+    if not used:
+        return None
+    row = con.execute("SELECT calibration_id, corpus, corpus_hash, n_tokens FROM calibrations WHERE calibration_id = ?",
+                      [max(used)]).fetchone()
+    return dict(zip(("calibration_id", "corpus", "corpus_hash", "n_tokens"), row, strict=True))
+
+
+def calibration_changes(con, run_keys: list[int], calibrations: dict[int, int | None]) -> dict[int, list[str]]:
+    """Per run, a warning when its first ranking (``run_calibrations``) used another calibration than
+    ``calibrations`` now does for one of its SAEs (scores, τ and lite labels may differ)."""
+    rows = con.execute("""
+        SELECT c.run_key, c.sae_key, c.calibration_id, s.layer, s.stream FROM run_calibrations c
+        JOIN saes s USING (sae_key) WHERE list_contains(?, c.run_key) ORDER BY c.run_key, s.layer, s.stream""",
+                       [list(run_keys)]).fetchall()
+    out: dict[int, list[str]] = {}
+    for run_key, sae_key, before, layer, stream in rows:
+        now = calibrations.get(sae_key)
+        if sae_key in calibrations and now != before:
+            out.setdefault(run_key, []).append(
+                f"calibration_id: this run was first ranked with calibration {before} (layer {layer} {stream}); "
+                f"this ranking uses {now if now is not None else 'none'} — pass calibration_id {before} to "
+                "reproduce the first ranking")
+    return out
 
 
 def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_filter: str = "") -> Scoring:
@@ -135,7 +193,7 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
         raise CatalogError("score_mode", f"expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
     if opts.tau_basis not in P95_COLUMN:
         raise CatalogError("tau_basis", f"expected one of {', '.join(P95_COLUMN)}, got {opts.tau_basis!r}")
-    calibrated = {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
+    calibrated = calibrations_for(con, sae_keys, opts)
     all_calibrated = all(calibrated.values())
     has_background = bool(opts.background_runs) or all_calibrated
     if opts.score_mode in ("selectivity", "lift") and not has_background:
@@ -189,7 +247,7 @@ def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_f
         params["restrict"] = list(opts.restrict_features)
     if opts.background_runs:
         params.update(bg_runs=list(opts.background_runs), bg_n=float(max(opts.background_n, 1)))
-    return Scoring(sql, params, threshold_source, normalization, has_background)
+    return Scoring(sql, params, threshold_source, normalization, has_background, calibrated)
 
 
 def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
@@ -250,7 +308,10 @@ def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts
         _attach_labels(con, features)
     if opts.attach_examples:
         _attach_spans(con, run_keys, features, opts.spans_per_feature, opts.span_window)
-    out = {k: {"features": [], "threshold_source": scoring.threshold_source, "normalization": scoring.normalization}
+    info = calibration_info(con, scoring.calibrations)
+    changes = calibration_changes(con, run_keys, scoring.calibrations)
+    out = {k: {"features": [], "threshold_source": scoring.threshold_source, "normalization": scoring.normalization,
+               "calibration": info, "calibrations": scoring.calibrations, "warnings": changes.get(k, [])}
            for k in run_keys}
     for f in features:
         out[f.pop("run_key")]["features"].append(f)
@@ -323,11 +384,7 @@ def _attach_spans(con, run_keys: list[int], features: list[dict], per_feature: i
         {**_runs_params(run_keys), "f_runs": [f["run_key"] for f in features],
          "keys": [f["sae_key"] for f in features], "fids": [f["feature_id"] for f in features],
          "key_set": sorted({f["sae_key"] for f in features})}).fetchall()
-    texts: dict[int, list[str]] = {}
-    for run_key, _, tok, special in con.execute(
-            f"SELECT run_key, position, token, is_special FROM tokens t WHERE {_runs_filter('t')} "
-            "ORDER BY run_key, position", _runs_params(run_keys)).fetchall():
-        texts.setdefault(run_key, []).append("" if special else (tok or ""))
+    texts = token_texts(con, run_keys)
     by_feature: dict[tuple[int, int, int], list[tuple[int, float]]] = {}
     for run_key, key, fid, pos, act in acts:
         by_feature.setdefault((run_key, key, fid), []).append((pos, act))
@@ -339,11 +396,30 @@ def _attach_spans(con, run_keys: list[int], features: list[dict], per_feature: i
             if any(start < e and s < end for s, e in chosen):
                 continue
             chosen.append((start, end))
-            f["top_spans"].append({"text": "".join(text[start:end]), "position": [start, end], "act": float(act),
-                                   "marked": "".join(text[start:pos]) + f"[[{text[pos] if pos < len(text) else ''}]]"
-                                             + "".join(text[pos + 1:end])})
+            f["top_spans"].append(marked(text, pos, start, end, act))
             if len(chosen) >= per_feature:
                 break
+
+
+def token_texts(con, run_keys: list[int]) -> dict[int, list[str]]:
+    """Each run's token pieces in position order (index = position), special tokens as "" so that a
+    span never shows them: what :func:`word_window` and :func:`marked` take."""
+    texts: dict[int, list[str]] = {}
+    if not run_keys:
+        return texts
+    for run_key, _, tok, special in con.execute(
+            f"SELECT run_key, position, token, is_special FROM tokens t WHERE {_runs_filter('t')} "
+            "ORDER BY run_key, position", _runs_params(run_keys)).fetchall():
+        texts.setdefault(run_key, []).append("" if special else (tok or ""))
+    return texts
+
+
+def marked(text: list[str], peak: int, start: int, end: int, act: float) -> dict:
+    """An evidence span as results show it: the tokens ``[start, end)`` of a run's pieces as ``text``,
+    its ``position``, the peak's ``act``, and the text with the peak token in ``[[ ]]`` (``marked``)."""
+    return {"text": "".join(text[start:end]), "position": [start, end], "act": float(act),
+            "marked": "".join(text[start:peak]) + f"[[{text[peak] if peak < len(text) else ''}]]"
+                      + "".join(text[peak + 1:end])}
 
 
 def _word_start(text: list[str], i: int) -> bool:

@@ -23,7 +23,7 @@ HIST_BINS = 24  # bins of a calibration histogram, over (0, the feature's calibr
 
 HISTOGRAM_SQL = """
     WITH stats AS (
-        SELECT feature_id, max AS hi, p95, mean, density, n_tokens FROM feature_stats
+        SELECT feature_id, max AS hi, p95, p95_all, mean, density, n_tokens FROM feature_stats
         WHERE calibration_id = $cal AND sae_key = $sae AND list_contains($features, feature_id)
     ), binned AS (
         SELECT a.feature_id, least(floor(a.act / s.hi * $bins), $bins - 1)::INTEGER AS bin, count(*) AS n
@@ -31,7 +31,7 @@ HISTOGRAM_SQL = """
         WHERE a.calibration_id = $cal AND a.sae_key = $sae AND a.act > 0 AND s.hi > 0
         GROUP BY ALL
     )
-    SELECT s.feature_id, s.hi, s.p95, s.mean, s.density, s.n_tokens,
+    SELECT s.feature_id, s.hi, s.p95, s.p95_all, s.mean, s.density, s.n_tokens,
            coalesce(list(b.bin ORDER BY b.bin) FILTER (WHERE b.bin IS NOT NULL), []) AS bins,
            coalesce(list(b.n ORDER BY b.bin) FILTER (WHERE b.bin IS NOT NULL), []) AS counts
     FROM stats s LEFT JOIN binned b USING (feature_id)
@@ -77,43 +77,50 @@ def feature_activations(con: duckdb.DuckDBPyConnection, run_key: int, keys: Sequ
             for k, f, p, acts, at in rows}
 
 
-def histograms(con: duckdb.DuckDBPyConnection, model_key: int, sae_key: int, features: Sequence[int],
+def histograms(con: duckdb.DuckDBPyConnection, model_key: int | None, sae_key: int, features: Sequence[int],
                bins: int = HIST_BINS) -> dict[int, dict]:
     """Per feature of one SAE: the histogram of its nonzero activations over the calibration corpus of
     this model (``bins`` equal bins over (0, max]), the zeros counted apart, and the calibration's p95
-    (τ), mean, max and density. Empty when this model never calibrated the SAE."""
+    (τ), p95_all, mean, max and density. Empty when this model never calibrated the SAE; ``model_key``
+    None: the SAE's newest calibration by any model."""
     cal = calibration_for(con, sae_key, model_key)
     if cal is None or not features:
         return {}
     out = {}
-    for f, hi, p95, mean, density, n, where, counts in con.execute(
+    for f, hi, p95, p95_all, mean, density, n, where, counts in con.execute(
             HISTOGRAM_SQL, {"cal": cal, "sae": sae_key, "features": list(features), "bins": bins}).fetchall():
         dense = [0] * bins
         for b, c in zip(where, counts, strict=True):
             dense[b] = int(c)
-        out[int(f)] = {"calibration_id": cal, "max": float(hi), "p95": float(p95), "mean": float(mean),
+        out[int(f)] = {"calibration_id": cal, "max": float(hi), "p95": float(p95), "p95_all": float(p95_all),
+                       "mean": float(mean),
                        "density": float(density), "n_tokens": int(n), "zeros": int(n) - sum(dense), "counts": dense}
     return out
 
 
+LITE_VERBS = ("fires on", "promotes", "suppresses")
+
+
 def lite_parts(label: str) -> dict[str, list[str]]:
     """The token lists of a lite label as ``catalog.stats.write_lite_labels`` writes it
-    (``fires on "a", "b"; promotes "c"``): verb → tokens."""
+    (``fires on "a", "b"; promotes "c"; suppresses "d"``): verb → tokens. Read left to right, part by
+    part, so a token whose text contains a verb (``" promotes"``) is a token, never a part's start."""
     out: dict[str, list[str]] = {}
     decoder = json.JSONDecoder()
-    for verb in ("fires on", "promotes"):
-        start = label.find(verb + " ")
-        if start < 0:
-            continue
-        i, tokens = start + len(verb) + 1, []
-        while i < len(label) and label[i] == '"':
+    i = 0
+    while (verb := next((v for v in LITE_VERBS if label.startswith(v + " ", i)), None)) is not None:
+        i += len(verb) + 1
+        tokens = out.setdefault(verb, [])
+        while label.startswith('"', i):
             try:
                 token, i = decoder.raw_decode(label, i)
             except ValueError:
-                break
+                return out
             tokens.append(token)
-            i += 2 if label.startswith(", ", i) else 0
-        out[verb] = tokens
+            i += 2 if label.startswith(', "', i) else 0
+        if not label.startswith("; ", i):
+            break
+        i += 2
     return out
 
 
@@ -133,8 +140,8 @@ def feature_labels(con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[int, int
 def run_report_data(catalog: Catalog, run_key: int, model_key: int, features: Sequence[Feature]) -> dict:
     """Everything a run report shows besides the ranking: ``tokens``, and per feature (in the order given,
     as ``features``) its ``positions``/``acts``/``attr`` in the run, its calibration ``histogram``
-    (None without a calibration), its ``labels`` and the tokens its decoder ``promotes`` (from the
-    lite label; None without one)."""
+    (None without a calibration), its ``labels`` and the tokens its decoder ``promotes`` and
+    ``suppresses`` (from the lite label; None without one)."""
     by_hook = {(s["layer"], s["stream"]): int(s["sae_key"]) for s in run_saes(catalog, run_key)}
     keys = [(by_hook[(layer, stream)], f) for layer, stream, f in features if (layer, stream) in by_hook]
     con = catalog.raw()
@@ -155,5 +162,6 @@ def run_report_data(catalog: Catalog, run_key: int, model_key: int, features: Se
         its_labels = labels.get((key, f), []) if key is not None else []
         lite = next((lite_parts(x["label"]) for x in its_labels if x["source"] == "lite"), None)
         out.append({**found, "histogram": hists.get(key, {}).get(f) if key is not None else None,
-                    "labels": its_labels, "promotes": None if lite is None else lite.get("promotes", [])})
+                    "labels": its_labels, "promotes": None if lite is None else lite.get("promotes", []),
+                    "suppresses": None if lite is None else lite.get("suppresses", [])})
     return {"tokens": tokens, "features": out}

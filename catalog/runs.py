@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # writes imports this module (its model look-up); the type al
 
 # what a run listing returns per run (GET /runs shows these; the CLI prints a few of them)
 LIST_COLUMNS = ("run_id", "model_id", "sae_id", "mode", "prompt", "text", "generate", "gen_tokens", "seed",
-                "created_at", "n_tokens", "n_kept", "layers", "streams")
+                "created_at", "n_tokens", "n_kept", "layers", "streams", "batch_id", "tags")
 # columns stored as JSON text, and what an empty one reads as
 JSON_COLUMNS = {"layers": "[]", "streams": "[]", "restrict_features": "[]", "timings": "{}"}
 RUN_MODES = ("prompt+gen", "prompt", "text")
@@ -107,10 +107,12 @@ def run_texts(catalog: Catalog, run_keys: Sequence[int]) -> dict[int, dict]:
 
 
 def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | None = None,
-              sae_id: str | None = None, mode: str | None = None) -> tuple[list[dict], int]:
+              sae_id: str | None = None, mode: str | None = None,
+              tags: Sequence[tuple[str, str]] = ()) -> tuple[list[dict], int]:
     """One page of stored runs, newest first (ties: the later run first), and the number of runs that
-    match the filters. Each row holds :data:`LIST_COLUMNS`; ``created_at`` names its time zone (the
-    column is stored as a local TIMESTAMP), ``layers`` and ``streams`` are lists."""
+    match the filters (``tags``: (key, value) pairs the run must all carry). Each row holds
+    :data:`LIST_COLUMNS`; ``created_at`` names its time zone (the column is stored as a local
+    TIMESTAMP), ``layers`` and ``streams`` are lists, ``tags`` a dict."""
     if limit < 0:
         raise CatalogError("limit", f"expected a non-negative integer, got {limit}")
     if offset < 0:
@@ -122,6 +124,9 @@ def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | Non
         if value is not None:
             where.append(f"{name} = ?")
             params.append(value)
+    for key, value in tags:
+        where.append("tags[?] = ?")
+        params.extend([key, value])
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     cols = ", ".join("created_at::TIMESTAMPTZ AS created_at" if c == "created_at" else c for c in LIST_COLUMNS)
     con = catalog.raw()
@@ -135,14 +140,14 @@ def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | Non
 
 
 def run_detail(catalog: Catalog, run_id: str) -> dict | None:
-    """A stored run's ``runs`` row — ``created_at`` with its time zone, the JSON columns (layers,
-    streams, restrict_features, timings) decoded — plus ``saes``: the SAEs it was encoded with (as
+    """A stored run's ``runs`` row plus its ``batch_id`` and ``tags`` — ``created_at`` with its time
+    zone, the JSON columns (layers, streams, restrict_features, timings) decoded — plus ``saes``: the SAEs it was encoded with (as
     :func:`run_saes`), and ``analyzed_text`` / ``continuation`` (as :func:`run_texts`: the row's
     ``text`` is only the text a user sent); None when the catalog has no such run."""
     con = catalog.raw()
     try:
-        rows = _dicts(con.execute("SELECT * REPLACE (created_at::TIMESTAMPTZ AS created_at) FROM runs "
-                                  "WHERE run_id = ?", [run_id]))
+        rows = _dicts(con.execute("SELECT r.* REPLACE (r.created_at::TIMESTAMPTZ AS created_at), v.batch_id, v.tags "
+                                  "FROM runs r JOIN v_runs v USING (run_key) WHERE r.run_id = ?", [run_id]))
     finally:
         con.close()
     if not rows:

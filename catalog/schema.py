@@ -7,8 +7,8 @@ Design notes (see ../STACK_NOTES in the project docs):
   prune per-run reads and rows compress well (README, Performance).
 
 The public SQL contract (SPEC.md: ``v_runs``, ``v_tokens``, ``v_activations``, ``v_feature_stats``,
-``v_labels``) is created by the migrations (``migrations/versions/``), which keep it stable for users
-who query the file.
+``v_labels``; revision 0004: ``v_top_contexts``) is created by the migrations (``migrations/versions/``),
+which keep it stable for users who query the file.
 """
 
 from __future__ import annotations
@@ -159,4 +159,25 @@ labels = sa.Table(
     sa.Column("source", sa.String, nullable=False),  # neuronpedia | delphi | csv | lite | ...
     sa.Column("score", sa.Double),
     sa.Column("created_at", sa.DateTime, server_default=sa.func.now()),
+)
+
+# revision 0004: tags and batch ids of runs (not part of the run id), and each run's first calibration per SAE
+run_tags = sa.Table(
+    "run_tags", metadata,
+    sa.Column("run_key", sa.Integer, nullable=False),
+    sa.Column("key", sa.String, nullable=False),
+    sa.Column("value", sa.String, nullable=False),  # numbers and booleans as their JSON text
+)
+
+run_batch_ids = sa.Table(
+    "run_batch_ids", metadata,
+    sa.Column("run_key", sa.Integer, nullable=False),
+    sa.Column("batch_id", sa.String, nullable=False),  # the id of the batch line / API body that last asked for it
+)
+
+run_calibrations = sa.Table(
+    "run_calibrations", metadata,
+    sa.Column("run_key", sa.Integer, nullable=False),
+    sa.Column("sae_key", sa.Integer, nullable=False),
+    sa.Column("calibration_id", sa.Integer, nullable=False),  # what the run's first ranking used for this SAE
 )

@@ -38,7 +38,7 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
     n_tokens = tokens.num_rows
     if n_tokens == 0:
         raise CatalogError("corpus", "the calibration corpus produced no tokens")
-    with transaction(catalog) as con:
+    with transaction(catalog, "a calibration") as con:
         model_key = model_key_of(con, model)
         keys = sae_keys(con, saes)
         cal_id = int(con.execute(
@@ -167,20 +167,24 @@ LITE_FIRES_SQL = """
 
 
 def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promotes: dict[int, list[str]],
-                      top: int = 5) -> int:
+                      suppresses: dict[int, list[str]] | None = None, top: int = 5) -> int:
     """Lite proto-labels (source ``lite``): the tokens a feature fires on most in the calibration corpus
-    (by total activation, in SQL) and the tokens its decoder direction promotes (computed by ingest)."""
+    (by total activation, in SQL) and the tokens its decoder direction promotes and suppresses (computed
+    by ingest), as ``fires on "a", "b"; promotes "c"; suppresses "d"`` (parsed back by
+    ``catalog.report.lite_parts``)."""
+    suppresses = suppresses or {}
     con = catalog.raw()
     try:
         (key,) = sae_keys(con, [sae])
         fires = dict(con.execute(LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
     finally:
         con.close()
-    features = sorted(set(fires) | set(promotes))
+    features = sorted(set(fires) | set(promotes) | set(suppresses))
     labels = []
     for f in features:
         parts = []
-        for verb, tokens in (("fires on", fires.get(f)), ("promotes", promotes.get(f))):
+        for verb, tokens in (("fires on", fires.get(f)), ("promotes", promotes.get(f)),
+                             ("suppresses", suppresses.get(f))):
             shown = [json.dumps(t, ensure_ascii=False) for t in tokens or [] if t.strip("\ufffd")]
             if shown:
                 parts.append(f"{verb} " + ", ".join(shown))
@@ -188,3 +192,27 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
     rows = pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
                      "source": ["lite"] * len(features), "score": pa.nulls(len(features), pa.float64())})
     return write_labels(catalog, [(sae, rows)], replace=["lite"])
+
+
+# -- how stable a calibration's quantiles are -------------------------------------------------------
+
+# A feature's P95 over its firing distribution is taken as stable when it rests on at least this many
+# nonzero activations (with fewer, it is the feature's top one or two values: one outlier moves τ);
+# ``calibrate`` warns when more than THIN_SHARE of the features that fired have fewer.
+MIN_FIRINGS = 20
+THIN_SHARE = 0.10
+
+
+def thin_features(catalog: Catalog, calibration_id: int) -> list[dict]:
+    """Per SAE of a calibration: how many features fired at all (``fired``), and how many of them fired
+    on fewer than :data:`MIN_FIRINGS` tokens (``thin``: their P95 is unstable)."""
+    con = catalog.raw()
+    try:
+        rows = con.execute("""
+            SELECT s.layer, s.stream, count(*) FILTER (WHERE f.density > 0) AS fired,
+                   count(*) FILTER (WHERE f.density > 0 AND round(f.density * f.n_tokens) < ?) AS thin
+            FROM feature_stats f JOIN saes s USING (sae_key) WHERE f.calibration_id = ?
+            GROUP BY s.layer, s.stream ORDER BY s.layer, s.stream""", [MIN_FIRINGS, calibration_id]).fetchall()
+    finally:
+        con.close()
+    return [dict(zip(("layer", "stream", "fired", "thin"), r, strict=True)) for r in rows]

@@ -57,8 +57,10 @@ class SAEInfo:
 
 
 @contextmanager
-def transaction(catalog: Catalog) -> Iterator[duckdb.DuckDBPyConnection]:
-    """One DuckDB transaction on a fresh cursor; rolled back whole on any error."""
+def transaction(catalog: Catalog, what: str = "this change") -> Iterator[duckdb.DuckDBPyConnection]:
+    """One DuckDB transaction on a fresh cursor; rolled back whole on any error. On a read-only catalog,
+    :class:`catalog.errors.CatalogReadOnly` naming ``what`` (callers refuse earlier, before their work)."""
+    catalog.require_writable(what)
     with catalog.write_lock:
         con = catalog.raw()
         con.begin()
@@ -168,7 +170,7 @@ def write_runs(catalog: Catalog, runs: Sequence[RunRows]) -> list[tuple[int, boo
 
 
 def _write_runs(catalog: Catalog, runs: Sequence[RunRows], look_up: bool) -> list[tuple[int, bool]]:
-    with transaction(catalog) as con:
+    with transaction(catalog, "storing new runs") as con:
         keys: dict[str, int] = {}
         if look_up:
             keys = {rid: int(k) for rid, k in con.execute(
@@ -227,3 +229,53 @@ _RUN_TYPES = {c.name: _arrow_type(c) for c in schema.runs.columns}
 
 def _repeat(values: list[int], counts: list[int]) -> pa.Array:
     return pa.array(np.repeat(np.asarray(values, dtype=np.int32), counts), pa.int32())
+
+
+# -- tags, batch ids and first calibrations (small writes beside a run) ---------------------------
+
+@dataclass(frozen=True)
+class RunTags:
+    """What a request says about its run beyond its identity: the batch/body ``id`` and ``tags``."""
+
+    run_key: int
+    batch_id: str | None
+    tags: dict[str, str]
+
+
+def tag_runs(catalog: Catalog, items: Sequence[RunTags]) -> None:
+    """Merge tags into runs and set their batch ids, all in one small transaction (a run's tags are
+    whole before and after). A key tagged again takes the new value; a later item wins over an earlier
+    one for the same run."""
+    items = [i for i in items if i.batch_id is not None or i.tags]
+    if not items:
+        return
+    if catalog.read_only:  # issue 12, item 6: tags asked for are refused; batch ids (bookkeeping) are not kept
+        if any(i.tags for i in items):
+            catalog.require_writable("tagging runs")
+        return
+    tags = {(i.run_key, k): v for i in items for k, v in i.tags.items()}
+    ids = {i.run_key: i.batch_id for i in items if i.batch_id is not None}
+    with transaction(catalog) as con:
+        if tags:
+            _tag_rows = pa.table({"run_key": pa.array([k for k, _ in tags], pa.int32()),  # scanned by name
+                                  "key": [key for _, key in tags], "value": list(tags.values())})
+            con.execute("DELETE FROM run_tags t USING _tag_rows n WHERE t.run_key = n.run_key AND t.key = n.key")
+            con.execute("INSERT INTO run_tags BY NAME SELECT * FROM _tag_rows")
+        if ids:
+            _id_rows = pa.table({"run_key": pa.array(list(ids), pa.int32()), "batch_id": list(ids.values())})  # by name
+            con.execute("DELETE FROM run_batch_ids b USING _id_rows n WHERE b.run_key = n.run_key")
+            con.execute("INSERT INTO run_batch_ids BY NAME SELECT * FROM _id_rows")
+
+
+def record_calibrations(catalog: Catalog, used: dict[int, dict[int, int | None]]) -> None:
+    """Remember, per run (``run_key → {sae_key: calibration_id}``), the calibration of its first
+    ranking; runs (and SAEs) already recorded keep theirs, uncalibrated SAEs are not recorded."""
+    rows = [(r, k, c) for r, cals in used.items() for k, c in cals.items() if c is not None]
+    if not rows or catalog.read_only:  # a read-only catalog answers without remembering (issue 12, item 6)
+        return
+    _cal_rows = pa.table({"run_key": pa.array([r for r, _, _ in rows], pa.int32()),  # scanned by name
+                          "sae_key": pa.array([k for _, k, _ in rows], pa.int32()),
+                          "calibration_id": pa.array([c for _, _, c in rows], pa.int32())})
+    with transaction(catalog) as con:
+        con.execute("INSERT INTO run_calibrations BY NAME SELECT * FROM _cal_rows n WHERE NOT EXISTS "
+                    "(SELECT 1 FROM run_calibrations c WHERE c.run_key = n.run_key AND c.sae_key = n.sae_key)")

@@ -30,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,38 @@ class LoadedModel:
         """One forward pass with ``on_stream(key, tensor)`` called at each hook; a tensor it returns
         replaces the stream. Returns the logits (None when stopped early, and for encoders)."""
         blocks = self.blocks()
+
+        def stop(_module, _args, _kwargs):
+            raise _StopForward
+
+        # the first block not needed: resid_pre L is the input of block L (captured by its pre-hook,
+        # which runs before the stop hook registered after it); every other stream needs block L to run
+        stop_at = max(layer if stream == "resid_pre" else layer + 1 for layer, stream in hooks)
+        with self.hooked(hooks, on_stream):
+            handle = None
+            if stop_early and stop_at < len(blocks):
+                handle = blocks[stop_at].register_forward_pre_hook(stop, with_kwargs=True)
+            logits = None
+            kwargs = {"use_cache": False} if self.family_map.decoder else {}
+            try:
+                with torch.enable_grad() if grad else torch.inference_mode():
+                    try:
+                        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                        logits = getattr(out, "logits", None) if self.family_map.decoder else None
+                    except _StopForward:
+                        pass
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return logits
+
+    @contextmanager
+    def hooked(self, hooks: list[tuple[int, str]],
+               on_stream: Callable[[tuple[int, str], torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+        """Inside, every forward pass of the model calls ``on_stream(key, tensor)`` at each hook (a
+        tensor it returns replaces the stream): one pass (:meth:`capture`) or every pass of a
+        generation loop (:func:`ingest.generate.capture_generation`)."""
+        blocks = self.blocks()
         fmap = self.family_map
         handles = []
 
@@ -186,12 +219,6 @@ class LoadedModel:
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
             return hook
 
-        def stop(_module, _args, _kwargs):
-            raise _StopForward
-
-        # the first block not needed: resid_pre L is the input of block L (captured by its pre-hook,
-        # which runs before the stop hook registered after it); every other stream needs block L to run
-        stop_at = max(layer if stream == "resid_pre" else layer + 1 for layer, stream in hooks)
         try:
             for layer, stream in dict.fromkeys(hooks):
                 block = blocks[layer]
@@ -202,20 +229,10 @@ class LoadedModel:
                 else:
                     target = _resolve(block, fmap.attn if stream == "attn_out" else fmap.mlp)
                     handles.append(target.register_forward_hook(keep((layer, stream))))
-            if stop_early and stop_at < len(blocks):
-                handles.append(blocks[stop_at].register_forward_pre_hook(stop, with_kwargs=True))
-            logits = None
-            kwargs = {"use_cache": False} if fmap.decoder else {}
-            with torch.enable_grad() if grad else torch.inference_mode():
-                try:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                    logits = getattr(out, "logits", None) if fmap.decoder else None
-                except _StopForward:
-                    pass
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return logits
 
 
 def _fingerprint(path: Path | None, config: dict) -> str:

@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 Stream = Literal["resid_pre", "resid_post", "mlp_out", "attn_out"]  # TransformerLens hook names
 STREAMS: tuple[str, ...] = get_args(Stream)
-TokenProxy = Literal["entropy", "norm"]  # how informative a token is: next-token entropy or activation norm
+TokenProxy = Literal["auto", "entropy", "norm"]  # how informative a token is (auto: :func:`resolve_token_proxy`)
 
 
 @dataclass
@@ -27,8 +27,9 @@ class RunOptions:
     temperature: float = field(default=1.0, metadata={
         "help": "sampling temperature; 0 is greedy", "bounds": (0.0, 100.0)})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass", "bounds": (1e-9, 1.0)})
-    token_proxy: TokenProxy = field(default="entropy", metadata={
-        "help": "token informativeness for topk_tokens_per_seq: next-token entropy or activation norm"})
+    token_proxy: TokenProxy = field(default="auto", metadata={
+        "help": "token informativeness for topk_tokens_per_seq: next-token entropy, activation norm, or auto "
+                "(entropy where the run computes the logits anyway: prompt+gen or attribution; else norm)"})
     topk_tokens_per_seq: int = field(default=64, metadata={
         "help": "keep the K most informative tokens (token_proxy)", "bounds": (1, 1_000_000)})
     restrict_features: list[int] = field(default_factory=list, metadata={
@@ -37,6 +38,19 @@ class RunOptions:
         "help": "the metric M whose gradient attributes each (token, feature): none, continuation (log-prob of the "
                 "generated tokens), next_tokens (log-prob of each next token of the text), token:<text> (log-prob "
                 "of one token at the last position), logit_diff:<a>|<b> (logit a - logit b at the last position)"})
+
+
+def resolve_token_proxy(options: RunOptions, has_text: bool) -> TokenProxy:
+    """The proxy a run uses: ``auto`` becomes ``entropy`` where the logits come free — prompt+gen (the
+    generation passes compute them) or an attribution target (its forward runs to the logits) — and
+    ``norm`` otherwise: in text mode the entropy needs every block after the last hook and the
+    unembedding, which costs more than the encode the filter saves (README, Performance). Resolved
+    before the run id is hashed, so ``auto`` names the same run as the proxy it stands for."""
+    if options.token_proxy != "auto":
+        return options.token_proxy
+    generating = not has_text and options.generate and options.gen_tokens > 0
+    attributing = options.attribution_target.strip().lower() != "none"
+    return "entropy" if generating or attributing else "norm"
 
 
 ATTRIBUTION_KINDS = ("none", "continuation", "next_tokens", "token", "logit_diff")

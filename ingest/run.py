@@ -3,9 +3,10 @@
 The six steps of a run's data flow, and where each lives:
 
 1. tokenize: the text or prompt to token ids (``ingest/tokens.py``: :func:`~ingest.tokens.encode_ids`);
-2. generate: a prompt's seeded continuation (``ingest/generate.py``);
-3. capture: one forward pass per micro-batch, streams kept by hooks (``ingest/models.py``:
-   :meth:`~ingest.models.LoadedModel.capture`);
+2. generate: the prompts of a micro-batch continued together, each by its own seed (``ingest/generate.py``);
+3. capture: streams kept by hooks (``ingest/models.py``) — for prompt+gen by the generation passes
+   themselves (:func:`~ingest.generate.capture_generation`), else one forward pass per micro-batch
+   (:meth:`~ingest.models.LoadedModel.capture`);
 4. select: token proxies and the top-K filter (``ingest/select.py``);
 5. encode: the kept tokens' sparse SAE codes (:func:`sparse_codes` here, the encode math in ``ingest/saes/base.py``);
 6. assemble: a :class:`RunBatch` of pyarrow tables (:func:`_assemble` here), in the catalog's column layout.
@@ -25,11 +26,11 @@ import pyarrow as pa
 import torch
 
 from ingest.attribution import Metric, attributions, capture_with_gradients, resolve_metric
-from ingest.generate import generate
+from ingest.generate import Sampling, capture_generation, generate_batch
 from ingest.models import LoadedModel, ModelError
-from ingest.options import RunOptions
+from ingest.options import RunOptions, resolve_token_proxy
 from ingest.saes.base import SAE, SAEError
-from ingest.select import needs_logits, select_tokens
+from ingest.select import entropy, needs_logits, select_tokens
 from ingest.tokens import encode_ids, pad_batch, special_mask, token_pieces
 
 # Runs per forward micro-batch, and per group handed to the model (or a worker process) and committed
@@ -110,22 +111,35 @@ def activation_table(parts: Iterable[tuple], extra: dict[str, np.ndarray] | None
     return pa.table({**(extra or {}), **cols})
 
 
-def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: dict) -> tuple[list[int], int]:
-    """The run's token ids (prompt + seeded generation, or the text) and the prompt length."""
-    t0 = time.perf_counter()
+def _input_ids(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool) -> list[int]:
+    """The run's text or prompt as token ids, truncated at the context length."""
     source = spec.text if spec.text is not None else spec.prompt
-    ids = encode_ids(loaded, source or "", prepend_bos)[: loaded.context_length]
-    n_prompt = len(ids)
-    if spec.text is None and spec.generate:
-        if loaded.is_encoder:
-            raise ModelError("generate", f"{loaded.model_id} is an encoder ({loaded.family}) and cannot generate; "
-                                         "send `text` (or generate=false)")
-        budget = min(spec.gen_tokens, loaded.context_length - n_prompt)
-        out = generate(loaded.model, torch.tensor([ids], device=loaded.device), budget, spec.seed, spec.temperature,
-                       spec.top_p, eos_token_id=loaded.tokenizer.eos_token_id)
-        ids = out[0].tolist()
-        timings["generate_s"] = time.perf_counter() - t0
-    return ids, n_prompt
+    return encode_ids(loaded, source or "", prepend_bos)[: loaded.context_length]
+
+
+def _sampling(loaded: LoadedModel, spec: RunSpec, n_prompt: int) -> Sampling | None:
+    """How the run's prompt continues (None: no generation); refused for an encoder."""
+    if spec.text is not None or not spec.generate:
+        return None
+    if loaded.is_encoder:
+        raise ModelError("generate", f"{loaded.model_id} is an encoder ({loaded.family}) and cannot generate; "
+                                     "send `text` (or generate=false)")
+    if spec.mode != "prompt+gen" or n_prompt == 0:
+        return None
+    return Sampling(min(spec.gen_tokens, loaded.context_length - n_prompt), spec.seed, spec.temperature, spec.top_p)
+
+
+def _sequence(loaded: LoadedModel, spec: RunSpec, prepend_bos: bool, timings: dict) -> tuple[list[int], int]:
+    """One run's token ids (prompt + seeded continuation, or the text) and prompt length, as :func:`run_many`
+    makes them (a micro-batch of one gives every row's tokens)."""
+    ids = _input_ids(loaded, spec, prepend_bos)
+    sampling = _sampling(loaded, spec, len(ids))
+    if sampling is None:
+        return ids, len(ids)
+    t0 = time.perf_counter()
+    sequence = generate_batch(loaded, [ids], [sampling])[0][0]
+    timings["generate_s"] = time.perf_counter() - t0
+    return sequence, len(ids)
 
 
 def _encode_kept(saes: Sequence[SAE], hooks: list[tuple[int, str]], captured: dict, kept: torch.Tensor,
@@ -176,10 +190,14 @@ def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: to
 
 def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
              batch_size: int = MICRO_BATCH, on_sequence: Callable[[int], object] | None = None) -> list[RunBatch]:
-    """Several runs over the same hooks: generation one prompt at a time (each has its own seed), then
-    the analysis forward passes in right-padded micro-batches of similar length. Causal models see the
-    same prefix for every real token, so each run's codes equal a one-at-a-time run (to float rounding).
-    ``on_sequence(1)`` is told as each prompt's sequence is ready (generation is the slow, per-prompt part).
+    """Several runs over the same hooks, in micro-batches of similar length (every row gets what it
+    gets alone: :mod:`ingest.generate` for the tokens; causal models see the same prefix for every real
+    token, so codes equal a one-at-a-time run to float rounding).
+
+    Prompts to continue generate together, and their streams and entropies are captured by the
+    generation passes themselves (:func:`~ingest.generate.capture_generation`). Texts, prompts without
+    generation and attribution runs (which need a backward over the whole sequence) get one analysis
+    forward per micro-batch. ``on_sequence(n)`` is told as n runs' sequences are ready.
     """
     if not specs:
         return []
@@ -188,21 +206,49 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
         raise ValueError("run_many: every spec must use the same hooks")
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
     metrics = run_metrics(loaded, specs)  # before any generation: a refused target costs nothing
-    timings = [{} for _ in specs]
-    seqs = []
-    for spec, t in zip(specs, timings, strict=True):
-        seqs.append(_sequence(loaded, spec, prepend_bos, t))
-        if on_sequence is not None:
-            on_sequence(1)
-    special = [special_mask(loaded, ids, prepend_bos) for ids, _ in seqs]
-    # attribution needs the logits (M) and a backward pass: its runs get micro-batches of their own
-    groups = [(needs_logits(spec.token_proxy, spec.topk_tokens_per_seq, int((~m).sum())) or metric is not None,
-               metric is not None) for spec, m, metric in zip(specs, special, metrics, strict=True)]
+    prompts = [_input_ids(loaded, spec, prepend_bos) for spec in specs]
+    samplings = [_sampling(loaded, spec, len(ids)) for spec, ids in zip(specs, prompts, strict=True)]
+    timings: list[dict] = [{} for _ in specs]
+    seqs: list[tuple[list[int], int]] = [(ids, len(ids)) for ids in prompts]
+    special: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * len(specs)
     results: list[RunBatch | None] = [None] * len(specs)
     vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
+    continued = [i for i in range(len(specs)) if samplings[i] is not None]
+    live = {i for i in continued if metrics[i] is None}  # captured while generating; the others are re-read
+    if on_sequence is not None and len(specs) > len(continued):
+        on_sequence(len(specs) - len(continued))  # texts: ready once tokenized
+    for capturing in (True, False):
+        for chunk in _generation_batches(prompts, [i for i in continued if (i in live) == capturing], vocab,
+                                         batch_size):
+            t0 = time.perf_counter()
+            rows, row_samplings = [prompts[i] for i in chunk], [samplings[i] for i in chunk]
+            if capturing:
+                gen = capture_generation(loaded, rows, row_samplings, hooks)  # type: ignore[arg-type]
+                sequences = gen.sequences
+            else:
+                sequences = generate_batch(loaded, rows, row_samplings)[0]  # type: ignore[arg-type]
+            elapsed, fed = time.perf_counter() - t0, sum(len(ids) for ids in sequences)
+            for i, ids in zip(chunk, sequences, strict=True):
+                seqs[i] = (ids, len(prompts[i]))
+                timings[i]["generate_s"] = elapsed * len(ids) / fed  # the micro-batch's time, shared by tokens
+            if capturing:
+                for i in chunk:
+                    special[i] = special_mask(loaded, seqs[i][0], prepend_bos)
+                _, _, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
+                _analyse(loaded, saes, specs, chunk, seqs, special, candidates, gen.captured, gen.entropies, None,
+                         timings, results)
+            if on_sequence is not None:
+                on_sequence(len(chunk))
+    rest = [i for i in range(len(specs)) if i not in live]
+    for i in rest:
+        special[i] = special_mask(loaded, seqs[i][0], prepend_bos)
+    # attribution needs the logits (M) and a backward pass: its runs get micro-batches of their own
+    groups = {i: (needs_logits(resolve_token_proxy(specs[i], specs[i].text is not None), specs[i].topk_tokens_per_seq,
+                               int((~special[i]).sum()))
+                  or metrics[i] is not None, metrics[i] is not None) for i in rest}
     for group in ((False, False), (True, False), (True, True)):
         logits_group, attributing = group
-        order = sorted((i for i in range(len(specs)) if groups[i] == group), key=lambda i: len(seqs[i][0]))
+        order = sorted((i for i in rest if groups[i] == group), key=lambda i: len(seqs[i][0]))
         widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
         for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
             ids, mask, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
@@ -216,19 +262,47 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
             else:
                 captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
                                                   stop_early=not logits_group)
-            forward_s = (time.perf_counter() - t1) / len(chunk)
-            t2 = time.perf_counter()
-            proxy, kept = select_tokens([specs[i].token_proxy for i in chunk],
-                                        [specs[i].topk_tokens_per_seq for i in chunk],
-                                        hooks, candidates, captured, logits, lengths)
-            restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
-            parts = _encode_kept(saes, hooks, captured, kept, restricts, grads)  # only kept tokens, the chunk's rows together
-            encode_s = (time.perf_counter() - t2) / len(chunk)
-            for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
-                timings[i].update(forward_s=forward_s, encode_s=encode_s)
-                results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n],
-                                       parts[row], timings[i])
+            entropies = None if logits is None else _entropies(logits, lengths)
+            for i in chunk:
+                timings[i]["forward_s"] = (time.perf_counter() - t1) / len(chunk)
+            _analyse(loaded, saes, specs, chunk, seqs, special, candidates, captured, entropies, grads, timings, results)
     return results  # type: ignore[return-value]
+
+
+def _entropies(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Next-token entropy of every real position [batch, width] (fp32): one [length, vocab] softmax at a
+    time, not [batch, width, vocab]."""
+    out = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for row, n in enumerate(lengths):
+        out[row, :n] = entropy(logits[row, :n])
+    return out
+
+
+def _analyse(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], chunk: list[int],
+             seqs: list[tuple[list[int], int]], special: list[torch.Tensor], candidates: torch.Tensor, captured: dict,
+             entropies: torch.Tensor | None, grads: dict | None, timings: list[dict], results: list) -> None:
+    """A micro-batch's captured streams → token proxies and the top-K filter → sparse codes of the kept
+    tokens → each run's :class:`RunBatch` (into ``results``)."""
+    t0 = time.perf_counter()
+    lengths = [len(seqs[i][0]) for i in chunk]
+    proxies = [resolve_token_proxy(specs[i], specs[i].text is not None) for i in chunk]
+    proxy, kept = select_tokens(proxies, [specs[i].topk_tokens_per_seq for i in chunk],
+                                specs[chunk[0]].hooks, candidates, captured, entropies)
+    restricts = [tuple(sorted(set(specs[i].restrict_features))) or None for i in chunk]
+    parts = _encode_kept(saes, specs[chunk[0]].hooks, captured, kept, restricts, grads)  # the chunk's rows together
+    encode_s = (time.perf_counter() - t0) / len(chunk)
+    for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
+        timings[i]["encode_s"] = encode_s
+        results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n], parts[row],
+                               timings[i])
+
+
+def _generation_batches(prompts: list[list[int]], indices: list[int], vocab: int, batch_size: int
+                        ) -> Iterator[list[int]]:
+    """Micro-batches of the runs to continue, by prompt length (little left padding), at most
+    ``batch_size`` rows whose prefill logits ([batch, prompt width, vocab]) fit ``LOGITS_BUDGET``."""
+    order = sorted(indices, key=lambda i: len(prompts[i]))
+    yield from _micro_batches(order, [len(prompts[i]) * max(vocab, 1) for i in order], batch_size, LOGITS_BUDGET)
 
 
 def run_metrics(loaded: LoadedModel, specs: Sequence[RunSpec]) -> list[Metric | None]:

@@ -57,17 +57,17 @@ def needs_logits(token_proxy: TokenProxy, k: int, n_candidates: int) -> bool:
 
 
 def select_tokens(token_proxies: Sequence[TokenProxy], ks: Sequence[int], hooks: list[tuple[int, str]],
-                  candidates: torch.Tensor, captured: dict, logits: torch.Tensor | None, lengths: list[int]
+                  candidates: torch.Tensor, captured: dict, entropies: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A micro-batch's token proxies and kept masks ([batch, width], CPU), every row at once: the norm
-    proxy from the captured streams, entropy from the logits where a row asks for it and they exist
-    (not after an early stop, never for encoders); the top-``ks[row]`` filter per row, specials never kept."""
-    by_entropy = [logits is not None and p == "entropy" for p in token_proxies]
-    if all(by_entropy):
+    proxy from the captured streams, the next-token ``entropies`` [batch, width] where a row asks for
+    them and they exist (none after an early stop, never for encoders); the top-``ks[row]`` filter per
+    row, specials never kept."""
+    by_entropy = torch.tensor([entropies is not None and p == "entropy" for p in token_proxies])
+    if bool(by_entropy.all()):
         proxy = torch.zeros(candidates.shape, dtype=torch.float64)
     else:
         proxy = norm_proxy([captured[h] for h in hooks], candidates.to(captured[hooks[0]].device)).cpu()
-    for row, use in enumerate(by_entropy):
-        if use:  # row by row: one [length, vocab] softmax at a time, not [batch, width, vocab]
-            proxy[row, : lengths[row]] = entropy(logits[row, : lengths[row]]).double().cpu()
+    if entropies is not None and bool(by_entropy.any()):
+        proxy = torch.where(by_entropy[:, None], entropies.double().cpu(), proxy)  # one copy to the host
     return proxy, keep_top_k(proxy, candidates, torch.tensor(list(ks)))

@@ -24,12 +24,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_threads(requested: int | None, n_params: int | None, workers: int = 1, cores: int | None = None) -> int:
+def resolve_threads(requested: int | None, n_params: int | None, workers: int = 1, cores: int | None = None,
+                    load: float | None = None) -> int:
     """Torch threads for each of ``workers`` processes running a model of ``n_params`` parameters.
 
     ``requested`` (``--threads``) is the total for all workers, at most ``cores``; without it, a model
     below ``SMALL_MODEL_PARAMS`` gets 1 thread and a larger (or not yet known) one ``min(cores,
-    MAX_DEFAULT_THREADS)``. Each worker gets ``max(1, total // workers)``.
+    MAX_DEFAULT_THREADS)`` — of the cores not busy now when the machine's ``load`` (1-minute load
+    average) is known: a thread waiting for a busy core costs far more than a free core gains.
+    Each worker gets ``max(1, total // workers)``.
     """
     cores = cores or available_cores()
     if requested is not None:
@@ -37,8 +40,17 @@ def resolve_threads(requested: int | None, n_params: int | None, workers: int = 
     elif n_params is not None and n_params < SMALL_MODEL_PARAMS:
         total = 1
     else:
-        total = min(cores, MAX_DEFAULT_THREADS)
+        idle = cores if load is None else max(1, cores - round(load))
+        total = min(idle, MAX_DEFAULT_THREADS)
     return max(1, total // max(1, workers))
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def apply_threads(requested: int | None, model=None, workers: int = 1) -> int:
@@ -47,7 +59,7 @@ def apply_threads(requested: int | None, model=None, workers: int = 1) -> int:
     import torch  # deferred: the CLI checks --threads (available_cores) without loading torch
 
     n_params = sum(p.numel() for p in model.parameters()) if model is not None else None
-    count = resolve_threads(requested, n_params, workers)
+    count = resolve_threads(requested, n_params, workers, load=machine_load())
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

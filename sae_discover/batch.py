@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ingest.run import MICRO_BATCH
 from sae_discover.errors import USER_ERRORS, RequestError
-from sae_discover.request import build_request
+from sae_discover.request import build_request, parse_tags
 from sae_discover.service import Discovery
 
 
@@ -40,7 +40,9 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
                 try:
                     if isinstance(obj, str):
                         raise RequestError("prompts_file", obj)
-                    reqs.append(build_request({**base, **obj, "id": line_id}))
+                    # only an id the line gives is stored with its run (the line number stands in for the echo)
+                    reqs.append(build_request({**base, **obj, **({"id": line_id} if "id" in obj else {}),
+                                               **_merged_tags(base, obj)}))
                     slots.append(None)
                 except USER_ERRORS as exc:
                     slots.append(exc)
@@ -51,10 +53,19 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
                 if isinstance(result, Exception):
                     n_err += 1
                     result = {"id": line_id, "error": str(result)}
+                elif "id" not in result:
+                    result = {**result, "id": line_id}
                 sink.write(json.dumps(result, ensure_ascii=False) + "\n")
             sink.flush()
             bar.update(start + len(part) - bar.n)  # settle at the chunk's end (a retried chunk told twice)
     return out_path, n_err
+
+
+def _merged_tags(base: dict, line: dict) -> dict:
+    """The command line's ``--tags`` under the line's own (a key in both: the line's value)."""
+    if not base.get("tags") or not isinstance(line.get("tags"), dict):
+        return {}
+    return {"tags": {**parse_tags(base["tags"]), **line["tags"]}}
 
 
 def _discover_chunk(discovery: Discovery, reqs: list, workers: int, progress: Callable[[int], object]) -> list:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from catalog import stats
 from catalog.db import Catalog
 from catalog.writes import ModelInfo, SAEInfo
-from ingest.lens import promoted_tokens
+from ingest.lens import decoder_tokens
 from ingest.run import calibration_batches
 from ingest.saes.sources import SAESource, file_fingerprint
 from sae_discover.errors import RequestError
@@ -65,6 +65,7 @@ class Calibrator:
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,
                   lite_labels: bool = True, progress: bool = False) -> dict:
         """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
+        self.catalog.require_writable("a calibration")  # refused before the model runs
         entry = self.loaders.entry(model_id)
         source = self.loaders.source(sae_id)
         hooks = list(hooks or sorted(source.hooks))
@@ -84,6 +85,21 @@ class Calibrator:
                                          len(docs), tokens, acts)
         if lite_labels:
             for info, sae in zip(infos, sae_objs, strict=True):
-                stats.write_lite_labels(self.catalog, cal_id, info, promoted_tokens(loaded, sae))
+                stats.write_lite_labels(self.catalog, cal_id, info, *decoder_tokens(loaded, sae))
         return {"calibration_id": cal_id, "n_docs": len(docs), "n_tokens": tokens.num_rows,
-                "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows}
+                "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows,
+                "warnings": stability_warnings(stats.thin_features(self.catalog, cal_id), tokens.num_rows)}
+
+
+def stability_warnings(per_sae: list[dict], n_tokens: int) -> list[str]:
+    """A warning per SAE whose calibration is too small for stable P95s: more than
+    :data:`catalog.stats.THIN_SHARE` of the features that fired did so on fewer than
+    :data:`catalog.stats.MIN_FIRINGS` tokens (their τ rests on one or two values)."""
+    out = []
+    for s in per_sae:
+        if s["fired"] and s["thin"] / s["fired"] > stats.THIN_SHARE:
+            out.append(f"corpus: {n_tokens} tokens are too few for a stable P95 at layer {s['layer']} {s['stream']}: "
+                       f"{s['thin']} of the {s['fired']} features that fired ({s['thin'] / s['fired']:.0%}) did so on "
+                       f"fewer than {stats.MIN_FIRINGS} tokens (rule: a feature's P95 needs at least "
+                       f"{stats.MIN_FIRINGS} nonzero activations); calibrate on a larger corpus")
+    return out

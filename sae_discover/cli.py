@@ -5,6 +5,7 @@
     python -m sae_discover calibrate [--corpus FILE] [--model M --sae S]
     python -m sae_discover runs [list | show RUN_ID | rank RUN_ID --score_mode max ...]
     python -m sae_discover sql "SELECT ..."
+    python -m sae_discover feature show --sae demo --layer 2 --feature 126 [--format json]
 
 The option flags are generated from the request model (:func:`sae_discover.request.options`): names,
 defaults, choices and help are written once, there. Errors print one line
@@ -32,6 +33,7 @@ from sae_discover.drift import drift_report, write_report
 from sae_discover.drift import table as drift_table
 from sae_discover.drift.request import DRIFT_FIELDS, DriftRequest
 from sae_discover.errors import USER_ERRORS, CatalogLocked, RequestError
+from sae_discover.features import FEATURE_OPTIONS, feature_text, show_feature
 from sae_discover.inputs import read_lines
 from sae_discover.output import out_format, render_runs, table, write_result, write_runs
 from sae_discover.registry import Registry
@@ -47,10 +49,11 @@ from sae_discover.request import (
     check_value,
     options,
     parse_bool,
+    parse_tag_filter,
 )
 from sae_discover.stored import rerank, show_run
 
-SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve")
+SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve", "feature")
 MAX_WORKERS = 64  # model worker processes in batch mode
 RUN_ID = re.compile(r"^[0-9a-f]{6,64}$")  # a run id or a prefix of one (catalog.runs.resolve_run_id)
 LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more values
@@ -90,6 +93,10 @@ def add_options(parser: argparse.ArgumentParser, opts: list[Option], skip: tuple
     for opt in opts:
         if opt.name in skip:
             continue
+        if opt.kind == "tags":  # KEY=VALUE words, commas allowed, the flag repeatable
+            parser.add_argument(opt.flag, dest=opt.name, nargs="+", action="extend", help=_help(opt),
+                                metavar="KEY=VALUE")
+            continue
         nargs = LIST_FLAGS.get(opt.name, "+") if opt.kind in ("int_list", "choice_list", "hook_list", "list") else None
         parser.add_argument(opt.flag, dest=opt.name, nargs=nargs, help=_help(opt), metavar=_metavar(opt))
 
@@ -97,6 +104,10 @@ def add_options(parser: argparse.ArgumentParser, opts: list[Option], skip: tuple
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--db", help="catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
     parser.add_argument("--registry", help="registry TOML (default: ./sae-discover.toml if present)")
+    parser.add_argument("--read_only", action="store_true",
+                        help="open the catalog read-only: stored runs are answered, anything that would write "
+                             "(a new run, a calibration, labels) is refused (default: only when the file or its "
+                             "folder is not writable)")
     if model:
         parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                             help="model device (default: auto)")
@@ -159,10 +170,15 @@ def _show(result: dict, ns: argparse.Namespace, as_table: Any, write: Any) -> in
     return 0
 
 
+def _catalog(ns: argparse.Namespace) -> Catalog:
+    """The catalog of ``--db``: read-only with ``--read_only``, else read-only only when it is not writable."""
+    return Catalog(ns.db, read_only=True if ns.read_only else None)
+
+
 def _discovery(ns: argparse.Namespace):
     from sae_discover.service import Discovery  # loads torch: only commands that run a model import it
 
-    return Discovery(Catalog(ns.db), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype,
+    return Discovery(_catalog(ns), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype,
                      notify=lambda message: print(message, file=sys.stderr, flush=True), threads=check_threads(ns.threads))
 
 
@@ -215,7 +231,9 @@ def cmd_calibrate(argv: list[str]) -> int:
              and (ns.streams is None or h[1] in ns.streams)]
     if not hooks:
         raise RequestError("layers", f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
-    info = disc.calibrate(ns.model_id, ns.sae_id, corpus, hooks, lite_labels=not ns.no_lite_labels)
+    info = disc.calibrate(ns.model_id, ns.sae_id, corpus, hooks, lite_labels=not ns.no_lite_labels, progress=True)
+    for line in info["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     print(json.dumps(info))
     return 0
 
@@ -230,6 +248,8 @@ def runs_parser() -> argparse.ArgumentParser:
     ls.add_argument("--model", dest="model_id", help="only runs of this model id (default: all)")
     ls.add_argument("--sae", dest="sae_id", help="only runs of this SAE source id (default: all)")
     ls.add_argument("--mode", choices=runs.RUN_MODES, help="only runs of this mode (default: all)")
+    ls.add_argument("--tag", dest="tags", action="append", metavar="KEY=VALUE",
+                    help="only runs tagged KEY=VALUE (repeat: all of them; default: any)")
     ls.add_argument("--limit", default="50", help="runs listed (default: 50)")
     ls.add_argument("--offset", default="0", help="runs skipped, newest first (default: 0)")
     ls.add_argument("--out", help="write the listing here (.json: the API's page, .csv, .jsonl: one run per line)")
@@ -260,11 +280,13 @@ def cmd_runs(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["list", *argv]  # ``runs`` alone lists
     ns = runs_parser().parse_args(argv)
-    catalog = Catalog(ns.db)
+    catalog = _catalog(ns)
     if ns.action == "list":
         fmt = out_format(ns.out, ns.format, ("json", "csv", "jsonl"))
         limit, offset = (check_value(Option(n, "int", 0, "", (0, INT32_MAX)), getattr(ns, n)) for n in ("limit", "offset"))
-        rows, total = runs.list_runs(catalog, limit, offset, model_id=ns.model_id, sae_id=ns.sae_id, mode=ns.mode)
+        tags = [parse_tag_filter("tag", t, "=") for t in ns.tags or []]
+        rows, total = runs.list_runs(catalog, limit, offset, model_id=ns.model_id, sae_id=ns.sae_id, mode=ns.mode,
+                                     tags=tags)
         page = {"runs": rows, "total": total, "limit": limit, "offset": offset}
         if ns.out:
             print(f"wrote {write_runs(page, ns.out, fmt)}")
@@ -315,6 +337,21 @@ def cmd_sql(argv: list[str]) -> int:
     return 0
 
 
+def cmd_feature(argv: list[str]) -> int:
+    p = Parser(prog="python -m sae_discover feature",
+               description="One feature across the stored runs (the API's GET /v1/features/{sae_id}/{layer}/{stream}/"
+                           "{feature_id}): labels, calibration statistics and histogram, top contexts, the runs "
+                           "where it was among the top features, the tokens its decoder promotes and suppresses.")
+    p.add_argument("action", choices=["show"])
+    add_options(p, FEATURE_OPTIONS)
+    p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
+    _common(p, model=False)
+    ns = p.parse_args(argv)
+    view = show_feature(_catalog(ns), _fields(ns, tuple(o.name for o in FEATURE_OPTIONS)))
+    sys.stdout.write(json.dumps(view, ensure_ascii=False) + "\n" if ns.format == "json" else feature_text(view))
+    return 0
+
+
 def cmd_labels(argv: list[str]) -> int:
     p = Parser(prog="python -m sae_discover labels",
                                 description="Import AutoInterp label tables (Neuronpedia JSONL[.gz], delphi, CSV).")
@@ -330,7 +367,7 @@ def cmd_labels(argv: list[str]) -> int:
     from sae_discover.loaders import Loaders
 
     source = Loaders(Registry.load(ns.registry)).source(ns.sae_id)
-    print(json.dumps(import_labels(Catalog(ns.db), source, ns.file, ns.format, ns.layer, ns.stream)))
+    print(json.dumps(import_labels(_catalog(ns), source, ns.file, ns.format, ns.layer, ns.stream)))
     return 0
 
 
@@ -375,7 +412,7 @@ def cmd_drift(argv: list[str]) -> int:
     ns = drift_parser().parse_args(argv)
     fields = drift_fields(ns)
     out_format(ns.out, ns.format, OUT_FORMATS)
-    source = _discovery(ns) if "prompts" in fields else Catalog(ns.db)  # stored runs only: no model, no torch
+    source = _discovery(ns) if "prompts" in fields else _catalog(ns)  # stored runs only: no model, no torch
     return _show(drift_report(source, fields, progress=True, allow_sql_filter=True), ns, drift_table,
                  _html_writer(getattr(source, "catalog", source), write_report, lambda _, report: drift_page(report)))
 
@@ -401,13 +438,14 @@ def cmd_serve(argv: list[str]) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_threads(ns.threads)
     settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in (*limits, "device", "dtype", "threads")})
-    app = create_app(ns.db, ns.registry, settings)  # opens (and holds) the catalog before binding the port
+    # opens (and holds) the catalog before binding the port
+    app = create_app(ns.db, ns.registry, settings, read_only=True if ns.read_only else None)
     uvicorn.run(app, host=ns.host, port=ns.port, workers=1, log_level=ns.log_level)
     return 0
 
 
 COMMANDS = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "labels": cmd_labels, "drift": cmd_drift,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "feature": cmd_feature}
 
 
 PYTHON_SHOWWARNING = warnings.showwarning

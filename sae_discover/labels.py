@@ -35,6 +35,7 @@ def source_hook(source: SAESource, hook: tuple[int, str] | None) -> tuple[int, s
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
                   layer: int | None = None, stream: str | None = None) -> dict:
     """Import an AutoInterp label file for the SAEs of ``source``."""
+    catalog.require_writable("importing labels")  # before the file is read
     sae_id = source.sae_id
     if (layer is None) != (stream is None):
         raise RequestError("layer" if layer is None else "stream", "give --layer and --stream together")

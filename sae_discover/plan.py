@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from catalog.writes import ModelInfo, SAEInfo
 from ingest.models import ENCODERS, ModelCard
-from ingest.options import RunOptions, parse_attribution_target
+from ingest.options import RunOptions, parse_attribution_target, resolve_token_proxy
 from ingest.run import RunSpec
 from ingest.saes.sources import SAESource
 from sae_discover.errors import RequestError
@@ -133,6 +133,7 @@ def plan_run(loaders: Loaders, req: DiscoverRequest) -> RunPlan:
         raise RequestError("generate", f"{req.model_id} is an encoder ({card.family}) and cannot generate; "
                                        "send `text` (text mode) or set generate=false")
     check_attribution(req, card)
+    req.token_proxy = resolve_token_proxy(req, req.text is not None)  # before the run id: auto is never hashed
     source = loaders.source(req.sae_id)
     layers, hooks = resolve_hooks(req, entry, card, source)
     saes = sae_infos(source, hooks)

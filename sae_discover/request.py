@@ -18,6 +18,8 @@ INTEGER or ask for unbounded work.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import types
 import typing
@@ -34,6 +36,9 @@ INT32_MAX = 2**31 - 1
 MAX_LAYER = 10_000
 ID_MAX_CHARS = 1000
 ASCII_INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+MAX_TAGS = 64  # keys per request's tags
+MAX_TAG_KEY = 100  # characters of a tag key
+MAX_TAG_VALUE = 1000  # characters of a tag value
 
 
 @dataclass
@@ -60,7 +65,12 @@ class Target:
         "help": "selectivity's background text (default: the calibration corpus mean)", "text": True})
     background_file: str | None = field(default=None, metadata={
         "help": "selectivity's background: a file, one document per line", "text": True, "path": True})
-    id: str | None = field(default=None, metadata={"help": "echoed back in the response (batch lines)"})
+    id: str | None = field(default=None, metadata={
+        "help": "echoed back in the response and stored with the run as its batch_id (batch lines, API bodies)"})
+    tags: dict[str, str | int | float | bool] | None = field(default=None, metadata={
+        "help": f"labels stored with the run, not part of its id (the same prompt with other tags reuses the run "
+                f"and merges them): KEY=VALUE,... on the command line, a flat JSON object of scalars in JSON "
+                f"(at most {MAX_TAGS} keys of at most {MAX_TAG_KEY} characters)"})
     verify_top: int = field(default=0, metadata={
         "help": "ablate each of the top N returned features (and the top N by mean activation) and measure the "
                 "true change of the attribution target", "bounds": (0, 100)})
@@ -79,7 +89,8 @@ class Option:
     """One user-facing field of a request part, as the front doors see it."""
 
     name: str
-    kind: Literal["bool", "int", "float", "id", "text", "choice", "int_list", "choice_list", "hook_list", "list"]
+    kind: Literal["bool", "int", "float", "id", "text", "choice", "int_list", "choice_list", "hook_list", "list",
+                  "tags"]
     default: Any
     help: str
     bounds: tuple[float, float] | None = None
@@ -101,6 +112,8 @@ def _kind(hint: Any, meta: dataclasses.Field) -> tuple[str, tuple[str, ...], boo
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
     origin = typing.get_origin(hint)
+    if origin is dict:
+        return "tags", (), optional
     if origin is Literal:
         return "choice", tuple(args), optional
     if origin is list:
@@ -256,6 +269,54 @@ def parse_hooks(value: Any, max_layers: int) -> list[tuple[int, str]]:
     return hooks
 
 
+def tag_value(value: Any) -> str:
+    """A tag's value as stored (text): strings as they are, numbers and booleans as their JSON text."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _tag_words(value: Any) -> dict[str, Any]:
+    """CLI words (``KEY=VALUE``, several per word with commas) as a mapping; a mapping as it is."""
+    if isinstance(value, dict):
+        return value
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, list | tuple) or not all(isinstance(w, str) for w in words):
+        raise RequestError("tags", f"expected an object of tag: value, or KEY=VALUE words, got {value!r}")
+    out: dict[str, Any] = {}
+    for word in (part for w in words for part in w.split(",") if part.strip()):
+        key, sep, val = word.partition("=")
+        if not sep:
+            raise RequestError("tags", f"expected KEY=VALUE, got {word!r}")
+        out[key.strip()] = val.strip()
+    return out
+
+
+def parse_tags(value: Any) -> dict[str, str]:
+    """A flat mapping of tag key → scalar (string, number, boolean), checked and stored as text
+    (:func:`tag_value`): at most :data:`MAX_TAGS` keys of 1 to :data:`MAX_TAG_KEY` characters."""
+    tags = _tag_words(value)
+    if len(tags) > MAX_TAGS:
+        raise RequestError("tags", f"expected at most {MAX_TAGS} keys, got {len(tags)}")
+    out = {}
+    for key, val in tags.items():
+        if not isinstance(key, str) or not key.strip() or len(key) > MAX_TAG_KEY:
+            raise RequestError("tags", f"expected keys of 1 to {MAX_TAG_KEY} characters, got {key!r}")
+        if not isinstance(val, str | int | float | bool) or (isinstance(val, float) and not math.isfinite(val)):
+            raise RequestError("tags", f"{key}: expected a string, number or boolean, got {val!r}")
+        text = tag_value(val)
+        if len(text) > MAX_TAG_VALUE:
+            raise RequestError("tags", f"{key}: expected a value of at most {MAX_TAG_VALUE} characters")
+        out[key.strip()] = text
+    return out
+
+
+def parse_tag_filter(name: str, value: str, sep: str) -> tuple[str, str]:
+    """One ``KEY<sep>VALUE`` tag filter (``runs list --tag domain=finance``, ``GET /v1/runs?tag=domain:finance``)."""
+    key, found, val = str(value).partition(sep)
+    if not found or not key.strip() or len(key) > MAX_TAG_KEY:
+        raise RequestError(name, f"expected KEY{sep}VALUE, got {value!r}")
+    return key.strip(), val.strip()
+
+
 def _choice(opt: Option, value: Any) -> str:
     if opt.name == "score_mode":
         return parse_score_mode(value)
@@ -300,6 +361,8 @@ def check_value(opt: Option, value: Any, max_text_chars: int = 200_000, max_laye
         return _text(opt.name, value, max_text_chars)
     if opt.kind == "hook_list":
         return parse_hooks(value, max_layers)
+    if opt.kind == "tags":
+        return parse_tags(value)
     if opt.kind == "list":
         raise TypeError(f"{opt.name}: a list of objects has its own parser")  # a bug, not a user error
     return _ident(opt.name, value)

@@ -83,8 +83,19 @@ class Analyzed(Struct, kw_only=True):
     continuation: str | None
 
 
+class Calibration(Struct, kw_only=True):
+    """The calibration a ranking used (τ, normalization, background mean): its id, corpus, the corpus
+    file's hash and its token count (the newest among the run's SAEs when they differ)."""
+
+    calibration_id: int
+    corpus: str | None
+    corpus_hash: str | None
+    n_tokens: int | None
+
+
 class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
-    """The seed's response, plus run_id, cached, threshold_source, normalization, analyzed and timings."""
+    """The seed's response, plus run_id, cached, threshold_source, normalization, analyzed, timings and
+    the calibration used (``calibration_id`` null, and ``calibration`` null, when none was)."""
 
     model_id: str
     sae_id: str
@@ -96,6 +107,8 @@ class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
     normalization: str
     features: list[Feature]
     warnings: list[str]
+    calibration_id: int | None
+    calibration: Calibration | None
     timings: dict[str, float] | UnsetType = UNSET
     id: str | UnsetType = UNSET
     verification: Verification | UnsetType = UNSET
@@ -127,13 +140,17 @@ def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: lis
     warnings = list(notes)
     if ranked["threshold_source"] == "none":
         warnings.append(NO_CALIBRATION)
+    warnings += ranked.get("warnings", [])
+    calibration = ranked.get("calibration")
     out = {"model_id": req.model_id, "sae_id": req.sae_id, "run_id": run_id, "cached": run["cached"],
            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": layers, "streams": streams,
                         "total_tokens": run["n_tokens"], "text": analyzed["text"],
                         "continuation": analyzed["continuation"]},
            "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
            "normalization": ranked["normalization"], "features": [feature_json(f, req) for f in ranked["features"]],
-           "warnings": warnings}
+           "warnings": warnings,
+           "calibration_id": None if calibration is None else calibration["calibration_id"],
+           "calibration": calibration}
     if timings is not None:
         out["timings"] = {k: round(v, 4) for k, v in timings.items()}
     if req.id is not None:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from catalog import runs
 from catalog.db import Catalog
+from catalog.errors import CatalogReadOnly
 from catalog.ranking import ATTRIBUTION_MODES
-from catalog.writes import RunRows, write_runs
+from catalog.writes import RunRows, RunTags, record_calibrations, tag_runs, write_runs
 from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
 from sae_discover.calibration import Calibrator
@@ -101,6 +102,7 @@ class Discovery:
         ``progress(n)`` is told as requests get their run: per prompt in this process, per micro-batch
         from worker processes (each request once)."""
         results, plans, stored = self.stored_runs(reqs, batch_size, workers, progress)
+        self._tag(plans, stored)
         groups: dict[tuple, list[int]] = {}  # runs ranked together: same model, SAEs and ranking options
         for i, p in plans.items():
             if results[i] is None:
@@ -135,9 +137,10 @@ class Discovery:
         found = runs.find_runs(self.catalog, [p.run_id for p in plans.values()])
         stored = {i: {**found[p.run_id], "cached": True, "timings": {}} for i, p in plans.items() if p.run_id in found}
         tell(len(reqs) - len(plans) + len(stored))  # refused and cached requests are done already
+        self._refuse_new_runs_if_read_only(results, plans, stored, tell)
         groups: dict[tuple, list[int]] = {}  # runs computed together: same model, SAE source and hooks
         for i, p in plans.items():
-            if i not in stored:
+            if i not in stored and results[i] is None:
                 groups.setdefault((p.entry.source, p.source.root, tuple(p.hooks)), []).append(i)
         chunks = [members[start:start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
@@ -150,6 +153,20 @@ class Discovery:
                 for i in chunk:
                     results[i] = exc
         return results, plans, stored
+
+    def _refuse_new_runs_if_read_only(self, results: list[Outcome | None], plans: dict[int, RunPlan],
+                                      stored: dict[int, dict], tell: Progress) -> None:
+        """On a read-only catalog, a request whose run is not stored gets the catalog's refusal in place
+        (before any model runs: its run could not be stored); stored runs are still answered."""
+        missing = [i for i in plans if i not in stored]
+        if not missing or not self.catalog.read_only:
+            return
+        try:
+            self.catalog.require_writable("a request whose run is not stored yet")
+        except CatalogReadOnly as exc:
+            for i in missing:
+                results[i] = exc
+        tell(len(missing))
 
     def _compute(self, batches: list[list[RunPlan]], chunks: list[list[int]], workers: int, tell: Progress
                  ) -> Iterator[tuple[list[int], tuple[list[RunBatch], int] | Exception]]:
@@ -196,6 +213,12 @@ class Discovery:
         return {i: {**r.run, "run_key": run_key, "cached": not created, "timings": {**r.run["timings"], "write_s": write_s}}
                 for i, r, (run_key, created) in zip(indices, rows, written, strict=True)}
 
+    def _tag(self, plans: dict[int, RunPlan], stored: dict[int, dict]) -> None:
+        """Store each request's ``id`` (as the run's batch_id) and merge its ``tags`` into its run, new
+        and cached runs alike (tags are not part of the run id), in one small transaction."""
+        tag_runs(self.catalog, [RunTags(stored[i]["run_key"], p.req.id, p.req.tags or {})
+                                for i, p in plans.items() if i in stored])
+
     # -- steps 5-6: rank in SQL and answer ------------------------------------------------------------
     def _respond(self, plans: list[RunPlan], stored: list[dict]) -> list[dict]:
         """Rank stored runs that share model, SAEs and ranking options (one set of statements for all)
@@ -212,6 +235,7 @@ class Discovery:
         background = self.background(req) if has_background else None
         ranked = rank_stored(self.catalog, [(run["run_key"], run["n_kept"]) for run in stored], first.saes, req,
                              background)
+        record_calibrations(self.catalog, {run["run_key"]: r["calibrations"] for run, r in zip(stored, ranked, strict=True)})
         for p, run, r in zip(plans, stored, ranked, strict=True):
             if p.req.verify_top:
                 r["verification"] = self._verify(p, run, r, rank_options(p.req, background))
@@ -253,8 +277,8 @@ class Discovery:
 
     # -- catalog work that needs the model --------------------------------------------------------------
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,
-                  lite_labels: bool = True) -> dict:
-        return self.calibrator.calibrate(model_id, sae_id, corpus, hooks, lite_labels)
+                  lite_labels: bool = True, progress: bool = False) -> dict:
+        return self.calibrator.calibrate(model_id, sae_id, corpus, hooks, lite_labels, progress)
 
     def import_labels(self, path: str | Path, sae_id: str, fmt: str | None = None, layer: int | None = None,
                       stream: str | None = None) -> dict:

@@ -32,7 +32,7 @@ SEED_BODY = {  # the seed's example body, with the demo's ids, layer and a short
     "score_mode": "mean×coverage", "min_coverage_pct": 0.5, "merge_across_layers": True, "attach_examples": True,
     "attach_proto_labels": True, "seed": 42}
 RESPONSE_KEYS = {"model_id", "sae_id", "run_id", "cached", "analyzed", "score_mode", "threshold_source", "normalization",
-                 "features", "warnings", "timings"}
+                 "features", "warnings", "calibration_id", "calibration", "timings"}
 FEATURE_KEYS = {"feature_id", "layer", "stream", "score", "scores", "proto_label", "top_spans"}
 DISCOVER = "/v1/sae/features/discover"
 
@@ -44,13 +44,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path, registry: Path, log: Path) -> None:
+    def __init__(self, db: Path, registry: Path, log: Path, *extra: str) -> None:
         self.db, self.registry, self.log = db, registry, log
         self.url = f"http://127.0.0.1:{free_port()}"
         flags = [x for k, v in LIMITS.items() for x in (f"--{k}", str(v))]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sae_discover", "serve", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-             "--db", str(db), "--registry", str(registry), "--device", "cpu", "--log_level", "warning", *flags],
+             "--db", str(db), "--registry", str(registry), "--device", "cpu", "--log_level", "warning", *flags, *extra],
             cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         deadline = time.monotonic() + 120
         while True:
@@ -405,6 +405,26 @@ def test_attribution_over_http_and_its_bad_bodies(server):
                          ({"verify_top": 2}, "verify_top"), ({"verify_top": 101}, "verify_top"),
                          ({"score_mode": "attribution"}, "score_mode")):
         assert_error(server.client.post(DISCOVER, json=toy("Costs fell sharply", **extra)), 400, field)
+
+
+def test_tags_and_id_are_stored_merged_and_filterable(server):
+    c = server.client
+    body = toy("Tagged prompt about bonds", id="req-7", tags={"domain": "finance", "n": 3, "gold": True})
+    first = c.post(DISCOVER, json=body)
+    assert first.status_code == 200, first.text
+    run_id = first.json()["run_id"]
+    assert first.json()["id"] == "req-7" and "calibration_id" in first.json()
+    again = c.post(DISCOVER, json={**body, "id": "req-8", "tags": {"split": "test"}})
+    assert again.json()["run_id"] == run_id and again.json()["cached"] is True  # tags are not in the run id
+    page = c.get("/v1/runs", params=[("tag", "domain:finance"), ("tag", "split:test")]).json()
+    assert [r["run_id"] for r in page["runs"]] == [run_id] and page["total"] == 1
+    assert page["runs"][0]["tags"] == {"domain": "finance", "n": "3", "gold": "true", "split": "test"}
+    assert page["runs"][0]["batch_id"] == "req-8"
+    assert c.get("/v1/runs", params={"tag": "domain:sports"}).json()["total"] == 0
+    assert c.get(f"/v1/runs/{run_id}").json()["tags"]["domain"] == "finance"
+    assert_error(c.get("/v1/runs", params={"tag": "domain"}), 400, "tag")
+    assert_error(c.post(DISCOVER, json={**body, "tags": {"a": {"b": 1}}}), 400, "tags")
+    assert_error(c.post(DISCOVER, json={**body, "tags": {f"k{i}": i for i in range(65)}}), 400, "tags")
 
 
 def test_after_shutdown_the_catalog_holds_one_run_per_distinct_request(server):

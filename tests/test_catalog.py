@@ -22,6 +22,8 @@ VIEW_COLUMNS = {
     "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens",
                         "p95_all"],
     "v_labels": ["sae_id", "feature_id", "label", "source", "score"],
+    "v_top_contexts": ["run_id", "layer", "stream", "sae_id", "feature_id", "position", "act", "token", "n_fired",
+                       "rank"],
 }
 MODEL = writes.ModelInfo("m", "fp-m", "gpt2", 2, 8)
 

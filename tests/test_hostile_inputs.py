@@ -283,11 +283,31 @@ def test_sae_weights_that_are_not_finite_are_refused_naming_the_tensor(tmp_path,
 
 
 def test_other_commands_refuse_bad_values_in_one_line(stored, tmp_path):
+    before = snapshot(stored["db"])
     assert_refused(run_cli("runs", "list", "--limit", "-1", "--db", str(stored["db"])), "limit")
     assert_refused(run_cli("--db", "/proc/x/cat.duckdb", "--text", "hi"), "db", "cannot be made")
+    for args in (("runs", "list"), ("drift", "--base_runs", "abcdef12", "--tuned_runs", "abcdef12"),
+                 ("labels", "import", str(tmp_path / "l.csv"), "--sae", "demo")):
+        assert_refused(run_cli(*args, "--db", "/proc/x/cat.duckdb"), "db", "/proc/x/cat.duckdb: its folder cannot be made")
+    assert_refused(run_cli("sql", "SELECT 1", "--db", "/proc/x/cat.duckdb"), "db", "/proc/x/cat.duckdb does not exist")
+    assert snapshot(stored["db"]) == before
     assert not (tmp_path / "x").exists()
     proc = run_cli("runs", "lst", "--db", str(stored["db"]))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "runs --help" in proc.stderr
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("big.csv", "feature_id,label\n1," + "x" * 200_000 + "\n", "field larger than field limit"),
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "is nested too deeply"),
+    ("deep_label.jsonl", '{"index": 1, "description": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "is nested too deeply"),
+], ids=["csv-field-over-128KB", "nested-json", "nested-json-in-a-row"])
+def test_cli_label_files_that_cannot_be_read_are_one_line(stored, tmp_path, name, content, words):
+    before = snapshot(stored["db"])
+    (tmp_path / name).write_text(content)
+    proc = run_cli("labels", "import", str(tmp_path / name), "--registry", str(stored["registry"]), "--sae", "toy",
+                   "--layer", "1", "--stream", "resid_pre", "--db", str(stored["db"]))
+    assert_refused(proc, "file", words)
+    assert snapshot(stored["db"]) == before
 
 
 # -- 4. the API: 4xx naming the field, never a 500 -------------------------------------------------
@@ -358,6 +378,26 @@ def test_api_refuses_unparseable_bodies(server, path, raw, field):
 ])
 def test_api_label_imports_refuse_bad_fields(server, body, field):
     api_error(server.client.post(LABELS, json={"sae_id": "toy", **body}), field)
+
+
+HUGE = "9" * 5000  # a 5,000-digit integer, spliced into a JSON body (Python's int() refuses it as text)
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    (LABELS, '{"sae_id": "toy", "format": "csv", "content": "feature_id,label\\n1,x\\n", "layer": HUGE, '
+             '"stream": "resid_pre"}', "layer"),
+    (LABELS, '{"sae_id": "toy", "format": "neuronpedia", "layer": 1, "stream": "resid_pre", '
+             '"content": "{\\"index\\": HUGE, \\"description\\": \\"x\\"}\\n"}', "content"),
+    ("/v1/sae/features/discover", '{"model_id": "toy", "sae_id": "toy", "text": "hi", "layers": [HUGE]}', "layers"),
+    ("/v1/sae/features/discover", '{"model_id": "toy", "sae_id": "toy", "text": "hi", "return_top_x": HUGE}',
+     "return_top_x"),
+    ("/v1/drift", '{"base_runs": ["abcdef12"], "tuned_runs": ["abcdef12"], "top_k": HUGE}', "top_k"),
+], ids=["labels-layer", "labels-index", "discover-layers", "discover-top-x", "drift-top-k"])
+def test_api_refuses_huge_integers_naming_the_field(server, path, body, field):
+    before = server.client.get("/v1/runs").json()["total"]
+    r = server.client.post(path, content=body.replace("HUGE", HUGE), headers={"content-type": "application/json"})
+    api_error(r, field)
+    assert server.client.get("/v1/runs").json()["total"] == before
 
 
 def test_api_refuses_a_lone_surrogate_in_label_content(server):

@@ -9,6 +9,7 @@ import json
 import time
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 
 from sae_discover.report import run_report, stored_report
@@ -322,3 +323,190 @@ def _wait(check, timeout: float = 30):
             return value
         time.sleep(0.2)
     raise AssertionError("the page did not get there in time")
+
+
+# -- decoder tokens: promoted and suppressed (lite labels) ----------------------------------------
+
+def decoder_oracle(toy_demo, layer: int, stream: str, top: int = 5) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Per feature, the tokens its decoder row promotes and suppresses most through the toy model's
+    unembedding (tied to its input embedding), from the weight files read here, in float64."""
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    hook = f"blocks.{layer}.hook_{stream}"
+    w_dec = load_file(str(toy_demo / "saes" / hook / "sae_weights.safetensors"))["W_dec"].astype(np.float64)
+    w_u = load_file(str(toy_demo / "model" / "model.safetensors"))["transformer.wte.weight"].astype(np.float64)
+    tok = AutoTokenizer.from_pretrained(str(toy_demo / "model"))
+    logits = w_dec @ w_u.T  # [d_sae, vocab]
+
+    def shown(ids) -> list[str]:  # the lite label leaves out tokens that decode to nothing but U+FFFD
+        return [t for t in (tok.decode([int(i)]) for i in ids) if t.strip("\ufffd")]
+    order = np.argsort(logits, axis=1, kind="stable")
+    return ({f: shown(order[f, ::-1][:top]) for f in range(len(logits))},
+            {f: shown(order[f, :top]) for f in range(len(logits))})
+
+
+def test_lite_labels_and_report_show_the_tokens_the_decoder_promotes_and_suppresses(attributed_run, toy_demo):
+    cat, result, text = attributed_run
+    promotes, suppresses = decoder_oracle(toy_demo, 1, "resid_pre")
+    with cat.raw() as con:
+        lite = dict(con.execute("SELECT feature_id, label FROM v_labels WHERE source = 'lite' AND layer = 1 "
+                                "AND stream = 'resid_pre'").fetchall())
+    assert len(lite) == len(promotes)  # every feature of the SAE has decoder tokens
+
+    def listed(tokens: list[str]) -> str:
+        return ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
+    for f, label in lite.items():  # a part with no token left (all U+FFFD) is left out
+        decoder = "; ".join(f"{verb} {listed(tokens)}" for verb, tokens in
+                            (("promotes", promotes[f]), ("suppresses", suppresses[f])) if tokens)
+        assert decoder and label.endswith(decoder), (f, label)
+    assert sum("; suppresses " in label for label in lite.values()) > len(lite) / 2
+    # the report's data and the selected feature's panel carry both lists, read back from the lite label
+    data = json.loads(Page(text).json_blocks[0])
+    for f, extra in zip(result["features"], data["features"], strict=True):
+        assert f["layer"] == 1 and f["stream"] == "resid_pre"
+        assert (extra["d"], extra["s"]) == (promotes[f["feature_id"]], suppresses[f["feature_id"]])
+
+
+def test_lite_parts_reads_tokens_that_look_like_its_own_syntax():
+    from catalog.report import lite_parts
+
+    label = 'fires on " promotes x", "; suppresses \\"a\\"", ", "; promotes "b"; suppresses " c", "d"'
+    assert lite_parts(label) == {"fires on": [" promotes x", '; suppresses "a"', ", "], "promotes": ["b"],
+                                 "suppresses": [" c", "d"]}
+    assert lite_parts('fires on "a"; promotes "b"') == {"fires on": ["a"], "promotes": ["b"]}  # labels made before
+    assert lite_parts("a label imported from elsewhere") == {}
+
+
+# -- attribution: a real run with attribution_target=next_tokens ----------------------------------
+
+@pytest.fixture()
+def attributed_run(toy_discovery):
+    req = build_request({"model_id": "toy", "sae_id": "toy", "text": "Revenue rose because the margins grew and the "
+                         "quarter closed", "layers": [1], "attribution_target": "next_tokens", "return_top_x": 12,
+                         "min_coverage_pct": 0.0, "attach_proto_labels": True})
+    result = toy_discovery.discover(req)
+    return toy_discovery.catalog, result, run_report(toy_discovery.catalog, result)
+
+
+def catalog_attr(cat, run_id: str, layer: int, stream: str, feature: int) -> list[tuple[int, float, float | None]]:
+    """(position, act, attr) of one feature in a run, from the public view ``v_activations`` (this test's SQL)."""
+    with cat.raw() as con:
+        return con.execute("SELECT position, act, attr FROM v_activations WHERE run_id = ? AND layer = ? AND stream = ? "
+                           "AND feature_id = ? ORDER BY position", [run_id, layer, stream, feature]).fetchall()
+
+
+def test_report_of_an_attribution_run_shows_each_tokens_attribution(attributed_run):
+    cat, result, text = attributed_run
+    page = Page(text)
+    feats = result["features"]
+    assert len(feats) >= 3 and all("attribution" in f["scores"] for f in feats)
+    # the attribution column: each feature's Σ attr over the run, as v_activations holds it
+    heads = column_heads(text)
+    assert heads[9] == "attribution" and heads[-1] == "label"
+    for row, f in zip(page.rows, feats, strict=True):
+        stored = catalog_attr(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"])
+        assert float(row["cells"][9]) == pytest.approx(sum(a for _, _, a in stored if a is not None), abs=6e-5)
+        assert row["cells"][9] == f"{f['scores']['attribution']:.4f}"
+    # the heatmap data: per position, the stored attr (four significant digits)
+    data = json.loads(page.json_blocks[0])
+    nonzero = 0
+    for f, extra in zip(feats, data["features"], strict=True):
+        stored = catalog_attr(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"])
+        assert extra["p"] == [p for p, _, _ in stored]
+        assert extra["t"] == pytest.approx([a for _, _, a in stored], rel=6e-4, abs=1e-12)
+        nonzero += sum(1 for _, _, a in stored if a)
+    assert nonzero > 0
+    # the toggle: activation (checked) or attribution
+    assert 'value=act checked' in text and 'value=attr>' in text
+
+
+def column_heads(text: str) -> list[str]:
+    """The feature table's column headings."""
+    class Heads(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.heads, self._in = [], False
+
+        def handle_starttag(self, tag, attrs):
+            self._in = tag == "th" and any(k == "data-k" for k, _ in attrs)
+            if self._in:
+                self.heads.append("")
+
+        def handle_endtag(self, tag):
+            self._in = False if tag == "th" else self._in
+
+        def handle_data(self, data):
+            if self._in:
+                self.heads[-1] += data
+    p = Heads()
+    p.feed(text)
+    return p.heads
+
+
+def token_colours(driver) -> dict[int, tuple[tuple[int, int, int], float]]:
+    """Position → (rgb, alpha) of every highlighted token, as the browser computed it."""
+    out = {}
+    for pos, colour in driver.execute_script(
+            "return Array.from(document.querySelectorAll('section.run .tok.on'))"
+            ".map(t => [Number(t.dataset.i), getComputedStyle(t).backgroundColor])"):
+        parts = [float(x) for x in colour[colour.index("(") + 1:-1].split(",")]
+        out[pos] = (tuple(int(x) for x in parts[:3]), parts[3] if len(parts) == 4 else 1.0)
+    return out
+
+
+def expected_colours(values: dict[int, float]) -> dict[int, tuple[tuple[int, int, int], float]]:
+    """The heatmap's rule: orange for positive, blue for negative, opacity 0.12 + 0.78 |v| / max |v|."""
+    scale = max(abs(v) for v in values.values())
+    return {p: ((40, 110, 230) if v < 0 else (255, 112, 0), 0.12 + 0.78 * abs(v) / scale) for p, v in values.items()}
+
+
+def assert_colours(seen, expected):
+    assert sorted(seen) == sorted(expected)
+    for p in expected:
+        assert seen[p][0] == expected[p][0] and seen[p][1] == pytest.approx(expected[p][1], abs=0.01), p
+
+
+def test_attribution_toggle_in_chromium_colours_tokens_by_the_runs_attr(browser, attributed_run, tmp_path):
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.by import By
+
+    cat, result, text = attributed_run
+    path = tmp_path / "attr.html"
+    path.write_text(text)
+    browser.get_log("browser")
+    browser.get(path.as_uri())
+    feats = result["features"]
+    stored = [catalog_attr(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"]) for f in feats]
+    # another feature whose attributions at its tokens have both signs, to see both colours
+    mixed = next(i for i, s in enumerate(stored) if i > 0 and {a > 0 for _, _, a in s if a} == {True, False})
+    acts = {p: act for p, act, _ in stored[0]}
+    assert_colours(token_colours(browser), expected_colours(acts))  # by activation at first
+
+    browser.find_element(By.CSS_SELECTOR, "input[name^=color][value=attr]").click()
+    assert_colours(token_colours(browser), expected_colours({p: a or 0.0 for p, _, a in stored[0]}))
+    browser.find_element(By.CSS_SELECTOR, f"table.feats tbody tr[data-f='{mixed}']").click()
+    attrs = {p: a or 0.0 for p, _, a in stored[mixed]}
+    assert_colours(token_colours(browser), expected_colours(attrs))
+    # hovering a token lists the selected feature with its activation and attribution there
+    pos = max(attrs, key=lambda p: abs(attrs[p]))
+    ActionChains(browser).move_to_element(browser.find_element(By.CSS_SELECTOR, f".tok[data-i='{pos}']")).perform()
+    f = feats[mixed]
+    line = next(x for x in browser.find_element(By.ID, "tip").text.splitlines() if x.startswith(f"#{f['feature_id']} L"))
+    assert float(line.split("attr ")[1]) == pytest.approx(attrs[pos], abs=1e-4)
+    # back to activations
+    browser.find_element(By.CSS_SELECTOR, "input[name^=color][value=act]").click()
+    assert_colours(token_colours(browser), expected_colours({p: act for p, act, _ in stored[mixed]}))
+    # sorting by the attribution column orders the rows by the run's Σ attr, largest first
+    browser.find_element(By.XPATH, "//table[@class='feats']//th[text()='attribution']").click()
+    order = [int(x) for x in browser.execute_script(
+        "return Array.from(document.querySelectorAll('table.feats tbody tr')).map(r => r.dataset.feature)")]
+    sums = {f["feature_id"]: sum(a or 0.0 for _, _, a in s) for f, s in zip(feats, stored, strict=True)}
+    assert [sums[x] for x in order] == pytest.approx(sorted(sums.values(), reverse=True), abs=1e-6)
+    # the panel lists the decoder's suppressed tokens beside the promoted ones
+    data = json.loads(browser.find_element(By.CSS_SELECTOR, "script.data").get_attribute("textContent"))
+    chips = browser.execute_script("return Array.from(document.querySelectorAll('.detail .chips.suppresses span'))"
+                                   ".map(s => s.textContent)")
+    assert chips == data["features"][mixed]["s"] and chips
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert console_errors(browser) == []

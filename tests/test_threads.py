@@ -26,6 +26,14 @@ def test_the_default_follows_the_model_size():
     assert resolve_threads(None, None, cores=3) == 3  # size not yet known: the larger models' rule
 
 
+def test_larger_models_take_only_the_idle_cores():
+    assert resolve_threads(None, LARGE, cores=8, load=0.2) == MAX_DEFAULT_THREADS
+    assert resolve_threads(None, LARGE, cores=8, load=6.4) == 2  # 8 cores, about 6 busy
+    assert resolve_threads(None, LARGE, cores=2, load=10.5) == 1  # every core busy: never 0
+    assert resolve_threads(None, SMALL, cores=8, load=0.0) == 1  # small models: one thread regardless
+    assert resolve_threads(2, LARGE, cores=2, load=10.5) == 2  # an explicit count wins
+
+
 def test_an_explicit_count_wins_but_never_exceeds_the_cores():
     assert resolve_threads(3, SMALL, cores=16) == 3
     assert resolve_threads(8, LARGE, cores=2) == 2

@@ -39,6 +39,7 @@ input.filter { width: 100%; padding: 5px 8px; margin: 4px 0; border: 1px solid v
 .detail { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; margin-top: 12px; background: var(--bg); }
 .detail .span { font-family: ui-monospace, Menlo, monospace; white-space: pre-wrap; margin: 3px 0; font-size: 12.5px; }
 .detail mark { background: rgba(var(--hot),.45); border-radius: 2px; }
+.chips.suppresses span { border-color: rgba(var(--cold),.45); }
 .chips span { display: inline-block; border: 1px solid var(--line); border-radius: 10px; padding: 0 7px; margin: 2px 3px 2px 0;
               font-family: ui-monospace, Menlo, monospace; font-size: 12px; background: #fff; white-space: pre; }
 .src { color: var(--mute); font-size: 12px; }
@@ -70,7 +71,7 @@ JS = r"""
     var toks = {}, byPos = {};
     section.querySelectorAll(".tok").forEach(function (t) { toks[t.dataset.i] = t; });
     feats.forEach(function (f, fi) { for (var j = 0; j < f.p.length; j++) {
-      (byPos[f.p[j]] = byPos[f.p[j]] || []).push([fi, f.a[j]]); } });
+      (byPos[f.p[j]] = byPos[f.p[j]] || []).push([fi, f.a[j], f.t ? f.t[j] : null]); } });
     var lit = [], rows = section.querySelectorAll("table.feats tbody tr"), mode = "act";
     var detail = section.querySelector(".detail"), current = -1;
 
@@ -122,11 +123,13 @@ JS = r"""
           ", max " + fmt(f.h.max) + ")"));
         detail.appendChild(hist(f.h, runMax));
       } else { detail.appendChild(el("div", "empty", "no calibration of this SAE for this model: no histogram")); }
-      detail.appendChild(el("div", "src", "tokens its decoder direction promotes (lite label)"));
-      var chips = el("div", "chips");
-      if (f.d && f.d.length) f.d.forEach(function (t) { chips.appendChild(el("span", null, t)); });
-      else chips.appendChild(el("span", "empty", "none stored"));
-      detail.appendChild(chips);
+      [["promotes", f.d], ["suppresses", f.s]].forEach(function (pair) {
+        detail.appendChild(el("div", "src", "tokens its decoder direction " + pair[0] + " (lite label)"));
+        var chips = el("div", "chips " + pair[0]);
+        if (pair[1] && pair[1].length) pair[1].forEach(function (t) { chips.appendChild(el("span", null, t)); });
+        else chips.appendChild(el("span", "empty", "none stored"));
+        detail.appendChild(chips);
+      });
       detail.appendChild(el("div", "src", "labels"));
       if (!f.l.length) detail.appendChild(el("div", "empty", "no stored label"));
       f.l.forEach(function (l) { var d = el("div", null, l.label);
@@ -160,7 +163,8 @@ JS = r"""
       var lines = ["token " + t.dataset.i + ": " + JSON.stringify(t.textContent) +
                    (t.classList.contains("gen") ? " (generated)" : "")];
       hits.forEach(function (h) { var r = resp[h[0]];
-        lines.push("#" + r.feature_id + " L" + r.layer + " " + r.stream + "  " + fmt(h[1])); });
+        lines.push("#" + r.feature_id + " L" + r.layer + " " + r.stream + "  " + fmt(h[1]) +
+                   (h[2] === null || h[2] === undefined ? "" : "  attr " + fmt(h[2], 4))); });
       if (!hits.length) lines.push("no shown feature fires here");
       tip.textContent = lines.join("\n"); tip.style.display = "block";
       tip.style.left = Math.min(ev.clientX + 12, window.innerWidth - 350) + "px"; tip.style.top = (ev.clientY + 14) + "px";

@@ -1,7 +1,7 @@
 """What one run section of a report holds: the discovery response (the JSON the CLI and API answer), the
 run's stored row and SAEs, its tokens, and per returned feature its activations in the run, calibration
-histogram, labels and decoder tokens — all from the catalog (``catalog/report.py``), so a stored run's
-report needs no model."""
+histogram, labels and decoder tokens (promoted and suppressed) — all from the catalog
+(``catalog/report.py``), so a stored run's report needs no model."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def run_section(catalog: Catalog, result: dict) -> dict:
         attr = f["attr"]
         shown.append({"p": f["positions"], "a": [_round(a) for a in f["acts"]],
                       "t": None if attr is None else [None if x is None else _round(x) for x in attr],
-                      "h": f["histogram"], "l": f["labels"], "d": f["promotes"]})
+                      "h": f["histogram"], "l": f["labels"], "d": f["promotes"],
+                      "s": f["suppresses"]})
     return {"response": result, "run": {k: run.get(k) for k in RUN_FIELDS},
             "saes": [{k: s[k] for k in ("sae_id", "layer", "stream", "hook_name", "architecture", "d_sae")}
                      for s in runs.run_saes(catalog, run["run_key"])],

@@ -122,8 +122,10 @@ def run_html(section: dict) -> str:
     """One run's section: header, tokens with the heatmap, feature table and the selected feature's detail."""
     r = section["response"]
     data = {"response": r, "features": section["features"]}
+    colour = ("activation or attribution (click a row; toggle above the table; orange +, blue −)"
+              if any(_attribution(f) is not None for f in r["features"]) else "activation (click a row)")
     legend = ("<div class=\"legend\"><span><u>underlined</u>: generated</span><span style=\"color:#a9b0b8\">grey: "
-              "special or not kept</span><span>colour: the selected feature's activation (click a row)</span></div>")
+              f"special or not kept</span><span>colour: the selected feature's {colour}</span></div>")
     return (f"<section class=\"run\" id=\"run-{esc(r['run_id'])}\"><h2>Run {esc(r['run_id'][:12])} · "
             f"{esc(r['model_id'])} · {esc(r['sae_id'])}</h2>{_header(section)}"
             f"<div class=\"grid\"><div><h3>Tokens</h3>{legend}{_tokens(section)}<div class=\"detail\"></div></div>"

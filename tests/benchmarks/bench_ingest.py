@@ -78,7 +78,7 @@ def encode_kept(sae: SAE, captured: dict, hook: tuple[int, str], k: int):
     batch, seq = captured[hook].shape[:2]
     candidates = torch.ones((batch, seq), dtype=torch.bool)
     candidates[:, 0] = False
-    _, kept = select_tokens(["norm"] * batch, [k] * batch, [hook], candidates, captured, None, [seq] * batch)
+    _, kept = select_tokens(["norm"] * batch, [k] * batch, [hook], candidates, captured, None)
     return ingest_run._encode_kept([sae], [hook], captured, kept, [None] * batch)
 
 

@@ -42,7 +42,7 @@ def section(n_tokens: int = 2000, n_features: int = 500, seed: int = 0) -> dict:
                          "score": float(1 / (rank + 1)),
                          "scores": {"mean": float(acts.sum() / n_tokens), "coverage": k / n_tokens, "max": float(acts.max()),
                                     "selectivity": float(rng.normal(0.1, 0.05))},
-                         "proto_label": f'fires on " revenue", " margins"; promotes " growth" (#{rank})',
+                         "proto_label": f'fires on " revenue", " margins"; promotes " growth"; suppresses " losses" (#{rank})',
                          "top_spans": [{"text": "the second quarter, while margins", "position": [peak - 3, peak + 3],
                                         "act": float(acts.max()), "marked": "the second [[quarter]], while margins"}] * 3})
         extra.append({"p": [int(p) for p in pos], "a": [float(f"{a:.4g}") for a in acts], "t": None,
@@ -50,7 +50,8 @@ def section(n_tokens: int = 2000, n_features: int = 500, seed: int = 0) -> dict:
                             "n_tokens": 100_000, "zeros": 98_000, "counts": [int(x) for x in rng.integers(0, 400, 24)]},
                       "l": [{"label": features[-1]["proto_label"], "source": "lite", "score": None},
                             {"label": "financial results", "source": "neuronpedia", "score": 0.8}],
-                      "d": [" growth", " profit", " revenue", " sales", " gains"]})
+                      "d": [" growth", " profit", " revenue", " sales", " gains"],
+                      "s": [" losses", " decline", " fell", " weak", " cuts"]})
     text = "".join(t["token"] for t in tokens[1:])
     response = {"model_id": "bench", "sae_id": "bench", "run_id": "0" * 24, "cached": True,
                 "analyzed": {"mode": "text", "tokens": n_tokens - 1, "layers": [8], "streams": ["resid_pre"],

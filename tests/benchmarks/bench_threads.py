@@ -48,9 +48,9 @@ PROMPTS = ["Summarize Q2 earnings for ACME", "The match ended in", "Preheat the 
 
 
 def gen_once(loaded: LoadedModel) -> None:
-    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
-    out = generate(loaded.model, ids, GEN_TOKENS, seed=0, temperature=0.0, eos_token_id=None)
-    assert out.shape[1] == ids.shape[1] + GEN_TOKENS
+    ids = loaded.tokenizer(PROMPT)["input_ids"]
+    out = generate(loaded, ids, GEN_TOKENS, seed=0, temperature=0.0)
+    assert len(ids) < len(out) <= len(ids) + GEN_TOKENS
 
 
 def batch_once(loaded: LoadedModel, sae, hook: tuple[int, str], n: int) -> None:
