@@ -146,6 +146,16 @@ def _sae_name(value: object, where: str) -> str:
     raise CatalogError("layer", f"{where}: expected an SAE id such as '6-res-jb', got {type(value).__name__}")
 
 
+def _json(text: str, where: str, what: str) -> object:
+    """``text`` parsed as JSON, or a one-line error naming the file and place."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or a number of more digits than int() takes
+        raise CatalogError("file", f"{where} is not {what} ({getattr(exc, 'msg', exc)})") from None
+    except RecursionError:
+        raise CatalogError("file", f"{where} is nested too deeply") from None
+
+
 def parse_neuronpedia(path: Path) -> list[LabelRow]:
     opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
@@ -153,23 +163,12 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         text = fh.read()
     lines = text.splitlines()
     if text.lstrip().startswith("["):  # a JSON array export
-        try:
-            objects = json.loads(text)
-        except ValueError as exc:  # JSONDecodeError, or a number of more digits than int() takes
-            raise CatalogError("file", f"{path.name} is not a JSON array ({getattr(exc, 'msg', exc)})") from None
-        except RecursionError:
-            raise CatalogError("file", f"{path.name} is nested too deeply") from None
-        lines = [json.dumps(o) for o in objects]
+        lines = [json.dumps(o) for o in _json(text, path.name, "a JSON array")]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path.name}:{number}"
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:  # JSONDecodeError, or a number of more digits than int() takes
-            raise CatalogError("file", f"{where} is not JSON ({getattr(exc, 'msg', exc)})") from None
-        except RecursionError:
-            raise CatalogError("file", f"{where} is nested too deeply") from None
+        obj = _json(line, where, "JSON")
         if not isinstance(obj, dict) or "index" not in obj or not isinstance(obj.get("description"), str):
             raise CatalogError("file", f"{where}: expected Neuronpedia fields index and description")
         score = obj.get("score")
