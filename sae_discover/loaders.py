@@ -36,6 +36,7 @@ class Loaders:
         self._cards: dict[str, ModelCard] = {}
         self._sources: dict[str, SAESource] = {}
         self._lock = threading.RLock()
+        self._sized_for: str | None = None  # the model the torch thread count was last chosen for
 
     def entry(self, model_id: str) -> ModelEntry:
         return self.registry.model(model_id, self.allow_paths)
@@ -53,7 +54,9 @@ class Loaders:
                 self._models[entry.source] = load_model(entry.id, entry.source, self.device, self.dtype)
             loaded = self._models.pop(entry.source)
             self._models[entry.source] = loaded  # most recently used last
-            apply_threads(self.threads, loaded.model)  # the rule sizes by the model about to run
+            if self._sized_for != entry.source:  # the rule sizes by the model about to run: once per switch
+                apply_threads(self.threads, loaded.model)
+                self._sized_for = entry.source
             if self.max_models is not None and len(self._models) > self.max_models:
                 while len(self._models) > self.max_models:
                     del self._models[next(iter(self._models))]

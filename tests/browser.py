@@ -46,3 +46,16 @@ def open_browser(width: int = 1400, height: int = 1000):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def browser_for_test(width: int = 1400, height: int = 1000):
+    """:func:`open_browser` for a test: a missing browser skips it with the install line, or fails it when
+    ``SAE_DISCOVER_REQUIRE_BROWSER`` is set (CI)."""
+    import pytest  # only tests call this; the screenshot script and the benchmark use open_browser
+
+    try:
+        return open_browser(width, height)
+    except NoBrowser as exc:
+        if required():
+            pytest.fail(f"SAE_DISCOVER_REQUIRE_BROWSER is set but {exc}")
+        pytest.skip(str(exc))

@@ -455,14 +455,9 @@ def test_interactive_docs_load_nothing_from_another_host(server):
 
 
 def test_interactive_docs_render_in_a_browser_without_network(server):
-    from tests.browser import NoBrowser, open_browser, required
+    from tests.browser import browser_for_test
 
-    try:
-        driver = open_browser()
-    except NoBrowser as exc:
-        if required():
-            pytest.fail(f"SAE_DISCOVER_REQUIRE_BROWSER is set but {exc}")
-        pytest.skip(str(exc))
+    driver = browser_for_test()
     try:
         driver.get(server.url + "/schema")
         deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ import pytest
 
 from sae_discover.report import run_report, stored_report
 from sae_discover.request import build_request
-from tests.browser import NoBrowser, open_browser, required
+from tests.browser import browser_for_test
 from tests.conftest import run_cli
 
 HOSTILE = 'Revenue grew <script>alert(1)</script> and "><img src=x onerror=alert(2)> the margins'
@@ -198,12 +198,7 @@ def test_cli_writes_html_for_discovery_rank_report_batch_and_drift(toy_registry,
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        driver = open_browser()
-    except NoBrowser as exc:
-        if required():
-            pytest.fail(f"SAE_DISCOVER_REQUIRE_BROWSER is set but {exc}")
-        pytest.skip(str(exc))
+    driver = browser_for_test()
     yield driver
     driver.quit()
 
