@@ -67,27 +67,29 @@ def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):
 # -- the recomputation oracle ---------------------------------------------------------------------
 
 def _recompute(con, base_ids: list[str], tuned_ids: list[str], k: int, min_cov: float, min_change: float,
-               min_rel: float, min_shift: int, tau_column: str = "p95") -> dict:
+               min_rel: float, min_shift: int, tau_column: str = "p95", attribution: bool = False) -> dict:
     """Every figure of the report from the stored rows, with numpy and scipy (no shared SQL); τ is the
-    stored ``tau_column`` (p95: the default basis, p95_all: tau_basis all)."""
+    stored ``tau_column`` (p95: the default basis, p95_all: tau_basis all). The score is mean×coverage on
+    activations normalized by the calibration max, or with ``attribution`` the raw sum of the stored
+    attributions (score_mode attribution)."""
     stats = {(layer, stream, f): (p95, mx) for layer, stream, f, p95, mx in con.execute(
         f"SELECT layer, stream, feature_id, {tau_column}, max FROM v_feature_stats WHERE sae_id = 'toy'").fetchall()}
 
     def run_scores(run_id: str) -> dict:
         n = con.execute("SELECT count(*) FROM v_tokens WHERE run_id = ? AND kept", [run_id]).fetchone()[0]
-        rows = con.execute("SELECT layer, stream, feature_id, act FROM v_activations WHERE run_id = ? AND layer IN (0, 1) "
-                           "AND stream = 'resid_pre'", [run_id]).fetchall()
-        acts: dict[tuple, list[float]] = {}
-        for layer, stream, f, act in rows:
-            acts.setdefault((layer, stream, f), []).append(act)
+        rows = con.execute("SELECT layer, stream, feature_id, act, attr FROM v_activations WHERE run_id = ? "
+                           "AND layer IN (0, 1) AND stream = 'resid_pre'", [run_id]).fetchall()
+        acts: dict[tuple, list[tuple[float, float]]] = {}
+        for layer, stream, f, act, attr in rows:
+            acts.setdefault((layer, stream, f), []).append((act, attr))
         out = {}
         for key, values in acts.items():
-            a = np.asarray(values, dtype=np.float64)
+            a, attrs = (np.asarray(column, dtype=np.float64) for column in zip(*values, strict=True))
             p95, mx = stats[key]
             div = mx if mx > 0 else 1.0
             coverage = float((a > p95).sum()) / n
             if coverage * 100 >= min_cov:
-                out[key] = a.sum() / n / div * coverage
+                out[key] = attrs.sum() if attribution else a.sum() / n / div * coverage
         return out
 
     sides = {"base": [run_scores(r) for r in base_ids], "tuned": [run_scores(r) for r in tuned_ids]}
@@ -179,6 +181,23 @@ def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
     path = write_report(report, tmp_path / "r.json")
     assert json.loads(path.read_text())["overall"] == report["overall"]
     assert "per prompt" in table(report)
+
+
+def test_attribution_drift_equals_numpy_scipy(toy_discovery):
+    """Drift ranked by attribution: the prompts' runs carry an attribution target, and every figure
+    equals the recomputation from the stored ``attr`` values; runs without one are refused."""
+    opts = {"top_k": 8, "min_coverage_pct": 0.0, "min_relative_change": 0.3, "min_rank_shift": 3}
+    report = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
+                          layers=LAYERS, score_mode="attribution", attribution_target="next_tokens", **opts)
+    con = toy_discovery.catalog.raw()
+    _check(report, _recompute(con, report["base"]["run_ids"], report["tuned"]["run_ids"], 8, 0.0, 0.0, 0.3, 3,
+                              attribution=True))
+    assert report["features"] and report["overall"]["spearman"] is not None
+    plain = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE[:1],
+                         layers=LAYERS, top_k=8)
+    with pytest.raises(RequestError, match=r"score_mode: run .* has no attributions"):
+        drift_report(toy_discovery.catalog, base_runs=plain["base"]["run_ids"], tuned_runs=plain["tuned"]["run_ids"],
+                     layers=LAYERS, score_mode="attribution")
 
 
 # -- a planted change -----------------------------------------------------------------------------

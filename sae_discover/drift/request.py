@@ -65,6 +65,7 @@ class DriftRunOptions:
     top_p: float | None = _run_option("top_p")
     topk_tokens_per_seq: int | None = _run_option("topk_tokens_per_seq")
     token_proxy: TokenProxy | None = _run_option("token_proxy")
+    attribution_target: str | None = _run_option("attribution_target")
 
 
 @dataclass
