@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import msgspec
-from litestar import Litestar, Request, Router, get, post
+from litestar import Litestar, Request, Response, Router, get, post
 from litestar._openapi.schema_generation.plugins import StructSchemaPlugin  # no public name; pinned in constraints.txt
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -32,7 +32,7 @@ from litestar.types import ControllerRouterHandler
 from api import schemas
 from api.errors import EXCEPTION_HANDLERS, ApiError
 from api.report import report_routes
-from api.service import ApiService
+from api.service import ApiService, sql_csv, sql_json
 from api.settings import ApiSettings
 from catalog.runs import RUN_MODES
 from sae_discover import __version__
@@ -51,8 +51,9 @@ ERRORS = {400: _error("Bad input: detail says `<field>: <what was expected>`, fi
           413: _error("Request body larger than the server accepts"),
           500: _error("Unexpected server error (details in the server log only)")}
 NOT_FOUND = {404: _error("No such run in the catalog")}
-READ_ONLY = {409: _error("The catalog is read-only (serve --read_only, or its file is not writable) and this "
-                         "request needs to write to it (a run not stored yet, labels); field is db")}
+READ_ONLY = {409: _error("The catalog is read-only (serve --read_only, or its file is not writable, or serve --store: "
+                         "a pinned snapshot of a Delta store) and this request needs to write to it (a run not "
+                         "stored yet, labels); field is db, or store")}
 TIMEOUT = {503: _error("The run took longer than request_timeout_s; it completes in the background, "
                        "and the same request later answers from the catalog")}
 
@@ -88,6 +89,7 @@ def discovery_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 
 def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     rank_type = schemas.rank_body(svc.settings)
+    rank_runs_type = schemas.rank_runs_body(svc.settings)
     RunId = Annotated[str, Parameter(description="a run id (GET /v1/runs) or a unique prefix of at least 6 hex "
                                                  "characters", min_length=1, max_length=64)]
     Filter = Annotated[str | None, Parameter(min_length=1, max_length=schemas.ID_MAX)]
@@ -114,7 +116,14 @@ def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
         """SQL over the stored activations; the model is not needed and no new run is created."""
         return msgspec.convert(svc.rank(run_id, msgspec.structs.asdict(data)), schemas.DiscoverResponse)
 
-    return [list_runs, show_run, rank_run]
+    @post("/v1/runs/rank", status_code=200, sync_to_thread=True, tags=["runs"], responses={**ERRORS, **NOT_FOUND},
+          summary="Rank several stored runs together (ids and/or a selection), one response each")
+    def rank_runs(data: JSONBody[rank_runs_type]) -> list[schemas.DiscoverResponse]:  # type: ignore[valid-type]
+        """SQL over the stored activations, as for one run; `background: batch` contrasts each run with the
+        others ranked with it (of its model and SAEs, leave-one-out). 404 for an unknown run id."""
+        return msgspec.convert(svc.rank_runs(msgspec.structs.asdict(data)), list[schemas.DiscoverResponse])
+
+    return [list_runs, show_run, rank_run, rank_runs]
 
 
 def label_routes(svc: ApiService) -> list[ControllerRouterHandler]:
@@ -177,6 +186,39 @@ def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     return [drift]
 
 
+SQL_OFF = {403: _error("SQL over HTTP is off on this server (start it with serve --enable_sql); field is enable_sql")}
+SQL_HELP = ("Read-only SQL over the catalog's public views, in the sandbox of `python -m sae_discover sql`: queries "
+            "only (SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, SET VARIABLE), in a read-only transaction, no file or "
+            "network access, the server's memory and time limits (sql_memory_limit, sql_timeout_s), at most `limit` "
+            "rows. JSON (`columns`, `rows`) or CSV (`format: \"csv\"` or `Accept: text/csv`). A refused or failed "
+            "query is a 400 naming `query`.")
+
+
+def sql_routes(svc: ApiService) -> list[ControllerRouterHandler]:
+    if not svc.settings.enable_sql:  # no body is read: the answer is the same whatever is sent
+        @post("/v1/sql", status_code=200, tags=["sql"], responses=SQL_OFF,
+              summary="Read-only SQL over the catalog (off on this server: serve --enable_sql)")
+        async def sql_off() -> None:
+            svc.sql("", 0)  # raises the 403 naming enable_sql
+
+        return [sql_off]
+    body_type = schemas.sql_body(svc.settings)
+
+    @post("/v1/sql", status_code=200, sync_to_thread=True, tags=["sql"], responses=ERRORS, description=SQL_HELP,
+          summary="Read-only SQL over the catalog (JSON columns and rows, or CSV)")
+    def sql(data: JSONBody[body_type],  # type: ignore[valid-type]
+            accept: Annotated[str | None, Parameter(header="accept", required=False)] = None,
+            ) -> Response[schemas.SqlResult]:
+        csv_asked = data.format == "csv" or (data.format is None and "text/csv" in (accept or "").lower())
+        result = svc.sql(data.query, data.limit)
+        if csv_asked:
+            return Response(sql_csv(result), media_type="text/csv",  # type: ignore[return-value]
+                            headers={"X-Row-Count": str(len(result.rows)), "X-Truncated": str(result.truncated).lower()})
+        return Response(msgspec.convert(sql_json(result, data.limit), schemas.SqlResult))
+
+    return [sql]
+
+
 class StrictStructSchemaPlugin(StructSchemaPlugin):
     """Litestar's msgspec Struct schema, plus ``additionalProperties: false`` for a Struct that refuses
     unknown fields (Litestar does not say so), so that the schema states what the server enforces."""
@@ -224,19 +266,21 @@ def docs_config() -> tuple[OpenAPIConfig, list[ControllerRouterHandler]]:
     return config, routes
 
 
-ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, feature_routes, health_routes,
-                              report_routes]
+ROUTES: list[RouteFactory] = [discovery_routes, run_routes, label_routes, drift_routes, feature_routes, sql_routes,
+                              health_routes, report_routes]
 
 
 def create_app(catalog_path: str | Path | None = None, registry_path: str | Path | None = None,
                settings: ApiSettings | None = None, extra_routes: Iterable[RouteFactory] = (),
-               debug: bool = False, read_only: bool | None = None) -> Litestar:
+               debug: bool = False, read_only: bool | None = None, store: str | None = None) -> Litestar:
     """The app over one catalog file, which this process then holds (DuckDB: one writer per file).
     ``read_only``: serve stored runs only (writes answer 409); None: only when the file is not writable.
+    ``store``: serve a snapshot of this Delta store instead, pinned now (read-only: writes answer 409
+    naming ``store``).
 
     Raises :class:`catalog.db.CatalogLocked` when another process holds the file.
     """
-    svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env(), read_only)
+    svc = ApiService(catalog_path, registry_path, settings or ApiSettings.from_env(), read_only, store)
     handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
     openapi_config, docs_routes = docs_config()
     app = Litestar(

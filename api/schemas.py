@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from api.settings import ApiSettings
+from catalog.runs import RUN_MODES
 from sae_discover.drift.request import DriftRequest, DriftRunOptions
 from sae_discover.request import (
     ID_MAX_CHARS,
@@ -32,7 +33,7 @@ from sae_discover.request import (
 from sae_discover.response import DiscoverResponse
 
 __all__ = ["API_REFUSED", "API_TYPE_HINTS", "DiscoverResponse", "discover_body", "drift_body", "labels_body",
-           "rank_body"]
+           "rank_body", "rank_runs_body", "sql_body"]
 
 ID_MAX = 200
 # request-model fields the HTTP API refuses, and why (the API never reads server paths)
@@ -122,6 +123,29 @@ def rank_body(settings: ApiSettings) -> type[Struct]:
                    "Unknown fields are refused.")
 
 
+def _listed(item: Any, most: int, doc: str) -> tuple[Any, Any]:
+    """An optional list field's type (at most ``most`` items) and its default, the empty list."""
+    return Annotated[list[item], Meta(max_length=most, description=doc)], msgspec.field(default_factory=list)
+
+
+def rank_runs_body(settings: ApiSettings) -> type[Struct]:
+    """``POST /v1/runs/rank``: the runs to rank together (ids and/or the filters of ``GET /v1/runs``,
+    plus batch ids) and ranking options."""
+    word = Annotated[str, Meta(min_length=1, max_length=ID_MAX, pattern=r"\S")]
+    run_id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\S")]
+    most = settings.max_page
+    selection = (
+        ("run_ids", *_listed(run_id, most, "run ids (GET /v1/runs) or unique prefixes of at least 6 hex characters")),
+        ("tag", *_listed(word, most, "also the runs tagged KEY:VALUE (repeat: all of them), as GET /v1/runs?tag=")),
+        ("batch_id", *_listed(word, most, "also the runs whose batch_id (a batch line's or body's id) is one of these")),
+        ("model_id", word | None, None), ("sae_id", word | None, None),
+        ("mode", Literal[RUN_MODES] | None, None))  # type: ignore[valid-type]
+    return _struct("RankRunsBody", RERANK_OPTIONS, settings,
+                   "Stored runs ranked together (run_ids, and the runs the filters select; model_id, sae_id and mode "
+                   "filter as GET /v1/runs does) with ranking options; background batch contrasts each run with the "
+                   "others of its model and SAEs. Unknown fields are refused.", extra=selection)
+
+
 RunIds = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64, pattern=r"\S")]], Meta(
     min_length=1, max_length=100_000, description="stored runs only: run ids (GET /v1/runs) or unique prefixes of at "
                                                   "least 6 hex characters; SQL filters are refused here")]
@@ -162,6 +186,27 @@ def labels_body(settings: ApiSettings) -> type[Struct]:
         ("stream", StreamName | None, None),
     ], kw_only=True, forbid_unknown_fields=True, module=__name__)
     struct.__doc__ = "An AutoInterp label table, as content (never a server path)."
+    return struct
+
+
+SQL_MAX_CHARS = 100_000  # characters of a POST /v1/sql query
+SQL_DEFAULT_ROWS = 1_000
+
+
+def sql_body(settings: ApiSettings) -> type[Struct]:
+    """``POST /v1/sql``: one read-only query and how many rows of its result to send back."""
+    struct = msgspec.defstruct("SqlBody", [
+        ("query", Annotated[str, Meta(min_length=1, max_length=SQL_MAX_CHARS,
+                                      description="read-only SQL over the catalog's public views (README, The catalog: "
+                                                  "public SQL views); several statements: the last one's result")]),
+        ("limit", Annotated[int, Meta(ge=1, le=settings.max_sql_rows,
+                                      description="rows sent back at most (truncated says whether there were more)")],
+         min(SQL_DEFAULT_ROWS, settings.max_sql_rows)),
+        ("format", Annotated[Literal["json", "csv"], Meta(description="json (columns, rows) or csv; default: csv when "
+                                                                      "the Accept header asks for text/csv")] | None,
+         None),
+    ], kw_only=True, forbid_unknown_fields=True, module=__name__)
+    struct.__doc__ = "A read-only SQL query (SQL over HTTP is on only on a server started with --enable_sql)."
     return struct
 
 
@@ -407,6 +452,28 @@ Limits = msgspec.defstruct("Limits", [(name, hint) for name, hint in get_type_hi
                                        if name in ApiSettings().public()], kw_only=True, module=__name__)
 
 
+class SqlColumn(Struct, kw_only=True):
+    name: str
+    type: str  # DuckDB's type name (INTEGER, VARCHAR, DOUBLE[], STRUCT(...), TIMESTAMP WITH TIME ZONE, ...)
+
+
+class SqlResult(Struct, kw_only=True):
+    """A query's result, Arrow-friendly: typed columns and rows in their order (``pa.Table.from_pylist`` or
+    ``pandas.DataFrame(rows, columns=[c["name"] for c in columns])``). Dates, times, decimals, UUIDs, intervals
+    and blobs come as text, NaN as null; a statement without a result set gives no columns and no rows."""
+
+    columns: list[SqlColumn]
+    rows: list[list[Any]]
+    row_count: int
+    truncated: bool  # the result had more rows than limit
+    limit: int
+
+
+class StoreSnapshot(Struct, kw_only=True):
+    uri: str  # the Delta store served (serve --store)
+    runs_version: int  # the version of its runs table pinned when the server started
+
+
 class Health(Struct, kw_only=True):
     status: str
     models: list[str]
@@ -416,3 +483,4 @@ class Health(Struct, kw_only=True):
     in_flight: int
     read_only: bool  # the catalog is open read-only: stored runs only (serve --read_only, or not writable)
     limits: Limits  # type: ignore[valid-type]
+    store: StoreSnapshot | None = None  # serve --store: the snapshot served (null for a catalog file)

@@ -4,11 +4,16 @@
 - models loaded once and kept, at most ``max_models`` (least recently used dropped);
 - forward passes serialised (Discovery's lock), identical requests coalesced (the second one waits
   and reads the first one's run from the catalog), catalog writes through the catalog's writer lock;
-- reads concurrent: one DuckDB cursor per call (``Catalog.raw()``). No SQL here: it lives in ``catalog``.
+- reads concurrent: one DuckDB cursor per call (``Catalog.raw()``). No SQL here: it lives in ``catalog``;
+- ``POST /v1/sql`` (only with ``enable_sql``): the client's query through the ``sql`` command's sandbox
+  (:func:`catalog.sandbox.run_query`) on a new cursor of the served catalog, which was locked down once
+  when it was opened (:mod:`catalog.sandbox` says why that way).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 import threading
@@ -20,7 +25,7 @@ from typing import Any
 
 from api.errors import ApiError
 from api.settings import ApiSettings
-from catalog import runs
+from catalog import runs, sandbox
 from catalog.db import Catalog, CatalogError
 from catalog.errors import UnknownFeature, UnknownRun
 from catalog.labels import DELPHI_NAME
@@ -30,7 +35,10 @@ from sae_discover.features import show_feature
 from sae_discover.registry import Registry
 from sae_discover.request import RANKING_FIELDS, DiscoverRequest, build_request, parse_tag_filter
 from sae_discover.service import Discovery
-from sae_discover.stored import rerank
+from sae_discover.stored import rerank, rerank_runs, select_runs
+
+# the fields of POST /v1/runs/rank that choose runs (the others are ranking options)
+RANK_SELECTION = ("run_ids", "tag", "batch_id", "model_id", "sae_id", "mode")
 
 
 class KeyedLocks:
@@ -72,10 +80,13 @@ class ApiService:
     """One catalog (held by this process), one registry, one device."""
 
     def __init__(self, catalog_path: str | Path | None, registry_path: str | Path | None, settings: ApiSettings,
-                 read_only: bool | None = None) -> None:
+                 read_only: bool | None = None, store: str | None = None) -> None:
         self.settings = settings
+        self.sql_limits = sql_limits(settings)
         self.registry = Registry.load(registry_path)
-        self.catalog = Catalog(catalog_path, read_only=read_only)  # None: read-only when not writable
+        self.catalog = open_catalog(catalog_path, read_only, store)
+        if settings.enable_sql:
+            self._lock_down()
         self.discovery = Discovery(self.catalog, self.registry, device=settings.device, dtype=settings.dtype,
                                    allow_paths=False, max_models=settings.max_models, threads=settings.threads)
         self._same_run = KeyedLocks()
@@ -154,11 +165,30 @@ class ApiService:
 
     def rank(self, run_id: str, options: dict[str, Any]) -> dict:
         full_id = self.resolve(run_id)
+        return rerank(self.catalog, full_id, self._rank_options(options))
+
+    def rank_runs(self, body: dict[str, Any]) -> list[dict]:
+        """Several stored runs ranked together (``POST /v1/runs/rank``): ``run_ids`` and/or the filters of
+        ``GET /v1/runs`` (``tag`` as KEY:VALUE), plus ``batch_id``; at most ``max_page`` runs."""
+        pick = {k: body.get(k) for k in RANK_SELECTION}
+        options = self._rank_options({k: v for k, v in body.items() if k not in RANK_SELECTION})
+        tags = [parse_tag_filter("tag", t, ":") for t in pick["tag"] or []]
+        try:
+            chosen = select_runs(self.catalog, pick["run_ids"] or [], tags, pick["batch_id"] or [], pick["model_id"],
+                                 pick["sae_id"], pick["mode"])
+        except UnknownRun as exc:
+            raise ApiError(404, exc.field, exc.message) from None
+        self._at_most(next((k for k in RANK_SELECTION if pick[k]), "run_ids"), len(chosen), self.settings.max_page,
+                      " runs in one ranking")
+        return rerank_runs(self.catalog, chosen, options)
+
+    def _rank_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Ranking options given (None: the default), under this server's limits."""
         options = {k: v for k, v in options.items() if v is not None}
         self._at_most("return_top_x", options.get("return_top_x"), self.settings.max_return_top_x)
         self._at_most("restrict_features", len(options.get("restrict_features") or []),
                       self.settings.max_restrict_features, " ids")
-        return rerank(self.catalog, full_id, options)
+        return options
 
     # -- features ----------------------------------------------------------------------------------
     def feature(self, sae_id: str, layer: int, stream: str, feature_id: int, limit: int) -> dict:
@@ -204,9 +234,72 @@ class ApiService:
                 field = body_field if exc.field == "file" else exc.field
                 raise type(exc)(field, exc.message.replace(tmp, "<upload>")) from None  # its kind kept (its status)
 
+    # -- SQL over HTTP ------------------------------------------------------------------------------
+    def _lock_down(self) -> None:
+        """External access off, the memory limit, configuration locked: settings of the whole database,
+        set once after opening (migrations ran) and before any request."""
+        con = self.catalog.raw()
+        try:
+            sandbox.lock_down(con, self.sql_limits)
+        except Exception:
+            self.catalog.close()
+            raise
+        finally:
+            con.close()
+
+    def sql(self, query: str, limit: int) -> sandbox.QueryResult:
+        """A client's read-only query (POST /v1/sql), at most ``limit`` rows, on its own cursor."""
+        if not self.settings.enable_sql:
+            raise ApiError(403, "enable_sql", "SQL over HTTP is off on this server; it answers when started with "
+                                              "`serve --enable_sql` (README, SQL over HTTP)")
+        con = self.catalog.raw()
+        try:
+            return sandbox.run_query(con, query, self.sql_limits, max_rows=limit)
+        finally:
+            con.close()
+
     # -- health ------------------------------------------------------------------------------------
     def health(self) -> dict:
         runs.ping(self.catalog)
+        versions = getattr(self.catalog, "versions", None)  # a store's snapshot: what it pinned
         return {"status": "ok", "models": sorted(self.registry.models), "saes": sorted(self.registry.saes),
                 "models_loaded": self.discovery.loaded_models(), "forward_runs": self.discovery.model_calls,
-                "in_flight": self.in_flight(), "read_only": self.catalog.read_only, "limits": self.settings.public()}
+                "in_flight": self.in_flight(), "read_only": self.catalog.read_only, "limits": self.settings.public(),
+                "store": {"uri": self.catalog.path, "runs_version": versions["runs"]} if versions else None}
+
+
+def open_catalog(path: str | Path | None, read_only: bool | None, store: str | None) -> Catalog:
+    """The served catalog: the file at ``path`` (read-only when asked, or when it is not writable), or with
+    ``store`` a snapshot of that Delta store pinned when the server starts: read-only, so a request that
+    would write (a run not stored yet, labels) answers 409 naming ``store``; restart to see newer commits."""
+    if store is None:
+        return Catalog(path, read_only=read_only)
+    from catalog.store import StoreCatalog  # deltalake (the scale extra): only serve --store imports it
+
+    return StoreCatalog(store)
+
+
+def sql_limits(settings: ApiSettings) -> sandbox.Limits:
+    """The sandbox limits of POST /v1/sql from the server's settings (a bad size names its setting)."""
+    try:
+        return sandbox.Limits(settings.sql_memory_limit, settings.sql_timeout_s, "serve --sql_memory_limit",
+                              "serve --sql_timeout_s")
+    except CatalogError as exc:
+        raise RequestError(f"sql_{exc.field}", exc.message) from None
+
+
+def sql_json(result: sandbox.QueryResult, limit: int) -> dict:
+    """A query's result as the API's JSON: typed columns and rows of values (as ``sql --format json`` has them)."""
+    return {"columns": [{"name": n, "type": t} for n, t in zip(result.columns or [], result.types, strict=True)],
+            "rows": [[sandbox.json_value(v) for v in row] for row in result.rows],
+            "row_count": len(result.rows), "truncated": result.truncated, "limit": limit}
+
+
+def sql_csv(result: sandbox.QueryResult) -> str:
+    """A query's result as CSV: a header row of column names, then the rows (null as an empty cell)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if result.columns is not None:
+        writer.writerow(result.columns)
+        writer.writerows([sandbox.text_value(v) for v in row] for row in result.rows)
+    return out.getvalue()

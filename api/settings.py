@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from sae_discover.request import OPTIONS
 
 ENV_PREFIX = "SAE_DISCOVER_API_"
+LIMIT_PREFIXES = ("max_", "request_", "sql_")  # settings that are serve flags (--max_gen_tokens ...) and public
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class ApiSettings:
     max_body_bytes: int = 32_000_000  # request body (a label file import is the largest)
     max_page: int = 500  # runs per page of GET /v1/runs
     max_drift_prompts: int = 200  # prompts per POST /v1/drift
+    enable_sql: bool = False  # POST /v1/sql answers only when on (serve --enable_sql; README, SQL over HTTP)
+    max_sql_rows: int = 10_000  # rows per POST /v1/sql answer (its body's limit is at most this)
+    sql_timeout_s: float = 30.0  # a POST /v1/sql query running longer is stopped (a 400 naming query)
+    sql_memory_limit: str = "2GB"  # with enable_sql: DuckDB's memory limit for the whole served catalog
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads (None: ingest.threads' rule by model size)
@@ -51,7 +56,7 @@ class ApiSettings:
                 default = getattr(settings, f.name)
                 kind = int if default is None else type(default)  # the optional setting (threads) is an int
                 try:
-                    values[f.name] = kind(raw)
+                    values[f.name] = _flag(raw) if kind is bool else kind(raw)
                 except ValueError:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: expected a {kind.__name__}, got {raw!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -60,8 +65,17 @@ class ApiSettings:
     @classmethod
     def limit_types(cls) -> dict[str, type]:
         """The limits a ``serve`` flag can set, with their types."""
-        return {f.name: type(getattr(cls(), f.name)) for f in fields(cls) if f.name.startswith(("max_", "request_"))}
+        return {f.name: type(getattr(cls(), f.name)) for f in fields(cls) if f.name.startswith(LIMIT_PREFIXES)}
 
     def public(self) -> dict:
-        """The limits a client may want to know (``GET /healthz``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("max_", "request_"))}
+        """The limits a client may want to know (``GET /healthz``), and whether SQL over HTTP is on."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name.startswith(LIMIT_PREFIXES) or f.name == "enable_sql"}
+
+
+def _flag(raw: str) -> bool:
+    """An on/off environment variable (``SAE_DISCOVER_API_ENABLE_SQL=1``); anything else is refused."""
+    text = raw.strip().lower()
+    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(raw)
+    return text in ("1", "true", "yes", "on")

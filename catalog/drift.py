@@ -356,8 +356,8 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
             require_attributions(con, [*base_run_keys, *tuned_run_keys])
         rank_opts = RankOptions(score_mode=opts.score_mode, min_coverage_pct=opts.min_coverage_pct, tau=opts.tau,
                                 tau_quantile=opts.tau_quantile, tau_basis=opts.tau_basis, model_key=shared)
-        scoring = scored_sql(con, sae_keys, rank_opts, "SELECT DISTINCT run_key, n FROM pair_runs")
-        prefix = _prefix(scoring.sql)
+        scoring = scored_sql(con, sae_keys, rank_opts, list(dict.fromkeys([*base_run_keys, *tuned_run_keys])))
+        prefix = _prefix(scoring.relation())  # every run on the same calibrations: one provenance for all
         params = {**scoring.params, "base": [int(k) for k in base_run_keys], "tuned": [int(k) for k in tuned_run_keys],
                   "k": int(opts.top_k), "min_change": float(opts.min_score_change),
                   "min_rel": float(opts.min_relative_change), "min_shift": int(opts.rank_shift())}
@@ -380,7 +380,8 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         "lost": sorted((f for f in features if f["flag"] == "lost"), key=lambda f: f["score_change"]),
         "shifted": sorted((f for f in features if f["flag"] == "shifted"), key=lambda f: -abs(f["rank_change"])),
     }
-    return {"threshold_source": scoring.threshold_source, "normalization": scoring.normalization,
+    return {"threshold_source": next(iter(scoring.threshold_source.values())),
+            "normalization": next(iter(scoring.normalization.values())),
             "overall": {k: v for k, v in overall.items() if k not in ("mode", "content", "is_text", "base_run_ids",
                                                                      "tuned_run_ids", "scope")} | {"n_prompts": len(prompts)},
             "prompts": prompts, "features": features, "flagged": flagged, "unpaired": unpaired}

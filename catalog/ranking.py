@@ -2,7 +2,10 @@
 
 For one run, over its kept (analysed) tokens, n of them, and each feature f with a nonzero code:
 - mean = sum(act) / n, max = max(act), coverage = #(act > τ_f) / n (a fraction, 0-1)
-- selectivity = mean − background mean (the calibration's per-token mean), null without one
+- selectivity = mean − background mean (the calibration's per-token mean), null without one; with
+  ``background: "batch"`` the background mean is the other runs ranked together instead (leave-one-out:
+  (sum over the group − the run's own sum) / (the group's n − its own n), absent features 0): contrast
+  against the rest of a batch, which no calibration corpus matches for prompts far from it
 - lift = (mean + ε) / (background mean + ε), ε = ``LIFT_PRIOR`` × the calibration max: how many times
   its usual level the feature is active here (a ratio, so it needs no normalization; the score mode
   that put the most features of the prompt's own domain on top in ``tests/benchmarks/bench_quality.py``)
@@ -20,6 +23,10 @@ firing distribution — ``all`` over every calibration token, zeros included, wh
 every feature (most fire on a few % of tokens), so the gate would not gate; else 0
 (``threshold_source: "none"``). A feature that never fired in calibration has τ = 0.
 
+These rules are implemented once, as the DuckDB table macros of :mod:`catalog.scoring` (stored in the
+catalog by migrations 0005 and 0006, public as ``feature_scores``): this module checks the options, calls them,
+cuts the top ``return_top_x`` and attaches labels and spans.
+
 :class:`RankOptions` is the one definition of the ranking options: each field's help text and
 inclusive bounds are in its metadata and its choices in its type, for the request model to compose.
 """
@@ -27,30 +34,22 @@ inclusive bounds are in its metadata and its choices in its type, for the reques
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import duckdb
 
 from catalog.db import Catalog
 from catalog.errors import CatalogError
-from catalog.stats import P95_COLUMN, TauBasis, calibration_for, newest_stats_sql, quantile_sql
+from catalog.scoring import LIFT_PRIOR, NEEDS_BACKGROUND, SCORE_EXPR, macro_call  # noqa: F401 (LIFT_PRIOR: re-exported)
+from catalog.stats import TAU_BASES, TauBasis
 
-# lift's prior, a share of the feature's calibration max added to both means: it keeps a feature that
-# (almost) never fired in calibration from an unbounded ratio, and leaves the score free of units
-LIFT_PRIOR = 3e-4
 ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
-SCORE_EXPR = {
-    "mean": "mean_n",
-    "max": "max_n",
-    "mean×coverage": "mean_n * coverage",
-    "selectivity": "(mean - bg_mean) / divisor",
-    "lift": f"(mean + {LIFT_PRIOR} * divisor) / (bg_mean + {LIFT_PRIOR} * divisor)",
-    "attribution": "attribution",
-    "attribution_abs": "abs(attribution)",
-}
+assert tuple(SCORE_EXPR) == SCORE_MODES, "catalog/scoring.py scores exactly the score modes"
 ATTRIBUTION_MODES = ("attribution", "attribution_abs")
+Background = Literal["calibration", "batch"]
+BACKGROUNDS: tuple[str, ...] = get_args(Background)
 SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
                   "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
 
@@ -62,6 +61,9 @@ TAU_QUANTILE_HELP = "another calibration quantile as threshold (on tau_basis)"
 TAU_BASIS_HELP = ("what the calibrated quantile is taken over: active = the feature's nonzero activations "
                   "(its firing distribution), all = every calibration token, zeros included")
 PROTO_LABELS_HELP = "attach the best catalog label"
+BACKGROUND_HELP = ("what selectivity and lift compare a run with: calibration = the calibration's per-token mean "
+                   "(or background_text / background_file), batch = the other runs ranked with it (a batch's other "
+                   "prompts, leave-one-out; at least two runs)")
 
 
 @dataclass
@@ -85,62 +87,150 @@ class RankOptions:
     calibration_id: int | None = field(default=None, metadata={
         "help": "pin the calibration that gives τ, normalization and the background mean (default: the newest "
                 "of the run's model for each SAE); results name the one used", "bounds": (1, 2**31 - 1)})
+    background: Background = field(default="calibration", metadata={"help": BACKGROUND_HELP})
     # selectivity's background: stored runs of background text (all tokens kept) instead of the
-    # calibration mean; ``background_n`` is their total number of analysed tokens
+    # calibration mean (the macro divides their activations by their own stored token counts)
     background_runs: list[int] = field(default_factory=list, metadata={"internal": True})
-    background_n: int = field(default=0, metadata={"internal": True})
     # whose calibration gives τ, normalization and the background mean: this model's (rank_run sets
     # it to the run's model); None = the SAE's newest calibration of any model (drift shares one)
     model_key: int | None = field(default=None, metadata={"internal": True})
 
 
-def _thresholds_sql(con: duckdb.DuckDBPyConnection, cals: dict[int, int | None], opts: RankOptions) -> tuple[str, str]:
-    """A (τ per (sae_key, feature), threshold_source) pair: a SQL relation and its provenance
-    (``calibration_p95`` / ``calibration_q<q>`` on the default basis, with ``_all`` appended on the
-    all-token basis). ``cals``: each SAE key's calibration (None where there is none), as
-    ``scored_sql`` found them."""
-    if opts.tau is not None:
-        return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "global"
-    if not any(cals.values()):
-        return "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS tau WHERE false", "none"
-    suffix = "" if opts.tau_basis == "active" else f"_{opts.tau_basis}"
-    q = opts.tau_quantile
-    if q is None or q == 0.95:
-        column = P95_COLUMN[opts.tau_basis]
-        return (f"SELECT sae_key, feature_id, {column} AS tau FROM ({newest_stats_sql(cals)})",
-                f"calibration_p95{suffix}")
-    parts = [quantile_sql(con, cal, key, q, opts.tau_basis) for key, cal in cals.items() if cal is not None]
-    return " UNION ALL ".join(parts), f"calibration_q{q:g}{suffix}"
-
-
 @dataclass
 class Scoring:
-    """A per-(run, SAE, feature) scored relation: its SQL (one SELECT), parameters and provenance
-    (``calibrations``: the calibration of each SAE key, None where there is none)."""
+    """The scoring of a set of runs by the macros of :mod:`catalog.scoring`: the named parameters of a
+    call (``params``, for :func:`catalog.scoring.macro_call`) and each run's provenance, by run_key:
+    its SAEs' calibrations (None where there is none), normalization, threshold source, the calibration
+    results name (:func:`calibration_info`) and the warnings of :func:`calibration_changes`."""
 
-    sql: str
     params: dict
-    threshold_source: str
-    normalization: str
-    has_background: bool
-    calibrations: dict[int, int | None]
+    calibrations: dict[int, dict[int, int | None]]
+    normalization: dict[int, str]
+    threshold_source: dict[int, str]
+    calibration: dict[int, dict | None]
+    warnings: dict[int, list[str]]
+
+    def relation(self) -> str:
+        """One SELECT of the scored rows (run_key, sae_key, feature_id, mean, max, coverage,
+        selectivity, attribution, score) with these parameters."""
+        return ("SELECT run_key, sae_key, feature_id, mean, max, coverage, selectivity, attribution, score "
+                f"FROM {macro_call('scored_features', self.params)}")
 
 
-def calibrations_for(con, sae_keys: list[int], opts: RankOptions) -> dict[int, int | None]:
-    """Each SAE key's calibration: the pinned ``calibration_id`` (which must hold statistics for every
-    one of them), else the newest of ``opts.model_key``'s (:func:`catalog.stats.calibration_for`)."""
-    if opts.calibration_id is None:
-        return {k: calibration_for(con, k, opts.model_key) for k in sae_keys}
+def check_options(opts: RankOptions) -> None:
+    """Refuse an unknown choice before any SQL, naming its field (the macros would fail less clearly)."""
+    for name, choices in (("score_mode", SCORE_MODES), ("tau_basis", TAU_BASES), ("background", BACKGROUNDS)):
+        if getattr(opts, name) not in choices:
+            raise CatalogError(name, f"expected one of {', '.join(choices)}, got {getattr(opts, name)!r}")
+    if opts.background == "batch" and opts.background_runs:
+        raise CatalogError("background", "batch contrasts the runs ranked together; give it or background_text / "
+                                         "background_file, not both")
+
+
+def check_pinned(con, sae_keys: list[int], calibration_id: int) -> None:
+    """Refuse a pinned ``calibration_id`` that holds no statistics for one of the SAEs, naming the
+    calibrations that do."""
     held = {int(k) for (k,) in con.execute("SELECT DISTINCT sae_key FROM feature_stats WHERE calibration_id = ? "
-                                           "AND list_contains(?, sae_key)", [opts.calibration_id, list(sae_keys)])
+                                           "AND list_contains(?, sae_key)", [calibration_id, list(sae_keys)])
             .fetchall()}
     missing = [k for k in sae_keys if k not in held]
     if missing:
         hooks = con.execute("SELECT layer, stream FROM saes WHERE sae_key = ?", [missing[0]]).fetchone()
-        raise CatalogError("calibration_id", f"calibration {opts.calibration_id} has no statistics for the SAE of "
+        raise CatalogError("calibration_id", f"calibration {calibration_id} has no statistics for the SAE of "
                                              f"layer {hooks[0]} {hooks[1]}; calibrations that do: "
                                              f"{calibrations_of(con, missing[0]) or 'none'}")
-    return {k: opts.calibration_id for k in sae_keys}
+
+
+def _threshold_source(opts: RankOptions, calibrated: bool) -> str:
+    """Where τ came from: ``global``, ``none`` (no SAE calibrated: τ = 0), else ``calibration_p95`` /
+    ``calibration_q<q>``, with ``_all`` appended on the all-token basis."""
+    if opts.tau is not None:
+        return "global"
+    if not calibrated:
+        return "none"
+    suffix = "" if opts.tau_basis == "active" else f"_{opts.tau_basis}"
+    q = opts.tau_quantile
+    return f"calibration_p95{suffix}" if q is None or q == 0.95 else f"calibration_q{q:g}{suffix}"
+
+
+def scoring(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions, calibration_model: int | None) -> Scoring:
+    """The macro parameters for scoring ``run_keys`` on ``sae_keys`` with ``opts`` (``calibration_model``:
+    whose calibrations, as the macros take it), after refusing what cannot be scored, each with its field."""
+    params = scoring_params(con, run_keys, sae_keys, opts, calibration_model)
+    hook_params = {k: params[k] for k in HOOK_PARAMS}
+    return provenance(run_keys, opts, params, _rows(con.execute(provenance_sql(params), hook_params)))
+
+
+def scoring_params(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions,
+                   calibration_model: int | None) -> dict:
+    """The named parameters of the macros for scoring ``run_keys`` on ``sae_keys`` with ``opts``, after
+    refusing unknown choices and a pinned calibration that lacks an SAE."""
+    check_options(opts)
+    if opts.calibration_id is not None:
+        check_pinned(con, sae_keys, opts.calibration_id)
+    keys = list(dict.fromkeys([*run_keys, *opts.background_runs]))
+    ids = dict(con.execute("SELECT run_key, run_id FROM runs WHERE list_contains(?, run_key)", [keys]).fetchall())
+    return {"run_ids": [ids[k] for k in run_keys if k in ids], "score_mode": opts.score_mode,
+            "min_coverage_pct": float(opts.min_coverage_pct), "tau": None if opts.tau is None else float(opts.tau),
+            "tau_quantile": None if opts.tau_quantile is None else float(opts.tau_quantile),
+            "tau_basis": opts.tau_basis, "calibration_id": opts.calibration_id, "background": opts.background,
+            "restrict_features": [int(f) for f in opts.restrict_features] or None,
+            "background_runs": [ids[k] for k in opts.background_runs if k in ids] or None,
+            "sae_keys": [int(k) for k in sae_keys], "calibration_model": calibration_model}
+
+
+HOOK_PARAMS = ("run_ids", "calibration_id", "sae_keys", "calibration_model")  # those scoring_hooks takes
+
+
+def provenance_sql(params: dict) -> str:
+    """:data:`PROVENANCE_SQL` for the macro parameters ``params`` (it binds those of :data:`HOOK_PARAMS`)."""
+    return PROVENANCE_SQL.format(hooks=macro_call("scoring_hooks", {k: params[k] for k in HOOK_PARAMS}))
+
+
+def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[dict]) -> Scoring:
+    """The :class:`Scoring` of ``params`` from its :data:`PROVENANCE_SQL` rows, after refusing selectivity
+    and lift without a background (each refusal naming its field)."""
+    cals: dict[int, dict[int, int | None]] = {k: {} for k in run_keys}
+    complete: dict[int, bool] = {}
+    per_model: dict[int, set[int]] = {}
+    for row in rows:
+        cals[row["run_key"]][row["sae_key"]] = row["calibration_id"]
+        complete[row["run_key"]] = row["all_calibrated"]
+        per_model.setdefault(row["model_key"], set()).add(row["run_key"])
+    if opts.score_mode in NEEDS_BACKGROUND:
+        _require_background(opts, complete, per_model)
+    return Scoring(params, cals,
+                   {k: "calibration_max" if complete.get(k) else "none" for k in run_keys},
+                   {k: _threshold_source(opts, any(c is not None for c in cals[k].values())) for k in run_keys},
+                   _calibration_infos(run_keys, rows), calibration_changes(rows))
+
+
+# A ranking's provenance, in the ranking's own statement (``_ranked_sql``: no statement of its own):
+# each scored (run, SAE) of ``scoring_hooks`` with its hook, the calibration's corpus and the
+# calibration of the run's first ranking (``run_calibrations``), in warning order.
+PROVENANCE_SQL = """
+    SELECT h.run_key, h.model_key, h.sae_key, h.calibration_id, h.all_calibrated, s.layer, s.stream,
+           c.corpus, c.corpus_hash, c.n_tokens, rc.calibration_id AS first_calibration
+    FROM {hooks} h
+    JOIN saes s ON s.sae_key = h.sae_key
+    LEFT JOIN calibrations c ON c.calibration_id = h.calibration_id
+    LEFT JOIN run_calibrations rc ON rc.run_key = h.run_key AND rc.sae_key = h.sae_key
+    ORDER BY h.run_key, s.layer, s.stream"""
+
+
+def _require_background(opts: RankOptions, complete: dict[int, bool], per_model: dict[int, set[int]]) -> None:
+    """Refuse selectivity / lift without a background: no calibration of every SAE and no background
+    text, or a batch background over a model's lone run."""
+    if opts.background == "batch":
+        lone = min(per_model.values(), key=len, default=set())
+        if len(lone) < 2:
+            raise CatalogError("background", f"batch contrasts each run with the other runs ranked with it (of the same "
+                                             f"model); {opts.score_mode} got {len(lone)} run — rank a batch, or use "
+                                             "background calibration")
+    elif not opts.background_runs and not all(complete.values()):
+        raise CatalogError("score_mode", f"{opts.score_mode} needs a background; calibrate the SAE first "
+                           "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
+                           "or pick another score_mode")
 
 
 def calibrations_of(con, sae_key: int) -> str:
@@ -152,7 +242,8 @@ def calibrations_of(con, sae_key: int) -> str:
 
 def calibration_info(con, calibrations: dict[int, int | None]) -> dict | None:
     """The calibration a ranking used — the newest among its SAEs' — with its corpus, the corpus's hash
-    and token count; None when no SAE was calibrated."""
+    and token count; None when no SAE was calibrated (a ranking reads them with its provenance:
+    :func:`_calibration_infos`)."""
     used = [c for c in calibrations.values() if c is not None]
     if not used:
         return None
@@ -161,119 +252,56 @@ def calibration_info(con, calibrations: dict[int, int | None]) -> dict | None:
     return dict(zip(("calibration_id", "corpus", "corpus_hash", "n_tokens"), row, strict=True))
 
 
-def calibration_changes(con, run_keys: list[int], calibrations: dict[int, int | None]) -> dict[int, list[str]]:
+def _calibration_infos(run_keys: list[int], provenance: list[dict]) -> dict[int, dict | None]:
+    """Per run, :func:`calibration_info` from the rows of :data:`PROVENANCE_SQL`."""
+    newest: dict[int, dict] = {}
+    for row in provenance:
+        cal = row["calibration_id"]
+        if cal is not None and cal > newest.get(row["run_key"], {}).get("calibration_id", -1):
+            newest[row["run_key"]] = {k: row[k] for k in ("calibration_id", "corpus", "corpus_hash", "n_tokens")}
+    return {k: newest.get(k) for k in run_keys}
+
+
+def calibration_changes(provenance: list[dict]) -> dict[int, list[str]]:
     """Per run, a warning when its first ranking (``run_calibrations``) used another calibration than
-    ``calibrations`` now does for one of its SAEs (scores, τ and lite labels may differ)."""
-    rows = con.execute("""
-        SELECT c.run_key, c.sae_key, c.calibration_id, s.layer, s.stream FROM run_calibrations c
-        JOIN saes s USING (sae_key) WHERE list_contains(?, c.run_key) ORDER BY c.run_key, s.layer, s.stream""",
-                       [list(run_keys)]).fetchall()
+    this one does for one of its SAEs (scores, τ and lite labels may differ), from the rows of
+    :data:`PROVENANCE_SQL`."""
     out: dict[int, list[str]] = {}
-    for run_key, sae_key, before, layer, stream in rows:
-        now = calibrations.get(sae_key)
-        if sae_key in calibrations and now != before:
-            out.setdefault(run_key, []).append(
-                f"calibration_id: this run was first ranked with calibration {before} (layer {layer} {stream}); "
-                f"this ranking uses {now if now is not None else 'none'} — pass calibration_id {before} to "
-                "reproduce the first ranking")
+    for row in provenance:
+        before, now = row["first_calibration"], row["calibration_id"]
+        if before is not None and now != before:
+            out.setdefault(row["run_key"], []).append(
+                f"calibration_id: this run was first ranked with calibration {before} (layer {row['layer']} "
+                f"{row['stream']}); this ranking uses {now if now is not None else 'none'} — pass calibration_id "
+                f"{before} to reproduce the first ranking")
     return out
 
 
-def scored_sql(con, sae_keys: list[int], opts: RankOptions, runs_sql: str, run_filter: str = "") -> Scoring:
-    """The scoring rules above as one SQL relation over several runs (ranking and drift share it).
-
-    ``runs_sql`` is a relation ``(run_key, n)``: the runs to score and each one's number of analysed
-    tokens (the divisor of mean and coverage); ``run_filter`` an optional extra predicate on the
-    activation scan (``a``), for zone-map pruning. The result has one row per (run_key, sae_key,
-    feature_id) with a nonzero code that passes the coverage gate: mean, max, coverage, selectivity
-    (null without a background), score. Its named parameters (``$saes``, ``$min_cov``, ``$restrict``)
-    are in ``params``.
-    """
-    if opts.score_mode not in SCORE_MODES:
-        raise CatalogError("score_mode", f"expected one of {', '.join(SCORE_MODES)}, got {opts.score_mode!r}")
-    if opts.tau_basis not in P95_COLUMN:
-        raise CatalogError("tau_basis", f"expected one of {', '.join(P95_COLUMN)}, got {opts.tau_basis!r}")
-    calibrated = calibrations_for(con, sae_keys, opts)
-    all_calibrated = all(calibrated.values())
-    has_background = bool(opts.background_runs) or all_calibrated
-    if opts.score_mode in ("selectivity", "lift") and not has_background:
-        raise CatalogError("score_mode", f"{opts.score_mode} needs a background; calibrate the SAE first "
-                           "(python -m sae_discover calibrate --sae ...), give background_text / background_file, "
-                           "or pick another score_mode")
-    thresholds, threshold_source = _thresholds_sql(con, calibrated, opts)
-    normalization = "calibration_max" if all_calibrated else "none"
-    tau_expr = f"{float(opts.tau)!r}" if opts.tau is not None else "coalesce(t.tau, 0)"
-    divisor = "coalesce(nullif(s.max, 0), 1)" if normalization == "calibration_max" else "1"
-    restrict = "AND list_contains($restrict, a.feature_id)" if opts.restrict_features else ""
-    selectivity = "mean - bg_mean" if has_background else "NULL::DOUBLE"
-    if opts.background_runs:  # mean over the background text's tokens (absent features: 0)
-        background = """SELECT sae_key, feature_id, sum(act) / $bg_n AS bg_mean FROM activations
-                        WHERE list_contains($bg_runs, run_key) AND list_contains($saes, sae_key)
-                        GROUP BY sae_key, feature_id"""
-        bg_expr = "coalesce(any_value(bg.bg_mean), 0)"
-    else:  # the calibration's per-token mean
-        background = "SELECT NULL::INTEGER AS sae_key, NULL::INTEGER AS feature_id, NULL::DOUBLE AS bg_mean WHERE false"
-        bg_expr = "any_value(s.mean)"
-    sql = f"""
-        WITH thresholds AS ({thresholds}),
-        stats AS ({newest_stats_sql(calibrated)}),
-        background AS ({background}),
-        scoring_runs AS ({runs_sql}),
-        agg AS (
-            SELECT a.run_key, a.sae_key, a.feature_id,
-                   sum(a.act) / sr.n AS mean,
-                   max(a.act) AS max,
-                   count(*) FILTER (WHERE a.act > {tau_expr}) / sr.n AS coverage,
-                   {bg_expr} AS bg_mean,
-                   any_value({divisor}) AS divisor,
-                   sum(a.attr)::DOUBLE AS attribution
-            FROM activations a
-            JOIN scoring_runs sr ON sr.run_key = a.run_key
-            LEFT JOIN thresholds t ON t.sae_key = a.sae_key AND t.feature_id = a.feature_id
-            LEFT JOIN stats s ON s.sae_key = a.sae_key AND s.feature_id = a.feature_id
-            LEFT JOIN background bg ON bg.sae_key = a.sae_key AND bg.feature_id = a.feature_id
-            WHERE list_contains($saes, a.sae_key) {restrict} {f"AND {run_filter}" if run_filter else ""}
-            GROUP BY a.run_key, sr.n, a.sae_key, a.feature_id
-        ),
-        gated AS (
-            SELECT *, mean / divisor AS mean_n, max / divisor AS max_n FROM agg
-            WHERE coverage * 100 >= $min_cov
-        )
-        SELECT run_key, sae_key, feature_id, mean, max, coverage, {selectivity} AS selectivity, attribution,
-               {SCORE_EXPR[opts.score_mode]} AS score
-        FROM gated"""
-    params: dict = {"saes": list(sae_keys), "min_cov": opts.min_coverage_pct}
-    if opts.restrict_features:
-        params["restrict"] = list(opts.restrict_features)
-    if opts.background_runs:
-        params.update(bg_runs=list(opts.background_runs), bg_n=float(max(opts.background_n, 1)))
-    return Scoring(sql, params, threshold_source, normalization, has_background, calibrated)
+def scored_sql(con, sae_keys: list[int], opts: RankOptions, run_keys: list[int]) -> Scoring:
+    """The scoring rules over several runs as one relation (:meth:`Scoring.relation`, drift's per-run
+    scores), every run on the same calibrations: ``opts.model_key``'s newest, else the SAE's newest of
+    any model."""
+    return scoring(con, run_keys, sae_keys, opts, opts.model_key if opts.model_key is not None else 0)
 
 
-def rank_run(catalog: Catalog, run_key: int, n_kept: int, sae_keys: list[int], opts: RankOptions) -> dict:
+def rank_run(catalog: Catalog, run_key: int, sae_keys: list[int], opts: RankOptions) -> dict:
     """Rank one stored run's features; returns features (with layer/stream), and provenance fields.
     τ, normalization and the calibration background come from the run's own model's calibration."""
-    return rank_runs(catalog, [(run_key, n_kept)], sae_keys, opts)[0]
+    return rank_runs(catalog, [run_key], sae_keys, opts)[0]
 
 
-def rank_runs(catalog: Catalog, runs: list[tuple[int, int]], sae_keys: list[int], opts: RankOptions) -> list[dict]:
-    """Rank several stored runs ``(run_key, n_kept)`` with the same options and SAEs, as ``rank_run``
-    would one by one, in a handful of statements for all of them (batch mode ranks a group at once)."""
+def rank_runs(catalog: Catalog, run_keys: list[int], sae_keys: list[int], opts: RankOptions) -> list[dict]:
+    """Rank several stored runs (their run keys) with the same options and SAEs, as ``rank_run`` would
+    one by one, in a handful of statements for all of them (batch mode ranks a group at once). Each run
+    is scored by the ``feature_scores`` macro over its stored ``n_kept`` tokens (the macro reads them:
+    callers pass no counts), on its own model's calibrations (``opts.model_key`` pins another model's)."""
     con = catalog.raw()
     try:
-        model_of = dict(con.execute("SELECT run_key, model_key FROM runs WHERE list_contains(?, run_key)",
-                                    [[k for k, _ in runs]]).fetchall())
-        by_model: dict[int | None, list[tuple[int, int]]] = {}
-        for run_key, n_kept in runs:
-            by_model.setdefault(opts.model_key if opts.model_key is not None else model_of.get(run_key), []).append(
-                (run_key, n_kept))
-        ranked: dict[int, dict] = {}
-        for model_key, members in by_model.items():
-            unique = list(dict.fromkeys(members))  # a run listed twice is scored once (and not counted twice)
-            ranked.update(_rank_model_runs(con, unique, sae_keys, replace(opts, model_key=model_key)))
+        unique = list(dict.fromkeys(run_keys))  # a run listed twice is scored once
+        ranked = _rank_unique_runs(con, unique, sae_keys, opts)
         seen: set[int] = set()
         out = []
-        for run_key, _ in runs:  # a repeated run gets its own copy: callers reshape their results in place
+        for run_key in run_keys:  # a repeated run gets its own copy: callers reshape their results in place
             out.append(copy.deepcopy(ranked[run_key]) if run_key in seen else ranked[run_key])
             seen.add(run_key)
         return out
@@ -281,41 +309,50 @@ def rank_runs(catalog: Catalog, runs: list[tuple[int, int]], sae_keys: list[int]
         con.close()
 
 
-def _rank_model_runs(con, runs: list[tuple[int, int]], sae_keys: list[int], opts: RankOptions) -> dict[int, dict]:
-    """``rank_runs`` for runs of one model (one calibration per SAE): run_key → ranked result."""
-    run_keys = [k for k, _ in runs]
+def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions) -> dict[int, dict]:
+    """``rank_runs`` for distinct runs: run_key → ranked result."""
     if opts.score_mode in ATTRIBUTION_MODES:
         require_attributions(con, run_keys)
-    scoring = scored_sql(con, sae_keys, opts, "SELECT unnest($runs)::INTEGER AS run_key, unnest($ns)::DOUBLE AS n",
-                         run_filter=_runs_filter("a"))
-    order = "score DESC, layer, stream, feature_id" if opts.merge_across_layers else "score DESC, feature_id"
-    per = "run_key" if opts.merge_across_layers else "run_key, sae_key"
-    sql = f"""
-        WITH scored AS ({scoring.sql})
-        SELECT r.run_key, r.sae_key, r.feature_id, r.mean, r.max, r.coverage, r.selectivity, r.attribution, r.score,
-               sa.layer, sa.stream
-        FROM scored r JOIN saes sa USING (sae_key)
-        QUALIFY row_number() OVER (PARTITION BY {per} ORDER BY {order}) <= $top
-        ORDER BY r.run_key, {"r.score DESC, sa.layer, sa.stream, r.feature_id" if opts.merge_across_layers
-                             else "sa.layer, sa.stream, r.score DESC, r.feature_id"}
-    """
-    params = {**scoring.params, **_runs_params(run_keys), "ns": [float(max(n, 1)) for _, n in runs],
-              "top": opts.return_top_x}
-    cur = con.execute(sql, params)
-    cols = [d[0] for d in cur.description]
-    features = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    params = scoring_params(con, run_keys, sae_keys, opts, opts.model_key)
+    try:  # one statement: the provenance rows (feature_id NULL) first, then the top features
+        rows = _rows(con.execute(_ranked_sql(params, opts.merge_across_layers), {**params, "top": opts.return_top_x}))
+    except duckdb.InvalidInputException:  # a macro's refusal: say it as the Python checks do (field and advice)
+        scoring(con, run_keys, sae_keys, opts, opts.model_key)
+        raise
+    n_hooks = next((i for i, r in enumerate(rows) if r["feature_id"] is not None), len(rows))
+    scored = provenance(run_keys, opts, params, rows[:n_hooks])
+    features = [{c: r[c] for c in FEATURE_COLUMNS} for r in rows[n_hooks:]]
     if opts.attach_proto_labels:
         _attach_labels(con, features)
     if opts.attach_examples:
         _attach_spans(con, run_keys, features, opts.spans_per_feature, opts.span_window)
-    info = calibration_info(con, scoring.calibrations)
-    changes = calibration_changes(con, run_keys, scoring.calibrations)
-    out = {k: {"features": [], "threshold_source": scoring.threshold_source, "normalization": scoring.normalization,
-               "calibration": info, "calibrations": scoring.calibrations, "warnings": changes.get(k, [])}
-           for k in run_keys}
+    out = {k: {"features": [], "threshold_source": scored.threshold_source[k], "normalization": scored.normalization[k],
+               "calibration": scored.calibration[k], "calibrations": scored.calibrations[k],
+               "warnings": scored.warnings.get(k, [])} for k in run_keys}
     for f in features:
         out[f.pop("run_key")]["features"].append(f)
     return out
+
+
+FEATURE_COLUMNS = ("run_key", "sae_key", "feature_id", "mean", "max", "coverage", "selectivity", "attribution", "score",
+                   "layer", "stream")
+
+
+def _ranked_sql(params: dict, merge: bool) -> str:
+    """A ranking's one statement: the rows of :data:`PROVENANCE_SQL`, then each run's top ``$top``
+    features of ``feature_scores`` (over all its hooks when ``merge``, else per hook) in ranking order."""
+    rank, order = ("rank", "score DESC, layer, stream, feature_id") if merge \
+        else ("hook_rank", "layer, stream, score DESC, feature_id")
+    return f"""
+        WITH hooks AS ({provenance_sql(params)}),
+        ranked AS (SELECT {', '.join(FEATURE_COLUMNS)} FROM {macro_call('feature_scores', params)} WHERE {rank} <= $top)
+        SELECT * FROM hooks UNION ALL BY NAME SELECT * FROM ranked
+        ORDER BY feature_id IS NOT NULL, run_key, {order}"""
+
+
+def _rows(cur) -> list[dict]:
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
 
 def require_attributions(con, run_keys: list[int]) -> None:

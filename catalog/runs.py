@@ -106,6 +106,40 @@ def run_texts(catalog: Catalog, run_keys: Sequence[int]) -> dict[int, dict]:
             for k, text, gen, generated in rows}
 
 
+def _run_filter(model_id: str | None = None, sae_id: str | None = None, mode: str | None = None,
+                tags: Sequence[tuple[str, str]] = (), batch_ids: Sequence[str] = ()) -> tuple[str, list]:
+    """The WHERE clause (empty for no filter) and its parameters over ``v_runs`` for the filters of a
+    listing, so that ``runs list`` and a selection of runs (:func:`select_run_ids`) mean the same runs."""
+    if mode is not None and mode not in RUN_MODES:
+        raise CatalogError("mode", f"expected one of {', '.join(RUN_MODES)}, got {mode!r}")
+    where: list[str] = []
+    params: list = []
+    for name, value in (("model_id", model_id), ("sae_id", sae_id), ("mode", mode)):
+        if value is not None:
+            where.append(f"{name} = ?")
+            params.append(value)
+    for key, value in tags:
+        where.append("tags[?] = ?")
+        params.extend([key, value])
+    if batch_ids:
+        where.append("list_contains(?, batch_id)")
+        params.append(list(batch_ids))
+    return (f"WHERE {' AND '.join(where)}" if where else ""), params
+
+
+def select_run_ids(catalog: Catalog, model_id: str | None = None, sae_id: str | None = None,
+                   mode: str | None = None, tags: Sequence[tuple[str, str]] = (),
+                   batch_ids: Sequence[str] = ()) -> list[str]:
+    """The ids of every stored run that matches the filters of :func:`list_runs` (and ``batch_ids``: any
+    of them), oldest first (a batch's runs in the order they were made): ``runs rank``'s selection."""
+    clause, params = _run_filter(model_id, sae_id, mode, tags, batch_ids)
+    con = catalog.raw()
+    try:
+        return [r[0] for r in con.execute(f"SELECT run_id FROM v_runs {clause} ORDER BY run_key", params).fetchall()]
+    finally:
+        con.close()
+
+
 def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | None = None,
               sae_id: str | None = None, mode: str | None = None,
               tags: Sequence[tuple[str, str]] = ()) -> tuple[list[dict], int]:
@@ -117,17 +151,7 @@ def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | Non
         raise CatalogError("limit", f"expected a non-negative integer, got {limit}")
     if offset < 0:
         raise CatalogError("offset", f"expected a non-negative integer, got {offset}")
-    if mode is not None and mode not in RUN_MODES:
-        raise CatalogError("mode", f"expected one of {', '.join(RUN_MODES)}, got {mode!r}")
-    where, params = [], []
-    for name, value in (("model_id", model_id), ("sae_id", sae_id), ("mode", mode)):
-        if value is not None:
-            where.append(f"{name} = ?")
-            params.append(value)
-    for key, value in tags:
-        where.append("tags[?] = ?")
-        params.extend([key, value])
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    clause, params = _run_filter(model_id, sae_id, mode, tags)
     cols = ", ".join("created_at::TIMESTAMPTZ AS created_at" if c == "created_at" else c for c in LIST_COLUMNS)
     con = catalog.raw()
     try:

@@ -1,24 +1,43 @@
-"""User-written SQL — the ``sql`` command's statements and the drift run filters — on a locked-down connection.
+"""User-written SQL — the ``sql`` command, ``POST /v1/sql`` and the drift run filters — on a locked-down connection.
 
 Every connection that runs user SQL is made by :func:`lock_down`: external access off (no COPY TO, no
-``read_csv``/``read_text``/``glob`` of arbitrary paths, no extension loading), a memory limit, and
-then its configuration locked, so a statement cannot switch any of that back. Every statement runs
-under a time limit (:func:`limited`: a timer interrupts the query). The ``sql`` command's connection
-opens the catalog file read-only; a drift filter is parsed as one expression (never spliced into a
-statement) and evaluated on an in-memory copy of the ``v_runs`` rows, so it can see no other table,
-no file and no sequence. Errors come back as :class:`CatalogError` naming the user's field (``query``,
-a filter's field, ``memory_limit``, ``timeout_s``, ``db``) or :class:`CatalogLocked`.
-"""
+``read_csv``/``read_text``/``glob`` of arbitrary paths, no extension loading, no scans of Python
+variables), a memory limit, and then its configuration locked, so a statement cannot switch any of that
+back. Every query runs through :func:`run_query`, the one guard for the CLI and the API:
 
+- its statements are parsed (DuckDB's own parser) and each must be a query (SELECT, and DESCRIBE, SHOW,
+  SUMMARIZE, FROM, VALUES, which DuckDB parses as SELECT), EXPLAIN or SET (with the configuration
+  locked, only the connection's own variables: ``SET VARIABLE``, ``USE``); writes, COPY, ATTACH,
+  INSTALL/LOAD, PRAGMA, CALL, transactions and the rest are refused before any statement runs;
+- they run inside one ``BEGIN TRANSACTION READ ONLY`` that is always rolled back: a write that hides in
+  a query (``nextval()``) is refused by DuckDB, and the query sees one consistent snapshot;
+- under a time limit (:func:`limited`: a timer interrupts the connection, which stops that query only),
+  and with at most ``max_rows`` rows fetched (DuckDB streams the result: the rest is never computed).
+
+Where the connection comes from is the only difference. The ``sql`` command opens the catalog file
+read-only in a process of its own (:func:`open_user_sql`; :func:`cap_process_memory` also caps what
+DuckDB allocates outside its buffer manager). The server holds its catalog read-write, and DuckDB 2.0
+refuses a second connection to that file with another configuration in the same process (and other
+processes are locked out), so with ``serve --enable_sql`` the server locks down its own database once,
+right after opening it (external access, memory limit and configuration are settings of the whole
+database), and each request runs on a new cursor of it. The catalog's own writes register their Arrow
+tables explicitly (``catalog.writes.scanned``) and so keep working. A drift filter is parsed as one
+expression (never spliced into a statement) and evaluated on an in-memory copy of the ``v_runs`` rows,
+so it can see no other table, no file and no sequence. Errors come back as :class:`CatalogError`
+naming the user's field (``query``, a filter's field, ``memory_limit``, ``timeout_s``, ``db``) or
+:class:`CatalogLocked`.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -57,6 +76,9 @@ class Limits:
 
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # what raises each limit, for the error that says it was reached (the sql command's flags by default)
+    memory_hint: str = "--memory_limit"
+    timeout_hint: str = "--timeout_s"
 
     def __post_init__(self) -> None:
         if not isinstance(self.memory_limit, str) or not MEMORY_LIMIT.match(self.memory_limit):
@@ -117,10 +139,10 @@ def limited(con: duckdb.DuckDBPyConnection, limits: Limits, field: str, work: Ca
         return work()
     except duckdb.InterruptException as exc:
         raise CatalogError(field, f"stopped after the time limit of {limits.timeout_s:g} s "
-                                  "(raise it with --timeout_s)") from exc
+                                  f"(raise it with {limits.timeout_hint})") from exc
     except (duckdb.OutOfMemoryException, MemoryError) as exc:
         raise CatalogError(field, f"needs more than the memory limit of {limits.memory_limit} "
-                                  f"(raise it with --memory_limit): {_first_line(exc)}") from exc
+                                  f"(raise it with {limits.memory_hint}): {_first_line(exc)}") from exc
     finally:
         timer.cancel()
 
@@ -152,38 +174,116 @@ def _statements(con: duckdb.DuckDBPyConnection, query: str) -> list:
     return statements
 
 
-def run_user_sql(path: str | Path | None, query: str,
-                 limits: Limits | None = None) -> tuple[list[str] | None, list[tuple]]:
-    """Run ``query`` (one or more statements) read-only on the catalog at ``path`` (None: the default
-    catalog) within ``limits``; returns the last statement's column names and rows (None and [] when it
-    returns no result set)."""
-    limits = limits or Limits()
-    con = open_user_sql(path, limits)
+# the statements user SQL may run (see the module's docstring); every other kind is refused before any runs
+ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.SET})
 
-    def run() -> tuple[list[str] | None, list[tuple]]:
-        cur = None
-        for statement in _statements(con, query):
-            try:
-                cur = con.execute(statement)
-            except (duckdb.InterruptException, duckdb.OutOfMemoryException):
-                raise
-            except duckdb.Error as exc:
-                if statement.type in WRITE_STATEMENTS:
-                    raise CatalogError("query", "write statements are refused: the sql command is read-only") from exc
-                raise CatalogError("query", _first_line(exc)) from exc
-        if cur is None or cur.description is None:
-            return None, []
-        try:
-            return [d[0] for d in cur.description], cur.fetchall()
-        except (duckdb.InterruptException, duckdb.OutOfMemoryException):
-            raise
-        except duckdb.Error as exc:
-            raise CatalogError("query", _first_line(exc)) from exc
 
+@dataclass(frozen=True)
+class QueryResult:
+    """The last statement's result: column names and DuckDB type names (None and [] when it returns no
+    result set), its rows (at most ``max_rows``), and whether more rows were left unread."""
+
+    columns: list[str] | None
+    types: list[str]
+    rows: list[tuple]
+    truncated: bool = False
+
+
+def check_statement(statement: duckdb.Statement) -> None:
+    """Refuse a statement that is not a query, EXPLAIN or SET (decided from the parsed statement)."""
+    kind = statement.type
+    if kind in ALLOWED_STATEMENTS:
+        return
+    if kind in WRITE_STATEMENTS:
+        raise CatalogError("query", f"write statements are refused ({kind.name}): SQL over the catalog is read-only")
+    if kind == duckdb.StatementType.TRANSACTION:
+        raise CatalogError("query", "transaction statements are refused: each query runs in its own read-only "
+                                    "transaction")
+    raise CatalogError("query", f"{kind.name} statements are refused: only queries (SELECT, DESCRIBE, SHOW, "
+                                "SUMMARIZE), EXPLAIN and SET VARIABLE run")
+
+
+def _execute(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement) -> None:
     try:
-        return limited(con, limits, "query", run)
+        con.execute(statement)
+    except (duckdb.InterruptException, duckdb.OutOfMemoryException):
+        raise
+    except duckdb.Error as exc:
+        raise CatalogError("query", _first_line(exc)) from exc
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None) -> QueryResult:
+    if con.description is None:
+        return QueryResult(None, [], [])
+    columns, types = [d[0] for d in con.description], [str(d[1]) for d in con.description]
+    try:
+        rows = con.fetchall() if max_rows is None else con.fetchmany(max_rows + 1)
+    except (duckdb.InterruptException, duckdb.OutOfMemoryException):
+        raise
+    except duckdb.Error as exc:
+        raise CatalogError("query", _first_line(exc)) from exc
+    truncated = max_rows is not None and len(rows) > max_rows
+    return QueryResult(columns, types, rows[:max_rows] if truncated else rows, truncated)
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_rows: int | None = None) -> QueryResult:
+    """Run ``query`` (one or more statements; the last one's result is returned) on ``con``, a connection
+    made by :func:`lock_down`: every statement checked first (:func:`check_statement`), then all of them
+    in one read-only transaction, rolled back after, within ``limits.timeout_s``, at most ``max_rows``
+    rows fetched (None: all)."""
+    statements = _statements(con, query)
+    for statement in statements:
+        check_statement(statement)
+
+    def run() -> QueryResult:
+        con.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            for statement in statements:
+                _execute(con, statement)
+            return _fetch(con, max_rows)
+        finally:
+            with contextlib.suppress(duckdb.Error):  # an interrupted or failed transaction may be gone already
+                con.execute("ROLLBACK")
+
+    return limited(con, limits, "query", run)
+
+
+def run_user_sql(path: str | Path | None, query: str, limits: Limits | None = None,
+                 con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[str] | None, list[tuple]]:
+    """The ``sql`` command: ``query`` run by :func:`run_query` on the catalog at ``path`` (None: the default
+    catalog) opened read-only, within ``limits``; returns the last statement's column names and rows (None
+    and [] when it returns no result set). ``con``: a connection to run it on instead (a store snapshot's,
+    held in memory), locked down here."""
+    limits = limits or Limits()
+    con = lock_down(con, limits) if con is not None else open_user_sql(path, limits)
+    try:
+        result = run_query(con, query, limits)
     finally:
         con.close()
+    return result.columns, result.rows
+
+
+def json_value(value: Any) -> Any:
+    """A query result's value as JSON has it (the ``sql`` command's ``--format json`` and ``POST /v1/sql``):
+    numbers, strings, booleans and null as they are (NaN and infinities as null, integers beyond 64 bits
+    as text), lists and structs/maps recursively (map keys as text), anything else (dates, times,
+    decimals, UUIDs, intervals, blobs) as its Python text."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    return str(value)
+
+
+def text_value(value: Any) -> str:
+    """A query result's value in a text table (TSV, CSV): its Python text, empty for null."""
+    return "" if value is None else str(value)
 
 
 # -- filters: one boolean expression over the rows of one table ------------------------------------

@@ -20,6 +20,7 @@ import pyarrow as pa
 from catalog.db import Catalog
 from catalog.errors import CatalogError
 from catalog.labels import write_labels
+from catalog.scoring import QUANTILES_CTES
 from catalog.writes import ModelInfo, SAEInfo, append_rows, model_key_of, sae_keys, transaction, with_sae_keys
 
 TauBasis = Literal["active", "all"]
@@ -49,67 +50,35 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
         append_rows(con, "calibration_activations", with_sae_keys(acts, [np.asarray(keys)], [acts.num_rows]),
                     calibration_id=cal_id)
         for sae, key in zip(saes, keys, strict=True):
-            con.execute(FEATURE_STATS_SQL, {"cal": cal_id, "sae": key, "n": n_tokens, "d_sae": sae.d_sae, "q": q,
-                                            **quantile_positions(n_tokens, q)})
+            con.execute(FEATURE_STATS_SQL, feature_stats_params(cal_id, key, n_tokens, sae.d_sae, q))
         return cal_id
 
 
-def quantile_positions(n: int, q: float) -> dict:
-    """Linear interpolation between order statistics (numpy's default, DuckDB's quantile_cont):
-    the q-quantile of n sorted values a_0..a_{n-1} is a_lo + frac * (a_hi - a_lo) with h = (n-1) q."""
-    h = (n - 1) * q
-    lo = int(np.floor(h))
-    return {"lo": lo, "hi": min(lo + 1, n - 1), "frac": h - lo}
-
-
-# Both quantiles of a feature from its sparse nonzero rows. ``q_active``: over the nonzeros alone
-# (quantile_cont is numpy's interpolation). ``v_lo``/``v_hi``: the order statistics of its *dense*
-# column (zeros included) — with n tokens and k nonzeros (all codes are >= 0), the sorted dense column
-# is n-k zeros followed by the nonzeros in ascending order, so dense index i holds the (i-(n-k))-th
-# nonzero, or 0 when i < n-k.
-QUANTILE_CTE = """
-    ranked AS (
-        SELECT feature_id, act,
-               row_number() OVER (PARTITION BY feature_id ORDER BY act) - 1 AS r,
-               count(*) OVER (PARTITION BY feature_id) AS k
-        FROM calibration_activations
-        WHERE calibration_id = $cal AND sae_key = $sae
-    ),
-    sparse_stats AS (
-        SELECT feature_id, any_value(k) AS k, sum(act) AS total, max(act) AS max_act,
-               coalesce(max(act) FILTER (WHERE $n - k + r = $lo), 0) AS v_lo,
-               coalesce(max(act) FILTER (WHERE $n - k + r = $hi), 0) AS v_hi,
-               quantile_cont(act::DOUBLE, $q) AS q_active
-        FROM ranked GROUP BY feature_id
-    )"""
-
-FEATURE_STATS_SQL = f"""
-    INSERT INTO feature_stats (calibration_id, sae_key, feature_id, p95, p95_all, mean, max, density, n_tokens)
-    WITH {QUANTILE_CTE}
-    SELECT $cal, $sae, f.feature_id,
-           coalesce(s.q_active, 0),
-           coalesce(s.v_lo + $frac * (s.v_hi - s.v_lo), 0),
-           coalesce(s.total, 0) / $n,
-           coalesce(s.max_act, 0),
-           coalesce(s.k, 0) / $n,
-           $n
+# one SAE's feature_stats rows of a calibration (also run over a Delta store: catalog.store); its
+# quantiles are those of catalog.scoring.QUANTILES_CTES, the ones a ranking's ``tau_quantile`` uses
+FEATURE_STATS_SELECT = f"""
+    WITH quantile_of AS (SELECT $cal AS cal, $sae AS sae_key, $n AS n),{QUANTILES_CTES.format(q="$q::DOUBLE")}
+    SELECT $cal AS calibration_id, $sae AS sae_key, f.feature_id,
+           coalesce(s.q_active, 0) AS p95,
+           coalesce(s.q_all, 0) AS p95_all,
+           coalesce(s.total, 0) / $n AS mean,
+           coalesce(s.max, 0) AS max,
+           coalesce(s.k, 0) / $n AS density,
+           $n AS n_tokens
     FROM (SELECT range::INTEGER AS feature_id FROM range($d_sae)) f
-    LEFT JOIN sparse_stats s USING (feature_id)
+    LEFT JOIN quantiles s USING (feature_id)
     ORDER BY f.feature_id
 """
 
+FEATURE_STATS_SQL = f"""
+    INSERT INTO feature_stats (calibration_id, sae_key, feature_id, p95, p95_all, mean, max, density, n_tokens)
+    {FEATURE_STATS_SELECT}
+"""
 
-def quantile_sql(con: duckdb.DuckDBPyConnection, calibration_id: int, sae_key: int, q: float,
-                 basis: TauBasis = "active") -> str:
-    """A relation (sae_key, feature_id, tau): the q-quantile of each feature in that calibration on
-    ``basis`` (its nonzero activations, or its dense column), computed exactly like the stored p95 /
-    p95_all (features that never fired are absent: 0)."""
-    n = con.execute("SELECT n_tokens FROM calibrations WHERE calibration_id = ?", [calibration_id]).fetchone()[0]
-    pos = quantile_positions(n, q)
-    cte = QUANTILE_CTE.replace("$cal", str(int(calibration_id))).replace("$sae", str(int(sae_key))) \
-        .replace("$n", str(n)).replace("$lo", str(pos["lo"])).replace("$hi", str(pos["hi"])).replace("$q", repr(float(q)))
-    tau = "q_active" if basis == "active" else f"v_lo + {pos['frac']!r} * (v_hi - v_lo)"
-    return f"(WITH {cte} SELECT {int(sae_key)} AS sae_key, feature_id, {tau} AS tau FROM sparse_stats)"
+
+def feature_stats_params(calibration_id: int, sae_key: int, n_tokens: int, d_sae: int, q: float = 0.95) -> dict:
+    """The parameters of :data:`FEATURE_STATS_SELECT` for one SAE of a calibration."""
+    return {"cal": calibration_id, "sae": sae_key, "n": n_tokens, "d_sae": d_sae, "q": q}
 
 
 def calibration_for(con: duckdb.DuckDBPyConnection, sae_key: int, model_key: int | None = None) -> int | None:
@@ -142,14 +111,6 @@ def has_calibration(catalog: Catalog, sae: SAEInfo, model_id: str, fingerprint: 
     return bool(found)
 
 
-def newest_stats_sql(cals: dict[int, int | None]) -> str:
-    """Feature statistics of each SAE's calibration (``cals``: sae_key → calibration_id, None for
-    none; what ``v_feature_stats`` shows for the newest), as a relation filtered by literal
-    (calibration, SAE) pairs, so zone maps prune it to a few row groups."""
-    pairs = [f"(calibration_id = {int(c)} AND sae_key = {int(k)})" for k, c in cals.items() if c is not None]
-    return f"SELECT * FROM feature_stats WHERE {' OR '.join(pairs) or 'false'}"
-
-
 # -- lite labels ----------------------------------------------------------------------------------
 
 LITE_FIRES_SQL = """
@@ -172,13 +133,20 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
     (by total activation, in SQL) and the tokens its decoder direction promotes and suppresses (computed
     by ingest), as ``fires on "a", "b"; promotes "c"; suppresses "d"`` (parsed back by
     ``catalog.report.lite_parts``)."""
-    suppresses = suppresses or {}
     con = catalog.raw()
     try:
         (key,) = sae_keys(con, [sae])
         fires = dict(con.execute(LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
     finally:
         con.close()
+    return write_labels(catalog, [(sae, lite_label_rows(fires, promotes, suppresses))], replace=["lite"])
+
+
+def lite_label_rows(fires: dict[int, list[str]], promotes: dict[int, list[str]],
+                    suppresses: dict[int, list[str]] | None = None) -> pa.Table:
+    """The lite labels (feature_id, label, source, score) of one SAE from the tokens each feature fires on
+    (:data:`LITE_FIRES_SQL`) and those its decoder promotes and suppresses."""
+    suppresses = suppresses or {}
     features = sorted(set(fires) | set(promotes) | set(suppresses))
     labels = []
     for f in features:
@@ -189,9 +157,8 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
             if shown:
                 parts.append(f"{verb} " + ", ".join(shown))
         labels.append("; ".join(parts))
-    rows = pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
+    return pa.table({"feature_id": pa.array(features, pa.int32()), "label": labels,
                      "source": ["lite"] * len(features), "score": pa.nulls(len(features), pa.float64())})
-    return write_labels(catalog, [(sae, rows)], replace=["lite"])
 
 
 # -- how stable a calibration's quantiles are -------------------------------------------------------

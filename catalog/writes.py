@@ -3,7 +3,9 @@ model/SAE key look-ups and Arrow appends (calibrations in ``catalog.stats``, lab
 
 Bulk rows arrive as pyarrow tables and go in through DuckDB's Arrow scan
 (``INSERT INTO t BY NAME SELECT ... FROM arrow_table``), never row by row: DuckDB reads the columns
-directly, with no per-row Python work.
+directly, with no per-row Python work. Each table is registered on the writing connection for its
+statements (:func:`scanned`), not found by DuckDB's replacement scan of Python variables: a server
+with SQL over HTTP turns external access off, and that turns replacement scans off too.
 
 Runs are atomic: each is visible whole or not at all. Several runs finished together (a batch's
 micro-batch) are written by :func:`write_runs` in one transaction holding only whole runs (group
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import duckdb
@@ -117,11 +119,26 @@ def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo], catalog: C
     return keys
 
 
+@contextmanager
+def scanned(con: duckdb.DuckDBPyConnection, **tables: pa.Table) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``con`` with each Arrow table readable by its name for the statements inside (registered on this
+    connection only, unregistered after). An aborted transaction has already dropped them (its rollback
+    undoes the registration), so a failed unregister must not hide the statement's own error."""
+    for name, rows in tables.items():
+        con.register(name, rows)
+    try:
+        yield con
+    finally:
+        for name in tables:
+            with suppress(duckdb.Error):
+                con.unregister(name)
+
+
 def append_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table, **keys: int) -> None:
     """Bulk-insert an Arrow table (columns by name) plus constant key columns, via DuckDB's Arrow scan."""
-    _arrow_rows = rows  # read by name by DuckDB (a replacement scan): no register/unregister round trip
     constants = "".join(f"{int(value)}::INTEGER AS {name}, " for name, value in keys.items())
-    con.execute(f"INSERT INTO {table} BY NAME SELECT {constants}* FROM _arrow_rows")
+    with scanned(con, _arrow_rows=rows):
+        con.execute(f"INSERT INTO {table} BY NAME SELECT {constants}* FROM _arrow_rows")
 
 
 def with_sae_keys(acts: pa.Table, key_lists: list[np.ndarray], counts: list[int]) -> pa.Table:
@@ -200,8 +217,10 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
                 fields[name] = json.dumps(fields.get(name))
         rows.append(fields)
     names = dict.fromkeys(n for row in rows for n in row)  # as columns: cheaper than binding each value
-    _arrow_rows = pa.table({n: pa.array([row.get(n) for row in rows], _RUN_TYPES[n]) for n in names})  # scanned by name
-    created = dict(con.execute("INSERT INTO runs BY NAME SELECT * FROM _arrow_rows RETURNING run_id, run_key").fetchall())
+    run_rows = pa.table({n: pa.array([row.get(n) for row in rows], _RUN_TYPES[n]) for n in names})
+    with scanned(con, _arrow_rows=run_rows):
+        created = dict(con.execute("INSERT INTO runs BY NAME SELECT * FROM _arrow_rows RETURNING run_id, run_key")
+                       .fetchall())
     run_keys = [int(created[r.run["run_id"]]) for r in runs]
     append_rows(con, "run_saes", pa.table({"run_key": _repeat(run_keys, [len(m) for m in sae_key_maps]),
                                            "sae_key": pa.array(np.concatenate(sae_key_maps), pa.int32())}))
@@ -257,14 +276,16 @@ def tag_runs(catalog: Catalog, items: Sequence[RunTags]) -> None:
     ids = {i.run_key: i.batch_id for i in items if i.batch_id is not None}
     with transaction(catalog) as con:
         if tags:
-            _tag_rows = pa.table({"run_key": pa.array([k for k, _ in tags], pa.int32()),  # scanned by name
-                                  "key": [key for _, key in tags], "value": list(tags.values())})
-            con.execute("DELETE FROM run_tags t USING _tag_rows n WHERE t.run_key = n.run_key AND t.key = n.key")
-            con.execute("INSERT INTO run_tags BY NAME SELECT * FROM _tag_rows")
+            tag_rows = pa.table({"run_key": pa.array([k for k, _ in tags], pa.int32()),
+                                 "key": [key for _, key in tags], "value": list(tags.values())})
+            with scanned(con, _tag_rows=tag_rows):
+                con.execute("DELETE FROM run_tags t USING _tag_rows n WHERE t.run_key = n.run_key AND t.key = n.key")
+                con.execute("INSERT INTO run_tags BY NAME SELECT * FROM _tag_rows")
         if ids:
-            _id_rows = pa.table({"run_key": pa.array(list(ids), pa.int32()), "batch_id": list(ids.values())})  # by name
-            con.execute("DELETE FROM run_batch_ids b USING _id_rows n WHERE b.run_key = n.run_key")
-            con.execute("INSERT INTO run_batch_ids BY NAME SELECT * FROM _id_rows")
+            id_rows = pa.table({"run_key": pa.array(list(ids), pa.int32()), "batch_id": list(ids.values())})
+            with scanned(con, _id_rows=id_rows):
+                con.execute("DELETE FROM run_batch_ids b USING _id_rows n WHERE b.run_key = n.run_key")
+                con.execute("INSERT INTO run_batch_ids BY NAME SELECT * FROM _id_rows")
 
 
 def record_calibrations(catalog: Catalog, used: dict[int, dict[int, int | None]]) -> None:
@@ -273,9 +294,9 @@ def record_calibrations(catalog: Catalog, used: dict[int, dict[int, int | None]]
     rows = [(r, k, c) for r, cals in used.items() for k, c in cals.items() if c is not None]
     if not rows or catalog.read_only:  # a read-only catalog answers without remembering (issue 12, item 6)
         return
-    _cal_rows = pa.table({"run_key": pa.array([r for r, _, _ in rows], pa.int32()),  # scanned by name
-                          "sae_key": pa.array([k for _, k, _ in rows], pa.int32()),
-                          "calibration_id": pa.array([c for _, _, c in rows], pa.int32())})
-    with transaction(catalog) as con:
+    cal_rows = pa.table({"run_key": pa.array([r for r, _, _ in rows], pa.int32()),
+                         "sae_key": pa.array([k for _, k, _ in rows], pa.int32()),
+                         "calibration_id": pa.array([c for _, _, c in rows], pa.int32())})
+    with transaction(catalog) as con, scanned(con, _cal_rows=cal_rows):
         con.execute("INSERT INTO run_calibrations BY NAME SELECT * FROM _cal_rows n WHERE NOT EXISTS "
                     "(SELECT 1 FROM run_calibrations c WHERE c.run_key = n.run_key AND c.sae_key = n.sae_key)")

@@ -188,6 +188,17 @@ def _assemble(loaded: LoadedModel, ids: list[int], n_prompt: int, is_special: to
                     timings=timings)
 
 
+@dataclass
+class _Runs:
+    """What :func:`run_many` fills in for each run (indexed like its specs) as micro-batches finish."""
+
+    specs: Sequence[RunSpec]
+    seqs: list[tuple[list[int], int]]  # token ids (prompt + continuation, or the text) and prompt length
+    special: list[torch.Tensor]  # never-analysed positions (BOS, specials), known once the tokens are
+    timings: list[dict]
+    results: list[RunBatch | None]
+
+
 def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
              batch_size: int = MICRO_BATCH, on_sequence: Callable[[int], object] | None = None) -> list[RunBatch]:
     """Several runs over the same hooks, in micro-batches of similar length (every row gets what it
@@ -195,78 +206,99 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     token, so codes equal a one-at-a-time run to float rounding).
 
     Prompts to continue generate together, and their streams and entropies are captured by the
-    generation passes themselves (:func:`~ingest.generate.capture_generation`). Texts, prompts without
-    generation and attribution runs (which need a backward over the whole sequence) get one analysis
-    forward per micro-batch. ``on_sequence(n)`` is told as n runs' sequences are ready.
+    generation passes themselves (:func:`_generate`). Texts, prompts without generation and attribution
+    runs (which need a backward over the whole sequence) get one analysis forward per micro-batch
+    (:func:`_reread`). ``on_sequence(n)`` is told as n runs' sequences are ready.
     """
     if not specs:
         return []
-    hooks = specs[0].hooks
-    if any(s.hooks != hooks for s in specs):
+    if any(s.hooks != specs[0].hooks for s in specs):
         raise ValueError("run_many: every spec must use the same hooks")
     prepend_bos = all(s.cfg.prepend_bos for s in saes)
     metrics = run_metrics(loaded, specs)  # before any generation: a refused target costs nothing
     prompts = [_input_ids(loaded, spec, prepend_bos) for spec in specs]
     samplings = [_sampling(loaded, spec, len(ids)) for spec, ids in zip(specs, prompts, strict=True)]
-    timings: list[dict] = [{} for _ in specs]
-    seqs: list[tuple[list[int], int]] = [(ids, len(ids)) for ids in prompts]
-    special: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * len(specs)
-    results: list[RunBatch | None] = [None] * len(specs)
-    vocab = loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
+    runs = _Runs(specs, seqs=[(ids, len(ids)) for ids in prompts], special=[torch.zeros(0, dtype=torch.bool)] * len(specs),
+                 timings=[{} for _ in specs], results=[None] * len(specs))
     continued = [i for i in range(len(specs)) if samplings[i] is not None]
-    live = {i for i in continued if metrics[i] is None}  # captured while generating; the others are re-read
     if on_sequence is not None and len(specs) > len(continued):
         on_sequence(len(specs) - len(continued))  # texts: ready once tokenized
-    for capturing in (True, False):
-        for chunk in _generation_batches(prompts, [i for i in continued if (i in live) == capturing], vocab,
-                                         batch_size):
+    live = [i for i in continued if metrics[i] is None]  # captured while generating; the others are re-read
+    _generate(loaded, saes, runs, prompts, samplings, live, [i for i in continued if metrics[i] is not None],
+              prepend_bos, batch_size, on_sequence)
+    captured = set(live)
+    _reread(loaded, saes, runs, [i for i in range(len(specs)) if i not in captured], metrics, prepend_bos, batch_size)
+    return runs.results  # type: ignore[return-value]
+
+
+def _vocab(loaded: LoadedModel) -> int:
+    """The model's vocabulary size (the logits' last dimension; 0 where the model has no config)."""
+    return loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
+
+
+def _generate(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, prompts: list[list[int]],
+              samplings: list[Sampling | None], capture: list[int], plain: list[int], prepend_bos: bool,
+              batch_size: int, on_sequence: Callable[[int], object] | None) -> None:
+    """Continue the prompts of runs ``capture`` and ``plain`` in micro-batches by prompt length. Those of
+    ``capture`` are captured by the generation passes (:func:`~ingest.generate.capture_generation`) and
+    analysed at once; those of ``plain`` (attribution runs, re-read later with a backward pass) only
+    get their tokens. Each run's ``generate_s`` is its share of its micro-batch's time, by tokens."""
+    vocab = _vocab(loaded)
+    for capturing, indices in ((True, capture), (False, plain)):
+        for chunk in _generation_batches(prompts, indices, vocab, batch_size):
             t0 = time.perf_counter()
             rows, row_samplings = [prompts[i] for i in chunk], [samplings[i] for i in chunk]
             if capturing:
-                gen = capture_generation(loaded, rows, row_samplings, hooks)  # type: ignore[arg-type]
+                gen = capture_generation(loaded, rows, row_samplings, runs.specs[0].hooks)  # type: ignore[arg-type]
                 sequences = gen.sequences
             else:
                 sequences = generate_batch(loaded, rows, row_samplings)[0]  # type: ignore[arg-type]
             elapsed, fed = time.perf_counter() - t0, sum(len(ids) for ids in sequences)
             for i, ids in zip(chunk, sequences, strict=True):
-                seqs[i] = (ids, len(prompts[i]))
-                timings[i]["generate_s"] = elapsed * len(ids) / fed  # the micro-batch's time, shared by tokens
+                runs.seqs[i] = (ids, len(prompts[i]))
+                runs.timings[i]["generate_s"] = elapsed * len(ids) / fed
             if capturing:
                 for i in chunk:
-                    special[i] = special_mask(loaded, seqs[i][0], prepend_bos)
-                _, _, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
-                _analyse(loaded, saes, specs, chunk, seqs, special, candidates, gen.captured, gen.entropies, None,
-                         timings, results)
+                    runs.special[i] = special_mask(loaded, runs.seqs[i][0], prepend_bos)
+                _, _, candidates = pad_batch(loaded, [runs.seqs[i][0] for i in chunk], [runs.special[i] for i in chunk])
+                _analyse(loaded, saes, runs, chunk, candidates, gen.captured, gen.entropies, None)
             if on_sequence is not None:
                 on_sequence(len(chunk))
-    rest = [i for i in range(len(specs)) if i not in live]
+
+
+def _reread(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, rest: list[int], metrics: list[Metric | None],
+            prepend_bos: bool, batch_size: int) -> None:
+    """One analysis forward per micro-batch for the runs ``rest`` (texts, prompts without generation,
+    attribution runs). The forward stops after the last hooked block unless the logits are needed (the
+    entropy proxy, attribution): those runs get micro-batches of their own within ``LOGITS_BUDGET``, and
+    attribution runs (M and a backward pass) yet others."""
+    hooks = runs.specs[0].hooks
     for i in rest:
-        special[i] = special_mask(loaded, seqs[i][0], prepend_bos)
-    # attribution needs the logits (M) and a backward pass: its runs get micro-batches of their own
-    groups = {i: (needs_logits(resolve_token_proxy(specs[i], specs[i].text is not None), specs[i].topk_tokens_per_seq,
-                               int((~special[i]).sum()))
+        runs.special[i] = special_mask(loaded, runs.seqs[i][0], prepend_bos)
+    groups = {i: (needs_logits(resolve_token_proxy(runs.specs[i], runs.specs[i].text is not None),
+                               runs.specs[i].topk_tokens_per_seq, int((~runs.special[i]).sum()))
                   or metrics[i] is not None, metrics[i] is not None) for i in rest}
+    vocab = _vocab(loaded)
     for group in ((False, False), (True, False), (True, True)):
         logits_group, attributing = group
-        order = sorted((i for i in rest if groups[i] == group), key=lambda i: len(seqs[i][0]))
-        widths = [len(seqs[i][0]) * (vocab if logits_group else 1) for i in order]
+        order = sorted((i for i in rest if groups[i] == group), key=lambda i: len(runs.seqs[i][0]))
+        widths = [len(runs.seqs[i][0]) * (vocab if logits_group else 1) for i in order]
         for chunk in _micro_batches(order, widths, batch_size, LOGITS_BUDGET if logits_group else None):
-            ids, mask, candidates = pad_batch(loaded, [seqs[i][0] for i in chunk], [special[i] for i in chunk])
-            lengths = [len(seqs[i][0]) for i in chunk]
+            ids, mask, candidates = pad_batch(loaded, [runs.seqs[i][0] for i in chunk], [runs.special[i] for i in chunk])
+            lengths = [len(runs.seqs[i][0]) for i in chunk]
             t1 = time.perf_counter()
             grads = None
             if attributing:
                 captured, logits, grads, _ = capture_with_gradients(
                     loaded, ids.to(loaded.device), mask.to(loaded.device), hooks, lengths,
-                    [seqs[i][1] for i in chunk], [metrics[i] for i in chunk])
+                    [runs.seqs[i][1] for i in chunk], [metrics[i] for i in chunk])
             else:
                 captured, logits = loaded.capture(ids.to(loaded.device), hooks, attention_mask=mask.to(loaded.device),
                                                   stop_early=not logits_group)
             entropies = None if logits is None else _entropies(logits, lengths)
             for i in chunk:
-                timings[i]["forward_s"] = (time.perf_counter() - t1) / len(chunk)
-            _analyse(loaded, saes, specs, chunk, seqs, special, candidates, captured, entropies, grads, timings, results)
-    return results  # type: ignore[return-value]
+                runs.timings[i]["forward_s"] = (time.perf_counter() - t1) / len(chunk)
+            _analyse(loaded, saes, runs, chunk, candidates, captured, entropies, grads)
 
 
 def _entropies(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -278,12 +310,12 @@ def _entropies(logits: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return out
 
 
-def _analyse(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec], chunk: list[int],
-             seqs: list[tuple[list[int], int]], special: list[torch.Tensor], candidates: torch.Tensor, captured: dict,
-             entropies: torch.Tensor | None, grads: dict | None, timings: list[dict], results: list) -> None:
+def _analyse(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, chunk: list[int], candidates: torch.Tensor,
+             captured: dict, entropies: torch.Tensor | None, grads: dict | None) -> None:
     """A micro-batch's captured streams → token proxies and the top-K filter → sparse codes of the kept
-    tokens → each run's :class:`RunBatch` (into ``results``)."""
+    tokens → each run's :class:`RunBatch` (into ``runs.results``)."""
     t0 = time.perf_counter()
+    specs, seqs = runs.specs, runs.seqs
     lengths = [len(seqs[i][0]) for i in chunk]
     proxies = [resolve_token_proxy(specs[i], specs[i].text is not None) for i in chunk]
     proxy, kept = select_tokens(proxies, [specs[i].topk_tokens_per_seq for i in chunk],
@@ -292,9 +324,9 @@ def _analyse(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     parts = _encode_kept(saes, specs[chunk[0]].hooks, captured, kept, restricts, grads)  # the chunk's rows together
     encode_s = (time.perf_counter() - t0) / len(chunk)
     for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
-        timings[i]["encode_s"] = encode_s
-        results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], special[i], proxy[row, :n], kept[row, :n], parts[row],
-                               timings[i])
+        runs.timings[i]["encode_s"] = encode_s
+        runs.results[i] = _assemble(loaded, seqs[i][0], seqs[i][1], runs.special[i], proxy[row, :n], kept[row, :n],
+                                    parts[row], runs.timings[i])
 
 
 def _generation_batches(prompts: list[list[int]], indices: list[int], vocab: int, batch_size: int

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ingest.run import MICRO_BATCH
 from sae_discover.errors import USER_ERRORS, RequestError
-from sae_discover.request import build_request, parse_tags
+from sae_discover.request import DiscoverRequest, build_request, parse_tags
 from sae_discover.service import Discovery
 
 
@@ -30,6 +30,8 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     n_err = 0
+    if any(_batch_background(base, obj) for _, obj in lines):  # the contrast set is the whole file: one chunk
+        chunk = max(len(lines), 1)
     with out_path.open("w") as sink, tqdm(total=len(lines), desc="discover", unit="prompt", file=sys.stderr) as bar:
         for start in range(0, len(lines), chunk):
             part = lines[start:start + chunk]
@@ -38,11 +40,7 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
                 line_id = str(obj.get("id", number)) if isinstance(obj, dict) else str(number)
                 ids.append(line_id)
                 try:
-                    if isinstance(obj, str):
-                        raise RequestError("prompts_file", obj)
-                    # only an id the line gives is stored with its run (the line number stands in for the echo)
-                    reqs.append(build_request({**base, **obj, **({"id": line_id} if "id" in obj else {}),
-                                               **_merged_tags(base, obj)}))
+                    reqs.append(line_request(base, obj))
                     slots.append(None)
                 except USER_ERRORS as exc:
                     slots.append(exc)
@@ -59,6 +57,20 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
             sink.flush()
             bar.update(start + len(part) - bar.n)  # settle at the chunk's end (a retried chunk told twice)
     return out_path, n_err
+
+
+def line_request(base: dict, obj: dict | str) -> DiscoverRequest:
+    """The request of one prompts-file line (``base``: the command line's options, without prompt/text);
+    a line that is not an object raises :class:`RequestError` naming ``prompts_file``."""
+    if isinstance(obj, str):
+        raise RequestError("prompts_file", obj)
+    # only an id the line gives is stored with its run (the line number stands in for the echo)
+    return build_request({**base, **obj, **({"id": str(obj["id"])} if "id" in obj else {}), **_merged_tags(base, obj)})
+
+
+def _batch_background(base: dict, line: dict | str) -> bool:
+    """Whether a line asks for ``background: batch`` (its own value, else the command line's)."""
+    return isinstance(line, dict) and line.get("background", base.get("background")) == "batch"
 
 
 def _merged_tags(base: dict, line: dict) -> dict:

@@ -70,9 +70,7 @@ class Calibrator:
         source = self.loaders.source(sae_id)
         hooks = list(hooks or sorted(source.hooks))
         card = self.loaders.card(entry)
-        for layer, _ in hooks:
-            if not 0 <= layer < card.n_layers:
-                raise RequestError("layers", f"layer {layer} is out of range for {model_id} ({card.n_layers} layers)")
+        check_hooks(model_id, card.n_layers, hooks)
         docs = read_corpus(corpus)
         loaded = self.loaders.model(entry)
         sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
@@ -89,6 +87,13 @@ class Calibrator:
         return {"calibration_id": cal_id, "n_docs": len(docs), "n_tokens": tokens.num_rows,
                 "hooks": [list(h) for h in hooks], "activation_rows": acts.num_rows,
                 "warnings": stability_warnings(stats.thin_features(self.catalog, cal_id), tokens.num_rows)}
+
+
+def check_hooks(model_id: str, n_layers: int, hooks: list[tuple[int, str]]) -> None:
+    """Every hook's layer exists in the model (before any weights load)."""
+    for layer, _ in hooks:
+        if not 0 <= layer < n_layers:
+            raise RequestError("layers", f"layer {layer} is out of range for {model_id} ({n_layers} layers)")
 
 
 def stability_warnings(per_sae: list[dict], n_tokens: int) -> list[str]:

@@ -3,7 +3,7 @@
     python -m sae_discover --prompt "..." --generate true --gen_tokens 128 --layers 22 28 --out r.json
     python -m sae_discover --prompts_file prompts.jsonl --out results.jsonl
     python -m sae_discover calibrate [--corpus FILE] [--model M --sae S]
-    python -m sae_discover runs [list | show RUN_ID | rank RUN_ID --score_mode max ...]
+    python -m sae_discover runs [list | show RUN_ID | rank RUN_ID... [--tag K=V] --score_mode max ...]
     python -m sae_discover sql "SELECT ..."
     python -m sae_discover feature show --sae demo --layer 2 --feature 126 [--format json]
 
@@ -35,7 +35,7 @@ from sae_discover.drift.request import DRIFT_FIELDS, DriftRequest
 from sae_discover.errors import USER_ERRORS, CatalogLocked, RequestError
 from sae_discover.features import FEATURE_OPTIONS, feature_text, show_feature
 from sae_discover.inputs import read_lines
-from sae_discover.output import out_format, render_runs, table, write_result, write_runs
+from sae_discover.output import out_format, render_runs, table, tables, write_result, write_results, write_runs
 from sae_discover.registry import Registry
 from sae_discover.report import batch_report, drift_page, run_report, stored_report, write_html
 from sae_discover.request import (
@@ -51,9 +51,9 @@ from sae_discover.request import (
     parse_bool,
     parse_tag_filter,
 )
-from sae_discover.stored import rerank, show_run
+from sae_discover.stored import rerank, rerank_runs, select_runs, show_run
 
-SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve", "feature")
+SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve", "feature", "ingest", "store")
 MAX_WORKERS = 64  # model worker processes in batch mode
 RUN_ID = re.compile(r"^[0-9a-f]{6,64}$")  # a run id or a prefix of one (catalog.runs.resolve_run_id)
 LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more values
@@ -109,14 +109,19 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
                              "(a new run, a calibration, labels) is refused (default: only when the file or its "
                              "folder is not writable)")
     if model:
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                            help="model device (default: auto)")
-        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                            help="model dtype; SAE math is always fp32 (default: float32)")
-        parser.add_argument("--threads", type=int,
-                            help="torch CPU threads, split between --workers (default: 1 for models under "
-                                 f"{SMALL_MODEL_PARAMS // 1_000_000}M parameters, else the cores up to "
-                                 f"{MAX_DEFAULT_THREADS})")
+        _model_flags(parser)
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --threads: how this process runs a model."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="model device (default: auto)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype; SAE math is always fp32 (default: float32)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads, split between --workers (default: 1 for models under "
+                             f"{SMALL_MODEL_PARAMS // 1_000_000}M parameters, else the cores up to "
+                             f"{MAX_DEFAULT_THREADS})")
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -171,14 +176,22 @@ def _show(result: dict, ns: argparse.Namespace, as_table: Any, write: Any) -> in
 
 
 def _catalog(ns: argparse.Namespace) -> Catalog:
-    """The catalog of ``--db``: read-only with ``--read_only``, else read-only only when it is not writable."""
+    """The catalog of ``--db``: read-only with ``--read_only``, else read-only only when it is not writable;
+    with ``--store``, a pinned snapshot of that Delta store under the same relation names."""
+    if getattr(ns, "store", None):
+        from catalog.store import StoreCatalog  # deltalake (the scale extra): only --store imports it
+
+        return StoreCatalog(ns.store)
     return Catalog(ns.db, read_only=True if ns.read_only else None)
 
 
-def _discovery(ns: argparse.Namespace):
+STORE_HELP = "read a shared Delta store (path or URI, written by `ingest --store`) instead of --db"
+
+
+def _discovery(ns: argparse.Namespace, catalog: Catalog | None = None):
     from sae_discover.service import Discovery  # loads torch: only commands that run a model import it
 
-    return Discovery(_catalog(ns), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype,
+    return Discovery(catalog or _catalog(ns), Registry.load(ns.registry), device=ns.device, dtype=ns.dtype,
                      notify=lambda message: print(message, file=sys.stderr, flush=True), threads=check_threads(ns.threads))
 
 
@@ -219,19 +232,35 @@ def cmd_calibrate(argv: list[str]) -> int:
     p.add_argument("--layers", nargs="+", type=int, help="only the SAEs of these layers (default: all)")
     p.add_argument("--streams", nargs="+", help="only the SAEs of these streams (default: all)")
     p.add_argument("--no_lite_labels", action="store_true", help="skip the lite proto-labels")
+    p.add_argument("--store", help="calibrate into this shared Delta store instead of --db: corpus chunks computed "
+                                   "by --workers processes or --ray tasks, the statistics in SQL over the store")
+    _scale_flags(p, "documents")
     _common(p)
     ns = p.parse_args(argv)
-    disc = _discovery(ns)
-    entry = disc.registry.model(ns.model_id, True)
+    _check_scale(ns)
+    if ns.store:
+        from sae_discover.loaders import Loaders  # loads torch: only commands that run a model import it
+
+        loaders, disc = Loaders(Registry.load(ns.registry), ns.device, ns.dtype, threads=check_threads(ns.threads)), None
+    else:
+        disc = _discovery(ns)
+        loaders = disc.loaders
+    entry = loaders.registry.model(ns.model_id, True)
     corpus = ns.corpus or entry.calibration_corpus
     if not corpus:
         raise RequestError("corpus", "this model has no default calibration corpus; pass --corpus FILE")
-    source = disc.loaders.source(ns.sae_id)
+    source = loaders.source(ns.sae_id)
     hooks = [h for h in sorted(source.hooks) if (ns.layers is None or h[0] in ns.layers)
              and (ns.streams is None or h[1] in ns.streams)]
     if not hooks:
         raise RequestError("layers", f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
-    info = disc.calibrate(ns.model_id, ns.sae_id, corpus, hooks, lite_labels=not ns.no_lite_labels, progress=True)
+    if disc is not None:
+        info = disc.calibrate(ns.model_id, ns.sae_id, corpus, hooks, lite_labels=not ns.no_lite_labels, progress=True)
+    else:
+        from sae_discover.distributed import calibrate_store  # deltalake (the scale extra): only --store
+
+        info = calibrate_store(ns.store, loaders, ns.model_id, ns.sae_id, corpus, hooks, _abs(ns.registry),
+                               not ns.no_lite_labels, ns.workers, ns.ray, ns.chunk_size)
     for line in info["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print(json.dumps(info))
@@ -245,11 +274,7 @@ def runs_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", metavar="{list,show,rank,report}", required=True)
     ls = sub.add_parser("list", help="stored runs, newest first (default action)",
                         description="Stored runs, newest first, with the filters of GET /v1/runs.")
-    ls.add_argument("--model", dest="model_id", help="only runs of this model id (default: all)")
-    ls.add_argument("--sae", dest="sae_id", help="only runs of this SAE source id (default: all)")
-    ls.add_argument("--mode", choices=runs.RUN_MODES, help="only runs of this mode (default: all)")
-    ls.add_argument("--tag", dest="tags", action="append", metavar="KEY=VALUE",
-                    help="only runs tagged KEY=VALUE (repeat: all of them; default: any)")
+    _run_filters(ls)
     ls.add_argument("--limit", default="50", help="runs listed (default: 50)")
     ls.add_argument("--offset", default="0", help="runs skipped, newest first (default: 0)")
     ls.add_argument("--out", help="write the listing here (.json: the API's page, .csv, .jsonl: one run per line)")
@@ -259,9 +284,16 @@ def runs_parser() -> argparse.ArgumentParser:
                           description="One stored run as JSON (the API's GET /v1/runs/{run_id}).")
     show.add_argument("run_id", help="a run id or a unique prefix (at least 6 hex characters)")
     show.add_argument("--out", help="also write the JSON here (.json)")
-    rank = sub.add_parser("rank", help="rank a stored run again (SQL only, no model, no new run)",
-                          description="Rank a stored run again with other ranking options: SQL over its stored rows.")
-    rank.add_argument("run_id", help="a run id or a unique prefix (at least 6 hex characters)")
+    rank = sub.add_parser("rank", help="rank stored runs again (SQL only, no model, no new run)",
+                          description="Rank stored runs again with other ranking options: SQL over their stored rows. "
+                                      "Several runs (ids and/or the runs the filters select, as runs list does) are "
+                                      "ranked together and print one result each (JSON: a list); background batch "
+                                      "contrasts each with the others of its model and SAEs.")
+    rank.add_argument("run_ids", nargs="*", metavar="RUN_ID",
+                      help="run ids or unique prefixes (at least 6 hex characters)")
+    _run_filters(rank, "also rank")
+    rank.add_argument("--batch_id", dest="batch_ids", nargs="+", action="extend", metavar="ID",
+                      help="also rank the runs whose batch_id (a batch line's or API body's id) is one of these")
     add_options(rank, RERANK_OPTIONS)
     _output_flags(rank)
     report = sub.add_parser("report", help="a stored run as a self-contained HTML report (no model)",
@@ -273,7 +305,32 @@ def runs_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="the HTML file to write (.html)")
     for part in (ls, show, rank, report):
         _common(part, model=False)
+        part.add_argument("--store", help=STORE_HELP)
     return p
+
+
+def _run_filters(parser: argparse.ArgumentParser, verb: str = "only") -> None:
+    """The filters of ``runs list``, also ``runs rank``'s selection (the same runs either way)."""
+    parser.add_argument("--model", dest="model_id", help=f"{verb} runs of this model id (default: all)")
+    parser.add_argument("--sae", dest="sae_id", help=f"{verb} runs of this SAE source id (default: all)")
+    parser.add_argument("--mode", choices=runs.RUN_MODES, help=f"{verb} runs of this mode (default: all)")
+    parser.add_argument("--tag", dest="tags", action="append", metavar="KEY=VALUE",
+                        help=f"{verb} runs tagged KEY=VALUE (repeat: all of them; default: any)")
+
+
+def cmd_rank(catalog: Catalog, ns: argparse.Namespace) -> int:
+    """``runs rank``: one run id alone as before (one result); several, or a selection, ranked together."""
+    out_format(ns.out, ns.format, OUT_FORMATS)
+    options = _fields(ns, RERANK_FIELDS)
+    by_hook = not parse_bool("merge_across_layers", options.get("merge_across_layers", True))
+    selection = {"tags": [parse_tag_filter("tag", t, "=") for t in ns.tags or []], "batch_ids": ns.batch_ids or [],
+                 "model_id": ns.model_id, "sae_id": ns.sae_id, "mode": ns.mode}
+    if len(ns.run_ids) == 1 and not any(selection.values()):
+        return _show(rerank(catalog, ns.run_ids[0], options), ns, functools.partial(table, by_hook=by_hook),
+                     _html_writer(catalog, write_result, run_report))
+    results = rerank_runs(catalog, select_runs(catalog, ns.run_ids, **selection), options)
+    return _show(results, ns, functools.partial(tables, by_hook=by_hook),
+                 _html_writer(catalog, write_results, batch_report))
 
 
 def cmd_runs(argv: list[str]) -> int:
@@ -306,17 +363,14 @@ def cmd_runs(argv: list[str]) -> int:
         out_format(ns.out, None, ("html",))
         print(f"wrote {write_html(stored_report(catalog, ns.run_id, _fields(ns, RERANK_FIELDS)), ns.out)}")
         return 0
-    out_format(ns.out, ns.format, OUT_FORMATS)
-    options = _fields(ns, RERANK_FIELDS)
-    result = rerank(catalog, ns.run_id, options)
-    by_hook = not parse_bool("merge_across_layers", options.get("merge_across_layers", True))
-    return _show(result, ns, functools.partial(table, by_hook=by_hook), _html_writer(catalog, write_result, run_report))
+    return cmd_rank(catalog, ns)
 
 
 def cmd_sql(argv: list[str]) -> int:
     p = Parser(prog="python -m sae_discover sql", description="Read-only SQL over the catalog.")
     p.add_argument("query")
     p.add_argument("--db", help="catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
+    p.add_argument("--store", help=STORE_HELP)
     p.add_argument("--format", choices=["tsv", "json"], default="tsv", help="output format (default: tsv)")
     p.add_argument("--memory_limit", default=sandbox.DEFAULT_MEMORY_LIMIT,
                    help=f"DuckDB memory limit for the query (default: {sandbox.DEFAULT_MEMORY_LIMIT})")
@@ -325,15 +379,20 @@ def cmd_sql(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     limits = sandbox.Limits(ns.memory_limit, ns.timeout_s)
     sandbox.cap_process_memory(limits)  # this process only runs the query
-    columns, rows = sandbox.run_user_sql(ns.db, ns.query, limits)
+    if ns.store:
+        from catalog.store import StoreCatalog  # deltalake (the scale extra): only --store imports it
+
+        columns, rows = sandbox.run_user_sql(None, ns.query, limits, con=StoreCatalog(ns.store).raw())
+    else:
+        columns, rows = sandbox.run_user_sql(ns.db, ns.query, limits)
     if columns is None:
         return 0
     if ns.format == "json":
-        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str))
+        print(json.dumps([dict(zip(columns, map(sandbox.json_value, r), strict=True)) for r in rows]))
     else:
         print("\t".join(columns))
         for r in rows:
-            print("\t".join("" if v is None else str(v) for v in r))
+            print("\t".join(map(sandbox.text_value, r)))
     return 0
 
 
@@ -346,6 +405,7 @@ def cmd_feature(argv: list[str]) -> int:
     add_options(p, FEATURE_OPTIONS)
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     _common(p, model=False)
+    p.add_argument("--store", help=STORE_HELP)
     ns = p.parse_args(argv)
     view = show_feature(_catalog(ns), _fields(ns, tuple(o.name for o in FEATURE_OPTIONS)))
     sys.stdout.write(json.dumps(view, ensure_ascii=False) + "\n" if ns.format == "json" else feature_text(view))
@@ -380,6 +440,7 @@ def drift_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_file", help="JSONL: one object per line with prompt or text (+ optional id, run options)")
     _output_flags(p, "the report")
     _common(p)
+    p.add_argument("--store", help=f"{STORE_HELP} (stored runs: --base_runs/--tuned_runs)")
     return p
 
 
@@ -429,7 +490,12 @@ def cmd_serve(argv: list[str]) -> int:
     limits = ApiSettings.limit_types()
     for name, kind in limits.items():
         p.add_argument(f"--{name}", type=kind, help=f"(default: {getattr(ApiSettings(), name)})")
+    p.add_argument("--enable_sql", action="store_true", default=None,
+                   help="answer POST /v1/sql: read-only SQL over the catalog from any client that can reach the "
+                        "server, in the sandbox of the sql command (off by default: README, SQL over HTTP)")
     _common(p)
+    p.add_argument("--store", help=f"{STORE_HELP}: a snapshot pinned at start, read-only (requests that would write "
+                                   "answer 409 naming store; restart to serve newer commits)")
     ns = p.parse_args(argv)
     import uvicorn  # the server's own dependencies, only for this command
 
@@ -437,15 +503,91 @@ def cmd_serve(argv: list[str]) -> int:
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_threads(ns.threads)
-    settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in (*limits, "device", "dtype", "threads")})
+    settings = ApiSettings.from_env(**{k: getattr(ns, k) for k in (*limits, "device", "dtype", "threads",
+                                                                   "enable_sql")})
     # opens (and holds) the catalog before binding the port
-    app = create_app(ns.db, ns.registry, settings, read_only=True if ns.read_only else None)
+    app = create_app(ns.db, ns.registry, settings, read_only=True if ns.read_only else None, store=ns.store)
     uvicorn.run(app, host=ns.host, port=ns.port, workers=1, log_level=ns.log_level)
     return 0
 
 
+def _scale_flags(parser: argparse.ArgumentParser, unit: str) -> None:
+    """--ray, --workers, --chunk_size: how a store's job is cut and run (ingest, calibrate --store)."""
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run chunks as Ray tasks: on a cluster at ADDRESS, or a local Ray with the flag alone"
+                             + ("" if unit == "runs" else " (with --store)"))
+    parser.add_argument("--workers", type=int, default=1, help="CPU tasks at once (Ray or local processes; default: 1)")
+    parser.add_argument("--chunk_size", type=int, help=f"{unit} per chunk, one commit per table each (default: "
+                                                       f"{'16' if unit == 'runs' else '64'}, sae_discover.distributed)")
+
+
+def _check_scale(ns: argparse.Namespace) -> None:
+    """The --workers and --chunk_size bounds; --ray and --workers > 1 only where a store is written."""
+    for name, top in (("workers", MAX_WORKERS), ("chunk_size", 100_000)):
+        value = getattr(ns, name)
+        if value is not None and not 1 <= value <= top:
+            raise RequestError(name, f"expected an integer in [1, {top}], got {value}")
+    if not getattr(ns, "store", None) and (ns.ray or ns.workers > 1 or ns.chunk_size):
+        name = "ray" if ns.ray else "workers" if ns.workers > 1 else "chunk_size"
+        raise RequestError(name, "only with --store (a local calibration runs in this process)")
+
+
+def _abs(path: str | None) -> str | None:
+    """A path workers can open wherever they start (a Ray worker's folder is not this one)."""
+    return str(Path(path).resolve()) if path else None
+
+
+def cmd_ingest(argv: list[str]) -> int:
+    p = Parser(prog="python -m sae_discover ingest",
+               description="Distributed ingest: a prompts file into a shared Delta store, in chunks committed "
+                           "once each (rerun the same command to resume a job).")
+    add_options(p, options(DiscoverRequest), skip=("id",))
+    p.add_argument("--prompts_file", required=True, help="JSONL: one object per line with prompt or text (+ overrides, id)")
+    p.add_argument("--store", required=True, help="the Delta store: a folder or URI (created if missing)")
+    _scale_flags(p, "runs")
+    p.add_argument("--job", help="job id (default: a hash of the job's run ids: the same command resumes the job)")
+    p.add_argument("--registry", help="registry TOML (default: ./sae-discover.toml if present)")
+    _model_flags(p)
+    ns = p.parse_args(argv)
+    _check_scale(ns)
+    from sae_discover.distributed import ingest_file  # loads torch: only commands that run a model import it
+
+    summary = ingest_file(ns.prompts_file, ns.store, _fields(ns, FIELD_NAMES), registry=ns.registry, device=ns.device,
+                          dtype=ns.dtype, threads=check_threads(ns.threads), workers=ns.workers,
+                          chunk_size=ns.chunk_size, job_id=ns.job, ray_address=ns.ray)
+    for number, error in summary.pop("line_errors").items():
+        print(f"line {number}: error: {error}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 1 if summary["failed_lines"] else 0
+
+
+def cmd_store(argv: list[str]) -> int:
+    p = Parser(prog="python -m sae_discover store", description="Maintain a shared Delta store.")
+    sub = p.add_subparsers(dest="action", metavar="{import,compact}", required=True)
+    imp = sub.add_parser("import", help="copy a store's runs into a local catalog file (the fastest reader)")
+    imp.add_argument("store", help="the Delta store (folder or URI)")
+    imp.add_argument("--db", help="the local catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
+    imp.add_argument("--where", help="only the runs matching this filter on v_runs' columns (e.g. \"model_id = 'demo'\")")
+    comp = sub.add_parser("compact", help="compact small files (row groups stay run-ordered), vacuum leftovers")
+    comp.add_argument("store", help="the Delta store (folder or URI)")
+    comp.add_argument("--retention_hours", type=int, default=168,
+                      help="keep files that versions younger than this need (readers pinned to them; default: 168)")
+    ns = p.parse_args(argv)
+    from catalog import store  # deltalake (the scale extra): only store commands import it
+
+    if ns.action == "compact":
+        print(json.dumps(store.compact(ns.store, ns.retention_hours)))
+        return 0
+    local = Catalog(ns.db)
+    try:
+        print(json.dumps(store.import_store(store.StoreCatalog(ns.store), local, ns.where)))
+    finally:
+        local.close()
+    return 0
+
+
 COMMANDS = {"calibrate": cmd_calibrate, "runs": cmd_runs, "sql": cmd_sql, "labels": cmd_labels, "drift": cmd_drift,
-            "serve": cmd_serve, "feature": cmd_feature}
+            "serve": cmd_serve, "feature": cmd_feature, "ingest": cmd_ingest, "store": cmd_store}
 
 
 PYTHON_SHOWWARNING = warnings.showwarning

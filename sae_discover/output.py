@@ -75,7 +75,7 @@ def check_writable(out: str | Path) -> None:
         raise RequestError("out", f"{path} cannot be written ({exc.strerror or exc})") from exc
 
 
-def write_file(result: dict, out: str | Path, fmt: str | None, csv_of: Callable[[dict], str]) -> Path:
+def write_file(result: dict | list[dict], out: str | Path, fmt: str | None, csv_of: Callable[..., str]) -> Path:
     """Write a result as JSON or as ``csv_of(result)`` (by ``fmt``, else by the file's extension)."""
     path = Path(out)
     fmt = out_format(path, fmt)
@@ -93,11 +93,38 @@ def write_result(result: dict, out: str | Path, fmt: str | None = None) -> Path:
     analyzed (run id, text, generated continuation) goes to a side file, ``<out>.analyzed.json``."""
     path = write_file(result, out, fmt, to_csv)
     if out_format(path, fmt) == "csv":
-        a = result["analyzed"]
-        side = path.with_name(path.name + ".analyzed.json")
-        side.write_text(json.dumps({"run_id": result["run_id"], "mode": a["mode"], "text": a.get("text"),
-                                    "continuation": a.get("continuation")}, indent=2, ensure_ascii=False) + "\n")
+        _write_analyzed(path, _analyzed(result))
     return path
+
+
+def results_csv(results: list[dict]) -> str:
+    """Several results in one CSV: a ``run_id`` column, then the seed's columns."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["run_id", *CSV_COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        writer.writerows({"run_id": result["run_id"], **row} for row in csv_rows(result))
+    return buf.getvalue()
+
+
+def write_results(results: list[dict], out: str | Path, fmt: str | None = None) -> Path:
+    """Write several results (``runs rank`` over several runs) as a JSON list, or as one CSV
+    (:func:`results_csv`) with what each run analyzed in ``<out>.analyzed.json``, a list."""
+    path = write_file(results, out, fmt, results_csv)
+    if out_format(path, fmt) == "csv":
+        _write_analyzed(path, [_analyzed(r) for r in results])
+    return path
+
+
+def _analyzed(result: dict) -> dict:
+    a = result["analyzed"]
+    return {"run_id": result["run_id"], "mode": a["mode"], "text": a.get("text"), "continuation": a.get("continuation")}
+
+
+def _write_analyzed(csv_path: Path, analyzed: dict | list[dict]) -> None:
+    """The CSV's side file: what was analyzed (run id, text, generated continuation)."""
+    side = csv_path.with_name(csv_path.name + ".analyzed.json")
+    side.write_text(json.dumps(analyzed, indent=2, ensure_ascii=False) + "\n")
 
 
 def clip(text: str, width: int) -> str:
@@ -175,6 +202,11 @@ def table(result: dict, by_hook: bool = False) -> str:
     for w in result.get("warnings", []):
         lines.append(f"note: {w}")
     return "\n".join(lines)
+
+
+def tables(results: list[dict], by_hook: bool = False) -> str:
+    """Several results as :func:`table` does one, a blank line between them."""
+    return "\n\n".join(table(r, by_hook) for r in results) if results else "(no runs)"
 
 
 # -- stored runs (``runs list``) ------------------------------------------------------------------

@@ -78,7 +78,7 @@ class Discovery:
                                              "give attribution_target (e.g. continuation or next_tokens)")
         if req.background_file is not None:  # before any run is made for this request
             self._check_background_file(req.background_file)
-        no_background = req.background_text is None and req.background_file is None
+        no_background = req.background_text is None and req.background_file is None and req.background != "batch"
         if req.score_mode in ("selectivity", "lift") and no_background and not plan.entry.calibration_corpus \
                 and not all(self.calibrator.has_stats(info, plan.entry) for info in plan.saes):
             raise RequestError("score_mode", f"{req.score_mode} needs a background; calibrate the SAE first "
@@ -111,8 +111,10 @@ class Discovery:
                 key = ("alone", i) if alone else (p.entry.id, p.entry.source, tuple(p.saes), repr(rank_options(p.req)))
                 groups.setdefault(key, []).append(i)
         for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                part = members[start:start + batch_size]
+            # a batch background contrasts each run with the rest of its group: the group is ranked whole
+            step = len(members) if plans[members[0]].req.background == "batch" else batch_size
+            for start in range(0, len(members), step):
+                part = members[start:start + step]
                 try:
                     answers: list[Outcome] = self._respond([plans[i] for i in part], [stored[i] for i in part])
                 except USER_ERRORS as exc:
@@ -233,8 +235,7 @@ class Discovery:
         req = first.req
         has_background = req.background_text is not None or req.background_file is not None
         background = self.background(req) if has_background else None
-        ranked = rank_stored(self.catalog, [(run["run_key"], run["n_kept"]) for run in stored], first.saes, req,
-                             background)
+        ranked = rank_stored(self.catalog, [run["run_key"] for run in stored], first.saes, req, background)
         record_calibrations(self.catalog, {run["run_key"]: r["calibrations"] for run, r in zip(stored, ranked, strict=True)})
         for p, run, r in zip(plans, stored, ranked, strict=True):
             if p.req.verify_top:
@@ -257,9 +258,9 @@ class Discovery:
             raise RequestError("background_file", "this server does not read files; send background_text")
         check_file(path, "background_file")
 
-    def background(self, req: DiscoverRequest) -> tuple[list[int], int]:
+    def background(self, req: DiscoverRequest) -> list[int]:
         """Stored runs of ``background_text`` / ``background_file`` (one document per line) with every
-        token kept, over the request's model, SAEs and hooks: selectivity's background."""
+        token kept, over the request's model, SAEs and hooks: selectivity's background (their run keys)."""
         if req.background_file is not None:
             self._check_background_file(req.background_file)
         docs = [req.background_text] if req.background_text is not None \
@@ -272,8 +273,7 @@ class Discovery:
         failed = next((e for e in errors if isinstance(e, Exception)), None)
         if failed is not None:
             raise RequestError("background_text", f"the background could not be analysed: {failed}")
-        background = [stored[i] for i in range(len(reqs))]
-        return [r["run_key"] for r in background], sum(r["n_kept"] for r in background)
+        return [stored[i]["run_key"] for i in range(len(reqs))]
 
     # -- catalog work that needs the model --------------------------------------------------------------
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,

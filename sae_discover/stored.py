@@ -1,14 +1,16 @@
-"""Stored runs without the model: rank them in SQL (discovery's last steps), show one, rank one again.
+"""Stored runs without the model: rank them in SQL (discovery's last steps), show one, rank one or several again.
 
 Torch-free: ``runs show`` and ``runs rank`` never load a model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 
 from catalog import runs
 from catalog.db import Catalog
+from catalog.errors import CatalogError
 from catalog.ranking import RankOptions, rank_runs
 from catalog.writes import SAEInfo
 from sae_discover.errors import RequestError
@@ -16,20 +18,20 @@ from sae_discover.request import RERANK_FIELDS, DiscoverRequest, build_request
 from sae_discover.response import discovery_response
 
 
-def rank_options(req: DiscoverRequest, background: tuple[list[int], int] | None = None) -> RankOptions:
+def rank_options(req: DiscoverRequest, background: list[int] | None = None) -> RankOptions:
     """The request's ranking options (they never change a run), the restrict set it was made with, and
-    selectivity's background runs when it has one."""
+    selectivity's background runs (their run keys) when it has one."""
     opts = RankOptions(**{f.name: getattr(req, f.name) for f in fields(RankOptions) if hasattr(req, f.name)})
     if background is not None:
-        opts.background_runs, opts.background_n = background
+        opts.background_runs = background
     return opts
 
 
-def rank_stored(catalog: Catalog, stored: list[tuple[int, int]], saes: list[SAEInfo], req: DiscoverRequest,
-                background: tuple[list[int], int] | None = None) -> list[dict]:
-    """Rank stored runs ``(run_key, n_kept)`` in SQL, all with ``req``'s ranking options: one dict per run
+def rank_stored(catalog: Catalog, run_keys: list[int], saes: list[SAEInfo], req: DiscoverRequest,
+                background: list[int] | None = None) -> list[dict]:
+    """Rank stored runs (their run keys) in SQL, all with ``req``'s ranking options: one dict per run
     with its ranked feature rows, ``threshold_source`` and ``normalization``."""
-    return rank_runs(catalog, stored, runs.sae_keys_of(catalog, saes), rank_options(req, background))
+    return rank_runs(catalog, run_keys, runs.sae_keys_of(catalog, saes), rank_options(req, background))
 
 
 def stored_run(catalog: Catalog, run_id: str) -> dict:
@@ -47,20 +49,79 @@ def show_run(catalog: Catalog, run_id: str) -> dict:
 def rerank(catalog: Catalog, run_id: str, options: dict) -> dict:
     """Rank a stored run again; only ranking options may change (they never create a new run).
     ``restrict_features`` filters the stored rows (a run made with a restrict set holds no others)."""
+    _check_rerank_options(options)
+    (result,) = rerank_runs(catalog, [stored_run(catalog, run_id)], options)
+    return result
+
+
+def select_runs(catalog: Catalog, run_ids: Sequence[str] = (), tags: Sequence[tuple[str, str]] = (),
+                batch_ids: Sequence[str] = (), model_id: str | None = None, sae_id: str | None = None,
+                mode: str | None = None) -> list[dict]:
+    """The stored runs to rank together: ``run_ids`` (ids or unique prefixes, in their order) and the
+    runs matching a selection with the filters of ``runs list`` (``tags``, ``model_id``, ``sae_id``,
+    ``mode``; ``batch_ids``: any of them), oldest first; each run once. An unknown id, no run id and no
+    selection, or a selection that matches no run is an error naming its field."""
+    filters = {"tag": tags, "batch_id": batch_ids, "model_id": model_id, "sae_id": sae_id, "mode": mode}
+    given = [name for name, value in filters.items() if value]
+    if not run_ids and not given:
+        raise RequestError("run_ids", "give one or more run ids, or select runs with tag, batch_id, model_id, "
+                                      "sae_id or mode")
+    ids = []
+    for run_id in run_ids:
+        try:
+            ids.append(runs.resolve_run_id(catalog, run_id))
+        except CatalogError as exc:  # UnknownRun (a 404 on the API) stays one
+            raise type(exc)("run_ids", exc.message) from None
+    if given:
+        selected = runs.select_run_ids(catalog, model_id, sae_id, mode, tags, batch_ids)
+        if not selected:
+            shown = [f"tag {k}={v}" for k, v in tags] + [f"batch_id {' '.join(batch_ids)}"] * bool(batch_ids) \
+                + [f"{name} {filters[name]}" for name in ("model_id", "sae_id", "mode") if filters[name]]
+            raise CatalogError(given[0], f"no stored run matches {' and '.join(shown)}")
+        ids += selected
+    found = runs.find_runs(catalog, list(dict.fromkeys(ids)))
+    return [found[i] for i in dict.fromkeys(ids)]
+
+
+def _check_rerank_options(options: dict) -> None:
     bad = sorted(set(options) - set(RERANK_FIELDS))
     if bad:
         raise RequestError(bad[0], f"not a ranking option; a stored run can be re-ranked with {', '.join(RERANK_FIELDS)}")
-    run = stored_run(catalog, run_id)
+
+
+def _run_request(run: dict, options: dict) -> DiscoverRequest:
+    """The request that ranks a stored run with ``options`` (None values: the defaults). Its restrict
+    set stays the run's own unless ``options`` give one ([] means every stored feature, as in a run)."""
     options = {"restrict_features": run["restrict_features"], **{k: v for k, v in options.items() if v is not None}}
-    if not options["restrict_features"]:  # [] means every stored feature, as in a run
+    if not options["restrict_features"]:
         options["restrict_features"] = run["restrict_features"]
-    req = build_request({"model_id": run["model_id"], "sae_id": run["sae_id"],
-                         **({"text": run["text"]} if run["text"] is not None else {"prompt": run["prompt"]}),
-                         **options})
-    saes = [SAEInfo(s["sae_id"], s["layer"], s["stream"], s["fingerprint"], s["hook_name"] or "",
-                    s["architecture"] or "", s["d_in"] or 0, s["d_sae"] or 0)
-            for s in runs.run_saes(catalog, run["run_key"])]
-    (ranked,) = rank_stored(catalog, [(run["run_key"], run["n_kept"])], saes, req)
-    analyzed = runs.run_texts(catalog, [run["run_key"]])[run["run_key"]]
-    return discovery_response(req, run["run_id"], {**run, "cached": True}, run["layers"], run["streams"], ranked, [],
-                              analyzed=analyzed)
+    return build_request({"model_id": run["model_id"], "sae_id": run["sae_id"],
+                          **({"text": run["text"]} if run["text"] is not None else {"prompt": run["prompt"]}),
+                          **options})
+
+
+def _run_sae_infos(catalog: Catalog, run_key: int) -> tuple[SAEInfo, ...]:
+    return tuple(SAEInfo(s["sae_id"], s["layer"], s["stream"], s["fingerprint"], s["hook_name"] or "",
+                         s["architecture"] or "", s["d_in"] or 0, s["d_sae"] or 0)
+                 for s in runs.run_saes(catalog, run_key))
+
+
+def rerank_runs(catalog: Catalog, stored: list[dict], options: dict) -> list[dict]:
+    """Rank stored runs (their ``runs`` rows) again with the same ranking options, one response each,
+    in order. Runs of the same model, SAEs and restrict set are ranked together, as batch mode groups
+    a batch's runs, so ``background: batch`` contrasts each with the others of its group."""
+    _check_rerank_options(options)
+    reqs = [_run_request(run, options) for run in stored]
+    saes = {run["run_key"]: _run_sae_infos(catalog, run["run_key"]) for run in stored}
+    groups: dict[tuple, list[int]] = {}
+    for i, (run, req) in enumerate(zip(stored, reqs, strict=True)):
+        groups.setdefault((run["model_id"], saes[run["run_key"]], tuple(req.restrict_features)), []).append(i)
+    ranked: list[dict] = [{}] * len(stored)
+    for (_, group_saes, _), members in groups.items():
+        out = rank_stored(catalog, [stored[i]["run_key"] for i in members], list(group_saes), reqs[members[0]])
+        for i, r in zip(members, out, strict=True):
+            ranked[i] = r
+    texts = runs.run_texts(catalog, [run["run_key"] for run in stored])
+    return [discovery_response(req, run["run_id"], {**run, "cached": True}, run["layers"], run["streams"], r, [],
+                               analyzed=texts.get(run["run_key"]))
+            for req, run, r in zip(reqs, stored, ranked, strict=True)]

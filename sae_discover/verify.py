@@ -46,7 +46,7 @@ def verify(catalog: Catalog, loaded: LoadedModel, plan: RunPlan, run: dict, rank
     ``ablation_delta`` on the returned feature rows and returns the ``verification`` block."""
     n = plan.req.verify_top
     top = sorted(ranked["features"], key=lambda f: -f["score"])[:n]
-    by_mean = rank_runs(catalog, [(run["run_key"], run["n_kept"])], sae_keys, replace(
+    by_mean = rank_runs(catalog, [run["run_key"]], sae_keys, replace(
         opts, score_mode="mean", return_top_x=n, merge_across_layers=True, attach_examples=False,
         attach_proto_labels=False))[0]["features"]
     features = {(f["sae_key"], f["feature_id"]): f for f in [*by_mean, *top]}

@@ -72,6 +72,40 @@ def test_a_batch_ranks_repeats_and_aliased_models_as_single_requests_would(toy_d
     assert together[0]["run_id"] == together[1]["run_id"] != together[2]["run_id"]
 
 
+def test_a_batch_background_contrasts_each_line_with_the_whole_files_other_lines(toy_registry, tmp_path):
+    """``background: batch`` ranks the whole file as one group (not chunk by chunk): each line's
+    selectivity is its mean minus the mean over every other line's analysed tokens (leave-one-out),
+    computed here with numpy from the stored codes."""
+    import numpy as np
+
+    from sae_discover.batch import run_batch
+
+    lines = [(n, {"id": str(n), "text": LINES[i]["text"]}) for n, i in enumerate([0, 2, 4])]
+    defaults = {"model_id": "toy", "sae_id": "toy", "layers": [1], "score_mode": "selectivity", "background": "batch",
+                "min_coverage_pct": 0, "return_top_x": 1000, "attach_examples": False}
+    cat = Catalog(tmp_path / "c.duckdb")
+    out, n_err = run_batch(Discovery(cat, Registry.load(toy_registry), device="cpu"), lines, defaults,
+                           tmp_path / "o.jsonl", chunk=2)
+    assert n_err == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    con = cat.raw()
+    n_kept = dict(con.execute("SELECT run_id, n_kept FROM v_runs").fetchall())
+    d = max(f for (f,) in con.execute("SELECT feature_id FROM v_activations").fetchall()) + 1
+    sums = {run: np.zeros(d) for run in n_kept}
+    for run, f, act in con.execute("SELECT run_id, feature_id, act FROM v_activations WHERE layer = 1").fetchall():
+        sums[run][f] += act
+    for row in rows:
+        run = row["run_id"]
+        others = [r for r in n_kept if r != run]
+        background = sum(sums[r] for r in others) / sum(n_kept[r] for r in others)
+        mean = sums[run] / n_kept[run]
+        assert {f["feature_id"] for f in row["features"]} == set(np.flatnonzero(mean).tolist())
+        for f in row["features"]:
+            assert f["scores"]["selectivity"] == pytest.approx(mean[f["feature_id"]] - background[f["feature_id"]],
+                                                               rel=1e-4, abs=1e-6)
+    cat.close()
+
+
 def _batch_cmd(registry, db, prompts, out):
     return [sys.executable, "-m", "sae_discover", "--registry", str(registry), "--db", str(db), "--model", "toy",
             "--sae", "toy", "--layers", "1", "--prompts_file", str(prompts), "--out", str(out)]

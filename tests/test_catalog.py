@@ -258,7 +258,7 @@ def test_migration_0002_keeps_both_p95s_of_an_existing_calibration(tmp_path):
         # P95 of (0.7, 0.9) = 0.89, feature 3 of (0.4, 1.1) = 1.065; τ all: 0 for both (two nonzeros in 60)
         for basis, source, coverage in (("active", "calibration_p95", {2: 1 / 3, 3: 0.0}),
                                          ("all", "calibration_p95_all", {2: 2 / 3, 3: 1 / 3})):
-            got = ranking.rank_run(cat, run_key, 3, keys, ranking.RankOptions(
+            got = ranking.rank_run(cat, run_key, keys, ranking.RankOptions(
                 tau_basis=basis, min_coverage_pct=0, attach_examples=False, attach_proto_labels=False))
             assert got["threshold_source"] == source
             assert {f["feature_id"]: f["coverage"] for f in got["features"]} == pytest.approx(coverage)

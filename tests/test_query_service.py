@@ -165,3 +165,42 @@ def test_runs_rank_pins_a_calibration_from_the_cli(toy_registry, tmp_path):
     assert json.loads((tmp_path / "rank.json").read_text())["features"] == result["features"]
     bad = run_cli("runs", "rank", result["run_id"][:8], "--calibration_id", "0", "--db", str(db))
     assert bad.returncode == 2 and bad.stderr.startswith("error: calibration_id: expected an integer in [1, "), bad.stderr
+
+
+# -- ranking in SQL --------------------------------------------------------------------------------
+
+def test_the_readme_feature_scores_query_through_the_sql_command(toy_registry, tmp_path):
+    """``feature_scores`` on the read-only ``sql`` command, joined with v_runs and v_labels (the README's
+    "where does feature X rank" query): each run's row holds the feature's place and score in that
+    run's discovery result."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t, "tags": {"domain": "finance"}}) + "\n" for t in FINANCE))
+    db = tmp_path / "c.duckdb"
+    done = run_cli("--model", "toy", "--sae", "toy", "--hooks", "1:mlp_out", "--prompts_file", str(prompts),
+                   "--min_coverage_pct", "0", "--return_top_x", "1000", "--out", str(tmp_path / "out.jsonl"),
+                   "--device", "cpu", "--db", str(db), "--registry", str(toy_registry))
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    feature = results[0]["features"][0]["feature_id"]  # the first run's top feature
+    expected = sorted(((i + 1, f["score"], r["run_id"]) for r in results
+                       for i, f in enumerate(r["features"]) if f["feature_id"] == feature), key=lambda e: (e[0], e[2]))
+    assert len(expected) >= 2
+    query = _readme_query("where feature 126 of layer 2 ranks across my runs").replace("'demo'", "'toy'") \
+        .replace("s.layer = 2", "s.layer = 1").replace("'resid_pre'", "'mlp_out'") \
+        .replace("s.feature_id = 126", f"s.feature_id = {feature}")
+    sql = run_cli("sql", query, "--db", str(db), "--format", "json")
+    assert sql.returncode == 0, sql.stderr
+    rows = json.loads(sql.stdout)
+    assert [(r["rank"], r["run_id"]) for r in rows] == [(e[0], e[2]) for e in expected]
+    assert [r["score"] for r in rows] == pytest.approx([e[1] for e in expected], rel=1e-12)
+    assert all(r["tags"] == {"domain": "finance"} and r["text"] in FINANCE for r in rows)
+    con = duckdb.connect(str(db), read_only=True)
+    lite = con.execute("SELECT label FROM v_labels WHERE sae_id = 'toy' AND layer = 1 AND stream = 'mlp_out' "
+                       "AND feature_id = ? AND source = 'lite'", [feature]).fetchall()
+    con.close()
+    assert {r["label"] for r in rows} == {lite[0][0] if lite else None}
+    # a wrong argument is one line naming it, through the sql command's field
+    bad = run_cli("sql", f"SELECT * FROM feature_scores(['{results[0]['run_id']}'], score_mode := 'median')",
+                  "--db", str(db))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: query:") and "score_mode: expected one of" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import duckdb
 import numpy as np
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -91,6 +94,36 @@ def oracle(run, cal, opts: ranking.RankOptions, attr=None):
     return out
 
 
+def feature_scores(cat: Catalog, run_ids: list[str], opts: ranking.RankOptions,
+                   background_runs: list[str] | None = None) -> list[dict]:
+    """Every row of ``feature_scores`` for ``opts`` (and the run ids of stored background text), its
+    options given as named macro arguments (as literal SQL, the way a user writes them), ordered by run
+    and rank."""
+    args = {"score_mode": opts.score_mode, "min_coverage_pct": opts.min_coverage_pct, "tau": opts.tau,
+            "tau_quantile": opts.tau_quantile, "tau_basis": opts.tau_basis, "calibration_id": opts.calibration_id,
+            "background": opts.background, "restrict_features": opts.restrict_features or None,
+            "background_runs": background_runs}
+    literal = ", ".join(f"{k} := {'NULL' if v is None else repr(v)}" for k, v in args.items())
+    con = cat.raw()
+    try:
+        cur = con.execute(f"SELECT * FROM feature_scores({run_ids!r}, {literal}) ORDER BY run_id, rank")
+        return [dict(zip([d[0] for d in cur.description], row, strict=True)) for row in cur.fetchall()]
+    finally:
+        con.close()
+
+
+def assert_macro_equals_oracle(rows: list[dict], expected: list[tuple]) -> None:
+    """``feature_scores`` rows of one run against the oracle's full merged ranking: the same features in
+    the same order (``rank`` 1, 2, …), the same values, and ``hook_rank`` the order within each hook."""
+    assert [(r["layer"], r["stream"], r["feature_id"]) for r in rows] == [e[:3] for e in expected]
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    for r, e in zip(rows, expected, strict=True):
+        np.testing.assert_allclose([r["score"], r["mean"], r["max"], r["coverage"]], e[3:7], rtol=1e-9, atol=1e-12)
+    for layer, stream in HOOKS:
+        hook = [r for r in rows if (r["layer"], r["stream"]) == (layer, stream)]
+        assert [r["hook_rank"] for r in hook] == list(range(1, len(hook) + 1))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), d=st.integers(1, 20), density=st.floats(0.05, 0.9),
        calibrated=st.booleans(), mode=st.sampled_from(ranking.SCORE_MODES), min_cov=st.sampled_from([0, 0.5, 10, 50]),
@@ -130,10 +163,13 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
             stats.write_calibration(cat, MODEL, infos(d), "corpus", "h", 1, cal_tokens, acts)
         con = cat.raw()
         keys = writes.sae_keys(con, infos(d))
-        got = ranking.rank_run(cat, run_key, n, keys, opts)
+        got = ranking.rank_run(cat, run_key, keys, opts)
+        from_sql = feature_scores(cat, ["r"], opts)  # the public macro, called as a user would
     finally:
         cat.close()
     expected = oracle(run, cal, opts, attr)
+    assert_macro_equals_oracle(from_sql, oracle(run, cal, replace(opts, return_top_x=10**6, merge_across_layers=True),
+                                                attr))
     assert [(f["layer"], f["stream"], f["feature_id"]) for f in got["features"]] == [r[:3] for r in expected]
     for f, r in zip(got["features"], expected, strict=True):
         np.testing.assert_allclose([f["score"], f["mean"], f["max"], f["coverage"]], r[3:7], rtol=1e-9, atol=1e-12)
@@ -164,12 +200,29 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
     run_key, _ = writes.write_run(catalog, meta, MODEL, infos(3), tokens, sparse(run, np.array([1, 2], np.int32)))
     keys = writes.sae_keys(catalog.raw(), infos(3))
     with pytest.raises(CatalogError, match="selectivity needs a background; calibrate"):
-        ranking.rank_run(catalog, run_key, 2, keys, ranking.RankOptions(score_mode="selectivity"))
-    plain = ranking.rank_run(catalog, run_key, 2, keys, ranking.RankOptions(score_mode="mean"))
+        ranking.rank_run(catalog, run_key, keys, ranking.RankOptions(score_mode="selectivity"))
+    plain = ranking.rank_run(catalog, run_key, keys, ranking.RankOptions(score_mode="mean"))
     assert all(f["selectivity"] is None for f in plain["features"])
     assert plain["threshold_source"] == "none" and len(plain["features"]) == 6
     spans = plain["features"][0]["top_spans"]
     assert spans == [{"text": "bc", "position": [0, 3], "act": 1.0, "marked": "[[b]]c"}]  # BOS text left out, ±8 clipped
+
+
+def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.ndarray], d: int) -> int:
+    """A text run of ``len(dense[0])`` analysed tokens after a special token, with these dense codes per
+    hook and signed attributions on its nonzero codes; returns its run key."""
+    n = len(dense[0])
+    tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
+                       "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
+                       "token": [f" w{i}" for i in range(n + 1)], "is_generated": [False] * (n + 1),
+                       "is_special": [i == 0 for i in range(n + 1)], "kept": [i > 0 for i in range(n + 1)],
+                       "proxy": [0.0] * (n + 1)})
+    meta = {"run_id": run_id, "model_id": model.model_id, "sae_id": "s", "mode": "text", "text": run_id,
+            "generate": False, "n_tokens": n + 1, "n_kept": n}
+    attr = [np.where(x > 0, np.linspace(-1, 1, x.size).reshape(x.shape), 0.0) for x in dense]
+    key, _ = writes.write_run(catalog, meta, model, infos(d), tokens,
+                              sparse(dense, np.arange(1, n + 1, dtype=np.int32), attr_by_hook=attr))
+    return key
 
 
 def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
@@ -181,16 +234,8 @@ def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
     for r in range(4):
         n = 3 + r
         dense = [random_dense(rng, n, 6, 0.5) for _ in HOOKS]
-        tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
-                           "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
-                           "token": [f" w{r}{i}" for i in range(n + 1)], "is_generated": [False] * (n + 1),
-                           "is_special": [i == 0 for i in range(n + 1)], "kept": [i > 0 for i in range(n + 1)],
-                           "proxy": [0.0] * (n + 1)})
-        meta = {"run_id": f"r{r}", "model_id": "m", "sae_id": "s", "mode": "text", "text": "x", "generate": False,
-                "n_tokens": n + 1, "n_kept": n}
-        key, _ = writes.write_run(catalog, meta, MODEL if r % 2 else other, infos(6), tokens,
-                                 sparse(dense, np.arange(1, n + 1, dtype=np.int32)))
-        runs.append((key, n))
+        key = _stored_run(catalog, f"r{r}", MODEL if r % 2 else other, dense, 6)
+        runs.append(key)
     labels = pa.table({"feature_id": pa.array([0, 1, 2], pa.int32()), "label": ["zero", "one", "two"],
                        "source": ["csv"] * 3, "score": [0.9, 0.8, None]})
     write_labels(catalog, [(infos(6)[0], labels)])
@@ -198,10 +243,185 @@ def test_ranking_several_runs_at_once_equals_ranking_each_alone(catalog):
     for merge in (True, False):
         opts = ranking.RankOptions(merge_across_layers=merge, min_coverage_pct=0, return_top_x=4, span_window=1)
         together = ranking.rank_runs(catalog, runs, keys, opts)
-        alone = [ranking.rank_run(catalog, key, n, keys, opts) for key, n in runs]
+        alone = [ranking.rank_run(catalog, key, keys, opts) for key in runs]
         assert together == alone
         assert all(0 < len(r["features"]) <= (4 if merge else 8) for r in together)
         assert any(f["proto_label"] == "zero" for r in together for f in r["features"])
         assert all(f["top_spans"] for r in together for f in r["features"])
         twice = ranking.rank_runs(catalog, [runs[0], runs[1], runs[0]], keys, opts)  # a run listed twice
         assert twice[0] == twice[2] == alone[0] and twice[1] == alone[1] and twice[0] is not twice[2]
+
+
+def test_a_batch_background_is_the_other_runs_mean_leave_one_out(catalog):
+    """``background: batch``: each run's background mean is the mean of every other run ranked with it
+    (absent features 0, n weighted by each run's analysed tokens), for selectivity and lift, computed
+    here on the dense matrices; a run ranked alone has no batch to contrast with and is refused."""
+    import pytest
+
+    from catalog.errors import CatalogError
+
+    rng = np.random.default_rng(11)
+    d, sizes, runs, dense_runs = 5, [3, 5, 4], [], []
+    cal = [random_dense(rng, 20, d, 0.5) for _ in HOOKS]
+    cal_tokens = pa.table({"doc": pa.array(np.zeros(20, np.int32)), "position": pa.array(np.arange(1, 21, dtype=np.int32)),
+                           "token_id": pa.array(np.zeros(20, np.int32)), "token": ["x"] * 20})
+    stats.write_calibration(catalog, MODEL, infos(d), "corpus", "h", 1, cal_tokens, sparse(
+        cal, np.arange(1, 21, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)}))
+    for r, n in enumerate(sizes):
+        dense = [random_dense(rng, n, d, 0.4) for _ in HOOKS]
+        key = _stored_run(catalog, f"b{r}", MODEL, dense, d)
+        runs.append(key)
+        dense_runs.append(dense)
+    keys = writes.sae_keys(catalog.raw(), infos(d))
+    for mode in ("selectivity", "lift"):
+        opts = ranking.RankOptions(score_mode=mode, background="batch", min_coverage_pct=0, return_top_x=100,
+                                   attach_examples=False, attach_proto_labels=False)
+        got = ranking.rank_runs(catalog, runs, keys, opts)
+        for i, (result, n) in enumerate(zip(got, sizes, strict=True)):
+            expected = {}
+            for h, (layer, stream) in enumerate(HOOKS):
+                others = [dense_runs[j][h].astype(np.float64) for j in range(len(runs)) if j != i]
+                bg = sum(o.sum(0) for o in others) / sum(len(o) for o in others)
+                mean = dense_runs[i][h].astype(np.float64).sum(0) / n
+                cmax = cal[h].astype(np.float64).max(0)
+                div = np.where(cmax > 0, cmax, 1.0)
+                score = (mean - bg) / div if mode == "selectivity" else \
+                    (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)
+                expected.update({(layer, stream, f): (score[f], mean[f] - bg[f]) for f in range(d) if mean[f] > 0})
+            assert {(f["layer"], f["stream"], f["feature_id"]) for f in result["features"]} == set(expected)
+            for f in result["features"]:
+                want_score, want_sel = expected[(f["layer"], f["stream"], f["feature_id"])]
+                assert f["score"] == pytest.approx(want_score, rel=1e-5, abs=1e-6)
+                assert f["selectivity"] == pytest.approx(want_sel, rel=1e-5, abs=1e-6)
+        with pytest.raises(CatalogError, match="batch contrasts each run with the other runs"):
+            ranking.rank_runs(catalog, runs[:1], keys, opts)
+    with pytest.raises(CatalogError, match="background: expected one of calibration, batch"):
+        ranking.rank_runs(catalog, runs, keys, ranking.RankOptions(background="neighbours"))
+
+
+def _calibrate(catalog, model: writes.ModelInfo, rng, d: int) -> int:
+    cal = [random_dense(rng, 30, d, 0.4) for _ in HOOKS]
+    cal_tokens = pa.table({"doc": pa.array(np.zeros(30, np.int32)), "position": pa.array(np.arange(1, 31, dtype=np.int32)),
+                           "token_id": pa.array(np.zeros(30, np.int32)), "token": ["x"] * 30})
+    return stats.write_calibration(catalog, model, infos(d), "corpus", "h", 1, cal_tokens, sparse(
+        cal, np.arange(1, 31, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)}))
+
+
+def test_the_macro_equals_the_service_ranking_for_every_option_set(catalog):
+    """``feature_scores`` called as a user would (run ids, named arguments) returns exactly the service's
+    ranking — features, order and values — for the option sets of the tests above and of the CLI, API and
+    drift tests: every score mode, global τ and other quantiles on both bases, restrict sets, both merge
+    modes, a pinned older calibration, stored background text and the batch background, over runs of a
+    calibrated and an uncalibrated model (each run on its own model's calibration)."""
+    import pytest
+
+    from catalog.errors import CatalogError
+
+    rng = np.random.default_rng(5)
+    d, other = 10, writes.ModelInfo("m2", "fp2", "gpt2", 4, 8)
+    first_cal = _calibrate(catalog, MODEL, rng, d)
+    _calibrate(catalog, MODEL, rng, d)  # the newest: the default; the first is pinned below
+    runs = {f"r{i}": _stored_run(catalog, f"r{i}", MODEL if i < 3 else other,
+                                 [random_dense(rng, 4 + i, d, 0.5) for _ in HOOKS], d) for i in range(5)}
+    background = _stored_run(catalog, "bg", MODEL, [random_dense(rng, 9, d, 0.5) for _ in HOOKS], d)
+    keys = writes.sae_keys(catalog.raw(), infos(d))
+    option_sets = [dict(score_mode=m) for m in ranking.SCORE_MODES] + [
+        dict(tau=0.7), dict(tau_quantile=0.8), dict(tau_quantile=0.8, tau_basis="all"), dict(tau_basis="all"),
+        dict(restrict_features=[1, 4, 7]), dict(merge_across_layers=False, return_top_x=3),
+        dict(min_coverage_pct=10, return_top_x=5), dict(calibration_id=first_cal, score_mode="selectivity"),
+        dict(background="batch", score_mode="lift"), dict(background="batch", score_mode="selectivity")]
+    checked = 0
+    for extra in option_sets:
+        opts = ranking.RankOptions(**{"min_coverage_pct": 0, "return_top_x": 1000, "attach_examples": False,
+                                      "attach_proto_labels": False, **extra})
+        members = [name for name in runs if opts.calibration_id is None or name < "r3"]  # pinned: its model only
+        with_bg = [replace(opts, background_runs=[background])] \
+            if opts.score_mode == "selectivity" and opts.background == "calibration" else []
+        for o in [opts, *with_bg]:
+            needs = o.score_mode in ("selectivity", "lift") and not o.background_runs and o.background == "calibration"
+            if needs and any(name >= "r3" for name in members):  # the uncalibrated model: refused by both
+                with pytest.raises(CatalogError, match="needs a background"):
+                    ranking.rank_runs(catalog, [runs[m] for m in members], keys, o)
+                with pytest.raises(duckdb.InvalidInputException, match=r"score_mode: .* needs a background"):
+                    feature_scores(catalog, members, o)
+                members_now = [m for m in members if m < "r3"]
+            else:
+                members_now = members
+            service = ranking.rank_runs(catalog, [runs[m] for m in members_now], keys, o)
+            rows = feature_scores(catalog, members_now, o, ["bg"] if o.background_runs else None)
+            column = "rank" if o.merge_across_layers else "hook_rank"
+            for name, result in zip(members_now, service, strict=True):
+                mine = [r for r in rows if r["run_id"] == name and r[column] <= o.return_top_x]
+                if not o.merge_across_layers:
+                    mine.sort(key=lambda r: (r["layer"], r["stream"], r[column]))
+                fields = ("layer", "stream", "feature_id", "score", "mean", "max", "coverage", "selectivity",
+                          "attribution")
+                assert [tuple(r[k] for k in fields) for r in mine] == \
+                       [tuple(f[k] for k in fields) for f in result["features"]], (extra, name)
+                assert {r["calibration_id"] for r in mine} <= set(result["calibrations"].values())
+                assert {r["normalization"] for r in mine} <= {result["normalization"]}
+                checked += len(mine)
+    assert checked > 500
+
+
+def test_the_stored_macros_are_the_ones_the_code_defines(catalog):
+    """Migration texts are frozen: a freshly migrated catalog holds the macros of ``catalog.scoring``
+    exactly (as DuckDB stores them). A change to the scoring rules fails here until a new migration
+    recreates the macros with the new text."""
+    from catalog.scoring import MACROS
+
+    query = ("SELECT function_name, macro_definition, parameters FROM duckdb_functions() "
+             "WHERE function_name IN ('scoring_hooks', 'scored_features', 'feature_scores') ORDER BY 1")
+    con = catalog.raw()
+    try:
+        stored = con.execute(query).fetchall()
+        for text in MACROS.values():
+            con.execute(text)  # CREATE OR REPLACE: what the code defines now
+        current = con.execute(query).fetchall()
+    finally:
+        con.close()
+    assert len(stored) == 3 and stored == current, "catalog.scoring.MACROS changed: add a migration that recreates them"
+
+
+def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp_path):
+    """0006 recreates ``scored_features`` with the quantile CTEs that write a calibration's P95s: the
+    same scores for other quantiles on both bases as 0005's text; downgrading restores 0005's macro
+    exactly (as a catalog migrated only to 0005 holds it), upgrading again the code's."""
+    from alembic import command
+
+    from catalog.db import alembic_config
+
+    query = "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'scored_features'"
+    only_0005 = tmp_path / "only_0005.duckdb"
+    command.upgrade(alembic_config(f"duckdb:///{only_0005}"), "0005")
+    con = duckdb.connect(str(only_0005))
+    (text_0005,) = con.execute(query).fetchone()
+    con.close()
+
+    path = tmp_path / "c.duckdb"
+    cat = Catalog(path)
+    rng = np.random.default_rng(3)
+    _calibrate(cat, MODEL, rng, 8)
+    _stored_run(cat, "r", MODEL, [random_dense(rng, 12, 8, 0.5) for _ in HOOKS], 8)
+    option_sets = [ranking.RankOptions(tau_quantile=q, tau_basis=basis, min_coverage_pct=0)
+                   for q in (0.3, 0.8, 0.95) for basis in ("active", "all")]
+    at_head = [feature_scores(cat, ["r"], o) for o in option_sets]
+    assert all(at_head)
+    con = cat.raw()
+    (text_head,) = con.execute(query).fetchone()
+    con.close()
+    cat.close()
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.downgrade(cfg, "0005")
+    old = Catalog(path, migrate=False)
+    try:
+        con = old.raw()
+        assert con.execute(query).fetchone() == (text_0005,) and text_0005 != text_head
+        con.close()
+        assert [feature_scores(old, ["r"], o) for o in option_sets] == at_head
+    finally:
+        old.close()
+    command.upgrade(cfg, "head")
+    con = duckdb.connect(str(path))
+    assert con.execute(query).fetchone() == (text_head,)
+    con.close()

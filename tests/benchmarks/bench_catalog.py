@@ -83,14 +83,14 @@ def bench_rank(path: Path, repeats: int = 20) -> dict:
     write_labels(cat, [(sae(), labels)])
     con = cat.raw()
     (key,) = writes.sae_keys(con, [sae()])
-    run_key, n_kept = con.execute("SELECT run_key, n_kept FROM runs ORDER BY run_key LIMIT 1 OFFSET "
+    (run_key,) = con.execute("SELECT run_key FROM runs ORDER BY run_key LIMIT 1 OFFSET "
                                   "(SELECT count(*) // 2 FROM runs)").fetchone()
     n_rows = con.execute("SELECT count(*) FROM activations").fetchone()[0]
     con.close()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = ranking.rank_run(cat, run_key, n_kept, [key], ranking.RankOptions())
+        result = ranking.rank_run(cat, run_key, [key], ranking.RankOptions())
         times.append(time.perf_counter() - t0)
     cat.close()
     return {"catalog_rows": n_rows, "rank_ms_median": 1000 * statistics.median(times),

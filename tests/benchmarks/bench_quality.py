@@ -4,7 +4,9 @@
 
 precision@5 and @10 of every score mode on held-out prompts of the demo (in-distribution and
 out-of-distribution; see ``quality.py`` for the prompts and the independent oracle), per layer and for
-the merged ranking over all the layers. Prints a Markdown table for the README.
+the merged ranking over all the layers, at the default coverage gate and without one
+(``min_coverage_pct 0``); selectivity and lift also against ``background batch`` (each prompt contrasted
+with the set's other prompts, ranked together as one batch). Prints a Markdown table for the README.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from sae_discover.request import build_request  # noqa: E402
 from sae_discover.service import Discovery  # noqa: E402
 from tests.benchmarks import quality  # noqa: E402
 
+COLUMNS = [(mode, {}) for mode in SCORE_MODES] + [(mode, {"background": "batch"}) for mode in ("selectivity", "lift")]
+GATES = [0.5, 0.0]  # the default min_coverage_pct, and none
+
 
 def evaluate(disc: Discovery, prompts: list[tuple[str, str]], layers: list[int], mode: str,
-             oracle: dict) -> tuple[float, float]:
+             oracle: dict, options: dict) -> tuple[float, float]:
     extra = {"attribution_target": "next_tokens"} if mode.startswith("attribution") else {}  # what text mode "uses"
+    extra.update(options)
     reqs = [build_request({"text": text, "layers": layers, "score_mode": mode, "return_top_x": 10, **extra})
             for _, text in prompts]
     results = disc.discover_many(reqs)
@@ -55,14 +61,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Catalog(Path(tmp) / "quality.duckdb")
         disc = Discovery(catalog, Registry.builtin(), device="cpu")
-        print("| prompts | layers | " + " | ".join(f"{m} p@5 / p@10" for m in SCORE_MODES) + " |")
-        print("|---|---|" + "---:|" * len(SCORE_MODES))
+        print("| prompts | layers | gate | " + " | ".join(
+            f"{m}{', batch' if o else ''} p@5 / p@10" for m, o in COLUMNS) + " |")
+        print("|---|---|---:|" + "---:|" * len(COLUMNS))
         for name, prompts in sets.items():
             for layers in [[layer] for layer in ns.layers] + [ns.layers]:
-                cells = [evaluate(disc, prompts, layers, mode, oracle) for mode in SCORE_MODES]
-                label = "merged " + ",".join(map(str, layers)) if len(layers) > 1 else str(layers[0])
-                print(f"| {name} ({len(prompts)}) | {label} | "
-                      + " | ".join(f"{p5:.2f} / {p10:.2f}" for p5, p10 in cells) + " |", flush=True)
+                for gate in GATES:
+                    cells = [evaluate(disc, prompts, layers, mode, oracle, {**options, "min_coverage_pct": gate})
+                             for mode, options in COLUMNS]
+                    label = "merged " + ",".join(map(str, layers)) if len(layers) > 1 else str(layers[0])
+                    print(f"| {name} ({len(prompts)}) | {label} | {gate:g} | "
+                          + " | ".join(f"{p5:.2f} / {p10:.2f}" for p5, p10 in cells) + " |", flush=True)
         catalog.close()
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

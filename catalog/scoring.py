@@ -1,0 +1,235 @@
+"""The scoring rules of ``catalog/ranking.py`` as DuckDB table macros: the one implementation of scoring.
+
+Discovery's ranking, ``runs rank``, drift and a user's ``sql`` query all run these macros (stored in
+the catalog by migrations 0005 and 0006, so plain ``duckdb`` sees them too):
+
+- ``scoring_hooks(run_ids, calibration_id, sae_keys, calibration_model)``: one row per (run, SAE) to
+  score, with the run's analysed-token count ``n`` (n_kept, at least 1), the calibration that gives τ,
+  normalization and the background mean (``calibration_id``: the pinned one, else the newest
+  calibration of the run's own model holding statistics for that SAE), ``all_calibrated`` (every SAE
+  of the run has one: normalization by the calibration max, and a calibration background) and
+  ``batch_n`` (the analysed tokens of the scored runs of the run's model, for ``background := 'batch'``);
+- ``scored_features(run_ids, …)``: one row per (run, SAE, feature) with a nonzero code that passes the
+  coverage gate: mean, max, coverage, selectivity, attribution, score, τ, calibration, normalization;
+- ``feature_scores(run_ids, …)``: the same with run id, layer, stream, SAE id and the ranks within the
+  run (``rank``: over all its hooks, ties by layer, stream, feature; ``hook_rank``: within its hook,
+  ties by feature) — the public one, documented in the README.
+
+Parameters (named, all optional but ``run_ids``, a list of run ids): ``score_mode``,
+``min_coverage_pct``, ``tau``, ``tau_quantile``, ``tau_basis``, ``calibration_id``, ``background``
+(``calibration`` | ``batch``), ``restrict_features`` (feature ids), ``background_runs`` (run ids of
+stored background text); internal, for the Python layer: ``sae_keys`` (the SAEs to score, default
+each run's own) and ``calibration_model`` (whose calibrations: NULL = each run's model, 0 = any
+model, else that model_key). Macro parameters shadow unqualified column names of the same name, so
+every column below is qualified.
+
+Migration texts are frozen: changing :data:`MACROS` needs a new migration that recreates the macros
+with the new text (``tests/test_ranking_properties.py`` compares it with a freshly migrated catalog's).
+"""
+
+from __future__ import annotations
+
+# lift's prior, a share of the feature's calibration max added to both means: it keeps a feature that
+# (almost) never fired in calibration from an unbounded ratio, and leaves the score free of units
+LIFT_PRIOR = 3e-4
+SCORE_EXPR = {
+    "mean": "g.mean_n",
+    "max": "g.max_n",
+    "mean×coverage": "g.mean_n * g.coverage",
+    "selectivity": "g.selectivity / g.divisor",
+    "lift": f"(g.mean + {LIFT_PRIOR} * g.divisor) / (g.bg_mean + {LIFT_PRIOR} * g.divisor)",
+    "attribution": "g.attribution",
+    "attribution_abs": "abs(g.attribution)",
+}
+NEEDS_BACKGROUND = ("selectivity", "lift")
+WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
+SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" for mode, expr in SCORE_EXPR.items()) \
+    + f"                     ELSE error('score_mode: expected one of {', '.join(list(SCORE_EXPR)[:4])}, '\n" \
+    + f"                                || '{', '.join(list(SCORE_EXPR)[4:])}, got ' || score_mode) END"
+
+SCORING_PARAMS = """score_mode := 'mean×coverage', min_coverage_pct := 0.5, tau := NULL,
+                  tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
+                  restrict_features := NULL, background_runs := NULL, sae_keys := NULL, calibration_model := NULL"""
+PASSED = ("score_mode", "min_coverage_pct", "tau", "tau_quantile", "tau_basis", "calibration_id", "background",
+          "restrict_features", "background_runs", "sae_keys", "calibration_model")
+PASS_PARAMS = ",\n                         ".join(", ".join(f"{p} := {p}" for p in PASSED[i:i + 2])
+                                                 for i in range(0, len(PASSED), 2))
+
+# The one implementation of a calibration's per-feature quantiles, as CTEs a statement includes (writing a
+# calibration stores its P95s with them, catalog/stats.py; scored_features computes another
+# ``tau_quantile`` with them): the statement defines ``quantile_of(cal, sae_key, n)``, the (calibration,
+# SAE) pairs to compute with the calibration's token count, and gets ``quantiles``: per feature that
+# fired, both q-quantiles, exact (numpy's ``percentile``, DuckDB's quantile_cont), from its sparse
+# nonzero rows — ``q_active`` over the nonzeros alone (its firing distribution), ``q_all`` over its dense
+# column, zeros included — and its nonzero count ``k``, ``total`` and ``max``. With n tokens and k
+# nonzeros (all codes are >= 0) the sorted dense column is n-k zeros then the nonzeros ascending, so
+# dense index i holds the (i-(n-k))-th nonzero, or 0 when i < n-k; its q-quantile interpolates linearly
+# between the dense indices lo = floor((n-1)q) and hi = lo+1 (numpy's default). ``{q}``: the quantile,
+# a DOUBLE expression constant in the statement (quantile_cont needs one).
+QUANTILES_CTES = """
+    quantile_pairs AS (
+        SELECT x.cal, x.sae_key, x.n, floor(x.h)::BIGINT AS lo, least(floor(x.h)::BIGINT + 1, x.n - 1) AS hi,
+               x.h - floor(x.h)::BIGINT AS frac
+        FROM (SELECT o.cal, o.sae_key, o.n, (o.n - 1) * {q} AS h FROM quantile_of o) x
+    ),
+    quantile_ranked AS (
+        SELECT a.calibration_id AS cal, a.sae_key, a.feature_id, a.act,
+               row_number() OVER (PARTITION BY a.calibration_id, a.sae_key, a.feature_id ORDER BY a.act) - 1 AS r,
+               count(*) OVER (PARTITION BY a.calibration_id, a.sae_key, a.feature_id) AS k
+        FROM calibration_activations a
+        SEMI JOIN quantile_pairs p ON p.cal = a.calibration_id AND p.sae_key = a.sae_key
+    ),
+    quantiles AS (
+        SELECT q.cal, q.sae_key, q.feature_id, any_value(q.k) AS k, sum(q.act) AS total, max(q.act) AS max,
+               quantile_cont(q.act::DOUBLE, {q}) AS q_active,
+               coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.lo), 0)
+                   + any_value(p.frac) * (coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.hi), 0)
+                                          - coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.lo), 0)) AS q_all
+        FROM quantile_ranked q JOIN quantile_pairs p ON p.cal = q.cal AND p.sae_key = q.sae_key
+        GROUP BY q.cal, q.sae_key, q.feature_id
+    )"""
+
+SCORING_HOOKS = """
+CREATE OR REPLACE MACRO scoring_hooks(run_ids, calibration_id := NULL, sae_keys := NULL, calibration_model := NULL)
+AS TABLE
+    WITH scored_runs AS (
+        SELECT r.run_key, r.run_id, r.model_key, greatest(r.n_kept, 1)::DOUBLE AS n,
+               sum(greatest(r.n_kept, 1)::DOUBLE) OVER (PARTITION BY r.model_key) AS batch_n
+        FROM runs r WHERE list_contains(run_ids, r.run_id)
+    ),
+    hooks AS (
+        SELECT sr.*, k.sae_key FROM scored_runs sr
+        CROSS JOIN (SELECT DISTINCT unnest(sae_keys)::INTEGER AS sae_key) k
+        UNION ALL
+        SELECT sr.*, rs.sae_key FROM scored_runs sr JOIN run_saes rs ON rs.run_key = sr.run_key
+        WHERE sae_keys IS NULL
+    ),
+    held AS (
+        SELECT cs.calibration_id AS cal, cs.sae_key, c.model_key
+        FROM calibration_saes cs JOIN calibrations c ON c.calibration_id = cs.calibration_id
+    ),
+    chosen AS (
+        SELECT h.run_key, h.run_id, h.model_key, h.n, h.batch_n, h.sae_key,
+               CASE WHEN calibration_id IS NULL
+                    THEN max(held.cal) FILTER (WHERE calibration_model = 0
+                                               OR held.model_key = coalesce(calibration_model, h.model_key))
+                    ELSE max(held.cal) FILTER (WHERE held.cal = calibration_id) END AS cal
+        FROM hooks h LEFT JOIN held ON held.sae_key = h.sae_key
+        GROUP BY h.run_key, h.run_id, h.model_key, h.n, h.batch_n, h.sae_key
+    )
+    SELECT c.run_key, c.run_id, c.model_key, c.n, c.batch_n, c.sae_key,
+           CASE WHEN calibration_id IS NOT NULL AND c.cal IS NULL
+                THEN error('calibration_id: calibration ' || calibration_id || ' has no statistics for sae_key '
+                           || c.sae_key)
+                ELSE c.cal END AS calibration_id,
+           bool_and(c.cal IS NOT NULL) OVER (PARTITION BY c.run_key) AS all_calibrated
+    FROM chosen c"""
+
+SCORED_FEATURES = f"""
+CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
+    WITH hooks AS (
+        SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
+        FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
+                           calibration_model := calibration_model) h
+        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all') THEN true
+                   WHEN background NOT IN ('calibration', 'batch')
+                   THEN error('background: expected one of calibration, batch, got ' || background)
+                   ELSE error('tau_basis: expected one of active, all, got ' || tau_basis) END
+    ),
+    used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
+    stats AS (
+        SELECT f.calibration_id AS cal, f.sae_key, f.feature_id, f.mean, f.max,
+               CASE tau_basis WHEN 'active' THEN f.p95 ELSE f.p95_all END AS p95
+        FROM feature_stats f SEMI JOIN used u ON u.cal = f.calibration_id AND u.sae_key = f.sae_key
+    ),
+    quantile_of AS (  -- another quantile than the stored P95s: computed as writing the calibration computed those
+        SELECT u.cal, u.sae_key, c.n_tokens AS n FROM used u JOIN calibrations c ON c.calibration_id = u.cal
+        WHERE tau IS NULL AND coalesce(tau_quantile, 0.95)::DOUBLE <> 0.95
+    ),{QUANTILES_CTES.format(q="coalesce(tau_quantile, 0.95)::DOUBLE")},
+    quantile_taus AS (
+        SELECT q.cal, q.sae_key, q.feature_id, CASE tau_basis WHEN 'active' THEN q.q_active ELSE q.q_all END AS tau
+        FROM quantiles q
+    ),
+    thresholds AS (
+        SELECT s.cal, s.sae_key, s.feature_id, s.mean, s.max,
+               CASE WHEN coalesce(tau_quantile, 0.95)::DOUBLE = 0.95 THEN s.p95 ELSE coalesce(qt.tau, 0) END AS tau
+        FROM stats s LEFT JOIN quantile_taus qt ON qt.cal = s.cal AND qt.sae_key = s.sae_key
+                                                AND qt.feature_id = s.feature_id
+    ),
+    background_means AS (
+        SELECT a.sae_key, a.feature_id,
+               sum(a.act) / (SELECT greatest(sum(b.n_kept), 1)::DOUBLE FROM runs b
+                             WHERE list_contains(background_runs, b.run_id)) AS bg_mean
+        FROM activations a JOIN runs b ON b.run_key = a.run_key
+        WHERE coalesce(len(background_runs), 0) > 0 AND list_contains(background_runs, b.run_id)
+        GROUP BY a.sae_key, a.feature_id
+    ),
+    agg AS (
+        SELECT a.run_key, a.sae_key, a.feature_id,
+               sum(a.act) AS total,
+               sum(a.act) / any_value(h.n) AS mean,
+               max(a.act) AS max,
+               count(*) FILTER (WHERE a.act > coalesce(tau::DOUBLE, t.tau, 0)) / any_value(h.n) AS coverage,
+               coalesce(tau::DOUBLE, any_value(t.tau), 0) AS tau,
+               any_value(t.mean) AS cal_mean,
+               any_value(CASE WHEN h.all_calibrated THEN coalesce(nullif(t.max, 0), 1) ELSE 1 END) AS divisor,
+               coalesce(any_value(bg.bg_mean), 0) AS runs_mean,
+               sum(a.attr)::DOUBLE AS attribution,
+               any_value(h.run_id) AS run_id, any_value(h.model_key) AS model_key, any_value(h.n) AS n,
+               any_value(h.batch_n) AS batch_n, any_value(h.calibration_id) AS cal,
+               any_value(h.all_calibrated) AS all_calibrated, any_value(h.has_bg) AS has_bg
+        FROM activations a
+        JOIN hooks h ON h.run_key = a.run_key AND h.sae_key = a.sae_key
+        LEFT JOIN thresholds t ON t.cal = h.calibration_id AND t.sae_key = a.sae_key AND t.feature_id = a.feature_id
+        LEFT JOIN background_means bg ON bg.sae_key = a.sae_key AND bg.feature_id = a.feature_id
+        WHERE coalesce(len(restrict_features), 0) = 0 OR list_contains(restrict_features, a.feature_id)
+        GROUP BY a.run_key, a.sae_key, a.feature_id
+    ),
+    batch_totals AS (
+        SELECT g.model_key, g.sae_key, g.feature_id, sum(g.total) AS total
+        FROM agg g WHERE background = 'batch'
+        GROUP BY g.model_key, g.sae_key, g.feature_id
+    ),
+    measured AS (
+        SELECT g.*,
+               CASE WHEN coalesce(len(background_runs), 0) > 0 THEN g.runs_mean
+                    WHEN background = 'batch' THEN (b.total - g.total) / nullif(g.batch_n - g.n, 0)
+                    ELSE g.cal_mean END AS bg_mean
+        FROM agg g LEFT JOIN batch_totals b
+             ON b.model_key = g.model_key AND b.sae_key = g.sae_key AND b.feature_id = g.feature_id
+    ),
+    gated AS (
+        SELECT m.*, m.mean / m.divisor AS mean_n, m.max / m.divisor AS max_n,
+               CASE WHEN m.has_bg THEN m.mean - m.bg_mean END AS selectivity
+        FROM measured m
+        WHERE m.coverage * 100 >= min_coverage_pct::DOUBLE
+    )
+    SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
+           CASE WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
+                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
+                           || 'background_runs, or pick another score_mode')
+                ELSE {SCORE_CASE} END AS score,
+           g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
+           CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
+    FROM gated g"""
+
+FEATURE_SCORES = f"""
+CREATE OR REPLACE MACRO feature_scores(run_ids, {SCORING_PARAMS}) AS TABLE
+    SELECT f.run_id, sa.layer, sa.stream, sa.sae_id, f.feature_id, f.score, f.mean, f.max, f.coverage,
+           f.selectivity, f.attribution,
+           row_number() OVER (PARTITION BY f.run_key ORDER BY f.score DESC, sa.layer, sa.stream, f.feature_id) AS rank,
+           row_number() OVER (PARTITION BY f.run_key, f.sae_key ORDER BY f.score DESC, f.feature_id) AS hook_rank,
+           f.tau, f.calibration_id, f.normalization, f.run_key, f.sae_key
+    FROM scored_features(run_ids, {PASS_PARAMS}) f
+    JOIN saes sa ON sa.sae_key = f.sae_key"""
+
+# in creation order (each macro may use the ones before it)
+MACROS = {"scoring_hooks": SCORING_HOOKS, "scored_features": SCORED_FEATURES, "feature_scores": FEATURE_SCORES}
+
+
+def macro_call(name: str, params: dict) -> str:
+    """``name($run_ids, p := $p, …)``: a call of one of :data:`MACROS` with its arguments bound as the
+    named parameters of ``params`` (``run_ids`` first; DuckDB binds them as constants, so the calls
+    plan as if written out)."""
+    named = ", ".join(f"{p} := ${p}" for p in params if p != "run_ids")
+    return f"{name}($run_ids{', ' + named if named else ''})"

@@ -1,0 +1,397 @@
+"""The shared store: the catalog's tables as Delta Lake tables (``deltalake``) under one folder or URI,
+written by many ingest workers at once and read through DuckDB under the catalog's own relation names.
+
+Layout: ``<store>/<table>`` holds one Delta table per catalog table (same columns, see
+:mod:`catalog.schema`), plus ``<store>/_key_ranges`` (the integer keys handed out, below). Every table
+is created by the job's driver before any worker starts (two writers creating one table race:
+``CommitFailedError``).
+
+Commit order, so a run is visible whole or not at all: a chunk of runs is one Delta append per
+table, children first (``run_saes``, ``tokens``, ``activations``, ``run_tags``, ``run_batch_ids``)
+and the ``runs`` rows last — the commit point. Each append carries the chunk's transaction marker
+(``<job>:chunk-<i>``, Delta's ``app_transactions``) in the same atomic commit, so a retried or
+resumed chunk skips each table it already committed, and a chunk is done once its ``runs`` append is.
+Readers bind the child tables through ``runs`` (rows whose run_key has no ``runs`` row are not
+seen) and load ``runs`` before the children, so any snapshot shows only whole runs.
+
+Keys: the local catalog draws run_key/model_key/sae_key from sequences; the store has many writers,
+so keys are handed out in ranges recorded in ``_key_ranges`` (:func:`reserve_keys`): a job's driver
+registers its models/SAEs and reserves one run_key per prompt before fan-out, workers only use them.
+
+Reading: :class:`StoreCatalog` is a catalog in memory, migrated like a file (so the public views and
+the ranking SQL are the same text), whose base tables are replaced by views over a pinned snapshot of
+each Delta table (``DeltaTable(...).to_pyarrow_dataset()``; DuckDB pushes ``run_key`` filters into
+the scan and Delta's file statistics skip files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from catalog import sandbox, schema, stats, writes
+from catalog.db import Catalog
+from catalog.errors import CatalogError, CatalogReadOnly
+
+# the catalog's tables, all mirrored in the store (alembic's bookkeeping table is not)
+STORE_TABLES = tuple(t.name for t in schema.metadata.sorted_tables)
+# children of a run, committed before its ``runs`` row and read only through it
+RUN_CHILDREN = ("run_saes", "tokens", "activations", "run_tags", "run_batch_ids", "run_calibrations")
+CHUNK_COMMIT_ORDER = ("run_saes", "tokens", "activations", "run_tags", "run_batch_ids", "runs")
+KEY_RANGES = "_key_ranges"
+KEY_KINDS = {"run": ("runs", "run_key"), "model": ("models", "model_key"), "sae": ("saes", "sae_key"),
+             "calibration": ("calibrations", "calibration_id")}
+# children of a calibration, committed before its ``calibrations`` row and read only through it
+CALIBRATION_CHILDREN = ("calibration_saes", "calibration_tokens", "calibration_activations", "feature_stats")
+CALIBRATION_COMMIT_ORDER = (*CALIBRATION_CHILDREN, "labels", "calibrations")
+MAX_RESERVE_TRIES = 20
+ROW_GROUP_ROWS = 128 * 1024  # compaction: row groups small enough that a per-run read skips most of them
+
+
+def _arrow_type(column: sa.Column) -> pa.DataType:
+    """The store's Arrow type of a catalog column (``Float`` is DuckDB's 4-byte FLOAT, ``Double`` 8 bytes)."""
+    for sql_type, arrow in ((sa.BigInteger, pa.int64()), (sa.Integer, pa.int32()), (sa.Boolean, pa.bool_()),
+                            (sa.Double, pa.float64()), (sa.Float, pa.float32()), (sa.DateTime, pa.timestamp("us")),
+                            (sa.String, pa.string())):
+        if isinstance(column.type, sql_type):
+            return arrow
+    raise TypeError(f"no Arrow type for {column.name}: {column.type}")
+
+
+def arrow_schema(table: str) -> pa.Schema:
+    """The Arrow schema of ``table`` in the store (every column nullable, as Delta's are)."""
+    if table == KEY_RANGES:
+        return pa.schema([("kind", pa.string()), ("first", pa.int64()), ("count", pa.int64()), ("job", pa.string()),
+                          ("token", pa.string())])
+    return pa.schema([(c.name, _arrow_type(c)) for c in schema.metadata.tables[table].columns])
+
+
+def conform(table: str, rows: pa.Table) -> pa.Table:
+    """``rows`` with exactly ``table``'s columns, in order and type (absent columns as nulls)."""
+    target = arrow_schema(table)
+    cols = [rows.column(f.name).cast(f.type) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+            for f in target]
+    return pa.Table.from_arrays(cols, schema=target)
+
+
+def table_uri(store: str, table: str) -> str:
+    return f"{str(store).rstrip('/')}/{table}"
+
+
+def create_tables(store: str) -> None:
+    """Create every table of the store that is missing (the driver, before fan-out)."""
+    if "://" not in str(store):
+        Path(store).mkdir(parents=True, exist_ok=True)
+    for table in (*STORE_TABLES, KEY_RANGES):
+        uri = table_uri(store, table)
+        try:
+            DeltaTable.create(uri, schema=arrow_schema(table), mode="ignore")
+        except CommitFailedError:  # another driver created it at the same moment: the table is there
+            if not DeltaTable.is_deltatable(uri):
+                raise
+
+
+def open_table(store: str, table: str, version: int | None = None) -> DeltaTable:
+    """One table of the store (at ``version``); :class:`CatalogError` naming ``store`` when it is not there."""
+    try:
+        return DeltaTable(table_uri(store, table), version=version)
+    except TableNotFoundError as exc:
+        raise CatalogError("store", f"{store} is not a sae-discover store (no Delta table {table}); "
+                                    "create it with python -m sae_discover ingest --store") from exc
+
+
+# -- writes -----------------------------------------------------------------------------------------
+
+def append(store: str, table: str, rows: pa.Table, marker: str | None = None, metadata: Mapping[str, str] | None = None
+           ) -> bool:
+    """Append ``rows`` to ``table`` in one commit, carrying ``marker`` (an idempotent transaction id)
+    when given; a marker the table already holds means this append was committed before: skipped
+    (returns False)."""
+    uri = table_uri(store, table)
+    if marker is not None and DeltaTable(uri).transaction_version(marker) is not None:
+        return False
+    props = CommitProperties(app_transactions=[Transaction(marker, 0)] if marker else None,
+                             custom_metadata=dict(metadata) if metadata else None)
+    write_deltalake(uri, conform(table, rows) if table != KEY_RANGES else rows, mode="append", commit_properties=props)
+    return True
+
+
+def chunk_done(store: str, marker: str, point: str = "runs") -> bool:
+    """Whether the chunk ``marker`` is committed (its append to ``point``, the commit point, is)."""
+    return DeltaTable(table_uri(store, point)).transaction_version(marker) is not None
+
+
+def commit_chunk(store: str, marker: str, tables: Mapping[str, pa.Table], order: tuple[str, ...] = CHUNK_COMMIT_ORDER
+                 ) -> bool:
+    """Commit one chunk: one append per table in ``order`` (the last, ``runs`` for runs, is the commit
+    point), each with ``marker``; tables a killed attempt already committed are skipped. Returns False
+    when the whole chunk was committed before."""
+    point = order[-1]
+    if chunk_done(store, marker, point):
+        return False
+    for table in order:
+        if table in tables and tables[table].num_rows:
+            append(store, table, tables[table], marker)
+    rows = tables.get(point)
+    if rows is None or rows.num_rows == 0:  # nothing new (e.g. stored by another job): still mark the chunk done
+        append(store, point, arrow_schema(point).empty_table(), marker)
+    return True
+
+
+def reserve_keys(store: str, kind: str, count: int, job: str) -> int:
+    """Reserve ``count`` consecutive keys of ``kind`` (run, model, sae) for ``job``; returns the first.
+
+    The rule: a reservation is an append to ``_key_ranges``; it holds when no range committed at an
+    earlier version overlaps it. After committing, the driver reads the table as it was just before
+    its own commit (found by a unique token in the commit's metadata); on an overlap (another driver
+    reserved the same keys first) it reserves again above everything seen. Appends never conflict in
+    Delta, so reservations are lock-free; keys lost to a retried reservation are simply never used."""
+    if count <= 0:
+        return 0
+    uri = table_uri(store, KEY_RANGES)
+    for _ in range(MAX_RESERVE_TRIES):
+        ranges = DeltaTable(uri).to_pyarrow_table()
+        first = _next_free(store, kind, ranges)
+        token = uuid.uuid4().hex
+        rows = pa.table({"kind": [kind], "first": pa.array([first], pa.int64()), "count": pa.array([count], pa.int64()),
+                         "job": [job], "token": [token]}, schema=arrow_schema(KEY_RANGES))
+        append(store, KEY_RANGES, rows, metadata={"reservation": token})
+        version = _commit_version(DeltaTable(uri), token)
+        before = DeltaTable(uri, version=version - 1).to_pyarrow_table() if version > 0 else ranges.slice(0, 0)
+        if not _overlaps(before, kind, first, count):
+            return first
+    raise CatalogError("store", f"could not reserve {kind} keys after {MAX_RESERVE_TRIES} tries (too many drivers at once)")
+
+
+def _next_free(store: str, kind: str, ranges: pa.Table) -> int:
+    """One past every key of ``kind`` reserved or stored (keys start at 1, as the local sequences do)."""
+    mine = ranges.filter(pc.equal(ranges["kind"], kind))
+    top = 0
+    if mine.num_rows:
+        top = pc.max(pc.add(pc.subtract(mine["first"], 1), mine["count"])).as_py()
+    table, column = KEY_KINDS[kind]
+    stored = pc.max(DeltaTable(table_uri(store, table)).to_pyarrow_table(columns=[column])[column]).as_py()
+    return max(top, stored or 0) + 1
+
+
+def _commit_version(table: DeltaTable, token: str) -> int:
+    for entry in table.history():
+        if entry.get("reservation") == token:
+            return int(entry["version"])
+    raise CatalogError("store", "a key reservation's commit is missing from the table history")
+
+
+def _overlaps(ranges: pa.Table, kind: str, first: int, count: int) -> bool:
+    return any(r["kind"] == kind and r["first"] < first + count and first < r["first"] + r["count"]
+               for r in ranges.to_pylist())
+
+
+def find_keys(store: str, table: str, key: str, match: Iterable[str], wanted: Iterable[tuple]) -> dict[tuple, int]:
+    """Keys of the rows of ``table`` whose ``match`` columns equal one of ``wanted`` (the lowest key per identity)."""
+    match, wanted = list(match), set(wanted)
+    if not wanted:
+        return {}
+    # filtered in the scan on the first column (Delta's file statistics skip files), checked whole below
+    first = pc.field(match[0]).isin(list({w[0] for w in wanted}))
+    rows = open_table(store, table).to_pyarrow_dataset().to_table(columns=[key, *match], filter=first).to_pylist()
+    found: dict[tuple, int] = {}
+    for r in sorted(rows, key=lambda r: r[key]):
+        ident = tuple(r[m] for m in match)
+        if ident in wanted:
+            found.setdefault(ident, r[key])
+    return found
+
+
+# -- reads: a pinned snapshot bound under the catalog's names ----------------------------------------
+
+class StoreCatalog(Catalog):
+    """A read-only catalog over a pinned snapshot of a store: the catalog's schema (views, and whatever
+    the migrations define) in memory, each base table replaced by a view over its Delta snapshot.
+
+    ``runs`` is pinned first and the other tables after it, so every child row of a visible run is in
+    the snapshot; child tables are read through ``runs``, so rows of chunks still being committed are
+    not seen (calibrations likewise). ``versions`` records the pinned version of each table; ``runs_version`` pins ``runs`` at
+    an older version (what a reader that opened then sees)."""
+
+    def __init__(self, store: str, runs_version: int | None = None) -> None:
+        super().__init__(":memory:")
+        self.store = str(store)
+        self.versions: dict[str, int] = {}
+        self._datasets: dict[str, object] = {}
+        parents = ("runs", "calibrations")  # pinned first: the commit points
+        for table in (*parents, *(t for t in STORE_TABLES if t not in parents)):
+            delta = open_table(self.store, table, runs_version if table == "runs" else None)
+            self.versions[table] = delta.version()
+            self._datasets[f"_store_{table}"] = delta.to_pyarrow_dataset()
+        con = self.raw()
+        try:
+            for table in STORE_TABLES:
+                con.execute(f"DROP TABLE {table} CASCADE")
+                con.execute(f"CREATE VIEW {table} AS {_bound(table)}")
+        finally:
+            con.close()
+        self.read_only, self.read_only_reason = True, f"a snapshot of the store {self.store}"
+        self.path = self.store
+
+    def require_writable(self, what: str) -> None:
+        """Refuse ``what``: a snapshot is read-only (the store is written by ``ingest --store`` and
+        ``calibrate --store``, whose commits a reader opened later sees); the error names ``store``."""
+        raise CatalogReadOnly("store", f"{self.store} is read here as a pinned snapshot (runs version "
+                                       f"{self.versions['runs']}): {what} needs to write to it; write to a store with "
+                                       "python -m sae_discover ingest --store (or calibrate --store)")
+
+    def raw(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor with the snapshot's datasets registered (a registration belongs to one connection)."""
+        con = super().raw()
+        for name, dataset in self._datasets.items():
+            con.register(name, dataset)
+        return con
+
+
+def _bound(table: str) -> str:
+    """The view that stands for ``table``: its snapshot, children only through a visible run or calibration."""
+    if table in RUN_CHILDREN:
+        return f"SELECT * FROM _store_{table} WHERE run_key IN (SELECT run_key FROM _store_runs)"
+    if table in CALIBRATION_CHILDREN:
+        return (f"SELECT * FROM _store_{table} WHERE calibration_id IN "
+                "(SELECT calibration_id FROM _store_calibrations)")
+    return f"SELECT * FROM _store_{table}"
+
+
+# -- maintenance ---------------------------------------------------------------------------------------
+
+def compact(store: str, vacuum_hours: int = 0) -> dict[str, dict]:
+    """Compact each table's small files into larger ones (row groups of :data:`ROW_GROUP_ROWS`, ZSTD;
+    compaction keeps the rows of a file in their order, so run-ordered appends stay run-ordered), then
+    vacuum files no version newer than ``vacuum_hours`` needs, and empty staging files a killed writer
+    left (``*.parquet#N``, which vacuum does not list). Returns per table what was done."""
+    props = WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS)
+    done = {}
+    for table in STORE_TABLES:
+        delta = open_table(store, table)
+        metrics = delta.optimize.compact(writer_properties=props)
+        removed = delta.vacuum(retention_hours=vacuum_hours, enforce_retention_duration=False, dry_run=False)
+        done[table] = {"files_added": metrics.get("numFilesAdded", 0), "files_removed": metrics.get("numFilesRemoved", 0),
+                       "vacuumed": len(removed) + _remove_staging(store, table)}
+    return done
+
+
+def _remove_staging(store: str, table: str) -> int:
+    """Empty staging files (``*.parquet#N``) a writer killed mid-commit left, on a local store."""
+    if "://" in store and not store.startswith("file://"):
+        return 0
+    folder = Path(table_uri(store.removeprefix("file://"), table))
+    n = 0
+    for path in folder.glob("*.parquet#*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            n += 1
+    return n
+
+
+# -- import into a local catalog ---------------------------------------------------------------------
+
+IMPORT_BATCH = 64  # runs per local transaction (group commit, as batch ingest)
+
+
+def import_store(snapshot: StoreCatalog, local: Catalog, where: str | None = None) -> dict[str, int]:
+    """Copy the snapshot's runs (those of ``v_runs`` matching the filter ``where``, else all) into the
+    local catalog through its own write path: each group of runs whole in one transaction, local keys
+    drawn from the local sequences, runs already there (same run_id) kept. Tags and batch ids come along."""
+    con = snapshot.raw()
+    try:
+        listing = con.sql("SELECT * FROM v_runs ORDER BY run_key").to_arrow_table()
+        keys = sandbox.filter_rows(listing, "v_runs", where, "where", "run_key") if where else listing["run_key"].to_pylist()
+        created = 0
+        for start in range(0, len(keys), IMPORT_BATCH):
+            part = keys[start:start + IMPORT_BATCH]
+            written = writes.write_runs(local, [_run_rows(con, key) for key in part])
+            created += sum(made for _, made in written)
+            _import_tags(con, local, dict(zip(part, (k for k, _ in written), strict=True)))
+    finally:
+        con.close()
+    return {"runs": len(keys), "created": created}
+
+
+def _run_rows(con: duckdb.DuckDBPyConnection, run_key: int) -> writes.RunRows:
+    """One stored run as ingest hands runs to the catalog (activations carry each SAE's index in the run's list)."""
+    cur = con.execute("SELECT * FROM runs WHERE run_key = ?", [run_key])
+    run = dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True))
+    model = con.execute("SELECT model_id, fingerprint, family, n_layers, d_model FROM models WHERE model_key = ?",
+                        [run.pop("model_key")]).fetchone()
+    saes = [writes.SAEInfo(*row) for row in con.execute(
+        "SELECT s.sae_id, s.layer, s.stream, s.fingerprint, s.hook_name, s.architecture, s.d_in, s.d_sae "
+        "FROM run_saes rs JOIN saes s USING (sae_key) WHERE rs.run_key = ? ORDER BY s.layer, s.stream, s.sae_key",
+        [run_key]).fetchall()]
+    tokens = con.sql("SELECT * EXCLUDE (run_key) FROM tokens WHERE run_key = $1 ORDER BY position",
+                     params=[run_key]).to_arrow_table()
+    acts = con.sql(
+        "SELECT a.position, (i.idx - 1)::SMALLINT AS sae_index, a.feature_id, a.act, a.attr FROM activations a "
+        "JOIN (SELECT rs.sae_key, row_number() OVER (ORDER BY s.layer, s.stream, s.sae_key) AS idx "
+        "      FROM run_saes rs JOIN saes s USING (sae_key) WHERE rs.run_key = $1) i USING (sae_key) "
+        "WHERE a.run_key = $1 ORDER BY i.idx, a.position, a.feature_id", params=[run_key]).to_arrow_table()
+    for name in ("run_key", "created_at"):
+        run.pop(name)
+    return writes.RunRows(run, writes.ModelInfo(*model), saes, tokens, acts)
+
+
+def _import_tags(con: duckdb.DuckDBPyConnection, local: Catalog, key_map: dict[int, int]) -> None:
+    """The tags and batch ids of the imported runs (store key → local key), merged into the local ones."""
+    keys = list(key_map)
+    ids = dict(con.execute("SELECT run_key, batch_id FROM run_batch_ids WHERE list_contains(?, run_key)", [keys]).fetchall())
+    tags: dict[int, dict[str, str]] = {}
+    for key, name, value in con.execute("SELECT run_key, key, value FROM run_tags WHERE list_contains(?, run_key)",
+                                        [keys]).fetchall():
+        tags.setdefault(key, {})[name] = value
+    writes.tag_runs(local, [writes.RunTags(key_map[k], ids.get(k), tags.get(k, {})) for k in keys])
+
+
+# -- calibrations ------------------------------------------------------------------------------------
+# A calibration into a store: workers commit the codes of corpus chunks (CORPUS_CHUNK_ORDER, with the
+# calibration_id the driver reserved), the driver then computes the statistics in SQL over the store
+# (calibration_statistics) and commits them with the calibration's SAEs and lite labels, ``calibrations``
+# last (commit_calibration): until then readers see none of it.
+
+CORPUS_CHUNK_ORDER = ("calibration_tokens", "calibration_activations")  # activations: a corpus chunk's commit point
+
+
+def calibration_statistics(store: str, calibration_id: int, saes: Iterable[tuple[int, int]], top: int = 5
+                           ) -> tuple[int, pa.Table, dict[int, dict[int, list[str]]]]:
+    """The statistics of a calibration whose codes are committed (its ``calibrations`` row not yet), by
+    the local catalog's SQL (:data:`catalog.stats.FEATURE_STATS_SELECT`, :data:`catalog.stats.LITE_FIRES_SQL`)
+    run by DuckDB over the store's calibration tables (scans filtered to this calibration and SAE).
+    ``saes``: (sae_key, d_sae). Returns the corpus tokens, the feature_stats rows, and per sae_key the
+    tokens each feature fires on most."""
+    con = duckdb.connect()
+    try:
+        for table in CORPUS_CHUNK_ORDER:
+            con.register(table, open_table(store, table).to_pyarrow_dataset())
+        ((n_tokens,),) = con.execute("SELECT count(*) FROM calibration_tokens WHERE calibration_id = ?",
+                                     [calibration_id]).fetchall()
+        if n_tokens == 0:
+            raise CatalogError("corpus", "the calibration corpus produced no tokens")
+        parts, fires = [], {}
+        for key, d_sae in saes:
+            parts.append(con.sql(stats.FEATURE_STATS_SELECT,
+                                 params=stats.feature_stats_params(calibration_id, key, n_tokens, d_sae)).to_arrow_table())
+            fires[key] = dict(con.execute(stats.LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
+    finally:
+        con.close()
+    return n_tokens, pa.concat_tables(parts), fires
+
+
+def commit_calibration(store: str, marker: str, tables: Mapping[str, pa.Table]) -> None:
+    """Commit a calibration's statistics, SAEs and labels, then its ``calibrations`` row (the commit
+    point); each append carries ``marker``, so a resumed driver skips what it committed."""
+    for table in CALIBRATION_COMMIT_ORDER:
+        if table in tables and tables[table].num_rows:
+            append(store, table, tables[table], marker)

@@ -1,0 +1,159 @@
+"""``scored_features`` recreated: another ``tau_quantile`` than the stored P95s is computed by the CTEs
+that compute a calibration's P95s when it is written (``catalog.scoring.QUANTILES_CTES``), one
+implementation of the sparse quantiles instead of two. The results are unchanged (the same order
+statistics and interpolation); ``scoring_hooks`` and ``feature_scores`` are as in 0005.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-05
+
+Frozen history: no import of ``catalog``; the macro text is this revision's. Downgrade restores the
+text of 0005 (read from that revision's file, which is frozen too).
+"""
+
+import importlib.util
+from pathlib import Path
+
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+SCORED_FEATURES_0006 = """
+CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage', min_coverage_pct := 0.5, tau := NULL,
+                  tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
+                  restrict_features := NULL, background_runs := NULL, sae_keys := NULL, calibration_model := NULL) AS TABLE
+    WITH hooks AS (
+        SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
+        FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
+                           calibration_model := calibration_model) h
+        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all') THEN true
+                   WHEN background NOT IN ('calibration', 'batch')
+                   THEN error('background: expected one of calibration, batch, got ' || background)
+                   ELSE error('tau_basis: expected one of active, all, got ' || tau_basis) END
+    ),
+    used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
+    stats AS (
+        SELECT f.calibration_id AS cal, f.sae_key, f.feature_id, f.mean, f.max,
+               CASE tau_basis WHEN 'active' THEN f.p95 ELSE f.p95_all END AS p95
+        FROM feature_stats f SEMI JOIN used u ON u.cal = f.calibration_id AND u.sae_key = f.sae_key
+    ),
+    quantile_of AS (  -- another quantile than the stored P95s: computed as writing the calibration computed those
+        SELECT u.cal, u.sae_key, c.n_tokens AS n FROM used u JOIN calibrations c ON c.calibration_id = u.cal
+        WHERE tau IS NULL AND coalesce(tau_quantile, 0.95)::DOUBLE <> 0.95
+    ),
+    quantile_pairs AS (
+        SELECT x.cal, x.sae_key, x.n, floor(x.h)::BIGINT AS lo, least(floor(x.h)::BIGINT + 1, x.n - 1) AS hi,
+               x.h - floor(x.h)::BIGINT AS frac
+        FROM (SELECT o.cal, o.sae_key, o.n, (o.n - 1) * coalesce(tau_quantile, 0.95)::DOUBLE AS h FROM quantile_of o) x
+    ),
+    quantile_ranked AS (
+        SELECT a.calibration_id AS cal, a.sae_key, a.feature_id, a.act,
+               row_number() OVER (PARTITION BY a.calibration_id, a.sae_key, a.feature_id ORDER BY a.act) - 1 AS r,
+               count(*) OVER (PARTITION BY a.calibration_id, a.sae_key, a.feature_id) AS k
+        FROM calibration_activations a
+        SEMI JOIN quantile_pairs p ON p.cal = a.calibration_id AND p.sae_key = a.sae_key
+    ),
+    quantiles AS (
+        SELECT q.cal, q.sae_key, q.feature_id, any_value(q.k) AS k, sum(q.act) AS total, max(q.act) AS max,
+               quantile_cont(q.act::DOUBLE, coalesce(tau_quantile, 0.95)::DOUBLE) AS q_active,
+               coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.lo), 0)
+                   + any_value(p.frac) * (coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.hi), 0)
+                                          - coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.lo), 0)) AS q_all
+        FROM quantile_ranked q JOIN quantile_pairs p ON p.cal = q.cal AND p.sae_key = q.sae_key
+        GROUP BY q.cal, q.sae_key, q.feature_id
+    ),
+    quantile_taus AS (
+        SELECT q.cal, q.sae_key, q.feature_id, CASE tau_basis WHEN 'active' THEN q.q_active ELSE q.q_all END AS tau
+        FROM quantiles q
+    ),
+    thresholds AS (
+        SELECT s.cal, s.sae_key, s.feature_id, s.mean, s.max,
+               CASE WHEN coalesce(tau_quantile, 0.95)::DOUBLE = 0.95 THEN s.p95 ELSE coalesce(qt.tau, 0) END AS tau
+        FROM stats s LEFT JOIN quantile_taus qt ON qt.cal = s.cal AND qt.sae_key = s.sae_key
+                                                AND qt.feature_id = s.feature_id
+    ),
+    background_means AS (
+        SELECT a.sae_key, a.feature_id,
+               sum(a.act) / (SELECT greatest(sum(b.n_kept), 1)::DOUBLE FROM runs b
+                             WHERE list_contains(background_runs, b.run_id)) AS bg_mean
+        FROM activations a JOIN runs b ON b.run_key = a.run_key
+        WHERE coalesce(len(background_runs), 0) > 0 AND list_contains(background_runs, b.run_id)
+        GROUP BY a.sae_key, a.feature_id
+    ),
+    agg AS (
+        SELECT a.run_key, a.sae_key, a.feature_id,
+               sum(a.act) AS total,
+               sum(a.act) / any_value(h.n) AS mean,
+               max(a.act) AS max,
+               count(*) FILTER (WHERE a.act > coalesce(tau::DOUBLE, t.tau, 0)) / any_value(h.n) AS coverage,
+               coalesce(tau::DOUBLE, any_value(t.tau), 0) AS tau,
+               any_value(t.mean) AS cal_mean,
+               any_value(CASE WHEN h.all_calibrated THEN coalesce(nullif(t.max, 0), 1) ELSE 1 END) AS divisor,
+               coalesce(any_value(bg.bg_mean), 0) AS runs_mean,
+               sum(a.attr)::DOUBLE AS attribution,
+               any_value(h.run_id) AS run_id, any_value(h.model_key) AS model_key, any_value(h.n) AS n,
+               any_value(h.batch_n) AS batch_n, any_value(h.calibration_id) AS cal,
+               any_value(h.all_calibrated) AS all_calibrated, any_value(h.has_bg) AS has_bg
+        FROM activations a
+        JOIN hooks h ON h.run_key = a.run_key AND h.sae_key = a.sae_key
+        LEFT JOIN thresholds t ON t.cal = h.calibration_id AND t.sae_key = a.sae_key AND t.feature_id = a.feature_id
+        LEFT JOIN background_means bg ON bg.sae_key = a.sae_key AND bg.feature_id = a.feature_id
+        WHERE coalesce(len(restrict_features), 0) = 0 OR list_contains(restrict_features, a.feature_id)
+        GROUP BY a.run_key, a.sae_key, a.feature_id
+    ),
+    batch_totals AS (
+        SELECT g.model_key, g.sae_key, g.feature_id, sum(g.total) AS total
+        FROM agg g WHERE background = 'batch'
+        GROUP BY g.model_key, g.sae_key, g.feature_id
+    ),
+    measured AS (
+        SELECT g.*,
+               CASE WHEN coalesce(len(background_runs), 0) > 0 THEN g.runs_mean
+                    WHEN background = 'batch' THEN (b.total - g.total) / nullif(g.batch_n - g.n, 0)
+                    ELSE g.cal_mean END AS bg_mean
+        FROM agg g LEFT JOIN batch_totals b
+             ON b.model_key = g.model_key AND b.sae_key = g.sae_key AND b.feature_id = g.feature_id
+    ),
+    gated AS (
+        SELECT m.*, m.mean / m.divisor AS mean_n, m.max / m.divisor AS max_n,
+               CASE WHEN m.has_bg THEN m.mean - m.bg_mean END AS selectivity
+        FROM measured m
+        WHERE m.coverage * 100 >= min_coverage_pct::DOUBLE
+    )
+    SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
+           CASE WHEN score_mode IN ('selectivity', 'lift') AND NOT g.has_bg
+                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
+                           || 'background_runs, or pick another score_mode')
+                ELSE CASE score_mode
+                     WHEN 'mean' THEN g.mean_n
+                     WHEN 'max' THEN g.max_n
+                     WHEN 'mean×coverage' THEN g.mean_n * g.coverage
+                     WHEN 'selectivity' THEN g.selectivity / g.divisor
+                     WHEN 'lift' THEN (g.mean + 0.0003 * g.divisor) / (g.bg_mean + 0.0003 * g.divisor)
+                     WHEN 'attribution' THEN g.attribution
+                     WHEN 'attribution_abs' THEN abs(g.attribution)
+                     ELSE error('score_mode: expected one of mean, max, mean×coverage, selectivity, '
+                                || 'lift, attribution, attribution_abs, got ' || score_mode) END END AS score,
+           g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
+           CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
+    FROM gated g"""
+
+
+def _revision_0005():
+    """Revision 0005's module (its file name is no importable identifier): the texts a downgrade restores."""
+    spec = importlib.util.spec_from_file_location("revision_0005", Path(__file__).with_name("0005_scoring_macros.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def upgrade() -> None:
+    op.execute(SCORED_FEATURES_0006)
+
+
+def downgrade() -> None:
+    op.execute(_revision_0005().MACROS["scored_features"])

@@ -1,0 +1,429 @@
+"""Distributed ingest: a prompts file into a shared Delta store (:mod:`catalog.store`), in chunks run by
+Ray tasks (``--ray``) or, without Ray, by this process or a local process pool (``--workers``).
+
+    plan_job      lines → requests → run ids (no weights), the job id, its chunks     (this process, the driver)
+    prepare       tables created, models/SAEs registered, run keys reserved           (before fan-out)
+    ingest_chunk  model + SAEs over a chunk's prompts (ingest.run.run_many), one
+                  Delta append per table with the chunk's marker, ``runs`` last       (a worker; retried safely)
+
+The job id is a hash of the job's run ids and chunk size, so rerunning the same command resumes the
+job: committed chunks are skipped by their marker (``<job>:chunk-<i>``), the others computed. Run ids
+are those of local batch mode (:func:`sae_discover.plan.plan_run`). A run already in the store (from
+another job) is not computed again.
+
+``calibrate --store`` runs the same way: corpus chunks are the tasks (:func:`calibrate_chunk` commits
+their codes), then the driver computes the statistics in SQL over the store and commits them, the
+``calibrations`` row last (:func:`calibrate_store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from catalog import stats, store
+from catalog.writes import with_sae_keys
+from ingest.lens import decoder_tokens
+from ingest.run import calibration_batches, run_many
+from ingest.saes.sources import file_fingerprint
+from sae_discover.batch import line_request
+from sae_discover.calibration import check_hooks, stability_warnings
+from sae_discover.errors import USER_ERRORS
+from sae_discover.inputs import read_corpus, read_lines
+from sae_discover.loaders import Loaders
+from sae_discover.plan import RunPlan, plan_run, sae_infos
+from sae_discover.registry import Registry
+from sae_discover.request import DiscoverRequest
+
+DEFAULT_CHUNK = 16  # runs per chunk: one Delta commit per table each (README, Beyond one machine)
+
+
+@dataclass
+class Chunk:
+    """One unit of work and of commit: its marker and ``(run_key, request)`` per run."""
+
+    index: int
+    marker: str
+    items: list[tuple[int, DiscoverRequest]]
+
+
+@dataclass
+class Job:
+    """A planned job: its id, chunks, per-line errors, and the keys its workers write with."""
+
+    job_id: str
+    chunks: list[Chunk]
+    errors: dict[int, str] = field(default_factory=dict)  # line number → one-line error
+    model_keys: dict[tuple, int] = field(default_factory=dict)  # (model_id, fingerprint) → model_key
+    sae_keys: dict[tuple, int] = field(default_factory=dict)  # (sae_id, layer, stream, fingerprint) → sae_key
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker needs besides its chunk (picklable: it travels to Ray tasks and pool processes)."""
+
+    store: str
+    registry: str | None
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int | None = None
+
+
+# -- the driver -------------------------------------------------------------------------------------
+
+def plan_job(loaders: Loaders, lines: list[tuple[int, dict | str]], defaults: dict[str, Any],
+             chunk_size: int | None = None, job_id: str | None = None) -> tuple[Job, list[RunPlan]]:
+    """Validate and plan every line (no weights loaded); distinct runs in input order, cut into chunks
+    of ``chunk_size`` runs (default :data:`DEFAULT_CHUNK`)."""
+    chunk_size = chunk_size or DEFAULT_CHUNK
+    base = {k: v for k, v in defaults.items() if k not in ("prompt", "text")}
+    plans: list[RunPlan] = []
+    errors: dict[int, str] = {}
+    seen: dict[str, RunPlan] = {}
+    for number, obj in lines:
+        try:
+            plan = plan_run(loaders, line_request(base, obj))
+        except USER_ERRORS as exc:
+            errors[number] = str(exc)
+            continue
+        if plan.run_id in seen:  # a repeated line is one run; as in batch mode, its id and tags win
+            first = seen[plan.run_id].req
+            first.id = plan.req.id if plan.req.id is not None else first.id
+            first.tags = {**(first.tags or {}), **(plan.req.tags or {})} or first.tags
+            continue
+        seen[plan.run_id] = plan
+        plans.append(plan)
+    job_id = job_id or hashlib.sha256(json.dumps([chunk_size, [p.run_id for p in plans]]).encode()).hexdigest()[:16]
+    chunks = [Chunk(i, f"{job_id}:chunk-{i}", [(0, p.req) for p in plans[start:start + chunk_size]])
+              for i, start in enumerate(range(0, len(plans), chunk_size))]
+    return Job(job_id, chunks, errors), plans
+
+
+def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
+    """Before fan-out: create the store's tables, register the job's models and SAEs (keys reserved,
+    rows committed), and give each run its run_key from the job's reserved range (the same range on
+    every resume: recorded once, with the job's marker)."""
+    store.create_tables(uri)
+    models = {(p.req.model_id, p.card.fingerprint): p for p in plans}
+    job.model_keys = _register(uri, job.job_id, "model", "models", ("model_id", "fingerprint"), {
+        ident: {"model_id": p.req.model_id, "fingerprint": p.card.fingerprint, "family": p.card.family,
+                "n_layers": p.card.n_layers, "d_model": _d_model(p.card)} for ident, p in models.items()})
+    saes = {(s.sae_id, s.layer, s.stream, s.fingerprint): s for p in plans for s in p.saes}
+    job.sae_keys = _register(uri, job.job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"), {
+        ident: {"sae_id": s.sae_id, "layer": s.layer, "stream": s.stream, "hook_name": s.hook_name,
+                "architecture": s.architecture, "d_in": s.d_in, "d_sae": s.d_sae, "fingerprint": s.fingerprint}
+        for ident, s in saes.items()})
+    first = _job_keys(uri, job.job_id, "run", len(plans))
+    n = 0
+    for chunk in job.chunks:
+        chunk.items = [(first + n + i, req) for i, (_, req) in enumerate(chunk.items)]
+        n += len(chunk.items)
+
+
+def _d_model(card: Any) -> int:
+    """The model's width from its config (the driver loads no weights)."""
+    cfg = card.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0) or 0)
+
+
+def _register(uri: str, job_id: str, kind: str, table: str, match: tuple[str, ...], rows: dict[tuple, dict]
+              ) -> dict[tuple, int]:
+    """Keys of these models/SAEs in the store; those not there get reserved keys and their rows."""
+    keys = store.find_keys(uri, table, f"{kind}_key", match, rows)
+    new = [ident for ident in rows if ident not in keys]
+    if new:
+        first = store.reserve_keys(uri, kind, len(new), job_id)
+        keys.update({ident: first + i for i, ident in enumerate(new)})
+        store.append(uri, table, pa.Table.from_pylist(
+            [{**rows[ident], f"{kind}_key": keys[ident], "created_at": datetime.now()} for ident in new]))
+    return keys
+
+
+def _job_keys(uri: str, job_id: str, kind: str, count: int) -> int:
+    """The first key of the job's range of ``kind`` (run, calibration): the one recorded for this job,
+    else a new reservation, recorded (kind ``<kind>-job``, with the job's marker) so that a resumed job
+    writes the same keys."""
+    ranges = store.open_table(uri, store.KEY_RANGES).to_pyarrow_table()
+    mine = ranges.filter(pc.and_(pc.equal(ranges["kind"], f"{kind}-job"), pc.equal(ranges["job"], job_id)))
+    if mine.num_rows:
+        return int(mine["first"][0].as_py())
+    first = store.reserve_keys(uri, kind, count, job_id)
+    record = pa.table({"kind": [f"{kind}-job"], "first": pa.array([first], pa.int64()),
+                       "count": pa.array([count], pa.int64()), "job": [job_id], "token": [job_id]},
+                      schema=store.arrow_schema(store.KEY_RANGES))
+    if not store.append(uri, store.KEY_RANGES, record, marker=f"{job_id}:keys"):  # recorded meanwhile
+        return _job_keys(uri, job_id, kind, count)
+    return first
+
+
+# -- a worker ---------------------------------------------------------------------------------------
+
+_WORKER: dict = {}  # this process's Loaders, kept across chunks (models and SAEs stay loaded)
+
+
+def _loaders(config: WorkerConfig) -> Loaders:
+    key = (config.registry, config.device, config.dtype, config.threads)
+    if _WORKER.get("key") != key:
+        _WORKER.update(key=key, loaders=Loaders(Registry.load(config.registry), config.device, config.dtype,
+                                                threads=config.threads))
+    return _WORKER["loaders"]
+
+
+def ingest_chunk(config: WorkerConfig, chunk: Chunk, model_keys: dict, sae_keys: dict) -> dict:
+    """Compute and commit one chunk (safe to retry: a committed chunk, or table, is skipped by its
+    marker). Returns ``{"chunk", "runs", "skipped"}``."""
+    if store.chunk_done(config.store, chunk.marker):
+        return {"chunk": chunk.index, "runs": 0, "skipped": True}
+    loaders = _loaders(config)
+    plans = [(key, plan_run(loaders, req)) for key, req in chunk.items]
+    stored = set(store.find_keys(config.store, "runs", "run_key", ("run_id",), [(p.run_id,) for _, p in plans]))
+    todo = [(key, p) for key, p in plans if (p.run_id,) not in stored]
+    tables = chunk_tables(loaders, todo, model_keys, sae_keys)
+    store.commit_chunk(config.store, chunk.marker, tables)
+    return {"chunk": chunk.index, "runs": len(todo), "skipped": False}
+
+
+def chunk_tables(loaders: Loaders, todo: list[tuple[int, RunPlan]], model_keys: dict, sae_keys: dict
+                 ) -> dict[str, pa.Table]:
+    """The store rows of these runs, run_key-ordered: runs, run_saes, tokens, activations, tags, batch ids."""
+    groups: dict[tuple, list[tuple[int, RunPlan]]] = {}  # computed together: same model, SAE source and hooks
+    for key, p in todo:
+        groups.setdefault((p.entry.source, str(p.source.root), tuple(p.hooks)), []).append((key, p))
+    made: list[tuple[int, RunPlan, Any]] = []
+    for members in groups.values():
+        first = members[0][1]
+        loaded = loaders.model(first.entry)
+        saes = [first.source.load(layer, stream).to(loaded.device) for layer, stream in first.hooks]
+        outputs = run_many(loaded, saes, [p.spec for _, p in members])
+        made += [(key, p, out) for (key, p), out in zip(members, outputs, strict=True)]
+    made.sort(key=lambda m: m[0])
+    return _rows(made, model_keys, sae_keys)
+
+
+def _rows(made: list[tuple[int, RunPlan, Any]], model_keys: dict, sae_keys: dict) -> dict[str, pa.Table]:
+    if not made:
+        return {}
+    now = datetime.now()
+    runs, run_saes, tokens, acts, key_lists, counts, tags, ids = [], [], [], [], [], [], [], []
+    for key, p, out in made:
+        row = p.run_row(out.n_tokens, out.n_kept, out.timings)
+        for name in ("layers", "streams", "restrict_features", "timings"):
+            row[name] = json.dumps(row[name])
+        runs.append({**row, "run_key": key, "model_key": model_keys[(p.req.model_id, p.card.fingerprint)],
+                     "created_at": now})
+        keys = np.asarray([sae_keys[(s.sae_id, s.layer, s.stream, s.fingerprint)] for s in p.saes], np.int32)
+        run_saes += [{"run_key": key, "sae_key": int(k)} for k in keys]
+        tokens.append(out.tokens.append_column("run_key", pa.array(np.full(out.tokens.num_rows, key, np.int32))))
+        acts.append(out.activations)
+        key_lists.append(keys)
+        counts.append(out.activations.num_rows)
+        tags += [{"run_key": key, "key": k, "value": v} for k, v in (p.req.tags or {}).items()]
+        if p.req.id is not None:
+            ids.append({"run_key": key, "batch_id": p.req.id})
+    stacked = pa.concat_tables(acts, promote_options="default").combine_chunks()
+    run_keys = np.repeat(np.asarray([m[0] for m in made], np.int32), counts)
+    return {"runs": pa.Table.from_pylist(runs), "run_saes": pa.Table.from_pylist(run_saes),
+            "tokens": pa.concat_tables(tokens, promote_options="default"),
+            "activations": with_sae_keys(stacked, key_lists, counts).append_column("run_key", pa.array(run_keys)),
+            "run_tags": pa.Table.from_pylist(tags), "run_batch_ids": pa.Table.from_pylist(ids)}
+
+
+# -- running the chunks -----------------------------------------------------------------------------
+
+def run_job(job: Job, config: WorkerConfig, workers: int = 1, ray_address: str | None = None,
+            use_ray: bool = False, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Every chunk of ``job``, each at most once in the store; ``progress(1)`` per finished chunk."""
+    return run_tasks(ingest_chunk, config, job.chunks, (job.model_keys, job.sae_keys), workers, ray_address, use_ray,
+                     progress)
+
+
+def run_tasks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int = 1,
+              ray_address: str | None = None, use_ray: bool = False, progress: Callable[[int], object] | None = None
+              ) -> list[dict]:
+    """``task(config, chunk, *shared)`` for every chunk, in this process (``workers`` 1), a local process
+    pool, or as Ray tasks (one GPU each where the cluster has GPUs); ``progress(1)`` per finished chunk.
+    Returns the tasks' results in chunk order."""
+    tell = progress or (lambda n: None)
+    results = []
+    runner = _ray_chunks if use_ray else _local_chunks
+    for result in runner(task, config, chunks, shared, workers, ray_address):
+        results.append(result)
+        tell(1)
+    return sorted(results, key=lambda r: r["chunk"])
+
+
+def _local_chunks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int,
+                  _address: str | None) -> Iterator[dict]:
+    if workers <= 1:
+        for chunk in chunks:
+            yield task(config, chunk, *shared)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(task, config, chunk, *shared) for chunk in chunks]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _ray_chunks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int,
+                address: str | None) -> Iterator[dict]:
+    import ray  # optional (the scale extra): only --ray imports it
+
+    if not ray.is_initialized():
+        if address in (None, "local"):
+            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    gpus = 1 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3, retry_exceptions=False)(task)
+    refs = [ray.put(x) for x in shared]
+    pending = [remote.remote(config, chunk, *refs) for chunk in chunks]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def ingest_file(prompts_file: str, uri: str, defaults: dict[str, Any], registry: str | None = None,
+                device: str = "auto", dtype: str = "float32", threads: int | None = None, workers: int = 1,
+                chunk_size: int | None = None, job_id: str | None = None, ray_address: str | None = None) -> dict:
+    """The ``ingest`` command: plan, prepare the store, run every chunk (a bar over chunks on stderr)."""
+    lines = read_lines(prompts_file)
+    registry = str(Path(registry).resolve()) if registry else None  # workers may start elsewhere
+    loaders = Loaders(Registry.load(registry), device, dtype, threads=threads)
+    job, plans = plan_job(loaders, lines, defaults, chunk_size, job_id)
+    prepare(uri, job, plans)
+    config = WorkerConfig(uri, registry, device, dtype, threads)
+    with tqdm(total=len(job.chunks), desc="ingest", unit="chunk", file=sys.stderr) as bar:
+        results = run_job(job, config, workers, ray_address, use_ray=ray_address is not None, progress=bar.update)
+    return {"job": job.job_id, "store": uri, "lines": len(lines), "runs": len(plans), "chunks": len(job.chunks),
+            "computed_runs": sum(r["runs"] for r in results), "skipped_chunks": sum(r["skipped"] for r in results),
+            "failed_lines": len(job.errors), "line_errors": job.errors}
+
+
+# -- calibration into a store -----------------------------------------------------------------------
+
+DEFAULT_CORPUS_CHUNK = 64  # documents per corpus chunk: one commit per calibration table each
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What every corpus chunk of one calibration shares (picklable, as :class:`WorkerConfig`)."""
+
+    model_id: str
+    sae_id: str
+    hooks: tuple[tuple[int, str], ...]
+    calibration_id: int
+    sae_keys: tuple[int, ...]  # the store's key of the SAE at each hook
+
+
+@dataclass
+class CorpusChunk:
+    """Documents ``first``.. of the corpus, committed as one append per table with ``marker``."""
+
+    index: int
+    marker: str
+    first: int
+    docs: list[str]
+
+
+def calibrate_chunk(config: WorkerConfig, chunk: CorpusChunk, spec: CalibrationSpec) -> dict:
+    """The codes of one corpus chunk (:func:`ingest.run.calibration_batches`, as a local calibration
+    computes them), committed with the calibration's id; safe to retry (skipped by its marker)."""
+    if store.chunk_done(config.store, chunk.marker, store.CORPUS_CHUNK_ORDER[-1]):
+        return {"chunk": chunk.index, "docs": 0, "skipped": True}
+    loaders = _loaders(config)
+    loaded = loaders.model(loaders.entry(spec.model_id))
+    source = loaders.source(spec.sae_id)
+    saes = [source.load(layer, stream).to(loaded.device) for layer, stream in spec.hooks]
+    tokens, acts = calibration_batches(loaded, saes, list(spec.hooks), chunk.docs)
+    cal = spec.calibration_id
+    tokens = _in_corpus(tokens, chunk.first, cal)
+    acts = _in_corpus(with_sae_keys(acts, [np.asarray(spec.sae_keys, np.int32)], [acts.num_rows]), chunk.first, cal)
+    store.commit_chunk(config.store, chunk.marker, {"calibration_tokens": tokens, "calibration_activations": acts},
+                       store.CORPUS_CHUNK_ORDER)
+    return {"chunk": chunk.index, "docs": len(chunk.docs), "skipped": False}
+
+
+def _in_corpus(rows: pa.Table, first: int, calibration_id: int) -> pa.Table:
+    """A chunk's rows with their document numbered in the whole corpus, and the calibration's id."""
+    rows = rows.set_column(rows.column_names.index("doc"), "doc", pc.add(rows["doc"], pa.scalar(first, pa.int32())))
+    return rows.append_column("calibration_id", pa.array(np.full(rows.num_rows, calibration_id, np.int32)))
+
+
+def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corpus: str, hooks: list[tuple[int, str]],
+                    registry: str | None = None, lite_labels: bool = True, workers: int = 1,
+                    ray_address: str | None = None, chunk_docs: int | None = None, progress: bool = True
+                    ) -> dict:
+    """``calibrate --store``: the corpus cut into chunks whose codes workers compute and commit (this
+    process, ``workers`` processes, or Ray tasks), then the statistics in SQL over the store
+    (:func:`catalog.store.calibration_statistics`) and the lite labels (decoder tokens computed here),
+    committed with the ``calibrations`` row last. The job id is a hash of the model, SAEs, corpus and
+    chunk size, so the same command resumes a killed job (committed chunks are skipped). Returns what
+    a local calibration returns."""
+    chunk_docs = chunk_docs or DEFAULT_CORPUS_CHUNK
+    entry, source = loaders.entry(model_id), loaders.source(sae_id)
+    card = loaders.card(entry)
+    check_hooks(model_id, card.n_layers, hooks)
+    docs, infos = read_corpus(corpus), sae_infos(source, hooks)
+    corpus_hash = file_fingerprint(Path(corpus))
+    job_id = "calibration-" + hashlib.sha256(json.dumps(
+        [model_id, card.fingerprint, [i.fingerprint for i in infos], hooks, corpus_hash, chunk_docs]).encode()).hexdigest()[:16]
+    store.create_tables(uri)
+    model_keys = _register(uri, job_id, "model", "models", ("model_id", "fingerprint"), {
+        (model_id, card.fingerprint): {"model_id": model_id, "fingerprint": card.fingerprint, "family": card.family,
+                                       "n_layers": card.n_layers, "d_model": _d_model(card)}})
+    sae_keys = _register(uri, job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"),
+                         {(i.sae_id, i.layer, i.stream, i.fingerprint): asdict(i) for i in infos})
+    keys = tuple(sae_keys[(i.sae_id, i.layer, i.stream, i.fingerprint)] for i in infos)
+    spec = CalibrationSpec(model_id, sae_id, tuple(hooks), _job_keys(uri, job_id, "calibration", 1), keys)
+    chunks = [CorpusChunk(i, f"{job_id}:chunk-{i}", start, docs[start:start + chunk_docs])
+              for i, start in enumerate(range(0, len(docs), chunk_docs))]
+    config = WorkerConfig(uri, registry, loaders.device, loaders.dtype, loaders.threads)
+    with tqdm(total=len(chunks), desc="calibrate", unit="chunk", file=sys.stderr, disable=not progress) as bar:
+        run_tasks(calibrate_chunk, config, chunks, (spec,), workers, ray_address, ray_address is not None, bar.update)
+    cal = spec.calibration_id
+    n_tokens, feature_stats, fires = store.calibration_statistics(uri, cal, zip(keys, (i.d_sae for i in infos), strict=True))
+    labels = _lite_labels(uri, loaders, entry, source, hooks, keys, fires) if lite_labels else None
+    store.commit_calibration(uri, f"{job_id}:statistics", {
+        "calibration_saes": pa.table({"calibration_id": pa.array([cal] * len(keys), pa.int32()),
+                                      "sae_key": pa.array(keys, pa.int32())}),
+        "feature_stats": feature_stats, **({"labels": labels} if labels is not None else {}),
+        "calibrations": pa.Table.from_pylist([{
+            "calibration_id": cal, "model_key": model_keys[(model_id, card.fingerprint)], "corpus": str(corpus),
+            "corpus_hash": corpus_hash, "n_docs": len(docs), "n_tokens": n_tokens, "created_at": datetime.now()}])})
+    snapshot = store.StoreCatalog(uri)
+    try:
+        warnings = stability_warnings(stats.thin_features(snapshot, cal), n_tokens)
+    finally:
+        snapshot.close()
+    return {"calibration_id": cal, "n_docs": len(docs), "n_tokens": n_tokens, "hooks": [list(h) for h in hooks],
+            "warnings": warnings, "job": job_id, "chunks": len(chunks)}
+
+
+def _lite_labels(uri: str, loaders: Loaders, entry: Any, source: Any, hooks: list[tuple[int, str]],
+                 keys: tuple[int, ...], fires: dict[int, dict[int, list[str]]]) -> pa.Table:
+    """The lite labels of the calibration's SAEs (decoder tokens through this process's model), less
+    those the store already holds for a feature (the store is append-only: the first lite label stays)."""
+    loaded = loaders.model(entry)
+    parts = []
+    for (layer, stream), key in zip(hooks, keys, strict=True):
+        rows = stats.lite_label_rows(fires[key], *decoder_tokens(loaded, source.load(layer, stream).to(loaded.device)))
+        parts.append(rows.append_column("sae_key", pa.array(np.full(rows.num_rows, key, np.int32))))
+    labels = pa.concat_tables(parts)
+    idents = list(zip(*(labels[c].to_pylist() for c in ("sae_key", "feature_id", "source")), strict=True))
+    held = store.find_keys(uri, "labels", "sae_key", ("sae_key", "feature_id", "source"), idents)
+    labels = labels.filter(pa.array([ident not in held for ident in idents]))
+    return labels.append_column("created_at", pa.array([datetime.now()] * labels.num_rows, pa.timestamp("us")))
