@@ -65,6 +65,7 @@ def test_toy_build_produces_loadable_artifacts(toy_demo):
     assert archs[(1, "mlp_out")] == "topk" and archs[(0, "resid_pre")] == "standard"
     cfg = json.loads((toy_demo / "saes" / "blocks.1.hook_mlp_out" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_mlp_out"  # SAELens v6 layout
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")  # else SAELens 6 reads it as pre-6, dropping metadata
     readme = (toy_demo / "README.md").read_text()
     assert "explained variance" in readme and "blocks.1.hook_mlp_out" in readme
 

@@ -17,6 +17,9 @@ from ingest.saes import layout
 from ingest.saes.base import SAE, SAEConfig, SAEError, numpy_weights
 
 CFG_FILE = "cfg.json"
+# the format version ``save`` writes: SAELens 6 reads a folder without a 6.x version as a pre-6 flat
+# config and drops its metadata (hook name, model kwargs)
+FORMAT_VERSION = "6.0.0"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
@@ -103,7 +106,7 @@ def save(sae: SAE, folder: Path, dtype: torch.dtype = torch.float32, metadata: d
         "metadata": {"model_name": cfg.model_name, "hook_name": cfg.hook_name or hook_name(cfg.layer, cfg.stream),
                      "hook_head_index": None, "prepend_bos": cfg.prepend_bos, "model_class_name": "HookedTransformer",
                      "model_from_pretrained_kwargs": {"center_writing_weights": cfg.center_writing_weights},
-                     **(metadata or {})},
+                     "sae_lens_version": FORMAT_VERSION, **(metadata or {})},
     }
     if cfg.architecture == "topk":
         body["k"] = cfg.k

@@ -118,8 +118,7 @@ def _build_weights(model_dir: Path, sae_dir: Path) -> None:
     sample = loaded.capture(ids, [(LAYER, STREAM)])[0][(LAYER, STREAM)][:, 1:].reshape(-1, 768)  # BOS left out
     sae = relu_sae(768, LAYER, STREAM, sample)  # its bias: an L0 of ~64 on these texts' tokens
     sae.cfg.model_name = "gpt2"
-    # without a 6.x version SAELens reads the folder as a pre-6 flat config and drops the metadata
-    saelens.save(sae, sae_dir, metadata={"context_size": N_CTX, "sae_lens_version": "6.0.0"})
+    saelens.save(sae, sae_dir, metadata={"context_size": N_CTX})
 
 
 # ---- the notebook (run by --notebook-python: TransformerLens + SAELens) ---------------------------------------------
