@@ -185,6 +185,8 @@ def _catalog(ns: argparse.Namespace) -> Catalog:
     return Catalog(ns.db, read_only=True if ns.read_only else None)
 
 
+# the optional dependencies of --store and --ray (pyproject's `scale` extra), imported only by them
+SCALE_MODULES = ("deltalake", "ray")
 STORE_HELP = "read a shared Delta store (path or URI, written by `ingest --store`) instead of --db"
 
 
@@ -617,4 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (*USER_ERRORS, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in SCALE_MODULES:
+            raise
+        field = "ray" if exc.name == "ray" else "store"
+        print(f"error: {field}: needs the optional scale extra (no module {exc.name!r}): "
+              "pip install -c constraints.txt -e '.[scale]'", file=sys.stderr)
         return 2

@@ -7,13 +7,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from catalog.ranking import word_window
 from sae_discover.output import table
 from sae_discover.request import RERANK_FIELDS, RequestError, build_request, options
-from tests.conftest import read_json, run_cli
+from tests.conftest import ROOT, read_json, run_cli
 
 TEXT = "Shares of Hooli fell 9% after the company missed on churn."
 PROMPT = "The quarterly report of Globex says"
@@ -287,3 +290,21 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     (odd / "encoder_latent2.txt").write_text("unknown module")
     with pytest.raises(RequestError, match=r"delphi file names read: layers\.N"):
         toy_discovery.import_labels(odd, "toy")
+
+
+@pytest.mark.parametrize(("blocked", "args", "field"), [
+    ("deltalake", ("runs", "list", "--store", "unused-store"), "store"),
+    ("ray", ("ingest", "--prompts_file", "p.jsonl", "--store", "s", "--ray"), "ray"),
+])
+def test_store_and_ray_without_the_scale_extra_say_how_to_install_it(tmp_path, blocked, args, field):
+    """Without the optional ``scale`` extra, ``--store``/``--ray`` give one line naming the flag and the
+    install command, not a traceback (the module is made unimportable in a real CLI process)."""
+    (tmp_path / "p.jsonl").write_text('{"text": "Shares rose."}\n')
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from sae_discover.cli import main; "
+            f"sys.exit(main({list(args)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {field}: needs the optional scale extra (no module {blocked!r})"), lines
+    assert "'.[scale]'" in lines[-1] and "Traceback" not in proc.stderr
