@@ -7,8 +7,9 @@ is created by the job's driver before any worker starts (two writers creating on
 ``CommitFailedError``).
 
 Commit order, so a run is visible whole or not at all: a chunk of runs is one Delta append per
-table, children first (``run_saes``, ``tokens``, ``activations``, ``run_tags``, ``run_batch_ids``)
-and the ``runs`` rows last — the commit point. Each append carries the chunk's transaction marker
+table, children first (``run_saes``, ``tokens``, ``activations``, ``run_tags``, ``run_batch_ids``,
+committed concurrently: appends to different tables are independent) and, once all of them are
+committed, the ``runs`` rows last — the commit point. Each append carries the chunk's transaction marker
 (``<job>:chunk-<i>``, Delta's ``app_transactions``) in the same atomic commit, so a retried or
 resumed chunk skips each table it already committed, and a chunk is done once its ``runs`` append is.
 Readers bind the child tables through ``runs`` (rows whose run_key has no ``runs`` row are not
@@ -20,15 +21,20 @@ registers its models/SAEs and reserves one run_key per prompt before fan-out, wo
 
 Reading: :class:`StoreCatalog` is a catalog in memory, migrated like a file (so the public views and
 the ranking SQL are the same text), whose base tables are replaced by views over a pinned snapshot of
-each Delta table (``DeltaTable(...).to_pyarrow_dataset()``; DuckDB pushes ``run_key`` filters into
-the scan and Delta's file statistics skip files).
+each Delta table: DuckDB's own ``read_parquet`` over the snapshot's files where the store is on a
+local disk and the table has few files (the store is append-only, so a version is exactly its list of
+files), else ``DeltaTable(...).to_pyarrow_dataset()`` (Delta's file statistics skip files; DuckDB
+pushes ``run_key`` filters into both scans).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -55,6 +61,10 @@ CALIBRATION_CHILDREN = ("calibration_saes", "calibration_tokens", "calibration_a
 CALIBRATION_COMMIT_ORDER = (*CALIBRATION_CHILDREN, "labels", "calibrations")
 MAX_RESERVE_TRIES = 20
 ROW_GROUP_ROWS = 128 * 1024  # compaction: row groups small enough that a per-run read skips most of them
+# a table with at most this many files is read by DuckDB's read_parquet (no Python in the scan, bound
+# once for every cursor); more, and the Arrow dataset's file statistics skip files read_parquet opens
+# (README, Performance: Store)
+PARQUET_MAX_FILES = 32
 
 
 def _arrow_type(column: sa.Column) -> pa.DataType:
@@ -100,6 +110,24 @@ def create_tables(store: str) -> None:
                 raise
 
 
+_LIVE: dict[str, DeltaTable] = {}  # this process's open tables, by URI (a writer's: see live_table)
+_LIVE_LOCK = threading.Lock()
+
+
+def live_table(uri: str) -> DeltaTable:
+    """The table at ``uri`` at its latest version, kept open across calls in this process and brought up
+    to date incrementally (only log entries newer than the last call are read): opening a table replays
+    its log since the last checkpoint, which a writer committing chunk after chunk would pay per append.
+    One thread at a time per table (a chunk commits each table from one thread)."""
+    with _LIVE_LOCK:
+        table = _LIVE.get(uri)
+        if table is None:
+            _LIVE[uri] = table = DeltaTable(uri)
+            return table
+    table.update_incremental()
+    return table
+
+
 def open_table(store: str, table: str, version: int | None = None) -> DeltaTable:
     """One table of the store (at ``version``); :class:`CatalogError` naming ``store`` when it is not there."""
     try:
@@ -116,34 +144,39 @@ def append(store: str, table: str, rows: pa.Table, marker: str | None = None, me
     """Append ``rows`` to ``table`` in one commit, carrying ``marker`` (an idempotent transaction id)
     when given; a marker the table already holds means this append was committed before: skipped
     (returns False)."""
-    uri = table_uri(store, table)
-    if marker is not None and DeltaTable(uri).transaction_version(marker) is not None:
+    delta = live_table(table_uri(store, table))
+    if marker is not None and delta.transaction_version(marker) is not None:
         return False
     props = CommitProperties(app_transactions=[Transaction(marker, 0)] if marker else None,
                              custom_metadata=dict(metadata) if metadata else None)
-    write_deltalake(uri, conform(table, rows) if table != KEY_RANGES else rows, mode="append", commit_properties=props)
+    write_deltalake(delta, conform(table, rows) if table != KEY_RANGES else rows, mode="append",
+                    commit_properties=props)
     return True
 
 
 def chunk_done(store: str, marker: str, point: str = "runs") -> bool:
     """Whether the chunk ``marker`` is committed (its append to ``point``, the commit point, is)."""
-    return DeltaTable(table_uri(store, point)).transaction_version(marker) is not None
+    return live_table(table_uri(store, point)).transaction_version(marker) is not None
 
 
 def commit_chunk(store: str, marker: str, tables: Mapping[str, pa.Table], order: tuple[str, ...] = CHUNK_COMMIT_ORDER
                  ) -> bool:
-    """Commit one chunk: one append per table in ``order`` (the last, ``runs`` for runs, is the commit
-    point), each with ``marker``; tables a killed attempt already committed are skipped. Returns False
-    when the whole chunk was committed before."""
+    """Commit one chunk: one append per table in ``order``, each with ``marker``, the last (``runs`` for
+    runs) only once every other is committed — the commit point. The others are committed concurrently
+    (one thread per table: a commit is mostly waiting on the file system); tables a killed attempt
+    already committed are skipped. Returns False when the whole chunk was committed before."""
     point = order[-1]
     if chunk_done(store, marker, point):
         return False
-    for table in order:
-        if table in tables and tables[table].num_rows:
-            append(store, table, tables[table], marker)
+    children = [t for t in order[:-1] if t in tables and tables[t].num_rows]
+    if children:
+        with ThreadPoolExecutor(len(children)) as pool:  # leaving the block waits for every child commit
+            for _ in pool.map(lambda t: append(store, t, tables[t], marker), children):
+                pass  # an append's error is raised here, before the commit point
     rows = tables.get(point)
     if rows is None or rows.num_rows == 0:  # nothing new (e.g. stored by another job): still mark the chunk done
-        append(store, point, arrow_schema(point).empty_table(), marker)
+        rows = arrow_schema(point).empty_table()
+    append(store, point, rows, marker)
     return True
 
 
@@ -151,23 +184,28 @@ def reserve_keys(store: str, kind: str, count: int, job: str) -> int:
     """Reserve ``count`` consecutive keys of ``kind`` (run, model, sae) for ``job``; returns the first.
 
     The rule: a reservation is an append to ``_key_ranges``; it holds when no range committed at an
-    earlier version overlaps it. After committing, the driver reads the table as it was just before
-    its own commit (found by a unique token in the commit's metadata); on an overlap (another driver
-    reserved the same keys first) it reserves again above everything seen. Appends never conflict in
-    Delta, so reservations are lock-free; keys lost to a retried reservation are simply never used."""
+    earlier version overlaps it. The driver picks keys above every range of the version it read, so
+    only ranges committed between that version and its own commit (found by a unique token in the
+    commit's metadata, among the newest commits only) can overlap: none, the usual case, and nothing
+    more is read; else it reads the table as it was just before its commit, and on an overlap
+    (another driver reserved the same keys first) reserves again above everything seen. Appends never
+    conflict in Delta, so reservations are lock-free; keys lost to a retried reservation are simply
+    never used."""
     if count <= 0:
         return 0
     uri = table_uri(store, KEY_RANGES)
     for _ in range(MAX_RESERVE_TRIES):
-        ranges = DeltaTable(uri).to_pyarrow_table()
+        delta = live_table(uri)
+        seen, ranges = delta.version(), delta.to_pyarrow_table()
         first = _next_free(store, kind, ranges)
         token = uuid.uuid4().hex
         rows = pa.table({"kind": [kind], "first": pa.array([first], pa.int64()), "count": pa.array([count], pa.int64()),
                          "job": [job], "token": [token]}, schema=arrow_schema(KEY_RANGES))
         append(store, KEY_RANGES, rows, metadata={"reservation": token})
-        version = _commit_version(DeltaTable(uri), token)
-        before = DeltaTable(uri, version=version - 1).to_pyarrow_table() if version > 0 else ranges.slice(0, 0)
-        if not _overlaps(before, kind, first, count):
+        version = _commit_version(live_table(uri), token, seen)
+        if version == seen + 1:  # nothing committed between the version read and this reservation
+            return first
+        if not _overlaps(DeltaTable(uri, version=version - 1).to_pyarrow_table(), kind, first, count):
             return first
     raise CatalogError("store", f"could not reserve {kind} keys after {MAX_RESERVE_TRIES} tries (too many drivers at once)")
 
@@ -179,12 +217,25 @@ def _next_free(store: str, kind: str, ranges: pa.Table) -> int:
     if mine.num_rows:
         top = pc.max(pc.add(pc.subtract(mine["first"], 1), mine["count"])).as_py()
     table, column = KEY_KINDS[kind]
-    stored = pc.max(DeltaTable(table_uri(store, table)).to_pyarrow_table(columns=[column])[column]).as_py()
-    return max(top, stored or 0) + 1
+    return max(top, _stored_max(table_uri(store, table), column)) + 1
 
 
-def _commit_version(table: DeltaTable, token: str) -> int:
-    for entry in table.history():
+def _stored_max(uri: str, column: str) -> int:
+    """The largest ``column`` stored in the table at ``uri`` (0 when empty), from the per-file maxima in
+    the Delta log; the column itself is read only when a file has no statistics."""
+    delta = live_table(uri)
+    files = pa.table(delta.get_add_actions(flatten=True))
+    files, stat = files.filter(pc.greater(files["num_records"], 0)), f"max.{column}"
+    if files.num_rows == 0:
+        return 0
+    if stat in files.column_names and files[stat].null_count == 0:
+        return int(pc.max(files[stat]).as_py())
+    return int(pc.max(delta.to_pyarrow_table(columns=[column])[column]).as_py() or 0)
+
+
+def _commit_version(table: DeltaTable, token: str, after: int) -> int:
+    """The version of the reservation commit carrying ``token``: one of the commits after version ``after``."""
+    for entry in table.history(max(table.version() - after, 1)):
         if entry.get("reservation") == token:
             return int(entry["version"])
     raise CatalogError("store", "a key reservation's commit is missing from the table history")
@@ -220,20 +271,38 @@ class StoreCatalog(Catalog):
     ``runs`` is pinned first and the other tables after it, so every child row of a visible run is in
     the snapshot; child tables are read through ``runs``, so rows of chunks still being committed are
     not seen (calibrations likewise). ``versions`` records the pinned version of each table; ``runs_version`` pins ``runs`` at
-    an older version (what a reader that opened then sees)."""
+    an older version (what a reader that opened then sees).
+
+    How a table is bound: on a local store, a table of at most :data:`PARQUET_MAX_FILES` files is a view
+    over ``read_parquet`` of the version's files (the store is append-only and its tables use no
+    deletion vectors or column mapping, :func:`_plain_files`, so those files are exactly the version's
+    rows), defined once in the database: every cursor sees it, nothing is registered per cursor, and the
+    directory is allowed for the sandbox's locked-down connections. Other tables (many small files, or
+    a remote store DuckDB cannot open without extensions) are Arrow datasets registered on each cursor."""
 
     def __init__(self, store: str, runs_version: int | None = None) -> None:
         super().__init__(":memory:")
         self.store = str(store)
         self.versions: dict[str, int] = {}
-        self._datasets: dict[str, object] = {}
+        self._datasets: dict[str, object] = {}  # registered on every cursor (raw)
+        files: dict[str, list[str]] = {}  # bound by read_parquet
         parents = ("runs", "calibrations")  # pinned first: the commit points
         for table in (*parents, *(t for t in STORE_TABLES if t not in parents)):
             delta = open_table(self.store, table, runs_version if table == "runs" else None)
             self.versions[table] = delta.version()
-            self._datasets[f"_store_{table}"] = delta.to_pyarrow_dataset()
+            uris = delta.file_uris()
+            if _on_local_disk(self.store) and len(uris) <= PARQUET_MAX_FILES and _plain_files(delta):
+                files[table] = uris
+            else:
+                self._datasets[f"_store_{table}"] = delta.to_pyarrow_dataset()
         con = self.raw()
         try:
+            if files:  # the store's folder, as given and with links resolved (as the file list may name it)
+                folder = self.store.removeprefix("file://")
+                allowed = {os.path.abspath(folder) + "/", os.path.realpath(folder) + "/"}
+                con.execute(f"SET allowed_directories = [{', '.join(map(_literal, sorted(allowed)))}]")
+            for table, uris in files.items():
+                con.execute(_parquet_relation(table, uris))
             for table in STORE_TABLES:
                 con.execute(f"DROP TABLE {table} CASCADE")
                 con.execute(f"CREATE VIEW {table} AS {_bound(table)}")
@@ -250,11 +319,36 @@ class StoreCatalog(Catalog):
                                        "python -m sae_discover ingest --store (or calibrate --store)")
 
     def raw(self) -> duckdb.DuckDBPyConnection:
-        """A new cursor with the snapshot's datasets registered (a registration belongs to one connection)."""
+        """A new cursor with the snapshot's Arrow datasets registered (a registration belongs to one connection)."""
         con = super().raw()
         for name, dataset in self._datasets.items():
             con.register(name, dataset)
         return con
+
+
+def _on_local_disk(store: str) -> bool:
+    """Whether the store is a folder on a local file system (DuckDB reads it without extensions)."""
+    return "://" not in store or store.startswith("file://")
+
+
+def _plain_files(delta: DeltaTable) -> bool:
+    """Whether the table's rows are exactly its files' rows: no reader feature beyond ``timestampNtz``
+    (deletion vectors or column mapping would change what a file means)."""
+    protocol = delta.protocol()
+    return protocol.min_reader_version == 1 or (protocol.min_reader_version == 3
+                                                and set(protocol.reader_features or ()) <= {"timestampNtz"})
+
+
+def _parquet_relation(table: str, files: list[str]) -> str:
+    """``_store_<table>``: a view over the files of a pinned version, or, with no files, an empty table
+    with the catalog's columns."""
+    if not files:
+        return f"CREATE TABLE _store_{table} AS SELECT * FROM {table} LIMIT 0"
+    return f"CREATE VIEW _store_{table} AS SELECT * FROM read_parquet([{', '.join(map(_literal, files))}])"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _bound(table: str) -> str:

@@ -516,11 +516,13 @@ def cmd_serve(argv: list[str]) -> int:
 def _scale_flags(parser: argparse.ArgumentParser, unit: str) -> None:
     """--ray, --workers, --chunk_size: how a store's job is cut and run (ingest, calibrate --store)."""
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                        help="run chunks as Ray tasks: on a cluster at ADDRESS, or a local Ray with the flag alone"
+                        help="run chunks on Ray workers (actors that keep the model loaded): on a cluster at ADDRESS, "
+                             "or a local Ray with the flag alone"
                              + ("" if unit == "runs" else " (with --store)"))
     parser.add_argument("--workers", type=int, default=1, help="CPU tasks at once (Ray or local processes; default: 1)")
+    default = "the runs over 2 chunks per worker, at most 64" if unit == "runs" else "64"
     parser.add_argument("--chunk_size", type=int, help=f"{unit} per chunk, one commit per table each (default: "
-                                                       f"{'16' if unit == 'runs' else '64'}, sae_discover.distributed)")
+                                                       f"{default}; sae_discover.distributed)")
 
 
 def _check_scale(ns: argparse.Namespace) -> None:

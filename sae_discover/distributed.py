@@ -1,15 +1,24 @@
 """Distributed ingest: a prompts file into a shared Delta store (:mod:`catalog.store`), in chunks run by
-Ray tasks (``--ray``) or, without Ray, by this process or a local process pool (``--workers``).
+Ray actors (``--ray``) or, without Ray, by this process or a local process pool (``--workers``).
 
+    Workers       started first: Ray actors or pool processes that load the model
+                  while the driver plans, and keep it for every chunk they take
     plan_job      lines → requests → run ids (no weights), the job id, its chunks     (this process, the driver)
-    prepare       tables created, models/SAEs registered, run keys reserved           (before fan-out)
+    prepare       tables created, models/SAEs registered, run keys reserved, runs
+                  already stored left out (one scan of the store per job)             (before fan-out)
     ingest_chunk  model + SAEs over a chunk's prompts (ingest.run.run_many), one
                   Delta append per table with the chunk's marker, ``runs`` last       (a worker; retried safely)
 
 The job id is a hash of the job's run ids and chunk size, so rerunning the same command resumes the
 job: committed chunks are skipped by their marker (``<job>:chunk-<i>``), the others computed. Run ids
 are those of local batch mode (:func:`sae_discover.plan.plan_run`). A run already in the store (from
-another job) is not computed again.
+another job, found when the job starts) is not computed again.
+
+Chunk size (:func:`chunk_runs`): a chunk costs two commit latencies whatever its size (its child
+tables concurrently, then ``runs``), so chunks should be large; but each worker should get at least
+:data:`CHUNKS_PER_WORKER` of them, so none idles while another finishes the last one. The default
+is the runs spread over that many chunks per worker, capped at :data:`DEFAULT_CHUNK` runs (README,
+Beyond one machine, for the measured costs behind both numbers).
 
 ``calibrate --store`` runs the same way: corpus chunks are the tasks (:func:`calibrate_chunk` commits
 their codes), then the driver computes the statistics in SQL over the store and commits them, the
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,7 +58,8 @@ from sae_discover.plan import RunPlan, plan_run, sae_infos
 from sae_discover.registry import Registry
 from sae_discover.request import DiscoverRequest
 
-DEFAULT_CHUNK = 16  # runs per chunk: one Delta commit per table each (README, Beyond one machine)
+DEFAULT_CHUNK = 64  # most runs per chunk by default: one Delta commit per table each (README, Beyond one machine)
+CHUNKS_PER_WORKER = 2  # the default chunk size leaves each worker at least this many chunks
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Job:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a worker needs besides its chunk (picklable: it travels to Ray tasks and pool processes)."""
+    """What a worker needs besides its chunk (picklable: it travels to Ray actors and pool processes)."""
 
     store: str
     registry: str | None
@@ -84,11 +95,16 @@ class WorkerConfig:
 
 # -- the driver -------------------------------------------------------------------------------------
 
+def chunk_runs(runs: int, workers: int) -> int:
+    """The default chunk size: ``runs`` over :data:`CHUNKS_PER_WORKER` chunks per worker, at most
+    :data:`DEFAULT_CHUNK` runs (a larger job makes more chunks of that size, not larger ones)."""
+    return max(1, min(DEFAULT_CHUNK, math.ceil(runs / (CHUNKS_PER_WORKER * max(workers, 1)))))
+
+
 def plan_job(loaders: Loaders, lines: list[tuple[int, dict | str]], defaults: dict[str, Any],
-             chunk_size: int | None = None, job_id: str | None = None) -> tuple[Job, list[RunPlan]]:
+             chunk_size: int | None = None, job_id: str | None = None, workers: int = 1) -> tuple[Job, list[RunPlan]]:
     """Validate and plan every line (no weights loaded); distinct runs in input order, cut into chunks
-    of ``chunk_size`` runs (default :data:`DEFAULT_CHUNK`)."""
-    chunk_size = chunk_size or DEFAULT_CHUNK
+    of ``chunk_size`` runs (default :func:`chunk_runs` for ``workers``)."""
     base = {k: v for k, v in defaults.items() if k not in ("prompt", "text")}
     plans: list[RunPlan] = []
     errors: dict[int, str] = {}
@@ -106,6 +122,7 @@ def plan_job(loaders: Loaders, lines: list[tuple[int, dict | str]], defaults: di
             continue
         seen[plan.run_id] = plan
         plans.append(plan)
+    chunk_size = chunk_size or chunk_runs(len(plans), workers)
     job_id = job_id or hashlib.sha256(json.dumps([chunk_size, [p.run_id for p in plans]]).encode()).hexdigest()[:16]
     chunks = [Chunk(i, f"{job_id}:chunk-{i}", [(0, p.req) for p in plans[start:start + chunk_size]])
               for i, start in enumerate(range(0, len(plans), chunk_size))]
@@ -115,7 +132,8 @@ def plan_job(loaders: Loaders, lines: list[tuple[int, dict | str]], defaults: di
 def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
     """Before fan-out: create the store's tables, register the job's models and SAEs (keys reserved,
     rows committed), and give each run its run_key from the job's reserved range (the same range on
-    every resume: recorded once, with the job's marker)."""
+    every resume: recorded once, with the job's marker). Runs the store already holds (from another
+    job, or this job's committed chunks) leave their chunk: one scan of ``runs`` here, none per chunk."""
     store.create_tables(uri)
     models = {(p.req.model_id, p.card.fingerprint): p for p in plans}
     job.model_keys = _register(uri, job.job_id, "model", "models", ("model_id", "fingerprint"), {
@@ -127,10 +145,13 @@ def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
                 "architecture": s.architecture, "d_in": s.d_in, "d_sae": s.d_sae, "fingerprint": s.fingerprint}
         for ident, s in saes.items()})
     first = _job_keys(uri, job.job_id, "run", len(plans))
+    stored = set(store.find_keys(uri, "runs", "run_key", ("run_id",), [(p.run_id,) for p in plans]))
+    ids = {id(p.req): p.run_id for p in plans}
     n = 0
     for chunk in job.chunks:
-        chunk.items = [(first + n + i, req) for i, (_, req) in enumerate(chunk.items)]
-        n += len(chunk.items)
+        keyed = [(first + n + i, req) for i, (_, req) in enumerate(chunk.items)]
+        chunk.items = [(key, req) for key, req in keyed if (ids[id(req)],) not in stored]
+        n += len(keyed)
 
 
 def _d_model(card: Any) -> int:
@@ -183,15 +204,25 @@ def _loaders(config: WorkerConfig) -> Loaders:
     return _WORKER["loaders"]
 
 
+def warm(config: WorkerConfig, model_ids: tuple[str, ...] = ()) -> None:
+    """Start a worker: its Loaders, and these models loaded (torch and the model's code imported), so
+    that its first chunk finds them; a model id the registry does not know is left to that chunk."""
+    loaders = _loaders(config)
+    for model_id in model_ids:
+        try:
+            loaders.model(loaders.entry(model_id))
+        except USER_ERRORS:  # its chunk's planning reports it, naming the field
+            continue
+
+
 def ingest_chunk(config: WorkerConfig, chunk: Chunk, model_keys: dict, sae_keys: dict) -> dict:
     """Compute and commit one chunk (safe to retry: a committed chunk, or table, is skipped by its
-    marker). Returns ``{"chunk", "runs", "skipped"}``."""
+    marker). Returns ``{"chunk", "runs", "skipped"}``. Plans again only to get each run's loaded
+    objects (cached per worker); which runs to compute was settled by :func:`prepare`."""
     if store.chunk_done(config.store, chunk.marker):
         return {"chunk": chunk.index, "runs": 0, "skipped": True}
     loaders = _loaders(config)
-    plans = [(key, plan_run(loaders, req)) for key, req in chunk.items]
-    stored = set(store.find_keys(config.store, "runs", "run_key", ("run_id",), [(p.run_id,) for _, p in plans]))
-    todo = [(key, p) for key, p in plans if (p.run_id,) not in stored]
+    todo = [(key, plan_run(loaders, req)) for key, req in chunk.items]
     tables = chunk_tables(loaders, todo, model_keys, sae_keys)
     store.commit_chunk(config.store, chunk.marker, tables)
     return {"chunk": chunk.index, "runs": len(todo), "skipped": False}
@@ -254,60 +285,138 @@ def run_job(job: Job, config: WorkerConfig, workers: int = 1, ray_address: str |
 def run_tasks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int = 1,
               ray_address: str | None = None, use_ray: bool = False, progress: Callable[[int], object] | None = None
               ) -> list[dict]:
-    """``task(config, chunk, *shared)`` for every chunk, in this process (``workers`` 1), a local process
-    pool, or as Ray tasks (one GPU each where the cluster has GPUs); ``progress(1)`` per finished chunk.
-    Returns the tasks' results in chunk order."""
-    tell = progress or (lambda n: None)
-    results = []
-    runner = _ray_chunks if use_ray else _local_chunks
-    for result in runner(task, config, chunks, shared, workers, ray_address):
-        results.append(result)
-        tell(1)
-    return sorted(results, key=lambda r: r["chunk"])
+    """``task(config, chunk, *shared)`` for every chunk, on :class:`Workers` started for them;
+    ``progress(1)`` per finished chunk. Returns the tasks' results in chunk order."""
+    with Workers(config, workers, ray_address, use_ray) as pool:
+        return _collect(pool.map(task, chunks, shared), progress)
 
 
-def _local_chunks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int,
-                  _address: str | None) -> Iterator[dict]:
-    if workers <= 1:
-        for chunk in chunks:
-            yield task(config, chunk, *shared)
-        return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(task, config, chunk, *shared) for chunk in chunks]
-        for future in as_completed(futures):
-            yield future.result()
+def _collect(results: Iterator[dict], progress: Callable[[int], object] | None) -> list[dict]:
+    done = []
+    for result in results:
+        done.append(result)
+        if progress:
+            progress(1)
+    return sorted(done, key=lambda r: r["chunk"])
 
 
-def _ray_chunks(task: Callable[..., dict], config: WorkerConfig, chunks: list, shared: tuple, workers: int,
-                address: str | None) -> Iterator[dict]:
-    import ray  # optional (the scale extra): only --ray imports it
+def _ready() -> None:
+    """A no-op task: submitting one per pool process starts them all at once (each runs its initializer)."""
 
-    if not ray.is_initialized():
-        if address in (None, "local"):
-            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+
+class ChunkWorker:
+    """One Ray actor: a worker process that loads its models once and runs every chunk it is given."""
+
+    def __init__(self, config: WorkerConfig, models: tuple[str, ...]) -> None:
+        warm(config, models)
+
+    def run(self, task: Callable[..., dict], config: WorkerConfig, chunk: Any, *shared: Any) -> dict:
+        return task(config, chunk, *shared)
+
+
+class Workers:
+    """Where a job's chunks run, started once and kept for all of them: this process (``workers`` 1),
+    ``workers`` local processes, or Ray actors (``use_ray``: one per GPU where the cluster has GPUs,
+    else ``workers`` of one CPU each). Each worker loads the models named in ``models`` as it starts —
+    while the driver plans — and keeps its Loaders (model, SAEs) and open Delta tables for every chunk
+    it takes. Actors rather than Ray tasks: a task that asks for a GPU gets a fresh process each time
+    (Ray's default for GPU tasks), which would load the model per chunk. A dead actor is restarted and
+    its chunk retried (``max_restarts``, ``max_task_retries``); the chunk's marker makes that safe. A
+    local Ray started here is shut down on close."""
+
+    def __init__(self, config: WorkerConfig, workers: int = 1, ray_address: str | None = None, use_ray: bool = False,
+                 models: tuple[str, ...] = ()) -> None:
+        self.config, self.size = config, max(workers, 1)
+        self._pool: ProcessPoolExecutor | None = None
+        self._actors: list = []
+        self._own_ray = False
+        if use_ray:
+            self._start_actors(ray_address, models)
+        elif self.size > 1:
+            self._pool = ProcessPoolExecutor(self.size, mp_context=get_context("spawn"), initializer=warm,
+                                             initargs=(config, models))
+            for _ in range(self.size):
+                self._pool.submit(_ready)
+
+    def _start_actors(self, address: str | None, models: tuple[str, ...]) -> None:
+        import ray  # optional (the scale extra): only --ray imports it
+
+        if not ray.is_initialized():
+            if address in (None, "local"):
+                ray.init(num_cpus=self.size, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+            self._own_ray = True
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if self.config.device != "cpu" else 0
+        self.size = gpus or self.size
+        actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=3, max_task_retries=3)(ChunkWorker)
+        self._actors = [actor.remote(self.config, models) for _ in range(self.size)]
+
+    def map(self, task: Callable[..., dict], chunks: list, shared: tuple) -> Iterator[dict]:
+        """``task(config, chunk, *shared)`` for every chunk; results as they finish."""
+        if self._actors:
+            yield from self._actor_map(task, chunks, shared)
+        elif self._pool is not None:
+            futures = [self._pool.submit(task, self.config, chunk, *shared) for chunk in chunks]
+            for future in as_completed(futures):
+                yield future.result()
         else:
-            ray.init(address=address, log_to_driver=False)
-    gpus = 1 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3, retry_exceptions=False)(task)
-    refs = [ray.put(x) for x in shared]
-    pending = [remote.remote(config, chunk, *refs) for chunk in chunks]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+            for chunk in chunks:
+                yield task(self.config, chunk, *shared)
+
+    def _actor_map(self, task: Callable[..., dict], chunks: list, shared: tuple) -> Iterator[dict]:
+        """One chunk at a time per actor; the next goes to whichever actor finishes first."""
+        import ray  # optional (the scale extra): only --ray imports it
+
+        refs = [ray.put(x) for x in shared]
+        todo = iter(chunks)
+        pending: dict = {}
+
+        def give(actor: Any) -> None:
+            chunk = next(todo, None)
+            if chunk is not None:
+                pending[actor.run.remote(task, self.config, chunk, *refs)] = actor
+
+        for actor in self._actors:
+            give(actor)
+        while pending:
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            give(pending.pop(done))
+            yield ray.get(done)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._actors or self._own_ray:
+            import ray  # optional (the scale extra): only --ray imports it
+
+            for actor in self._actors:
+                ray.kill(actor)
+            if self._own_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def ingest_file(prompts_file: str, uri: str, defaults: dict[str, Any], registry: str | None = None,
                 device: str = "auto", dtype: str = "float32", threads: int | None = None, workers: int = 1,
                 chunk_size: int | None = None, job_id: str | None = None, ray_address: str | None = None) -> dict:
-    """The ``ingest`` command: plan, prepare the store, run every chunk (a bar over chunks on stderr)."""
+    """The ``ingest`` command: start the workers (they load the default model meanwhile), plan, prepare
+    the store, run every chunk (a bar over chunks on stderr)."""
     lines = read_lines(prompts_file)
     registry = str(Path(registry).resolve()) if registry else None  # workers may start elsewhere
-    loaders = Loaders(Registry.load(registry), device, dtype, threads=threads)
-    job, plans = plan_job(loaders, lines, defaults, chunk_size, job_id)
-    prepare(uri, job, plans)
     config = WorkerConfig(uri, registry, device, dtype, threads)
-    with tqdm(total=len(job.chunks), desc="ingest", unit="chunk", file=sys.stderr) as bar:
-        results = run_job(job, config, workers, ray_address, use_ray=ray_address is not None, progress=bar.update)
+    models = (defaults["model_id"],) if defaults.get("model_id") else ()
+    with Workers(config, workers, ray_address, ray_address is not None, models) as pool:
+        loaders = Loaders(Registry.load(registry), device, dtype, threads=threads)
+        job, plans = plan_job(loaders, lines, defaults, chunk_size, job_id, pool.size)
+        prepare(uri, job, plans)
+        with tqdm(total=len(job.chunks), desc="ingest", unit="chunk", file=sys.stderr) as bar:
+            results = _collect(pool.map(ingest_chunk, job.chunks, (job.model_keys, job.sae_keys)), bar.update)
     return {"job": job.job_id, "store": uri, "lines": len(lines), "runs": len(plans), "chunks": len(job.chunks),
             "computed_runs": sum(r["runs"] for r in results), "skipped_chunks": sum(r["skipped"] for r in results),
             "failed_lines": len(job.errors), "line_errors": job.errors}
@@ -368,7 +477,7 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
                     ray_address: str | None = None, chunk_docs: int | None = None, progress: bool = True
                     ) -> dict:
     """``calibrate --store``: the corpus cut into chunks whose codes workers compute and commit (this
-    process, ``workers`` processes, or Ray tasks), then the statistics in SQL over the store
+    process, ``workers`` processes, or Ray actors), then the statistics in SQL over the store
     (:func:`catalog.store.calibration_statistics`) and the lite labels (decoder tokens computed here),
     committed with the ``calibrations`` row last. The job id is a hash of the model, SAEs, corpus and
     chunk size, so the same command resumes a killed job (committed chunks are skipped). Returns what

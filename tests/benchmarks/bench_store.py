@@ -1,6 +1,7 @@
 """Store benchmarks (issue 18) — run on demand, never by the test command (pytest ignores tests/benchmarks):
 
     .venv/bin/python tests/benchmarks/bench_store.py [--prompts 16] [--reps 2] [--commits 100] [--queries 15]
+                                                      [--chunk_size N]
 
 (a) Delta commit rate: ``--commits`` small appends with a transaction marker (``catalog.store.append``,
     as a chunk commits each table), one after another from one process: commits per second, and per
@@ -8,8 +9,9 @@
 (b) Ingest of ``--prompts`` demo documents (text mode, the demo's default layer), end to end as a user
     runs it (a fresh process each time: model load, startup and commits included): local batch mode
     into a DuckDB file with one worker and with ``--workers 2`` (today's process pool), and
-    ``ingest --store`` with ``--ray --workers 2`` and with ``--workers 2`` (no Ray). Activation rows
-    per second; ratios paired per repetition (the variants of one repetition run back to back).
+    ``ingest --store`` with ``--ray --workers 2`` and with ``--workers 2`` (no Ray), at the default
+    chunk size unless ``--chunk_size`` is given. Activation rows per second; ratios paired per
+    repetition (the variants of one repetition run back to back).
 (c) Per-run query: ``runs rank``'s ranking SQL (``sae_discover.stored.rerank``) on one run, on the
     local file and on the (compacted) store snapshot, interleaved; median of ``--queries`` calls each.
 
@@ -77,11 +79,12 @@ def prompts_file(folder: Path, n: int) -> Path:
     return path
 
 
-def ingest_once(name: str, prompts: Path, target: Path) -> float:
+def ingest_once(name: str, prompts: Path, target: Path, chunk_size: int | None = None) -> float:
     """One variant end to end in a fresh process; its wall time."""
     args = list(VARIANTS[name])
     if args[0] == "ingest":
-        cmd = [*args, "--prompts_file", str(prompts), "--store", str(target), "--chunk_size", "4"]
+        chunks = ["--chunk_size", str(chunk_size)] if chunk_size else []
+        cmd = [*args, "--prompts_file", str(prompts), "--store", str(target), *chunks]
     else:
         cmd = [*args, "--prompts_file", str(prompts), "--db", str(target), "--out", str(target.with_suffix(".jsonl"))]
     t0 = time.perf_counter()
@@ -101,18 +104,18 @@ def activation_rows(target: Path) -> int:
         catalog.close()
 
 
-def ingest_rates(folder: Path, n: int, reps: int) -> tuple[dict, Path, Path]:
+def ingest_rates(folder: Path, n: int, reps: int, chunk_size: int | None = None) -> tuple[dict, Path, Path]:
     prompts = prompts_file(folder, n)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     rows: dict[str, int] = {}
     for rep in range(reps):
         for name in VARIANTS:
             target = folder / f"{name}-{rep}" if VARIANTS[name][0] == "ingest" else folder / f"{name}-{rep}.duckdb"
-            times[name].append(ingest_once(name, prompts, target))
+            times[name].append(ingest_once(name, prompts, target, chunk_size))
             rows[name] = activation_rows(target)
     assert len(set(rows.values())) == 1, rows  # every variant stores the same activation rows
     n_rows = next(iter(rows.values()))
-    out = {"prompts": n, "activation_rows": n_rows,
+    out = {"prompts": n, "chunk_size": chunk_size or "default", "activation_rows": n_rows,
            "rows_per_s": {k: [round(n_rows / t) for t in v] for k, v in times.items()},
            "wall_s": {k: [round(t, 2) for t in v] for k, v in times.items()}}
     for name in ("store_ray_w2", "store_pool_w2", "batch_w1"):  # rows/s relative to batch --workers 2, per repetition
@@ -149,12 +152,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--commits", type=int, default=100)
     p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--chunk_size", type=int, help="runs per chunk of the store's ingest (default: ingest's default)")
     a = p.parse_args()
     machine = {"python": platform.python_version(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
     folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
     try:
         result = {"commit": commit_rate(folder, a.commits)}
-        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps)
+        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps, a.chunk_size)
         result["query"] = query_ratio(local_db, uri, a.queries)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
