@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("deltalake")  # the scale extra (CI installs it)
+pytest.importorskip("deltalake")  # the scale extra: skipped without it (.ci/run requires it: tests/conftest.py)
 
 from catalog import store
 from catalog.db import Catalog
