@@ -127,6 +127,40 @@ def test_cli_ingest_gives_local_batch_rows_run_ids_and_rankings(plain_registry, 
     assert refused.returncode == 2 and "write statements are refused" in refused.stderr
 
 
+def test_sixty_four_prompts_over_two_workers_give_local_batch_rows_and_rankings(plain_registry, tmp_path):
+    """The issue's size: 64 prompts (texts and seeded prompt+gen lines) ingested by two worker processes
+    with the default chunking give exactly local batch mode's run ids, rows and rankings."""
+    subjects = ["Globex shares", "The striker", "The soup", "The parser", "The storm front", "The patient"]
+    lines = []
+    for i in range(64):
+        subject = subjects[i % len(subjects)]
+        lines.append({"id": f"p{i}", "text": f"{subject} number {i} changed course on day {i % 7}."} if i % 2 else
+                     {"id": f"p{i}", "prompt": f"{subject} on day {i}", "gen_tokens": 4, "seed": i})
+    prompts = tmp_path / "p64.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    db = tmp_path / "local.duckdb"
+    local_run = run_cli("--prompts_file", str(prompts), "--db", str(db), "--registry", str(plain_registry),
+                        *CLI_OPTIONS, "--out", str(tmp_path / "local.jsonl"))
+    assert local_run.returncode == 0, local_run.stderr
+    uri = tmp_path / "store"
+    done = run_cli("ingest", "--prompts_file", str(prompts), "--store", str(uri), "--registry", str(plain_registry),
+                   "--workers", "2", *CLI_OPTIONS)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["runs"], summary["computed_runs"]) == (64, 64) and summary["chunks"] >= 4
+    local, shared = Catalog(db, read_only=True), store.StoreCatalog(str(uri))
+    try:
+        run_ids = [r[0] for r in _rows(local, "SELECT run_id FROM v_runs ORDER BY run_id")]
+        assert len(run_ids) == 64
+        assert [r[0] for r in _rows(shared, "SELECT run_id FROM v_runs ORDER BY run_id")] == run_ids
+        _same_acts(shared, local)
+        for run_id in run_ids[::8]:
+            assert _ranked(shared, run_id) == _ranked(local, run_id)
+    finally:
+        local.close()
+        shared.close()
+
+
 def test_a_killed_chunk_is_never_partial_and_the_resumed_job_completes_it_once(plain_registry, local_batch, tmp_path):
     uri = tmp_path / "store"
     job, config = _job(plain_registry, uri)
