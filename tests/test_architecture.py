@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SCALE_MODULES
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PACKAGES = ("sae_discover", "api", "catalog", "ingest", "migrations")
 
@@ -293,11 +295,16 @@ def test_import_catalog_does_not_load_torch():
     proc = run("import catalog, sys; assert 'torch' not in sys.modules")
     assert proc.returncode == 0, f"`import catalog` loads torch (or fails):\n{proc.stderr[-3000:]}"
     # and so does every catalog submodule (`import catalog` alone only runs catalog/__init__.py)
+    # (a module needing the optional scale extra is checked only where it is installed, as in CI)
     mods = [module_name(p) for p in py_files("catalog")]
     proc = run(
         "import importlib, sys\n"
         f"for m in {mods!r}:\n"
-        "    importlib.import_module(m)\n"
+        "    try:\n"
+        "        importlib.import_module(m)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        f"        if exc.name not in {SCALE_MODULES!r}:\n"
+        "            raise\n"
         "    assert 'torch' not in sys.modules, f'importing {m} loaded torch'\n"
     )
     assert proc.returncode == 0, f"a catalog submodule loads torch (or fails to import):\n{proc.stderr[-3000:]}"

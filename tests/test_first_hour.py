@@ -5,6 +5,7 @@ table and help are readable, delphi names map to the right SAE. CLI runs as subp
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -300,6 +301,8 @@ def test_store_and_ray_without_the_scale_extra_say_how_to_install_it(tmp_path, b
     """Without the optional ``scale`` extra, ``--store``/``--ray`` give one line naming the flag and the
     install command, not a traceback (the module is made unimportable in a real CLI process)."""
     (tmp_path / "p.jsonl").write_text('{"text": "Shares rose."}\n')
+    if importlib.util.find_spec("deltalake") is None:  # no scale extra at all: --store's deltalake is missed first
+        blocked, field = "deltalake", "store"
     code = (f"import sys; sys.modules[{blocked!r}] = None; from sae_discover.cli import main; "
             f"sys.exit(main({list(args)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600,
