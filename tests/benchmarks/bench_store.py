@@ -1,7 +1,7 @@
 """Store benchmarks (issue 18) — run on demand, never by the test command (pytest ignores tests/benchmarks):
 
     .venv/bin/python tests/benchmarks/bench_store.py [--prompts 16] [--reps 2] [--commits 100] [--queries 15]
-                                                      [--chunk_size N]
+                                                      [--chunk_size N] [--variants batch_w2,store_ray_w2]
 
 (a) Delta commit rate: ``--commits`` small appends with a transaction marker (``catalog.store.append``,
     as a chunk commits each table), one after another from one process: commits per second, and per
@@ -10,8 +10,9 @@
     runs it (a fresh process each time: model load, startup and commits included): local batch mode
     into a DuckDB file with one worker and with ``--workers 2`` (today's process pool), and
     ``ingest --store`` with ``--ray --workers 2`` and with ``--workers 2`` (no Ray), at the default
-    chunk size unless ``--chunk_size`` is given. Activation rows per second; ratios paired per
-    repetition (the variants of one repetition run back to back).
+    chunk size unless ``--chunk_size`` is given (``--variants`` runs only some of them, e.g. the Ray
+    pair at larger ``--prompts``). Activation rows per second; ratios paired per repetition (the
+    variants of one repetition run back to back).
 (c) Per-run query: ``runs rank``'s ranking SQL (``sae_discover.stored.rerank``) on one run, on the
     local file and on the (compacted) store snapshot, interleaved; median of ``--queries`` calls each.
 
@@ -72,8 +73,10 @@ def commit_rate(folder: Path, commits: int) -> dict:
 
 
 def prompts_file(folder: Path, n: int) -> Path:
-    """The first ``n`` documents of the demo's calibration corpus as text-mode lines."""
-    docs = [json.loads(line)["text"] for line in (DEMO_DIR / "calibration.jsonl").read_text().splitlines()[:n]]
+    """The first ``n`` documents of the demo's calibration corpus as text-mode lines; past the corpus's
+    600, its documents again with a numbered suffix (distinct texts: repeated lines would be one run)."""
+    corpus = [json.loads(line)["text"] for line in (DEMO_DIR / "calibration.jsonl").read_text().splitlines()]
+    docs = [corpus[i % len(corpus)] + (f" ({i // len(corpus)})" if i >= len(corpus) else "") for i in range(n)]
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(docs)))
     return path
@@ -104,12 +107,13 @@ def activation_rows(target: Path) -> int:
         catalog.close()
 
 
-def ingest_rates(folder: Path, n: int, reps: int, chunk_size: int | None = None) -> tuple[dict, Path, Path]:
+def ingest_rates(folder: Path, n: int, reps: int, chunk_size: int | None = None,
+                 variants: tuple[str, ...] = tuple(VARIANTS)) -> tuple[dict, Path, Path]:
     prompts = prompts_file(folder, n)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     rows: dict[str, int] = {}
     for rep in range(reps):
-        for name in VARIANTS:
+        for name in variants:
             target = folder / f"{name}-{rep}" if VARIANTS[name][0] == "ingest" else folder / f"{name}-{rep}.duckdb"
             times[name].append(ingest_once(name, prompts, target, chunk_size))
             rows[name] = activation_rows(target)
@@ -119,7 +123,8 @@ def ingest_rates(folder: Path, n: int, reps: int, chunk_size: int | None = None)
            "rows_per_s": {k: [round(n_rows / t) for t in v] for k, v in times.items()},
            "wall_s": {k: [round(t, 2) for t in v] for k, v in times.items()}}
     for name in ("store_ray_w2", "store_pool_w2", "batch_w1"):  # rows/s relative to batch --workers 2, per repetition
-        out[f"{name}/batch_w2"] = [round(b / a, 3) for a, b in zip(times[name], times["batch_w2"], strict=True)]
+        if name in times and "batch_w2" in times:
+            out[f"{name}/batch_w2"] = [round(b / a, 3) for a, b in zip(times[name], times["batch_w2"], strict=True)]
     return out, folder / "batch_w2-0.duckdb", folder / "store_ray_w2-0"
 
 
@@ -153,13 +158,20 @@ def main() -> None:
     p.add_argument("--commits", type=int, default=100)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--chunk_size", type=int, help="runs per chunk of the store's ingest (default: ingest's default)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated ingest variants to run, in this order (batch_w2 and store_ray_w2 are needed "
+                        "for the query comparison)")
     a = p.parse_args()
+    variants = tuple(a.variants.split(","))
+    if unknown := set(variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     machine = {"python": platform.python_version(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
     folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
     try:
         result = {"commit": commit_rate(folder, a.commits)}
-        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps, a.chunk_size)
-        result["query"] = query_ratio(local_db, uri, a.queries)
+        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps, a.chunk_size, variants)
+        if a.queries and local_db.exists() and uri.exists():
+            result["query"] = query_ratio(local_db, uri, a.queries)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     machine["load_after"] = os.getloadavg()
