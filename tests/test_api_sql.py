@@ -191,15 +191,19 @@ def test_the_server_keeps_working_after_hostile_queries(served):
     assert srv.client.post(f"/v1/runs/{run_id}/rank", json={"score_mode": "max"}).status_code == 200
 
 
-def test_feature_scores_macro_over_http_when_it_exists(served):
+def test_feature_scores_over_http_equals_the_rank_route(served):
+    """The ranking macro answers over /v1/sql with the scores and order of the server's own ranking."""
     srv = served["server"]
-    known = sql(srv, "SELECT count(*) FROM duckdb_functions() WHERE function_name = 'feature_scores'").json()
-    if known["rows"] == [[0]]:
-        pytest.skip("the catalog has no feature_scores macro yet (issue 16, item 1)")
     run_id = served["runs"][0]["run_id"]
-    r = sql(srv, f"SELECT * FROM feature_scores(['{run_id}'])")
+    r = sql(srv, f"SELECT layer, stream, feature_id, score FROM feature_scores(['{run_id}']) WHERE rank <= 5 "
+                 "ORDER BY rank")
     assert r.status_code == 200, r.text
-    assert r.json()["rows"]
+    ranked = srv.client.post(f"/v1/runs/{run_id}/rank", json={"return_top_x": 5})
+    assert ranked.status_code == 200, ranked.text
+    expected = [[f["layer"], f["stream"], f["feature_id"], f["score"]] for f in ranked.json()["features"]]
+    rows = r.json()["rows"]
+    assert expected and [row[:3] for row in rows] == [e[:3] for e in expected]
+    assert [row[3] for row in rows] == pytest.approx([e[3] for e in expected], rel=1e-6)
 
 
 def test_sql_is_off_unless_the_server_is_started_with_the_flag(toy_registry, tmp_path):
