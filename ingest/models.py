@@ -277,6 +277,7 @@ class ModelCard:
     fingerprint: str
     n_layers: int
     config: object
+    d_model: int  # the residual width, from the config (what the catalog records with the model)
 
 
 def read_card(source: str) -> ModelCard:
@@ -292,10 +293,11 @@ def read_card(source: str) -> ModelCard:
         raise unsupported(family)
     text_cfg = getattr(config, "text_config", config)
     n_layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
+    d_model = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
     local = Path(source) if Path(source).is_dir() else None
     cfg_dict = config.to_dict()
     cfg_dict["_commit_hash"] = getattr(config, "_commit_hash", None)
-    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config)
+    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config, int(d_model))
 
 
 def load_model(model_id: str, path: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
@@ -333,5 +335,5 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     return LoadedModel(
         model=model, tokenizer=tokenizer, model_id=model_id, family=family,
         fingerprint=card.fingerprint, n_layers=len(_resolve(model, FAMILIES[family].blocks)),
-        d_model=int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd), context_length=int(n_ctx),
+        d_model=card.d_model, context_length=int(n_ctx),
     )

@@ -138,7 +138,7 @@ def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
     models = {(p.req.model_id, p.card.fingerprint): p for p in plans}
     job.model_keys = _register(uri, job.job_id, "model", "models", ("model_id", "fingerprint"), {
         ident: {"model_id": p.req.model_id, "fingerprint": p.card.fingerprint, "family": p.card.family,
-                "n_layers": p.card.n_layers, "d_model": _d_model(p.card)} for ident, p in models.items()})
+                "n_layers": p.card.n_layers, "d_model": p.card.d_model} for ident, p in models.items()})
     saes = {(s.sae_id, s.layer, s.stream, s.fingerprint): s for p in plans for s in p.saes}
     job.sae_keys = _register(uri, job.job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"), {
         ident: {"sae_id": s.sae_id, "layer": s.layer, "stream": s.stream, "hook_name": s.hook_name,
@@ -152,13 +152,6 @@ def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
         keyed = [(first + n + i, req) for i, (_, req) in enumerate(chunk.items)]
         chunk.items = [(key, req) for key, req in keyed if (ids[id(req)],) not in stored]
         n += len(keyed)
-
-
-def _d_model(card: Any) -> int:
-    """The model's width from its config (the driver loads no weights)."""
-    cfg = card.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0) or 0)
 
 
 def _register(uri: str, job_id: str, kind: str, table: str, match: tuple[str, ...], rows: dict[tuple, dict]
@@ -493,7 +486,7 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
     store.create_tables(uri)
     model_keys = _register(uri, job_id, "model", "models", ("model_id", "fingerprint"), {
         (model_id, card.fingerprint): {"model_id": model_id, "fingerprint": card.fingerprint, "family": card.family,
-                                       "n_layers": card.n_layers, "d_model": _d_model(card)}})
+                                       "n_layers": card.n_layers, "d_model": card.d_model}})
     sae_keys = _register(uri, job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"),
                          {(i.sae_id, i.layer, i.stream, i.fingerprint): asdict(i) for i in infos})
     keys = tuple(sae_keys[(i.sae_id, i.layer, i.stream, i.fingerprint)] for i in infos)
