@@ -7,8 +7,7 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
   (sum over the group − the run's own sum) / (the group's n − its own n), absent features 0): contrast
   against the rest of a batch, which no calibration corpus matches for prompts far from it
 - lift = (mean + ε) / (background mean + ε), ε = ``LIFT_PRIOR`` × the calibration max: how many times
-  its usual level the feature is active here (a ratio, so it needs no normalization; the score mode
-  that put the most features of the prompt's own domain on top in ``tests/benchmarks/bench_quality.py``)
+  its usual level the feature is active here (a ratio, so it needs no normalization)
 - score = the chosen mode on activations divided by the feature's calibration max
   (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
   or on raw activations when the SAE has no calibration (``normalization: "none"``)
@@ -16,7 +15,15 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
   at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes
   ``attribution`` (what pushed M up) and ``attribution_abs`` (|sum|: what mattered either way) rank by it
   raw (no calibration normalization: it is in units of M)
-- gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates.
+- context = Σ_g lift_g · max(0, φ(f, g)) / Σ_g lift_g over the run's other scored features g of the same
+  SAE (the sum below over all of them), φ the correlation of f's and g's firing over the documents of
+  the calibration (fired or not in each): how much the features this prompt lifts usually fire together
+  with f. A feature of the prompt's topic is backed by the prompt's other features; a generic,
+  positional or stray one (a word used in another sense than the corpus uses it) is not — the mode that
+  put the most features of the prompt's own domain on top in ``tests/benchmarks/bench_quality.py``. Needs
+  a calibration of every SAE; the lift weights use the chosen background
+- gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates (for context,
+  the weighing features too).
 τ_f: a global ``tau``; else the calibration's P95 (or another ``tau_quantile``, computed exactly
 like the P95) on ``tau_basis``: ``active`` (default) over the feature's nonzero activations, its
 firing distribution — ``all`` over every calibration token, zeros included, which is 0 for nearly
@@ -24,7 +31,7 @@ every feature (most fire on a few % of tokens), so the gate would not gate; else
 (``threshold_source: "none"``). A feature that never fired in calibration has τ = 0.
 
 These rules are implemented once, as the DuckDB table macros of :mod:`catalog.scoring` (stored in the
-catalog by migrations 0005 and 0006, public as ``feature_scores``): this module checks the options, calls them,
+catalog by migrations 0005–0007, public as ``feature_scores``): this module checks the options, calls them,
 cuts the top ``return_top_x`` and attaches labels and spans.
 
 :class:`RankOptions` is the one definition of the ranking options: each field's help text and
@@ -41,10 +48,10 @@ import duckdb
 
 from catalog.db import Catalog
 from catalog.errors import CatalogError
-from catalog.scoring import LIFT_PRIOR, NEEDS_BACKGROUND, SCORE_EXPR, macro_call  # noqa: F401 (LIFT_PRIOR: re-exported)
+from catalog.scoring import LIFT_PRIOR, NEEDS_BACKGROUND, NEEDS_CALIBRATION, SCORE_EXPR, macro_call  # noqa: F401 (LIFT_PRIOR: re-exported)
 from catalog.stats import TAU_BASES, TauBasis
 
-ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs"]
+ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs", "context"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 assert tuple(SCORE_EXPR) == SCORE_MODES, "catalog/scoring.py scores exactly the score modes"
 ATTRIBUTION_MODES = ("attribution", "attribution_abs")
@@ -197,6 +204,10 @@ def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[
         cals[row["run_key"]][row["sae_key"]] = row["calibration_id"]
         complete[row["run_key"]] = row["all_calibrated"]
         per_model.setdefault(row["model_key"], set()).add(row["run_key"])
+    if opts.score_mode in NEEDS_CALIBRATION and not all(complete.values()):
+        raise CatalogError("score_mode", f"{opts.score_mode} weighs features by how they fire together in the "
+                                         "calibration documents; calibrate the SAE first (python -m sae_discover "
+                                         "calibrate --sae ...), or pick another score_mode")
     if opts.score_mode in NEEDS_BACKGROUND:
         _require_background(opts, complete, per_model)
     return Scoring(params, cals,

@@ -1,7 +1,7 @@
 """The scoring rules of ``catalog/ranking.py`` as DuckDB table macros: the one implementation of scoring.
 
 Discovery's ranking, ``runs rank``, drift and a user's ``sql`` query all run these macros (stored in
-the catalog by migrations 0005 and 0006, so plain ``duckdb`` sees them too):
+the catalog by migrations 0005–0007, so plain ``duckdb`` sees them too):
 
 - ``scoring_hooks(run_ids, calibration_id, sae_keys, calibration_model)``: one row per (run, SAE) to
   score, with the run's analysed-token count ``n`` (n_kept, at least 1), the calibration that gives τ,
@@ -40,8 +40,10 @@ SCORE_EXPR = {
     "lift": f"(g.mean + {LIFT_PRIOR} * g.divisor) / (g.bg_mean + {LIFT_PRIOR} * g.divisor)",
     "attribution": "g.attribution",
     "attribution_abs": "abs(g.attribution)",
+    "context": "coalesce(cx.support, 0)",
 }
-NEEDS_BACKGROUND = ("selectivity", "lift")
+NEEDS_BACKGROUND = ("selectivity", "lift", "context")
+NEEDS_CALIBRATION = ("context",)  # the calibration's documents give the co-firing of features
 WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" for mode, expr in SCORE_EXPR.items()) \
     + f"                     ELSE error('score_mode: expected one of {', '.join(list(SCORE_EXPR)[:4])}, '\n" \
@@ -87,6 +89,62 @@ QUANTILES_CTES = """
                                           - coalesce(max(q.act) FILTER (WHERE p.n - q.k + q.r = p.lo), 0)) AS q_all
         FROM quantile_ranked q JOIN quantile_pairs p ON p.cal = q.cal AND p.sae_key = q.sae_key
         GROUP BY q.cal, q.sae_key, q.feature_id
+    )"""
+
+# score_mode 'context': the support a feature gets from the other scored features of its run and SAE,
+# Σ_g lift_g · max(0, φ(f, g)) / Σ_g lift_g over the run's scored features g ≠ f (the denominator over
+# all of them, f too), where φ is the correlation (phi coefficient) of the two features' firing — fired
+# or not in each document of the calibration that gives f its τ (N documents, f in n_f, both in n_fg:
+# φ = (N·n_fg − n_f·n_g) / √(n_f(N − n_f)·n_g(N − n_g)), 0 where undefined). A feature the prompt's
+# other lifted features usually fire with ranks high; a generic, positional or stray one (a word used in
+# another sense than the corpus uses it) gets little support. Pairs that never fire together have φ ≤ 0
+# and add nothing, so only co-firing pairs are counted; every CTE is empty in the other modes.
+CONTEXT_CTES = f"""
+    context_features AS (
+        SELECT DISTINCT g.cal, g.sae_key, g.feature_id FROM gated g WHERE score_mode = 'context'
+    ),
+    context_docs AS (  -- the calibration documents each of them fired in
+        SELECT DISTINCT a.calibration_id AS cal, a.sae_key, a.doc, a.feature_id
+        FROM calibration_activations a
+        SEMI JOIN context_features c
+             ON c.cal = a.calibration_id AND c.sae_key = a.sae_key AND c.feature_id = a.feature_id
+    ),
+    context_n AS (
+        SELECT t.calibration_id AS cal, count(DISTINCT t.doc)::DOUBLE AS n
+        FROM calibration_tokens t SEMI JOIN context_features c ON c.cal = t.calibration_id
+        GROUP BY t.calibration_id
+    ),
+    context_counts AS (
+        SELECT d.cal, d.sae_key, d.feature_id, count(*)::DOUBLE AS n_f FROM context_docs d
+        GROUP BY d.cal, d.sae_key, d.feature_id
+    ),
+    context_pairs AS (
+        SELECT p.cal, p.sae_key, p.feature_id AS f, q.feature_id AS g, count(*)::DOUBLE AS n_fg
+        FROM context_docs p JOIN context_docs q
+             ON q.cal = p.cal AND q.sae_key = p.sae_key AND q.doc = p.doc AND q.feature_id <> p.feature_id
+        GROUP BY p.cal, p.sae_key, p.feature_id, q.feature_id
+    ),
+    context_phi AS (
+        SELECT x.cal, x.sae_key, x.f, x.g,
+               greatest(coalesce((n.n * x.n_fg - cf.n_f * cg.n_f)
+                                 / nullif(sqrt(cf.n_f * (n.n - cf.n_f) * cg.n_f * (n.n - cg.n_f)), 0), 0), 0) AS phi
+        FROM context_pairs x JOIN context_n n ON n.cal = x.cal
+        JOIN context_counts cf ON cf.cal = x.cal AND cf.sae_key = x.sae_key AND cf.feature_id = x.f
+        JOIN context_counts cg ON cg.cal = x.cal AND cg.sae_key = x.sae_key AND cg.feature_id = x.g
+    ),
+    context_weights AS (
+        SELECT g.run_key, g.sae_key, g.feature_id, g.cal, {SCORE_EXPR["lift"]} AS lift
+        FROM gated g WHERE score_mode = 'context'
+    ),
+    context AS (
+        SELECT x.run_key, x.sae_key, x.feature_id,
+               sum(y.lift * p.phi) / any_value(t.total) AS support
+        FROM context_weights x
+        JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
+        JOIN context_phi p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
+        JOIN (SELECT w.run_key, w.sae_key, sum(w.lift) AS total FROM context_weights w
+              GROUP BY w.run_key, w.sae_key) t ON t.run_key = x.run_key AND t.sae_key = x.sae_key
+        GROUP BY x.run_key, x.sae_key, x.feature_id
     )"""
 
 SCORING_HOOKS = """
@@ -203,15 +261,19 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                CASE WHEN m.has_bg THEN m.mean - m.bg_mean END AS selectivity
         FROM measured m
         WHERE m.coverage * 100 >= min_coverage_pct::DOUBLE
-    )
+    ),{CONTEXT_CTES}
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
            CASE WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
                 THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
                            || 'background_runs, or pick another score_mode')
+                WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
+                THEN error('score_mode: ' || score_mode || ' weighs features by how they fire together in the '
+                           || 'calibration documents; calibrate the SAE first, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
            CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
-    FROM gated g"""
+    FROM gated g LEFT JOIN context cx
+         ON cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
 
 FEATURE_SCORES = f"""
 CREATE OR REPLACE MACRO feature_scores(run_ids, {SCORING_PARAMS}) AS TABLE

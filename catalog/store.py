@@ -33,7 +33,7 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,12 +159,13 @@ def chunk_done(store: str, marker: str, point: str = "runs") -> bool:
     return live_table(table_uri(store, point)).transaction_version(marker) is not None
 
 
-def commit_chunk(store: str, marker: str, tables: Mapping[str, pa.Table], order: tuple[str, ...] = CHUNK_COMMIT_ORDER
-                 ) -> bool:
+def commit_chunk(store: str, marker: str, tables: Mapping[str, pa.Table], order: tuple[str, ...] = CHUNK_COMMIT_ORDER,
+                 before_point: Callable[[], object] | None = None) -> bool:
     """Commit one chunk: one append per table in ``order``, each with ``marker``, the last (``runs`` for
     runs) only once every other is committed — the commit point. The others are committed concurrently
     (one thread per table: a commit is mostly waiting on the file system); tables a killed attempt
-    already committed are skipped. Returns False when the whole chunk was committed before."""
+    already committed are skipped. ``before_point()`` is called between the two (a test hook: see
+    :func:`sae_discover.distributed.pause_point`). Returns False when the whole chunk was committed before."""
     point = order[-1]
     if chunk_done(store, marker, point):
         return False
@@ -173,6 +174,8 @@ def commit_chunk(store: str, marker: str, tables: Mapping[str, pa.Table], order:
         with ThreadPoolExecutor(len(children)) as pool:  # leaving the block waits for every child commit
             for _ in pool.map(lambda t: append(store, t, tables[t], marker), children):
                 pass  # an append's error is raised here, before the commit point
+    if before_point is not None:
+        before_point()
     rows = tables.get(point)
     if rows is None or rows.num_rows == 0:  # nothing new (e.g. stored by another job): still mark the chunk done
         rows = arrow_schema(point).empty_table()

@@ -22,7 +22,7 @@ from pathlib import Path
 from catalog import runs
 from catalog.db import Catalog
 from catalog.errors import CatalogReadOnly
-from catalog.ranking import ATTRIBUTION_MODES
+from catalog.ranking import ATTRIBUTION_MODES, NEEDS_BACKGROUND, NEEDS_CALIBRATION
 from catalog.writes import RunRows, RunTags, record_calibrations, tag_runs, write_runs
 from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
@@ -79,11 +79,16 @@ class Discovery:
         if req.background_file is not None:  # before any run is made for this request
             self._check_background_file(req.background_file)
         no_background = req.background_text is None and req.background_file is None and req.background != "batch"
-        if req.score_mode in ("selectivity", "lift") and no_background and not plan.entry.calibration_corpus \
+        needs_calibration = req.score_mode in NEEDS_CALIBRATION
+        if (needs_calibration or (req.score_mode in NEEDS_BACKGROUND and no_background)) \
+                and not plan.entry.calibration_corpus \
                 and not all(self.calibrator.has_stats(info, plan.entry) for info in plan.saes):
-            raise RequestError("score_mode", f"{req.score_mode} needs a background; calibrate the SAE first "
-                                             "(python -m sae_discover calibrate), give background_text / "
-                                             "background_file, or pick another score_mode")
+            needs = ("a calibration (how features fire together in its documents)" if needs_calibration
+                     else "a background")
+            advice = "" if needs_calibration else " give background_text / background_file,"
+            raise RequestError("score_mode", f"{req.score_mode} needs {needs}; calibrate the SAE first "
+                                             f"(python -m sae_discover calibrate),{advice} or pick another "
+                                             "score_mode")
         return plan
 
     # -- the whole flow -------------------------------------------------------------------------------

@@ -43,6 +43,16 @@ def sparse(dense_by_hook: list[np.ndarray], positions: np.ndarray, extra: dict |
     return pa.table(table)
 
 
+def calibration_rows(cal: list[np.ndarray]) -> tuple[pa.Table, pa.Table]:
+    """The calibration tokens and activations batch of dense calibration codes (one per hook, rows the
+    tokens): documents of CAL_DOC_LEN consecutive tokens, positions 1, 2, … over the whole corpus."""
+    n = cal[0].shape[0]
+    positions = np.arange(1, n + 1, dtype=np.int32)
+    tokens = pa.table({"doc": pa.array((positions - 1) // CAL_DOC_LEN), "position": pa.array(positions),
+                       "token_id": pa.array(np.zeros(n, np.int32)), "token": ["x"] * n})
+    return tokens, sparse(cal, positions, {"doc": lambda t: ((t["position"] - 1) // CAL_DOC_LEN).astype(np.int32)})
+
+
 def random_dense(rng, n, d, density):
     return np.where(rng.random((n, d)) < density, rng.random((n, d)) * 3, 0).astype(np.float32)
 
@@ -53,6 +63,24 @@ def calibrated_tau(c: np.ndarray, q: float, basis: str) -> np.ndarray:
     if basis == "all":
         return np.percentile(c, 100 * q, axis=0)
     return np.array([np.percentile(col[col > 0], 100 * q) if (col > 0).any() else 0.0 for col in c.T])
+
+
+CAL_TOKENS, CAL_DOC_LEN = 25, 5  # the calibration of these tests: 5 documents of 5 tokens
+
+
+def context_support(c: np.ndarray, lift: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Score mode ``context`` on dense matrices: each scored feature's Σ_g lift_g·max(0, φ_fg) over the
+    other scored features g, ÷ Σ lift over all scored ones, φ the correlation of two features' fired-or-not
+    over the calibration documents (rows of ``c`` in consecutive blocks of CAL_DOC_LEN; 0 where undefined)."""
+    fired = c.reshape(-1, CAL_DOC_LEN, c.shape[1]).max(axis=1) > 0  # [document, feature]
+    n = fired.shape[0]
+    n_f = fired.sum(0).astype(np.float64)
+    n_fg = fired.T.astype(np.float64) @ fired.astype(np.float64)
+    denom = np.sqrt(np.outer(n_f * (n - n_f), n_f * (n - n_f)))
+    phi = np.divide(n * n_fg - np.outer(n_f, n_f), denom, out=np.zeros_like(denom), where=denom > 0)
+    np.fill_diagonal(phi, 0.0)
+    w = np.where(scored, lift, 0.0)
+    return np.where(scored, np.maximum(phi, 0.0) @ w / w.sum() if w.sum() > 0 else 0.0, 0.0)
 
 
 def oracle(run, cal, opts: ranking.RankOptions, attr=None):
@@ -75,9 +103,14 @@ def oracle(run, cal, opts: ranking.RankOptions, attr=None):
         bg = c.mean(0) if calibrated else np.full(d, np.nan)
         mean, mx, cov = a.sum(0) / n, a.max(0), (a > tau).sum(0) / n
         used = attr[h].astype(np.float32).astype(np.float64).sum(0) if attr is not None else np.full(d, np.nan)
+        lift = (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)
+        scored = (mx > 0) & (cov * 100 >= opts.min_coverage_pct)
+        if opts.restrict_features:
+            scored &= np.isin(np.arange(d), opts.restrict_features)
         score = {"mean": mean / div, "max": mx / div, "mean×coverage": mean / div * cov,
                  "selectivity": (mean - bg) / div, "attribution": used, "attribution_abs": np.abs(used),
-                 "lift": (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)}[opts.score_mode]
+                 "lift": lift, "context": context_support(c, lift, scored) if opts.score_mode == "context" else None,
+                 }[opts.score_mode]
         for f in range(d):
             if mx[f] <= 0 or (opts.restrict_features and f not in opts.restrict_features):
                 continue
@@ -131,13 +164,13 @@ def assert_macro_equals_oracle(rows: list[dict], expected: list[tuple]) -> None:
        restrict=st.booleans(), basis=st.sampled_from(["active", "all"]), attributed=st.booleans())
 def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, calibrated, mode, min_cov, top,
                                          merge, tau_kind, restrict, basis, attributed):
-    if mode in ("selectivity", "lift") and not calibrated:
+    if mode in ranking.NEEDS_BACKGROUND and not calibrated:
         return  # refused with a message; tested below
     attributed = attributed or mode in ranking.ATTRIBUTION_MODES  # else refused; tested in test_attribution.py
     rng = np.random.default_rng(seed)
     run = [random_dense(rng, n, d, density) for _ in HOOKS]
     attr = [np.where(r > 0, rng.normal(size=r.shape), 0.0) for r in run] if attributed else None
-    cal = [random_dense(rng, 25, d, density) for _ in HOOKS] if calibrated else None
+    cal = [random_dense(rng, CAL_TOKENS, d, density) for _ in HOOKS] if calibrated else None
     opts = ranking.RankOptions(score_mode=mode, min_coverage_pct=min_cov, return_top_x=top, merge_across_layers=merge,
                                restrict_features=sorted(rng.choice(d, size=max(1, d // 2), replace=False).tolist())
                                if restrict else [],
@@ -156,11 +189,8 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
                     "n_tokens": n + 1, "n_kept": n}
         run_key, _ = writes.write_run(cat, run_meta, MODEL, infos(d), tokens, sparse(run, positions, attr_by_hook=attr))
         if calibrated:
-            cal_tokens = pa.table({"doc": pa.array(np.zeros(25, np.int32)),
-                                   "position": pa.array(np.arange(1, 26, dtype=np.int32)),
-                                   "token_id": pa.array(np.zeros(25, np.int32)), "token": ["x"] * 25})
-            acts = sparse(cal, np.arange(1, 26, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)})
-            stats.write_calibration(cat, MODEL, infos(d), "corpus", "h", 1, cal_tokens, acts)
+            cal_tokens, acts = calibration_rows(cal)
+            stats.write_calibration(cat, MODEL, infos(d), "corpus", "h", CAL_TOKENS // CAL_DOC_LEN, cal_tokens, acts)
         con = cat.raw()
         keys = writes.sae_keys(con, infos(d))
         got = ranking.rank_run(cat, run_key, keys, opts)
@@ -263,10 +293,8 @@ def test_a_batch_background_is_the_other_runs_mean_leave_one_out(catalog):
     rng = np.random.default_rng(11)
     d, sizes, runs, dense_runs = 5, [3, 5, 4], [], []
     cal = [random_dense(rng, 20, d, 0.5) for _ in HOOKS]
-    cal_tokens = pa.table({"doc": pa.array(np.zeros(20, np.int32)), "position": pa.array(np.arange(1, 21, dtype=np.int32)),
-                           "token_id": pa.array(np.zeros(20, np.int32)), "token": ["x"] * 20})
-    stats.write_calibration(catalog, MODEL, infos(d), "corpus", "h", 1, cal_tokens, sparse(
-        cal, np.arange(1, 21, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)}))
+    cal_tokens, acts = calibration_rows(cal)
+    stats.write_calibration(catalog, MODEL, infos(d), "corpus", "h", 20 // CAL_DOC_LEN, cal_tokens, acts)
     for r, n in enumerate(sizes):
         dense = [random_dense(rng, n, d, 0.4) for _ in HOOKS]
         key = _stored_run(catalog, f"b{r}", MODEL, dense, d)
@@ -301,10 +329,8 @@ def test_a_batch_background_is_the_other_runs_mean_leave_one_out(catalog):
 
 def _calibrate(catalog, model: writes.ModelInfo, rng, d: int) -> int:
     cal = [random_dense(rng, 30, d, 0.4) for _ in HOOKS]
-    cal_tokens = pa.table({"doc": pa.array(np.zeros(30, np.int32)), "position": pa.array(np.arange(1, 31, dtype=np.int32)),
-                           "token_id": pa.array(np.zeros(30, np.int32)), "token": ["x"] * 30})
-    return stats.write_calibration(catalog, model, infos(d), "corpus", "h", 1, cal_tokens, sparse(
-        cal, np.arange(1, 31, dtype=np.int32), {"doc": lambda t: np.zeros(len(t["act"]), np.int32)}))
+    cal_tokens, acts = calibration_rows(cal)
+    return stats.write_calibration(catalog, model, infos(d), "corpus", "h", 30 // CAL_DOC_LEN, cal_tokens, acts)
 
 
 def test_the_macro_equals_the_service_ranking_for_every_option_set(catalog):
@@ -329,7 +355,8 @@ def test_the_macro_equals_the_service_ranking_for_every_option_set(catalog):
         dict(tau=0.7), dict(tau_quantile=0.8), dict(tau_quantile=0.8, tau_basis="all"), dict(tau_basis="all"),
         dict(restrict_features=[1, 4, 7]), dict(merge_across_layers=False, return_top_x=3),
         dict(min_coverage_pct=10, return_top_x=5), dict(calibration_id=first_cal, score_mode="selectivity"),
-        dict(background="batch", score_mode="lift"), dict(background="batch", score_mode="selectivity")]
+        dict(background="batch", score_mode="lift"), dict(background="batch", score_mode="selectivity"),
+        dict(background="batch", score_mode="context"), dict(score_mode="context", min_coverage_pct=10)]
     checked = 0
     for extra in option_sets:
         opts = ranking.RankOptions(**{"min_coverage_pct": 0, "return_top_x": 1000, "attach_examples": False,
@@ -338,11 +365,13 @@ def test_the_macro_equals_the_service_ranking_for_every_option_set(catalog):
         with_bg = [replace(opts, background_runs=[background])] \
             if opts.score_mode == "selectivity" and opts.background == "calibration" else []
         for o in [opts, *with_bg]:
-            needs = o.score_mode in ("selectivity", "lift") and not o.background_runs and o.background == "calibration"
+            needs = o.score_mode in ranking.NEEDS_CALIBRATION or (
+                o.score_mode in ranking.NEEDS_BACKGROUND and not o.background_runs and o.background == "calibration")
             if needs and any(name >= "r3" for name in members):  # the uncalibrated model: refused by both
-                with pytest.raises(CatalogError, match="needs a background"):
+                refusal = "needs a background|fire together in the calibration documents"
+                with pytest.raises(CatalogError, match=refusal):
                     ranking.rank_runs(catalog, [runs[m] for m in members], keys, o)
-                with pytest.raises(duckdb.InvalidInputException, match=r"score_mode: .* needs a background"):
+                with pytest.raises(duckdb.InvalidInputException, match=rf"score_mode: .* ({refusal})"):
                     feature_scores(catalog, members, o)
                 members_now = [m for m in members if m < "r3"]
             else:
@@ -425,3 +454,42 @@ def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp
     con = duckdb.connect(str(path))
     assert con.execute(query).fetchone() == (text_head,)
     con.close()
+
+
+def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(catalog):
+    """A hand-made case of score mode ``context``: in calibration, features 0-2 fire together in the
+    first topic's documents, 3-5 in the second's, 6 in every document (generic) and 7 never. A prompt
+    fires 0, 1 and 2 strongly and, once, 3 (a stray word of the other topic), 6 and 7. Context puts the
+    first topic on top — 3 comes below them although it is lifted more than any of them — and gives 6 and 7 no
+    support; every value equals the formula computed by hand."""
+    d, doc = 8, CAL_DOC_LEN
+    cal = np.zeros((6 * doc, d), np.float32)
+    for k in range(6):  # documents 0-2: the first topic, 3-5: the second
+        rows = slice(k * doc, (k + 1) * doc)
+        cal[rows, [0, 1, 2] if k < 3 else [3, 4, 5]] = 1.0
+        cal[k * doc, 6] = 1.0
+    cal[0, 2] = 0.0  # feature 2 misses nothing: it still fires in document 0's other tokens
+    run = np.zeros((4, d), np.float32)
+    run[:, 0], run[:2, 1], run[:3, 2] = 2.0, 2.0, 1.0
+    run[0, 3], run[1, 6], run[2, 7] = 12.0, 1.0, 1.0
+    tokens, acts = calibration_rows([cal, cal])
+    stats.write_calibration(catalog, MODEL, infos(d), "corpus", "h", 6, tokens, acts)
+    _stored_run(catalog, "r", MODEL, [run, run], d)
+    opts = ranking.RankOptions(score_mode="context", min_coverage_pct=0, return_top_x=100)
+    rows = [r for r in feature_scores(catalog, ["r"], opts) if r["layer"] == HOOKS[0][0]]
+    by_feature = {r["feature_id"]: r["score"] for r in rows}
+    # by hand: lift_f = (mean_f + ε·max_f) / (bg_f + ε·max_f), calibration max 1 (feature 7: none, 1);
+    # φ over 6 documents: 0-1, 0-2, 1-2 fire in the same 3 documents → φ = (6·3 − 3·3) / √(3·3·3·3) = 1;
+    # 3 fires with 4, 5 only (not scored) → no support; 6 fires everywhere and 7 nowhere → φ undefined, 0
+    eps = ranking.LIFT_PRIOR
+    cal_mean = cal.mean(0)
+    mean = run.sum(0) / 4
+    lift = (mean + eps) / (cal_mean + eps)
+    total = lift[[0, 1, 2, 3, 6, 7]].sum()
+    expected = {0: (lift[1] + lift[2]) / total, 1: (lift[0] + lift[2]) / total, 2: (lift[0] + lift[1]) / total,
+                3: 0.0, 6: 0.0, 7: 0.0}
+    assert set(by_feature) == set(expected)
+    for f, value in expected.items():
+        assert by_feature[f] == np.float64(value) or abs(by_feature[f] - value) <= 1e-9 * max(1, value), f
+    assert [r["feature_id"] for r in rows][:3] == sorted(expected, key=lambda f: -expected[f])[:3]
+    assert lift[3] > lift[[0, 1, 2]].max()  # the stray feature is lifted most, and still ranks below them

@@ -5,7 +5,7 @@
 precision@5 and @10 of every score mode on held-out prompts of the demo (in-distribution and
 out-of-distribution; see ``quality.py`` for the prompts and the independent oracle), per layer and for
 the merged ranking over all the layers, at the default coverage gate and without one
-(``min_coverage_pct 0``); selectivity and lift also against ``background batch`` (each prompt contrasted
+(``min_coverage_pct 0``); selectivity, lift and context also against ``background batch`` (each prompt contrasted
 with the set's other prompts, ranked together as one batch). Prints a Markdown table for the README.
 """
 
@@ -27,7 +27,8 @@ from sae_discover.request import build_request  # noqa: E402
 from sae_discover.service import Discovery  # noqa: E402
 from tests.benchmarks import quality  # noqa: E402
 
-COLUMNS = [(mode, {}) for mode in SCORE_MODES] + [(mode, {"background": "batch"}) for mode in ("selectivity", "lift")]
+COLUMNS = [(mode, {}) for mode in SCORE_MODES] + [(mode, {"background": "batch"})
+                                                   for mode in ("selectivity", "lift", "context")]
 GATES = [0.5, 0.0]  # the default min_coverage_pct, and none
 
 
