@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -217,8 +219,35 @@ def ingest_chunk(config: WorkerConfig, chunk: Chunk, model_keys: dict, sae_keys:
     loaders = _loaders(config)
     todo = [(key, plan_run(loaders, req)) for key, req in chunk.items]
     tables = chunk_tables(loaders, todo, model_keys, sae_keys)
-    store.commit_chunk(config.store, chunk.marker, tables)
+    store.commit_chunk(config.store, chunk.marker, tables,
+                       before_point=lambda: pause_point("children-committed", chunk.index))
+    pause_point("committed", chunk.index)
     return {"chunk": chunk.index, "runs": len(todo), "skipped": False}
+
+
+PAUSE_ENV = "SAE_DISCOVER_TEST_PAUSE"  # tests only: a folder of armed pause points (:func:`pause_point`)
+PAUSE_LIMIT_S = 300  # a paused worker nobody kills or releases goes on after this long
+
+
+def pause_point(name: str, chunk: int) -> None:
+    """A test hook, off unless ``$SAE_DISCOVER_TEST_PAUSE`` names a folder: the first worker to reach
+    point ``name`` while the file ``<folder>/<name>`` exists claims it (renames it to
+    ``<name>.<pid>.<chunk>``: atomic, so the point fires once, for one worker) and waits there until
+    the claimed file is removed. So tests/test_store.py can SIGKILL a real worker at a known step of a
+    chunk ("children-committed": its child tables committed, not its ``runs`` rows; "committed": the
+    whole chunk committed, its result not yet returned) without racing on timing."""
+    folder = os.environ.get(PAUSE_ENV)
+    if not folder:
+        return
+    armed = Path(folder) / name
+    claimed = armed.with_name(f"{name}.{os.getpid()}.{chunk}")
+    try:
+        armed.rename(claimed)
+    except FileNotFoundError:  # not armed, or another worker claimed it
+        return
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while claimed.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def chunk_tables(loaders: Loaders, todo: list[tuple[int, RunPlan]], model_keys: dict, sae_keys: dict
@@ -335,8 +364,8 @@ class Workers:
         import ray  # optional (the scale extra): only --ray imports it
 
         if not ray.is_initialized():
-            if address in (None, "local"):
-                ray.init(num_cpus=self.size, include_dashboard=False, log_to_driver=False)
+            if address in (None, "local"):  # "local": a new Ray even where a `ray start` cluster runs (or RAY_ADDRESS is set)
+                ray.init(address="local", num_cpus=self.size, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
             self._own_ray = True

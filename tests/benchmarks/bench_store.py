@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_store.py [--prompts 16] [--reps 2] [--commits 100] [--queries 15]
                                                       [--chunk_size N] [--variants batch_w2,store_ray_w2]
+                                                      [--ray_cluster]
 
 (a) Delta commit rate: ``--commits`` small appends with a transaction marker (``catalog.store.append``,
     as a chunk commits each table), one after another from one process: commits per second, and per
@@ -13,6 +14,10 @@
     chunk size unless ``--chunk_size`` is given (``--variants`` runs only some of them, e.g. the Ray
     pair at larger ``--prompts``). Activation rows per second; ratios paired per repetition (the
     variants of one repetition run back to back).
+    ``--ray_cluster`` starts a Ray head once (``ray start --head --num-cpus 2``, its own temp dir and
+    process group), before the timed rounds, and gives the Ray variant its address (``--ray ADDRESS``:
+    the usual deployment, a cluster that is already running); the cluster is stopped at the end (its
+    process group, never ``ray stop``, which stops every Ray on the machine).
 (c) Per-run query: ``runs rank``'s ranking SQL (``sae_discover.stored.rerank``) on one run, on the
     local file and on the (compacted) store snapshot, interleaved; median of ``--queries`` calls each.
 
@@ -28,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +58,36 @@ VARIANTS = {  # name → the command's arguments besides the prompts file and it
     "store_ray_w2": ["ingest", "--ray", "--workers", "2"],
     "store_pool_w2": ["ingest", "--workers", "2"],
 }
+
+
+class RayCluster:
+    """A Ray head started with ``ray start --head`` as the leader of a new process group (its GCS,
+    raylet and workers stay in that group after ``ray start`` returns), stopped by signalling that group."""
+
+    def __init__(self, cpus: int = 2) -> None:
+        self.temp = tempfile.mkdtemp(prefix="rb-")  # short: Ray's socket paths live under it
+        start = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", str(cpus), "--port", "0",
+             "--temp-dir", self.temp, "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            # a private, short-lived head: without RAY_AUTH_MODE, `ray start` turns on token auth when
+            # ~/.ray/auth_token exists, and a driver joining by address is then refused
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"})
+        self.group = start.pid
+        out, _ = start.communicate()
+        if start.returncode != 0:
+            self.stop()
+            raise SystemExit(f"ray start failed:\n{out[-3000:]}")
+        self.address = (Path(self.temp) / "ray_current_cluster").read_text().strip()
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(self.group, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(wait)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def commit_rate(folder: Path, commits: int) -> dict:
@@ -82,9 +118,13 @@ def prompts_file(folder: Path, n: int) -> Path:
     return path
 
 
-def ingest_once(name: str, prompts: Path, target: Path, chunk_size: int | None = None) -> float:
-    """One variant end to end in a fresh process; its wall time."""
+def ingest_once(name: str, prompts: Path, target: Path, chunk_size: int | None = None,
+                ray_address: str | None = None) -> float:
+    """One variant end to end in a fresh process (the Ray variant joins ``ray_address`` when given); its
+    wall time."""
     args = list(VARIANTS[name])
+    if ray_address and "--ray" in args:
+        args.insert(args.index("--ray") + 1, ray_address)
     if args[0] == "ingest":
         chunks = ["--chunk_size", str(chunk_size)] if chunk_size else []
         cmd = [*args, "--prompts_file", str(prompts), "--store", str(target), *chunks]
@@ -108,18 +148,18 @@ def activation_rows(target: Path) -> int:
 
 
 def ingest_rates(folder: Path, n: int, reps: int, chunk_size: int | None = None,
-                 variants: tuple[str, ...] = tuple(VARIANTS)) -> tuple[dict, Path, Path]:
+                 variants: tuple[str, ...] = tuple(VARIANTS), ray_address: str | None = None) -> tuple[dict, Path, Path]:
     prompts = prompts_file(folder, n)
     times: dict[str, list[float]] = {name: [] for name in variants}
     rows: dict[str, int] = {}
     for rep in range(reps):
         for name in variants:
             target = folder / f"{name}-{rep}" if VARIANTS[name][0] == "ingest" else folder / f"{name}-{rep}.duckdb"
-            times[name].append(ingest_once(name, prompts, target, chunk_size))
+            times[name].append(ingest_once(name, prompts, target, chunk_size, ray_address))
             rows[name] = activation_rows(target)
     assert len(set(rows.values())) == 1, rows  # every variant stores the same activation rows
     n_rows = next(iter(rows.values()))
-    out = {"prompts": n, "chunk_size": chunk_size or "default", "activation_rows": n_rows,
+    out = {"prompts": n, "chunk_size": chunk_size or "default", "activation_rows": n_rows, "ray": ray_address or "local",
            "rows_per_s": {k: [round(n_rows / t) for t in v] for k, v in times.items()},
            "wall_s": {k: [round(t, 2) for t in v] for k, v in times.items()}}
     for name in ("store_ray_w2", "store_pool_w2", "batch_w1"):  # rows/s relative to batch --workers 2, per repetition
@@ -161,18 +201,26 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated ingest variants to run, in this order (batch_w2 and store_ray_w2 are needed "
                         "for the query comparison)")
+    p.add_argument("--ray_cluster", action="store_true",
+                   help="start a Ray head (ray start --head --num-cpus 2) once, before the timed rounds, and run the Ray "
+                        "variant against it (--ray ADDRESS); stopped at the end")
     a = p.parse_args()
     variants = tuple(a.variants.split(","))
     if unknown := set(variants) - set(VARIANTS):
         p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     machine = {"python": platform.python_version(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
     folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed bench still stops its Ray head (finally)
+    cluster = RayCluster() if a.ray_cluster else None
     try:
-        result = {"commit": commit_rate(folder, a.commits)}
-        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps, a.chunk_size, variants)
+        result = {"commit": commit_rate(folder, a.commits)} if a.commits else {}
+        result["ingest"], local_db, uri = ingest_rates(folder, a.prompts, a.reps, a.chunk_size, variants,
+                                                       cluster.address if cluster else None)
         if a.queries and local_db.exists() and uri.exists():
             result["query"] = query_ratio(local_db, uri, a.queries)
     finally:
+        if cluster:
+            cluster.stop()
         shutil.rmtree(folder, ignore_errors=True)
     machine["load_after"] = os.getloadavg()
     print(json.dumps({"machine": machine, **result}, indent=1))
