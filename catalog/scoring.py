@@ -118,10 +118,10 @@ CONTEXT_CTES = f"""
         SELECT d.cal, d.sae_key, d.feature_id, count(*)::DOUBLE AS n_f FROM context_docs d
         GROUP BY d.cal, d.sae_key, d.feature_id
     ),
-    context_pairs AS (
+    context_pairs AS (  -- each unordered pair once (f < g): φ is symmetric
         SELECT p.cal, p.sae_key, p.feature_id AS f, q.feature_id AS g, count(*)::DOUBLE AS n_fg
         FROM context_docs p JOIN context_docs q
-             ON q.cal = p.cal AND q.sae_key = p.sae_key AND q.doc = p.doc AND q.feature_id <> p.feature_id
+             ON q.cal = p.cal AND q.sae_key = p.sae_key AND q.doc = p.doc AND q.feature_id > p.feature_id
         GROUP BY p.cal, p.sae_key, p.feature_id, q.feature_id
     ),
     context_phi AS (
@@ -132,6 +132,11 @@ CONTEXT_CTES = f"""
         JOIN context_counts cf ON cf.cal = x.cal AND cf.sae_key = x.sae_key AND cf.feature_id = x.f
         JOIN context_counts cg ON cg.cal = x.cal AND cg.sae_key = x.sae_key AND cg.feature_id = x.g
     ),
+    context_links AS (  -- both orientations of every pair that fires together more than by chance
+        SELECT l.cal, l.sae_key, l.f, l.g, l.phi FROM context_phi l WHERE l.phi > 0
+        UNION ALL
+        SELECT l.cal, l.sae_key, l.g, l.f, l.phi FROM context_phi l WHERE l.phi > 0
+    ),
     context_weights AS (
         SELECT g.run_key, g.sae_key, g.feature_id, g.cal, {SCORE_EXPR["lift"]} AS lift
         FROM gated g WHERE score_mode = 'context'
@@ -141,7 +146,7 @@ CONTEXT_CTES = f"""
                sum(y.lift * p.phi) / any_value(t.total) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
-        JOIN context_phi p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
+        JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
         JOIN (SELECT w.run_key, w.sae_key, sum(w.lift) AS total FROM context_weights w
               GROUP BY w.run_key, w.sae_key) t ON t.run_key = x.run_key AND t.sae_key = x.sae_key
         GROUP BY x.run_key, x.sae_key, x.feature_id
