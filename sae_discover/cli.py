@@ -561,6 +561,8 @@ def cmd_ingest(argv: list[str]) -> int:
                           chunk_size=ns.chunk_size, job_id=ns.job, ray_address=ns.ray)
     for number, error in summary.pop("line_errors").items():
         print(f"line {number}: error: {error}", file=sys.stderr)
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(summary))
     return 1 if summary["failed_lines"] else 0
 

@@ -131,11 +131,13 @@ def plan_job(loaders: Loaders, lines: list[tuple[int, dict | str]], defaults: di
     return Job(job_id, chunks, errors), plans
 
 
-def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
+def prepare(uri: str, job: Job, plans: list[RunPlan]) -> list[str]:
     """Before fan-out: create the store's tables, register the job's models and SAEs (keys reserved,
     rows committed), and give each run its run_key from the job's reserved range (the same range on
     every resume: recorded once, with the job's marker). Runs the store already holds (from another
-    job, or this job's committed chunks) leave their chunk: one scan of ``runs`` here, none per chunk."""
+    job, or this job's committed chunks) leave their chunk: one scan of ``runs`` here, none per chunk;
+    the tags and batch ids this job gives them are added by :func:`label_stored_runs` (its warnings
+    returned)."""
     store.create_tables(uri)
     models = {(p.req.model_id, p.card.fingerprint): p for p in plans}
     job.model_keys = _register(uri, job.job_id, "model", "models", ("model_id", "fingerprint"), {
@@ -147,13 +149,48 @@ def prepare(uri: str, job: Job, plans: list[RunPlan]) -> None:
                 "architecture": s.architecture, "d_in": s.d_in, "d_sae": s.d_sae, "fingerprint": s.fingerprint}
         for ident, s in saes.items()})
     first = _job_keys(uri, job.job_id, "run", len(plans))
-    stored = set(store.find_keys(uri, "runs", "run_key", ("run_id",), [(p.run_id,) for p in plans]))
+    stored = store.find_keys(uri, "runs", "run_key", ("run_id",), [(p.run_id,) for p in plans])
     ids = {id(p.req): p.run_id for p in plans}
     n = 0
     for chunk in job.chunks:
         keyed = [(first + n + i, req) for i, (_, req) in enumerate(chunk.items)]
         chunk.items = [(key, req) for key, req in keyed if (ids[id(req)],) not in stored]
         n += len(keyed)
+    return label_stored_runs(uri, job.job_id, [(stored[(p.run_id,)], p) for p in plans if (p.run_id,) in stored])
+
+
+def label_stored_runs(uri: str, job_id: str, runs: list[tuple[int, RunPlan]]) -> list[str]:
+    """Add the tags and batch ids this job gives runs the store already holds: a tag key (a batch id)
+    the run lacks is appended, one append per table whose marker hashes the rows (so a rerun, or the
+    same rows from another job, adds nothing twice). A key the run holds with another value keeps the
+    stored one — the store is append-only and its rows have no order for local batch mode's "the new
+    value wins" — and is returned as a warning naming the run."""
+    keys = [key for key, _ in runs]
+    if not keys:
+        return []
+    in_keys = pc.field("run_key").isin(keys)
+    held_tags = {(r["run_key"], r["key"]): r["value"] for r in store.open_table(uri, "run_tags")
+                 .to_pyarrow_dataset().to_table(filter=in_keys).to_pylist()}
+    held_ids = {r["run_key"]: r["batch_id"] for r in store.open_table(uri, "run_batch_ids")
+                .to_pyarrow_dataset().to_table(filter=in_keys).to_pylist()}
+    tags, ids, warnings = [], [], []
+    for key, p in runs:
+        for name, value in (p.req.tags or {}).items():
+            if (key, name) not in held_tags:
+                tags.append({"run_key": key, "key": name, "value": value})
+            elif held_tags[(key, name)] != value:
+                warnings.append(f"tags: run {p.run_id} is stored with {name}={held_tags[(key, name)]}; kept "
+                                f"(not {value}: the store is append-only)")
+        if p.req.id is not None and key not in held_ids:
+            ids.append({"run_key": key, "batch_id": p.req.id})
+        elif p.req.id is not None and held_ids[key] != p.req.id:
+            warnings.append(f"id: run {p.run_id} is stored with batch id {held_ids[key]}; kept (not {p.req.id}: "
+                            "the store is append-only)")
+    for table, rows in (("run_tags", tags), ("run_batch_ids", ids)):
+        if rows:
+            digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+            store.append(uri, table, pa.Table.from_pylist(rows), marker=f"{job_id}:labels-{digest}")
+    return warnings
 
 
 def _register(uri: str, job_id: str, kind: str, table: str, match: tuple[str, ...], rows: dict[tuple, dict]
@@ -436,12 +473,12 @@ def ingest_file(prompts_file: str, uri: str, defaults: dict[str, Any], registry:
     with Workers(config, workers, ray_address, ray_address is not None, models) as pool:
         loaders = Loaders(Registry.load(registry), device, dtype, threads=threads)
         job, plans = plan_job(loaders, lines, defaults, chunk_size, job_id, pool.size)
-        prepare(uri, job, plans)
+        warnings = prepare(uri, job, plans)
         with tqdm(total=len(job.chunks), desc="ingest", unit="chunk", file=sys.stderr) as bar:
             results = _collect(pool.map(ingest_chunk, job.chunks, (job.model_keys, job.sae_keys)), bar.update)
     return {"job": job.job_id, "store": uri, "lines": len(lines), "runs": len(plans), "chunks": len(job.chunks),
             "computed_runs": sum(r["runs"] for r in results), "skipped_chunks": sum(r["skipped"] for r in results),
-            "failed_lines": len(job.errors), "line_errors": job.errors}
+            "failed_lines": len(job.errors), "line_errors": job.errors, "warnings": warnings}
 
 
 # -- calibration into a store -----------------------------------------------------------------------

@@ -120,6 +120,29 @@ def test_cli_ingest_gives_local_batch_rows_run_ids_and_rankings(plain_registry, 
     again = run_cli("ingest", "--prompts_file", str(prompts), "--store", str(uri), "--registry", str(plain_registry),
                     "--chunk_size", "2", *CLI_OPTIONS)  # the same command resumes the job: nothing left to do
     assert json.loads(again.stdout.strip().splitlines()[-1])["skipped_chunks"] == 3
+    # another job gives stored runs tags and batch ids: new keys are added, a stored value is kept (warned)
+    relabel = tmp_path / "relabel.jsonl"
+    relabel.write_text("".join(json.dumps(line) + "\n" for line in [
+        {"id": "c2", "text": LINES[2]["text"], "tags": {"topic": "baking", "source": "relabel"}},
+        {"text": LINES[4]["text"], "tags": {"source": "relabel"}}]))
+    labelled = run_cli("ingest", "--prompts_file", str(relabel), "--store", str(uri), "--registry", str(plain_registry),
+                       *CLI_OPTIONS)
+    assert labelled.returncode == 0, labelled.stderr
+    summary = json.loads(labelled.stdout.strip().splitlines()[-1])
+    assert summary["computed_runs"] == 0 and len(summary["warnings"]) == 2
+    assert "warning: tags: run " in labelled.stderr and "topic=food; kept (not baking" in labelled.stderr
+    assert "warning: id: run " in labelled.stderr and "batch id c; kept (not c2" in labelled.stderr
+    relabelled = store.StoreCatalog(str(uri))
+    try:
+        by_text = {text: (batch_id, tags) for text, batch_id, tags in _rows(
+            relabelled, "SELECT coalesce(text, prompt), batch_id, tags FROM v_runs")}
+    finally:
+        relabelled.close()
+    assert by_text[LINES[2]["text"]] == ("c", {"topic": "food", "source": "relabel"})
+    assert by_text[LINES[4]["text"]] == ("e", {"source": "relabel"})
+    again = run_cli("ingest", "--prompts_file", str(relabel), "--store", str(uri), "--registry", str(plain_registry),
+                    *CLI_OPTIONS)  # the same labels again: nothing more is appended
+    assert again.returncode == 0 and store.open_table(str(uri), "run_tags").to_pyarrow_table().num_rows == 3
     rank = run_cli("runs", "rank", run_ids[0][:8], "--store", str(uri), "--min_coverage_pct", "0", "--out",
                    str(tmp_path / "r.json"))
     assert rank.returncode == 0, rank.stderr
