@@ -268,17 +268,17 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
         WHERE m.coverage * 100 >= min_coverage_pct::DOUBLE
     ),{CONTEXT_CTES}
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
-           CASE WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
-                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
-                           || 'background_runs, or pick another score_mode')
-                WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
+           CASE WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
                 THEN error('score_mode: ' || score_mode || ' weighs features by how they fire together in the '
                            || 'calibration documents; calibrate the SAE first, or pick another score_mode')
+                WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
+                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
+                           || 'background_runs, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
            CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
-    FROM gated g LEFT JOIN context cx
-         ON cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
+    FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
+         ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
 
 FEATURE_SCORES = f"""
 CREATE OR REPLACE MACRO feature_scores(run_ids, {SCORING_PARAMS}) AS TABLE

@@ -231,6 +231,13 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
     keys = writes.sae_keys(catalog.raw(), infos(3))
     with pytest.raises(CatalogError, match="selectivity needs a background; calibrate"):
         ranking.rank_run(catalog, run_key, keys, ranking.RankOptions(score_mode="selectivity"))
+    # context needs the calibration's documents whatever the background: both refusals say so first
+    with pytest.raises(CatalogError, match="context weighs features by how they fire together"):
+        ranking.rank_run(catalog, run_key, keys, ranking.RankOptions(score_mode="context"))
+    for background in ("", ", background_runs := ['r']"):
+        with pytest.raises(duckdb.InvalidInputException,
+                           match=r"score_mode: context weighs features by how they fire together.*calibrate the SAE"):
+            catalog.raw().execute(f"SELECT * FROM feature_scores(['r'], score_mode := 'context'{background})").fetchall()
     plain = ranking.rank_run(catalog, run_key, keys, ranking.RankOptions(score_mode="mean"))
     assert all(f["selectivity"] is None for f in plain["features"])
     assert plain["threshold_source"] == "none" and len(plain["features"]) == 6
@@ -493,3 +500,51 @@ def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(ca
         assert by_feature[f] == np.float64(value) or abs(by_feature[f] - value) <= 1e-9 * max(1, value), f
     assert [r["feature_id"] for r in rows][:3] == sorted(expected, key=lambda f: -expected[f])[:3]
     assert lift[3] > lift[[0, 1, 2]].max()  # the stray feature is lifted most, and still ranks below them
+
+
+def test_context_over_several_runs_of_two_models_equals_the_oracle(catalog):
+    """Score mode ``context`` over runs ranked together: runs of two models, each on its own model's
+    newest calibration (a pinned older one too), against the calibration and the batch background (lift
+    weights from the same model's other runs, leave-one-out), with a gate and a restrict set — every
+    row's score equals :func:`context_support` on the dense matrices of its run and calibration."""
+    rng = np.random.default_rng(23)
+    d, other = 8, writes.ModelInfo("m2", "fp2", "gpt2", 4, 8)
+    cals, cal_ids = {}, {}
+    for model, version in [(MODEL, "old"), (MODEL, "new"), (other, "new")]:
+        cal = [random_dense(rng, 6 * CAL_DOC_LEN, d, 0.3) for _ in HOOKS]
+        tokens, acts = calibration_rows(cal)
+        cal_ids[model.model_id, version] = stats.write_calibration(catalog, model, infos(d), "corpus", "h", 6,
+                                                                   tokens, acts)
+        cals[model.model_id, version] = cal
+    runs = {f"r{i}": (MODEL if i % 2 else other, [random_dense(rng, 3 + i, d, 0.5) for _ in HOOKS]) for i in range(4)}
+    for name, (model, dense) in runs.items():
+        _stored_run(catalog, name, model, dense, d)
+    checked = 0
+    for background, pinned, min_cov, restrict in [("calibration", False, 0, []), ("batch", False, 20, [0, 2, 3, 5, 7]),
+                                                  ("calibration", True, 0, [1, 2, 4, 6]), ("batch", True, 0, [])]:
+        members = {name: run for name, run in runs.items() if not pinned or run[0] is MODEL}
+        opts = ranking.RankOptions(score_mode="context", background=background, min_coverage_pct=min_cov,
+                                   restrict_features=restrict,
+                                   calibration_id=cal_ids[MODEL.model_id, "old"] if pinned else None)
+        got = {(r["run_id"], r["layer"], r["feature_id"]): r["score"] for r in feature_scores(catalog, list(members), opts)}
+        expected = {}
+        for name, (model, dense) in members.items():
+            cal = cals[MODEL.model_id, "old"] if pinned else cals[model.model_id, "new"]
+            for h, (layer, _) in enumerate(HOOKS):
+                a, c = dense[h].astype(np.float64), cal[h].astype(np.float64)
+                tau = calibrated_tau(c, 0.95, "active")
+                div = np.where(c.max(0) > 0, c.max(0), 1.0)
+                mean, cov = a.sum(0) / len(a), (a > tau).sum(0) / len(a)
+                if background == "batch":
+                    others = [o[1][h].astype(np.float64) for k, o in members.items() if k != name and o[0] is model]
+                    bg = sum(o.sum(0) for o in others) / sum(len(o) for o in others)
+                else:
+                    bg = c.mean(0)
+                lift = (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)
+                scored = (a.max(0) > 0) & (cov * 100 >= min_cov) & (np.isin(np.arange(d), restrict) if restrict else True)
+                support = context_support(c, lift, scored)
+                expected.update({(name, layer, int(f)): support[f] for f in np.nonzero(scored)[0]})
+        assert set(got) == set(expected), (background, pinned)
+        np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-9, atol=1e-12)
+        checked += sum(v > 0 for v in expected.values())
+    assert checked > 20  # supports that are not 0: the co-firing pairs were counted

@@ -175,12 +175,12 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
         GROUP BY x.run_key, x.sae_key, x.feature_id
     )
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
-           CASE WHEN score_mode IN ('selectivity', 'lift', 'context') AND NOT g.has_bg
-                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
-                           || 'background_runs, or pick another score_mode')
-                WHEN score_mode IN ('context') AND g.cal IS NULL
+           CASE WHEN score_mode IN ('context') AND g.cal IS NULL
                 THEN error('score_mode: ' || score_mode || ' weighs features by how they fire together in the '
                            || 'calibration documents; calibrate the SAE first, or pick another score_mode')
+                WHEN score_mode IN ('selectivity', 'lift', 'context') AND NOT g.has_bg
+                THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
+                           || 'background_runs, or pick another score_mode')
                 ELSE CASE score_mode
                      WHEN 'mean' THEN g.mean_n
                      WHEN 'max' THEN g.max_n
@@ -194,8 +194,8 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
                                 || 'lift, attribution, attribution_abs, context, got ' || score_mode) END END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
            CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
-    FROM gated g LEFT JOIN context cx
-         ON cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
+    FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
+         ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
 
 
 def _revision_0006():
