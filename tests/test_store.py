@@ -407,12 +407,6 @@ def test_calibrate_into_the_store_ranks_as_the_local_catalog_does(calibrated):
         for run_id in [r[0] for r in _rows(local, "SELECT run_id FROM runs ORDER BY run_id")][:3]:
             assert rerank(shared, run_id, {})["threshold_source"] == "calibration_p95"
             assert _ranked(shared, run_id) == _ranked(local, run_id)
-            # context reads the calibration's documents (tokens and activations) through the store's views;
-            # the toy SAEs' features fire in (nearly) every document, so their supports are 0 on both sides:
-            # this checks the statement over the store, its values are checked in test_ranking_properties.py
-            in_store, in_file = ([(f["feature_id"], f["score"]) for f in rerank(
-                cat, run_id, {"score_mode": "context", "min_coverage_pct": 0})["features"]] for cat in (shared, local))
-            assert in_store == [(f, pytest.approx(score, rel=1e-5)) for f, score in in_file]
     finally:
         local.close()
         shared.close()
@@ -617,3 +611,41 @@ def test_a_reader_sees_only_committed_whole_runs_while_two_jobs_write(plain_regi
     finally:
         local.close()
     assert snapshots > 3  # the reader really read while the writers wrote
+
+
+def test_context_over_a_store_equals_the_local_catalog_on_the_demo(tmp_path):
+    """Context reads the calibration's documents through the store's views: the demo's layer-2 SAE (its
+    features co-fire by topic, unlike the toy's) calibrated on 40 of the demo's documents into a store
+    and into a local catalog, two prompts ingested into each: the same context rankings, with nonzero
+    supports."""
+    demo = ROOT / "ingest" / "demo"
+    registry = tmp_path / "demo.toml"  # no calibration corpus: nothing calibrates on first use
+    registry.write_text(f'[models.demo]\npath = "{demo / "model"}"\n[saes.demo]\npath = "{demo / "saes"}"\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join((demo / "calibration.jsonl").read_text().splitlines(keepends=True)[:40]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "Revenue grew 12% and operating margin expanded as free cash flow improved.",
+        "Whisk the eggs with sugar, then bake the cake for 30 minutes.")))
+    hooks = ["--model", "demo", "--sae", "demo", "--layers", "2", "--streams", "resid_pre", "--device", "cpu",
+             "--registry", str(registry)]
+    uri, db = tmp_path / "store", tmp_path / "local.duckdb"
+    for target in (["--db", str(db)], ["--store", str(uri)]):
+        done = run_cli("calibrate", "--corpus", str(corpus), *hooks, *target)
+        assert done.returncode == 0, done.stderr
+    for done in (run_cli("--prompts_file", str(prompts), "--db", str(db), *hooks, "--out", str(tmp_path / "x.jsonl")),
+                 run_cli("ingest", "--prompts_file", str(prompts), "--store", str(uri), *hooks)):
+        assert done.returncode == 0, done.stderr
+    local, shared = Catalog(db, read_only=True), store.StoreCatalog(str(uri))
+    try:
+        run_ids = [r[0] for r in _rows(local, "SELECT run_id FROM runs ORDER BY run_id")]
+        assert len(run_ids) == 2
+        for run_id in run_ids:
+            in_store, in_file = ([(f["feature_id"], f["score"]) for f in rerank(
+                cat, run_id, {"score_mode": "context", "min_coverage_pct": 0, "return_top_x": 50})["features"]]
+                for cat in (shared, local))
+            assert in_store == [(f, pytest.approx(score, rel=1e-5)) for f, score in in_file]
+            assert sum(score > 0 for _, score in in_file) >= 20
+    finally:
+        local.close()
+        shared.close()
