@@ -40,7 +40,7 @@ SCORE_EXPR = {
     "lift": f"(g.mean + {LIFT_PRIOR} * g.divisor) / (g.bg_mean + {LIFT_PRIOR} * g.divisor)",
     "attribution": "g.attribution",
     "attribution_abs": "abs(g.attribution)",
-    "context": "coalesce(cx.support, 0)",
+    "context": "coalesce(cx.support, 0)",  # CONTEXT_CTES
 }
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
 NEEDS_CALIBRATION = ("context",)  # the calibration's documents give the co-firing of features
@@ -93,8 +93,9 @@ QUANTILES_CTES = """
 
 # score_mode 'context': the support a feature gets from the other scored features of its run and SAE,
 # Σ_g lift_g · max(0, φ(f, g)) / Σ_g lift_g over the run's scored features g ≠ f (the denominator over
-# all of them, f too), where φ is the correlation (phi coefficient) of the two features' firing — fired
-# or not in each document of the calibration that gives f its τ (N documents, f in n_f, both in n_fg:
+# all of them, f too; the score is this × min(1, lift_f)), where φ is the correlation (phi coefficient)
+# of the two features' firing — fired or not in each document of the calibration that gives f its τ
+# (N documents, f in n_f, both in n_fg:
 # φ = (N·n_fg − n_f·n_g) / √(n_f(N − n_f)·n_g(N − n_g)), 0 where undefined). A feature the prompt's
 # other lifted features usually fire with ranks high; a generic, positional or stray one (a word used in
 # another sense than the corpus uses it) gets little support. Pairs that never fire together have φ ≤ 0
@@ -142,8 +143,8 @@ CONTEXT_CTES = f"""
         FROM gated g WHERE score_mode = 'context'
     ),
     context AS (
-        SELECT x.run_key, x.sae_key, x.feature_id,
-               sum(y.lift * p.phi) / any_value(t.total) AS support
+        SELECT x.run_key, x.sae_key, x.feature_id,  -- less active here than usual: not what the prompt used
+               sum(y.lift * p.phi) / any_value(t.total) * least(1, any_value(x.lift)) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
         JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id

@@ -70,8 +70,9 @@ CAL_TOKENS, CAL_DOC_LEN = 25, 5  # the calibration of these tests: 5 documents o
 
 def context_support(c: np.ndarray, lift: np.ndarray, scored: np.ndarray) -> np.ndarray:
     """Score mode ``context`` on dense matrices: each scored feature's Σ_g lift_g·max(0, φ_fg) over the
-    other scored features g, ÷ Σ lift over all scored ones, φ the correlation of two features' fired-or-not
-    over the calibration documents (rows of ``c`` in consecutive blocks of CAL_DOC_LEN; 0 where undefined)."""
+    other scored features g, ÷ Σ lift over all scored ones, × min(1, its own lift); φ the correlation of
+    two features' fired-or-not over the calibration documents (rows of ``c`` in consecutive blocks of
+    CAL_DOC_LEN; 0 where undefined)."""
     fired = c.reshape(-1, CAL_DOC_LEN, c.shape[1]).max(axis=1) > 0  # [document, feature]
     n = fired.shape[0]
     n_f = fired.sum(0).astype(np.float64)
@@ -80,7 +81,8 @@ def context_support(c: np.ndarray, lift: np.ndarray, scored: np.ndarray) -> np.n
     phi = np.divide(n * n_fg - np.outer(n_f, n_f), denom, out=np.zeros_like(denom), where=denom > 0)
     np.fill_diagonal(phi, 0.0)
     w = np.where(scored, lift, 0.0)
-    return np.where(scored, np.maximum(phi, 0.0) @ w / w.sum() if w.sum() > 0 else 0.0, 0.0)
+    support = np.maximum(phi, 0.0) @ w / w.sum() if w.sum() > 0 else 0.0
+    return np.where(scored, support * np.minimum(1.0, lift), 0.0)
 
 
 def oracle(run, cal, opts: ranking.RankOptions, attr=None):
@@ -466,9 +468,10 @@ def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp
 def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(catalog):
     """A hand-made case of score mode ``context``: in calibration, features 0-2 fire together in the
     first topic's documents, 3-5 in the second's, 6 in every document (generic) and 7 never. A prompt
-    fires 0, 1 and 2 strongly and, once, 3 (a stray word of the other topic), 6 and 7. Context puts the
-    first topic on top — 3 comes below them although it is lifted more than any of them — and gives 6 and 7 no
-    support; every value equals the formula computed by hand."""
+    fires 0, 1 and 2 strongly and, once, 3 (a stray word of the other topic) strongly, 4 weakly (far
+    below its usual level), 6 and 7. Context puts the first topic on top — 3 comes below them although
+    it is lifted more than any of them, its only support being the weak 4 — 4's support from 3 is cut
+    by its own lift below 1, and 6 and 7 get none; every value equals the formula computed by hand."""
     d, doc = 8, CAL_DOC_LEN
     cal = np.zeros((6 * doc, d), np.float32)
     for k in range(6):  # documents 0-2: the first topic, 3-5: the second
@@ -478,7 +481,7 @@ def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(ca
     cal[0, 2] = 0.0  # feature 2 misses nothing: it still fires in document 0's other tokens
     run = np.zeros((4, d), np.float32)
     run[:, 0], run[:2, 1], run[:3, 2] = 2.0, 2.0, 1.0
-    run[0, 3], run[1, 6], run[2, 7] = 12.0, 1.0, 1.0
+    run[0, 3], run[3, 4], run[1, 6], run[2, 7] = 20.0, 0.1, 1.0, 1.0
     tokens, acts = calibration_rows([cal, cal])
     stats.write_calibration(catalog, MODEL, infos(d), "corpus", "h", 6, tokens, acts)
     _stored_run(catalog, "r", MODEL, [run, run], d)
@@ -486,20 +489,21 @@ def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(ca
     rows = [r for r in feature_scores(catalog, ["r"], opts) if r["layer"] == HOOKS[0][0]]
     by_feature = {r["feature_id"]: r["score"] for r in rows}
     # by hand: lift_f = (mean_f + ε·max_f) / (bg_f + ε·max_f), calibration max 1 (feature 7: none, 1);
-    # φ over 6 documents: 0-1, 0-2, 1-2 fire in the same 3 documents → φ = (6·3 − 3·3) / √(3·3·3·3) = 1;
-    # 3 fires with 4, 5 only (not scored) → no support; 6 fires everywhere and 7 nowhere → φ undefined, 0
+    # φ over 6 documents: 0-1, 0-2, 1-2 and 3-4 fire in the same 3 documents → φ = (6·3 − 3·3) / √(3·3·3·3)
+    # = 1; 6 fires everywhere and 7 nowhere → φ undefined, 0. Score: support × min(1, own lift)
     eps = ranking.LIFT_PRIOR
     cal_mean = cal.mean(0)
     mean = run.sum(0) / 4
     lift = (mean + eps) / (cal_mean + eps)
-    total = lift[[0, 1, 2, 3, 6, 7]].sum()
+    total = lift[[0, 1, 2, 3, 4, 6, 7]].sum()
     expected = {0: (lift[1] + lift[2]) / total, 1: (lift[0] + lift[2]) / total, 2: (lift[0] + lift[1]) / total,
-                3: 0.0, 6: 0.0, 7: 0.0}
+                3: lift[4] / total, 4: lift[3] / total * lift[4], 6: 0.0, 7: 0.0}
     assert set(by_feature) == set(expected)
     for f, value in expected.items():
         assert by_feature[f] == np.float64(value) or abs(by_feature[f] - value) <= 1e-9 * max(1, value), f
-    assert [r["feature_id"] for r in rows][:3] == sorted(expected, key=lambda f: -expected[f])[:3]
-    assert lift[3] > lift[[0, 1, 2]].max()  # the stray feature is lifted most, and still ranks below them
+    assert [r["feature_id"] for r in rows][:5] == sorted(expected, key=lambda f: -expected[f])[:5]
+    assert lift[3] > lift[[0, 1, 2]].max() and lift[4] < 0.1  # the stray feature is lifted most, ranks below the topic
+    assert lift[3] / total > expected[2]  # without the cut, the weak 4 would rank above the whole topic
 
 
 def test_context_over_several_runs_of_two_models_equals_the_oracle(catalog):

@@ -1,7 +1,7 @@
 """``scored_features`` recreated with score mode ``context``: a feature's support from the other scored
 features of its run and SAE — their lift, weighted by how the two fire together (φ over the documents of
-the calibration). The other modes' results are unchanged; ``scoring_hooks`` and ``feature_scores`` are as
-in 0005.
+the calibration) — times its own lift where that is below 1. The other modes' results are unchanged;
+``scoring_hooks`` and ``feature_scores`` are as in 0005.
 
 Revision ID: 0007
 Revises: 0006
@@ -165,8 +165,8 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
         FROM gated g WHERE score_mode = 'context'
     ),
     context AS (
-        SELECT x.run_key, x.sae_key, x.feature_id,
-               sum(y.lift * p.phi) / any_value(t.total) AS support
+        SELECT x.run_key, x.sae_key, x.feature_id,  -- less active here than usual: not what the prompt used
+               sum(y.lift * p.phi) / any_value(t.total) * least(1, any_value(x.lift)) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
         JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
