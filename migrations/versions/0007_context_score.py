@@ -147,15 +147,14 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
              ON q.cal = p.cal AND q.sae_key = p.sae_key AND q.doc = p.doc AND q.feature_id > p.feature_id
         GROUP BY p.cal, p.sae_key, p.feature_id, q.feature_id
     ),
-    context_phi AS (
+    context_phi AS (  -- NULL where undefined (a feature firing in no or every document)
         SELECT x.cal, x.sae_key, x.f, x.g,
-               greatest(coalesce((n.n * x.n_fg - cf.n_f * cg.n_f)
-                                 / nullif(sqrt(cf.n_f * (n.n - cf.n_f) * cg.n_f * (n.n - cg.n_f)), 0), 0), 0) AS phi
+               (n.n * x.n_fg - cf.n_f * cg.n_f) / nullif(sqrt(cf.n_f * (n.n - cf.n_f) * cg.n_f * (n.n - cg.n_f)), 0) AS phi
         FROM context_pairs x JOIN context_n n ON n.cal = x.cal
         JOIN context_counts cf ON cf.cal = x.cal AND cf.sae_key = x.sae_key AND cf.feature_id = x.f
         JOIN context_counts cg ON cg.cal = x.cal AND cg.sae_key = x.sae_key AND cg.feature_id = x.g
     ),
-    context_links AS (  -- both orientations of every pair that fires together more than by chance
+    context_links AS (  -- both orientations of every pair that fires together more than by chance (φ > 0)
         SELECT l.cal, l.sae_key, l.f, l.g, l.phi FROM context_phi l WHERE l.phi > 0
         UNION ALL
         SELECT l.cal, l.sae_key, l.g, l.f, l.phi FROM context_phi l WHERE l.phi > 0
