@@ -15,13 +15,14 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
   at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes
   ``attribution`` (what pushed M up) and ``attribution_abs`` (|sum|: what mattered either way) rank by it
   raw (no calibration normalization: it is in units of M)
-- context = Σ_g lift_g · max(0, φ(f, g)) / Σ_g lift_g over the run's other scored features g of the same
-  SAE (the sum below over all of them), φ the correlation of f's and g's firing over the documents of
-  the calibration (fired or not in each): how much the features this prompt lifts usually fire together
-  with f. A feature of the prompt's topic is backed by the prompt's other features; a generic,
-  positional or stray one (a word used in another sense than the corpus uses it) is not — the mode that
-  put the most features of the prompt's own domain on top in ``tests/benchmarks/bench_quality.py``. Needs
-  a calibration of every SAE; the lift weights use the chosen background
+- context = Σ_g lift_g · max(0, r(f, g)) / Σ_g lift_g over the run's other scored features g of the same
+  SAE (the sum below over all of them), r the correlation of f's and g's activity over the documents of
+  the calibration (Pearson's r of √ of each one's activation mass per document): how much the features
+  this prompt lifts are usually active together with f. A feature of the prompt's topic is backed by
+  the prompt's other features; a generic, positional or stray one (a word used in another sense than
+  the corpus uses it) is not — the mode that put the most features of the prompt's own domain on top
+  in ``tests/benchmarks/bench_quality.py``. Needs a calibration of every SAE; the lift weights use the
+  chosen background
 - gate: coverage × 100 ≥ min_coverage_pct; ``restrict_features`` limits the candidates (for context,
   the weighing features too).
 τ_f: a global ``tau``; else the calibration's P95 (or another ``tau_quantile``, computed exactly
@@ -31,7 +32,7 @@ every feature (most fire on a few % of tokens), so the gate would not gate; else
 (``threshold_source: "none"``). A feature that never fired in calibration has τ = 0.
 
 These rules are implemented once, as the DuckDB table macros of :mod:`catalog.scoring` (stored in the
-catalog by migrations 0005–0007, public as ``feature_scores``): this module checks the options, calls them,
+catalog by migrations 0005–0008, public as ``feature_scores``): this module checks the options, calls them,
 cuts the top ``return_top_x`` and attaches labels and spans.
 
 :class:`RankOptions` is the one definition of the ranking options: each field's help text and

@@ -1,7 +1,7 @@
 """The scoring rules of ``catalog/ranking.py`` as DuckDB table macros: the one implementation of scoring.
 
 Discovery's ranking, ``runs rank``, drift and a user's ``sql`` query all run these macros (stored in
-the catalog by migrations 0005–0007, so plain ``duckdb`` sees them too):
+the catalog by migrations 0005–0008, so plain ``duckdb`` sees them too):
 
 - ``scoring_hooks(run_ids, calibration_id, sae_keys, calibration_model)``: one row per (run, SAE) to
   score, with the run's analysed-token count ``n`` (n_kept, at least 1), the calibration that gives τ,
@@ -92,50 +92,57 @@ QUANTILES_CTES = """
     )"""
 
 # score_mode 'context': the support a feature gets from the other scored features of its run and SAE,
-# Σ_g lift_g · max(0, φ(f, g)) / Σ_g lift_g over the run's scored features g ≠ f (the denominator over
-# all of them, f too; the score is this × min(1, lift_f)), where φ is the correlation (phi coefficient)
-# of the two features' firing — fired or not in each document of the calibration that gives f its τ
-# (N documents, f in n_f, both in n_fg:
-# φ = (N·n_fg − n_f·n_g) / √(n_f(N − n_f)·n_g(N − n_g)), 0 where undefined). A feature the prompt's
-# other lifted features usually fire with ranks high; a generic, positional or stray one (a word used in
-# another sense than the corpus uses it) gets little support. Pairs that never fire together have φ ≤ 0
-# and add nothing, so only co-firing pairs are counted; every CTE is empty in the other modes.
+# Σ_g lift_g · max(0, r(f, g)) / Σ_g lift_g over the run's scored features g ≠ f (the denominator over
+# all of them, f too; the score is this × min(1, lift_f)), where r is the correlation of the two
+# features' activity over the documents of the calibration that gives f its τ: Pearson's r of
+# x_f = √(f's activation mass in the document), over all N documents (0 where f did not fire):
+# r = (N·Σx_f·x_g − Σx_f·Σx_g) / √((N·Σx_f² − (Σx_f)²)(N·Σx_g² − (Σx_g)²)), NULL where undefined (the same
+# mass in every document). The square root steadies the variance of a count-like mass (a few heavy
+# documents would decide a plain r), and r of √(c·mass) is r of √mass: free of each feature's units.
+# A feature the prompt's other lifted features are usually active with ranks high; a generic,
+# positional or stray one (a word used in another sense than the corpus uses it) gets little support.
+# Documents where one of the two is silent add 0 to Σx_f·x_g, so only pairs active in a same document
+# are joined; every CTE is empty in the other modes.
 CONTEXT_CTES = f"""
     context_features AS (
         SELECT DISTINCT g.cal, g.sae_key, g.feature_id FROM gated g WHERE score_mode = 'context'
     ),
-    context_docs AS (  -- the calibration documents each of them fired in
-        SELECT DISTINCT a.calibration_id AS cal, a.sae_key, a.doc, a.feature_id
+    context_mass AS (  -- x: √ of their activation mass in each calibration document they fired in
+        SELECT a.calibration_id AS cal, a.sae_key, a.doc, a.feature_id, fsum(a.act::DOUBLE) AS mass,
+               sqrt(fsum(a.act::DOUBLE)) AS x
         FROM calibration_activations a
         SEMI JOIN context_features c
              ON c.cal = a.calibration_id AND c.sae_key = a.sae_key AND c.feature_id = a.feature_id
+        GROUP BY a.calibration_id, a.sae_key, a.doc, a.feature_id
     ),
     context_n AS (
         SELECT t.calibration_id AS cal, count(DISTINCT t.doc)::DOUBLE AS n
         FROM calibration_tokens t SEMI JOIN context_features c ON c.cal = t.calibration_id
         GROUP BY t.calibration_id
     ),
-    context_counts AS (
-        SELECT d.cal, d.sae_key, d.feature_id, count(*)::DOUBLE AS n_f FROM context_docs d
-        GROUP BY d.cal, d.sae_key, d.feature_id
+    context_sums AS (  -- spread: N·Σx² − (Σx)², NULL where x is the same in every document
+        SELECT s.cal, s.sae_key, s.feature_id, s.sx,
+               CASE WHEN n.n * s.sxx - s.sx * s.sx > 1e-12 * n.n * s.sxx THEN n.n * s.sxx - s.sx * s.sx END AS spread
+        FROM (SELECT m.cal, m.sae_key, m.feature_id, fsum(m.x) AS sx, fsum(m.mass) AS sxx FROM context_mass m
+              GROUP BY m.cal, m.sae_key, m.feature_id) s
+        JOIN context_n n ON n.cal = s.cal
     ),
-    context_pairs AS (  -- each unordered pair once (f < g): φ is symmetric
-        SELECT p.cal, p.sae_key, p.feature_id AS f, q.feature_id AS g, count(*)::DOUBLE AS n_fg
-        FROM context_docs p JOIN context_docs q
+    context_pairs AS (  -- each unordered pair once (f < g): r is symmetric
+        SELECT p.cal, p.sae_key, p.feature_id AS f, q.feature_id AS g, fsum(p.x * q.x) AS sxy
+        FROM context_mass p JOIN context_mass q
              ON q.cal = p.cal AND q.sae_key = p.sae_key AND q.doc = p.doc AND q.feature_id > p.feature_id
         GROUP BY p.cal, p.sae_key, p.feature_id, q.feature_id
     ),
-    context_phi AS (  -- NULL where undefined (a feature firing in no or every document)
-        SELECT x.cal, x.sae_key, x.f, x.g,
-               (n.n * x.n_fg - cf.n_f * cg.n_f) / nullif(sqrt(cf.n_f * (n.n - cf.n_f) * cg.n_f * (n.n - cg.n_f)), 0) AS phi
+    context_r AS (  -- NULL where undefined
+        SELECT x.cal, x.sae_key, x.f, x.g, (n.n * x.sxy - cf.sx * cg.sx) / sqrt(cf.spread * cg.spread) AS r
         FROM context_pairs x JOIN context_n n ON n.cal = x.cal
-        JOIN context_counts cf ON cf.cal = x.cal AND cf.sae_key = x.sae_key AND cf.feature_id = x.f
-        JOIN context_counts cg ON cg.cal = x.cal AND cg.sae_key = x.sae_key AND cg.feature_id = x.g
+        JOIN context_sums cf ON cf.cal = x.cal AND cf.sae_key = x.sae_key AND cf.feature_id = x.f
+        JOIN context_sums cg ON cg.cal = x.cal AND cg.sae_key = x.sae_key AND cg.feature_id = x.g
     ),
-    context_links AS (  -- both orientations of every pair that fires together more than by chance (φ > 0)
-        SELECT l.cal, l.sae_key, l.f, l.g, l.phi FROM context_phi l WHERE l.phi > 0
+    context_links AS (  -- both orientations of every pair more active together than by chance (r > 0)
+        SELECT l.cal, l.sae_key, l.f, l.g, l.r FROM context_r l WHERE l.r > 0
         UNION ALL
-        SELECT l.cal, l.sae_key, l.g, l.f, l.phi FROM context_phi l WHERE l.phi > 0
+        SELECT l.cal, l.sae_key, l.g, l.f, l.r FROM context_r l WHERE l.r > 0
     ),
     context_weights AS (
         SELECT g.run_key, g.sae_key, g.feature_id, g.cal, {SCORE_EXPR["lift"]} AS lift
@@ -143,7 +150,7 @@ CONTEXT_CTES = f"""
     ),
     context AS (
         SELECT x.run_key, x.sae_key, x.feature_id,  -- less active here than usual: not what the prompt used
-               sum(y.lift * p.phi) / any_value(t.total) * least(1, any_value(x.lift)) AS support
+               sum(y.lift * p.r) / any_value(t.total) * least(1, any_value(x.lift)) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
         JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id

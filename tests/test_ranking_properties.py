@@ -69,19 +69,20 @@ CAL_TOKENS, CAL_DOC_LEN = 25, 5  # the calibration of these tests: 5 documents o
 
 
 def context_support(c: np.ndarray, lift: np.ndarray, scored: np.ndarray) -> np.ndarray:
-    """Score mode ``context`` on dense matrices: each scored feature's Σ_g lift_g·max(0, φ_fg) over the
-    other scored features g, ÷ Σ lift over all scored ones, × min(1, its own lift); φ the correlation of
-    two features' fired-or-not over the calibration documents (rows of ``c`` in consecutive blocks of
-    CAL_DOC_LEN; 0 where undefined)."""
-    fired = c.reshape(-1, CAL_DOC_LEN, c.shape[1]).max(axis=1) > 0  # [document, feature]
-    n = fired.shape[0]
-    n_f = fired.sum(0).astype(np.float64)
-    n_fg = fired.T.astype(np.float64) @ fired.astype(np.float64)
-    denom = np.sqrt(np.outer(n_f * (n - n_f), n_f * (n - n_f)))
-    phi = np.divide(n * n_fg - np.outer(n_f, n_f), denom, out=np.zeros_like(denom), where=denom > 0)
-    np.fill_diagonal(phi, 0.0)
+    """Score mode ``context`` on dense matrices: each scored feature's Σ_g lift_g·max(0, r_fg) over the
+    other scored features g, ÷ Σ lift over all scored ones, × min(1, its own lift); r the Pearson
+    correlation, over the calibration documents (rows of ``c`` in consecutive blocks of CAL_DOC_LEN), of
+    √ of the two features' activation mass per document (0 where a feature's mass is the same in every
+    document: no correlation is defined)."""
+    x = np.sqrt(c.reshape(-1, CAL_DOC_LEN, c.shape[1]).sum(axis=1))  # [document, feature]
+    centred = x - x.mean(0)
+    spread = np.sqrt((centred ** 2).sum(0))
+    defined = spread > 1e-6 * np.sqrt((x ** 2).sum(0))
+    unit = np.divide(centred, spread, out=np.zeros_like(centred), where=defined)
+    r = unit.T @ unit
+    np.fill_diagonal(r, 0.0)
     w = np.where(scored, lift, 0.0)
-    support = np.maximum(phi, 0.0) @ w / w.sum() if w.sum() > 0 else 0.0
+    support = np.maximum(r, 0.0) @ w / w.sum() if w.sum() > 0 else 0.0
     return np.where(scored, support * np.minimum(1.0, lift), 0.0)
 
 
@@ -467,7 +468,7 @@ def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp
 
 def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(catalog):
     """A hand-made case of score mode ``context``: in calibration, features 0-2 fire together in the
-    first topic's documents, 3-5 in the second's, 6 in every document (generic) and 7 never. A prompt
+    first topic's documents, 3-5 in the second's, 6 once in every document (generic) and 7 never. A prompt
     fires 0, 1 and 2 strongly and, once, 3 (a stray word of the other topic) strongly, 4 weakly (far
     below its usual level), 6 and 7. Context puts the first topic on top — 3 comes below them although
     it is lifted more than any of them, its only support being the weak 4 — 4's support from 3 is cut
@@ -489,15 +490,20 @@ def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(ca
     rows = [r for r in feature_scores(catalog, ["r"], opts) if r["layer"] == HOOKS[0][0]]
     by_feature = {r["feature_id"]: r["score"] for r in rows}
     # by hand: lift_f = (mean_f + ε·max_f) / (bg_f + ε·max_f), calibration max 1 (feature 7: none, 1);
-    # φ over 6 documents: 0-1, 0-2, 1-2 and 3-4 fire in the same 3 documents → φ = (6·3 − 3·3) / √(3·3·3·3)
-    # = 1; 6 fires everywhere and 7 nowhere → φ undefined, 0. Score: support × min(1, own lift)
+    # r over 6 documents of x = √(mass per document), N = 6: features 0 and 1 have x = √5 in documents
+    # 0-2 and 0 elsewhere, so r(0, 1) = 1, and so do 3 and 4 in documents 3-5; 2 has x = 2, √5, √5, 0, 0, 0:
+    # N·Σx0·x2 − Σx0·Σx2 = 6(2√5 + 10) − 3√5(2 + 2√5) = 30 + 6√5, N·Σx0² − (Σx0)² = 90 − 45 = 45,
+    # N·Σx2² − (Σx2)² = 84 − (2 + 2√5)² = 60 − 8√5; topics against each other: r < 0, no link; 6 has the
+    # same mass in every document and 7 none: r undefined, 0. Score: support × min(1, own lift)
+    r02 = (30 + 6 * np.sqrt(5)) / np.sqrt(45 * (60 - 8 * np.sqrt(5)))
     eps = ranking.LIFT_PRIOR
     cal_mean = cal.mean(0)
     mean = run.sum(0) / 4
     lift = (mean + eps) / (cal_mean + eps)
     total = lift[[0, 1, 2, 3, 4, 6, 7]].sum()
-    expected = {0: (lift[1] + lift[2]) / total, 1: (lift[0] + lift[2]) / total, 2: (lift[0] + lift[1]) / total,
-                3: lift[4] / total, 4: lift[3] / total * lift[4], 6: 0.0, 7: 0.0}
+    expected = {0: (lift[1] + r02 * lift[2]) / total, 1: (lift[0] + r02 * lift[2]) / total,
+                2: r02 * (lift[0] + lift[1]) / total, 3: lift[4] / total, 4: lift[3] / total * lift[4], 6: 0.0, 7: 0.0}
+    assert 0.99 < r02 < 1
     assert set(by_feature) == set(expected)
     for f, value in expected.items():
         assert by_feature[f] == np.float64(value) or abs(by_feature[f] - value) <= 1e-9 * max(1, value), f

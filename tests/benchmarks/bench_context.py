@@ -1,8 +1,8 @@
 """What score mode ``context`` costs at a realistic SAE size (run on demand:
 ``.venv/bin/python tests/benchmarks/bench_context.py [--d_sae 16384] [--docs 1000] [--per_token 60]``).
 
-``context`` counts, for each pair of a run's scored features, the calibration documents both fired in
-(a self-join of the calibration's (document, feature) pairs restricted to those features), so its cost
+``context`` correlates, for each pair of a run's scored features, their activity over the calibration's
+documents (a self-join of the calibration's per-document masses restricted to those features), so its cost
 grows with the number of scored features and of calibration documents; ``lift`` reads one statistics
 row per feature. A synthetic SAE of ``--d_sae`` features and a calibration of ``--docs`` documents of
 64 tokens, ``--per_token`` codes per token (70 % from the document's topic, one of 50 pools of 800
