@@ -206,7 +206,7 @@ def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[
         complete[row["run_key"]] = row["all_calibrated"]
         per_model.setdefault(row["model_key"], set()).add(row["run_key"])
     if opts.score_mode in NEEDS_CALIBRATION and not all(complete.values()):
-        raise CatalogError("score_mode", f"{opts.score_mode} weighs features by how they fire together in the "
+        raise CatalogError("score_mode", f"{opts.score_mode} weighs features by how they are active together in the "
                                          "calibration documents; calibrate the SAE first (python -m sae_discover "
                                          "calibrate --sae ...), or pick another score_mode")
     if opts.score_mode in NEEDS_BACKGROUND:

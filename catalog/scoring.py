@@ -43,7 +43,7 @@ SCORE_EXPR = {
     "context": "coalesce(cx.support, 0)",  # CONTEXT_CTES
 }
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
-NEEDS_CALIBRATION = ("context",)  # the calibration's documents give the co-firing of features
+NEEDS_CALIBRATION = ("context",)  # the calibration's documents say how features are active together
 WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" for mode, expr in SCORE_EXPR.items()) \
     + f"                     ELSE error('score_mode: expected one of {', '.join(list(SCORE_EXPR)[:4])}, '\n" \
@@ -96,9 +96,11 @@ QUANTILES_CTES = """
 # all of them, f too; the score is this × min(1, lift_f)), where r is the correlation of the two
 # features' activity over the documents of the calibration that gives f its τ: Pearson's r of
 # x_f = √(f's activation mass in the document), over all N documents (0 where f did not fire):
-# r = (N·Σx_f·x_g − Σx_f·Σx_g) / √((N·Σx_f² − (Σx_f)²)(N·Σx_g² − (Σx_g)²)), NULL where undefined (the same
-# mass in every document). The square root steadies the variance of a count-like mass (a few heavy
-# documents would decide a plain r), and r of √(c·mass) is r of √mass: free of each feature's units.
+# r = (N·Σx_f·x_g − Σx_f·Σx_g) / √((N·Σx_f² − (Σx_f)²)(N·Σx_g² − (Σx_g)²)), NULL where undefined: the same
+# mass in every document, or so nearly the same (x varying by less than ~0.1 %: N·Σx² − (Σx)² below
+# 10⁻⁶·N·Σx²) that the difference of sums is float noise (its digits are lost) — a constant feature.
+# The square root steadies the variance of a count-like mass (a few heavy documents would decide a
+# plain r), and r of √(c·mass) is r of √mass: free of each feature's units.
 # A feature the prompt's other lifted features are usually active with ranks high; a generic,
 # positional or stray one (a word used in another sense than the corpus uses it) gets little support.
 # Documents where one of the two is silent add 0 to Σx_f·x_g, so only pairs active in a same document
@@ -120,9 +122,9 @@ CONTEXT_CTES = f"""
         FROM calibration_tokens t SEMI JOIN context_features c ON c.cal = t.calibration_id
         GROUP BY t.calibration_id
     ),
-    context_sums AS (  -- spread: N·Σx² − (Σx)², NULL where x is the same in every document
+    context_sums AS (  -- spread: N·Σx² − (Σx)², NULL where x is (nearly) the same in every document
         SELECT s.cal, s.sae_key, s.feature_id, s.sx,
-               CASE WHEN n.n * s.sxx - s.sx * s.sx > 1e-12 * n.n * s.sxx THEN n.n * s.sxx - s.sx * s.sx END AS spread
+               CASE WHEN n.n * s.sxx - s.sx * s.sx > 1e-6 * n.n * s.sxx THEN n.n * s.sxx - s.sx * s.sx END AS spread
         FROM (SELECT m.cal, m.sae_key, m.feature_id, fsum(m.x) AS sx, fsum(m.mass) AS sxx FROM context_mass m
               GROUP BY m.cal, m.sae_key, m.feature_id) s
         JOIN context_n n ON n.cal = s.cal
@@ -150,11 +152,11 @@ CONTEXT_CTES = f"""
     ),
     context AS (
         SELECT x.run_key, x.sae_key, x.feature_id,  -- less active here than usual: not what the prompt used
-               sum(y.lift * p.r) / any_value(t.total) * least(1, any_value(x.lift)) AS support
+               fsum(y.lift * p.r) / any_value(t.total) * least(1, any_value(x.lift)) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
         JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
-        JOIN (SELECT w.run_key, w.sae_key, sum(w.lift) AS total FROM context_weights w
+        JOIN (SELECT w.run_key, w.sae_key, fsum(w.lift) AS total FROM context_weights w
               GROUP BY w.run_key, w.sae_key) t ON t.run_key = x.run_key AND t.sae_key = x.sae_key
         GROUP BY x.run_key, x.sae_key, x.feature_id
     )"""
@@ -276,7 +278,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
     ),{CONTEXT_CTES}
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
            CASE WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
-                THEN error('score_mode: ' || score_mode || ' weighs features by how they fire together in the '
+                THEN error('score_mode: ' || score_mode || ' weighs features by how they are active together in the '
                            || 'calibration documents; calibrate the SAE first, or pick another score_mode')
                 WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
                 THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '

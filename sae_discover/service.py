@@ -83,7 +83,7 @@ class Discovery:
         if (needs_calibration or (req.score_mode in NEEDS_BACKGROUND and no_background)) \
                 and not plan.entry.calibration_corpus \
                 and not all(self.calibrator.has_stats(info, plan.entry) for info in plan.saes):
-            needs = ("a calibration (how features fire together in its documents)" if needs_calibration
+            needs = ("a calibration (how features are active together in its documents)" if needs_calibration
                      else "a background")
             advice = "" if needs_calibration else " give background_text / background_file,"
             raise RequestError("score_mode", f"{req.score_mode} needs {needs}; calibrate the SAE first "

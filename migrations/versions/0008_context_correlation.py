@@ -139,9 +139,9 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
         FROM calibration_tokens t SEMI JOIN context_features c ON c.cal = t.calibration_id
         GROUP BY t.calibration_id
     ),
-    context_sums AS (  -- spread: N·Σx² − (Σx)², NULL where x is the same in every document
+    context_sums AS (  -- spread: N·Σx² − (Σx)², NULL where x is (nearly) the same in every document
         SELECT s.cal, s.sae_key, s.feature_id, s.sx,
-               CASE WHEN n.n * s.sxx - s.sx * s.sx > 1e-12 * n.n * s.sxx THEN n.n * s.sxx - s.sx * s.sx END AS spread
+               CASE WHEN n.n * s.sxx - s.sx * s.sx > 1e-6 * n.n * s.sxx THEN n.n * s.sxx - s.sx * s.sx END AS spread
         FROM (SELECT m.cal, m.sae_key, m.feature_id, fsum(m.x) AS sx, fsum(m.mass) AS sxx FROM context_mass m
               GROUP BY m.cal, m.sae_key, m.feature_id) s
         JOIN context_n n ON n.cal = s.cal
@@ -169,17 +169,17 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
     ),
     context AS (
         SELECT x.run_key, x.sae_key, x.feature_id,  -- less active here than usual: not what the prompt used
-               sum(y.lift * p.r) / any_value(t.total) * least(1, any_value(x.lift)) AS support
+               fsum(y.lift * p.r) / any_value(t.total) * least(1, any_value(x.lift)) AS support
         FROM context_weights x
         JOIN context_weights y ON y.run_key = x.run_key AND y.sae_key = x.sae_key
         JOIN context_links p ON p.cal = x.cal AND p.sae_key = x.sae_key AND p.f = x.feature_id AND p.g = y.feature_id
-        JOIN (SELECT w.run_key, w.sae_key, sum(w.lift) AS total FROM context_weights w
+        JOIN (SELECT w.run_key, w.sae_key, fsum(w.lift) AS total FROM context_weights w
               GROUP BY w.run_key, w.sae_key) t ON t.run_key = x.run_key AND t.sae_key = x.sae_key
         GROUP BY x.run_key, x.sae_key, x.feature_id
     )
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
            CASE WHEN score_mode IN ('context') AND g.cal IS NULL
-                THEN error('score_mode: ' || score_mode || ' weighs features by how they fire together in the '
+                THEN error('score_mode: ' || score_mode || ' weighs features by how they are active together in the '
                            || 'calibration documents; calibrate the SAE first, or pick another score_mode')
                 WHEN score_mode IN ('selectivity', 'lift', 'context') AND NOT g.has_bg
                 THEN error('score_mode: ' || score_mode || ' needs a background; calibrate the SAE first, give '
