@@ -62,16 +62,17 @@ SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delp
                   "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
 
 # help texts shared with DriftOptions (the same option means the same thing there)
-SCORE_MODE_HELP = "ranking value"
+SCORE_MODE_HELP = ("ranking value; context (with min_coverage_pct 0) puts the prompt's own topic first: it needs a "
+                   "calibrated SAE (README: Discovery quality)")
 MIN_COVERAGE_HELP = "coverage gate, a percentage 0-100 of analyzed tokens"
 TAU_HELP = "global activity threshold instead of the calibrated per-feature P95"
 TAU_QUANTILE_HELP = "another calibration quantile as threshold (on tau_basis)"
 TAU_BASIS_HELP = ("what the calibrated quantile is taken over: active = the feature's nonzero activations "
                   "(its firing distribution), all = every calibration token, zeros included")
 PROTO_LABELS_HELP = "attach the best catalog label"
-BACKGROUND_HELP = ("what selectivity and lift compare a run with: calibration = the calibration's per-token mean "
-                   "(or background_text / background_file), batch = the other runs ranked with it (a batch's other "
-                   "prompts, leave-one-out; at least two runs)")
+BACKGROUND_HELP = ("what selectivity, lift and context's weights compare a run with: calibration = the "
+                   "calibration's per-token mean (or background_text / background_file), batch = the other runs "
+                   "ranked with it (a batch's other prompts, leave-one-out; at least two runs)")
 
 
 @dataclass
