@@ -65,27 +65,39 @@ def held_by_another_process(path: str | Path, read_only: bool) -> bool:
         os.close(fd)
 
 
-def _wal_chain_end(fh, start: int, size: int) -> int:
-    """Where the run of whole WAL entries that begins at ``start`` ends (``size`` when it fills the file)."""
-    pos = start
+# the first bytes of the payload of a WAL entry that closes a transaction: field 100 (the entry's type,
+# little-endian u16) then the type as a varint — 100, WAL_FLUSH (a commit), or 99, WAL_CHECKPOINT
+WAL_CLOSING_ENTRIES = (b"\x64\x00\x64", b"\x64\x00\x63")
+
+
+def _wal_chain_end(fh, start: int, size: int) -> tuple[int, int]:
+    """Where the run of whole WAL entries that begins at ``start`` ends (``size`` when it fills the file),
+    and where its last whole transaction ends (after its last commit entry; ``start`` before any)."""
+    pos = committed = start
     while pos + 16 <= size:
         fh.seek(pos)
         (length,) = struct.unpack("<Q", fh.read(8))
         if length > size - pos - 16:
             break
+        fh.seek(pos + 16)
+        closing = fh.read(3) in WAL_CLOSING_ENTRIES
         pos += 16 + length
-    return pos
+        if closing:
+            committed = pos
+    return pos, committed
 
 
 def wal_cut_short(path: str | Path) -> tuple[int, int] | None:
-    """``(whole_bytes, size)`` when ``path``'s write-ahead log ends inside an entry (a crash or a copy cut
-    it short: DuckDB replays the whole entries and silently skips the rest); None when there is no WAL
-    or it ends on an entry boundary.
+    """``(committed_bytes, size)`` when ``path``'s write-ahead log ends inside a transaction — inside an
+    entry, or between the entries of a transaction not yet committed (a crash or a copy cut it short:
+    DuckDB replays the committed transactions and silently skips the rest); None when there is no WAL
+    or it ends with a commit.
 
     DuckDB 2.0's WAL (the catalog pins duckdb <2.1) is a version header, a serialized object that ends
-    with the 0xFFFF end-of-object marker, then entries framed as ``u64 length, u64 checksum, payload``.
-    The header's length varies, so every end marker in its first bytes is tried as the start of the
-    entries: a complete WAL chains to its last byte from the right one (no false warning).
+    with the 0xFFFF end-of-object marker, then entries framed as ``u64 length, u64 checksum, payload``;
+    a transaction is its entries then a commit entry (:data:`WAL_CLOSING_ENTRIES`). The header's length
+    varies, so every end marker in its first bytes is tried as the start of the entries: a complete WAL
+    chains to its last byte, and to its last commit, from the right one (no false warning).
     """
     wal = Path(f"{path}.wal")
     try:
@@ -94,12 +106,15 @@ def wal_cut_short(path: str | Path) -> tuple[int, int] | None:
             return None
         with wal.open("rb") as fh:
             head = fh.read(WAL_HEADER_MAX)
-            ends = [_wal_chain_end(fh, i + 2, size) for i in range(len(head) - 1) if head[i:i + 2] == b"\xff\xff"]
+            chains = [(i + 2, *_wal_chain_end(fh, i + 2, size))
+                      for i in range(len(head) - 1) if head[i:i + 2] == b"\xff\xff"]
     except OSError:  # unreadable: DuckDB's own open reports it
         return None
-    if size in ends:
+    if any(end == committed == size for _, end, committed in chains):
         return None
-    return max(ends, default=0), size
+    # the entries start where the longest chain starts (the earliest such marker): its last commit
+    _, _, committed = max(chains, key=lambda chain: (chain[1], -chain[0]), default=(0, 0, 0))
+    return committed, size
 
 
 def cannot_write(path: str) -> str | None:
@@ -196,7 +211,8 @@ class Catalog:
         if cut is not None:
             warnings.warn(CatalogWarning(
                 f"db: the write-ahead log of {self.path} was incomplete (it ends inside a transaction: {cut[0]} of "
-                f"{cut[1]} bytes were whole); the last transaction(s) written before a crash may be lost"), stacklevel=2)
+                f"{cut[1]} bytes hold whole transactions); the last transaction(s) written before a crash may be "
+                "lost"), stacklevel=2)
         try:
             with conn:
                 conn.exec_driver_sql("SELECT 1")

@@ -4,6 +4,7 @@ errors carry their field as data; the user-SQL connection is read-only and its c
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -127,18 +128,45 @@ def probe_rows(path: Path) -> tuple[int, list[str]]:
     return n, [str(w.message) for w in seen if issubclass(w.category, CatalogWarning)]
 
 
-@pytest.mark.parametrize("eighths", range(1, 9))  # 0 bytes: no entry to tell from no WAL
-def test_a_wal_cut_short_is_replayed_whole_or_reported(crashed, tmp_path, eighths):
-    db, wal = crashed
-    path = lay(tmp_path, db, wal[: len(wal) * eighths // 8])
+def commit_entries(wal: bytes) -> list[int]:
+    """Where each commit entry of the WAL starts, found by its bytes: a frame of length 5 (u64), an 8-byte
+    checksum, then the payload ``64 00 64 ff ff`` (field 100, the entry's type, = 100, WAL_FLUSH; end)."""
+    frame = re.compile(re.escape((5).to_bytes(8, "little")) + b".{8}" + re.escape(b"\x64\x00\x64\xff\xff"), re.S)
+    return [m.start() for m in frame.finditer(wal)]
+
+
+def assert_replayed(path: Path, cut: int, commits: list[int]) -> None:
+    """Opening the catalog whose WAL was cut at ``cut``: the transactions committed before the cut come
+    back, nothing else; one warning unless the cut falls right after a commit (a shorter whole WAL)."""
+    whole = sum(start + 16 + 5 <= cut for start in commits)
     n, said = probe_rows(path)
-    if eighths == 8:
-        assert (n, said) == (8 * 500, [])  # the whole WAL replays, without a word
+    assert n == whole * 500
+    if cut in [start + 16 + 5 for start in commits]:
+        assert said == []
     else:
-        assert n < 8 * 500 and n % 500 == 0  # whole transactions only
         (line,) = said
         assert f"the write-ahead log of {path} was incomplete" in line and "may be lost" in line, said
     assert probe_rows(path)[0] == n  # nothing more is lost by opening it again
+
+
+@pytest.mark.parametrize("eighths", range(1, 9))  # 0 bytes: no entry to tell from no WAL
+def test_a_wal_cut_short_is_replayed_whole_or_reported(crashed, tmp_path, eighths):
+    db, wal = crashed
+    commits = commit_entries(wal)
+    assert len(commits) == 8 and commits[-1] + 16 + 5 == len(wal)
+    cut = len(wal) * eighths // 8
+    assert_replayed(lay(tmp_path, db, wal[:cut]), cut, commits)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_wal_cut_between_entries_is_reported_unless_it_ends_on_a_commit(crashed, tmp_path, where):
+    """Cut on an entry boundary: before the third transaction's commit entry (its rows are whole entries,
+    uncommitted: DuckDB drops them, and the open says so), or right after it (a whole WAL of three)."""
+    db, wal = crashed
+    commits = commit_entries(wal)
+    cut = commits[2] + (16 + 5 if where == "after" else 0)
+    assert_replayed(lay(tmp_path, db, wal[:cut]), cut, commits)
+    assert probe_rows(tmp_path / "c.duckdb")[0] == (3 if where == "after" else 2) * 500
 
 
 def test_a_wal_cut_short_is_one_warning_line_in_the_cli(crashed, tmp_path):
