@@ -76,13 +76,12 @@ def _wal_chain_end(fh, start: int, size: int) -> tuple[int, int]:
     pos = committed = start
     while pos + 16 <= size:
         fh.seek(pos)
-        (length,) = struct.unpack("<Q", fh.read(8))
+        frame = fh.read(16 + 3)  # length, checksum, the payload's first bytes
+        (length,) = struct.unpack("<Q", frame[:8])
         if length > size - pos - 16:
             break
-        fh.seek(pos + 16)
-        closing = fh.read(3) in WAL_CLOSING_ENTRIES
         pos += 16 + length
-        if closing:
+        if frame[16:] in WAL_CLOSING_ENTRIES:
             committed = pos
     return pos, committed
 
