@@ -381,6 +381,7 @@ class FeatureLabel(Struct, kw_only=True):
     label: str
     source: str  # neuronpedia | delphi | csv | lite | ...
     score: float | None
+    calibration_id: int | None = None  # a lite label's calibration (its model's tokens); None when imported
 
 
 class HistogramBucket(Struct, kw_only=True):

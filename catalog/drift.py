@@ -320,9 +320,12 @@ FEATURE_COLUMNS = ("layer", "stream", "feature_id", "flag", "score_base", "score
 
 
 def _features_sql(labels: bool) -> str:
+    """The flagged features; with ``labels``, each one's best label, lite labels from the calibration
+    the comparison used for its SAE (``$label_keys`` → ``$label_cals``)."""
     label_join = f"""LEFT JOIN ({best_labels_sql(
-        "EXISTS (SELECT 1 FROM compared c2 WHERE c2.scope = 0 AND (c2.top_base OR c2.top_tuned) "
-        "AND c2.sae_key = l.sae_key AND c2.feature_id = l.feature_id)")}) bl
+        "SELECT DISTINCT c2.sae_key, c2.feature_id, h.cal FROM compared c2 "
+        "JOIN (SELECT unnest($label_keys) AS sae_key, unnest($label_cals)::INTEGER AS cal) h USING (sae_key) "
+        "WHERE c2.scope = 0 AND (c2.top_base OR c2.top_tuned)")}) bl
         ON bl.sae_key = c.sae_key AND bl.feature_id = c.feature_id""" if labels else ""
     return f"""
     SELECT c.sae_key, {", ".join(f"c.{name}" for name in FEATURE_COLUMNS)},
@@ -363,7 +366,10 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
                   "min_rel": float(opts.min_relative_change), "min_shift": int(opts.rank_shift())}
         unpaired = _rows(con.execute(PAIRING_CTES + UNPAIRED_SQL, {k: params[k] for k in ("base", "tuned")}))
         metrics = _rows(con.execute(prefix + METRICS_SQL, params))
-        features = _rows(con.execute(prefix + _features_sql(opts.attach_proto_labels), params))
+        cals = next(iter(scoring.calibrations.values()))  # every run on the same calibrations
+        features = _rows(con.execute(prefix + _features_sql(opts.attach_proto_labels),
+                                     {**params, **({"label_keys": list(cals), "label_cals": list(cals.values())}
+                                                   if opts.attach_proto_labels else {})}))
     finally:
         con.close()
     overall, *prompts = metrics

@@ -76,6 +76,15 @@ def sae_keys_for(con: duckdb.DuckDBPyConnection, sae_id: str, layer: int, stream
     return [int(r[2]) for r in hook]
 
 
+def _lite(labels: list[dict], calibration: dict | None) -> dict | None:
+    """The parts of the lite label made with the calibration shown (the newest; any other lite label
+    when that one has none): the tokens the feature fires on, those its decoder promotes and suppresses."""
+    lite = [x for x in labels if x["source"] == "lite"]
+    shown = calibration["calibration_id"] if calibration else None
+    chosen = next((x for x in lite if x["calibration_id"] == shown), lite[0] if lite else None)
+    return None if chosen is None else lite_parts(chosen["label"])
+
+
 def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int) -> dict | None:
     """The feature's statistics and histogram in the newest calibration of its SAE (by any model), with
     that calibration's corpus; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
@@ -132,7 +141,7 @@ def feature_view(catalog: Catalog, sae_id: str, layer: int, stream: str, feature
         top_runs, n_top_runs = _top_runs(con, keys, feature_id, limit)
     finally:
         con.close()
-    lite = next((lite_parts(x["label"]) for x in labels if x["source"] == "lite"), None)
+    lite = _lite(labels, calibration)
     return {"sae_id": sae_id, "layer": layer, "stream": stream, "feature_id": feature_id, "labels": labels,
             "calibration": calibration, "n_runs": int(n_runs), "top_contexts": contexts,
             "top_runs": top_runs, "n_top_runs": n_top_runs, "top_run_rank": TOP_RUN_RANK,

@@ -334,9 +334,12 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
         raise
     n_hooks = next((i for i, r in enumerate(rows) if r["feature_id"] is not None), len(rows))
     scored = provenance(run_keys, opts, params, rows[:n_hooks])
-    features = [{c: r[c] for c in FEATURE_COLUMNS} for r in rows[n_hooks:]]
+    features = [{c: r[c] for c in (*FEATURE_COLUMNS, "calibration_id")} for r in rows[n_hooks:]]
     if opts.attach_proto_labels:
         _attach_labels(con, features)
+    else:
+        for f in features:
+            f.pop("calibration_id")
     if opts.attach_examples:
         _attach_spans(con, run_keys, features, opts.spans_per_feature, opts.span_window)
     out = {k: {"features": [], "threshold_source": scored.threshold_source[k], "normalization": scored.normalization[k],
@@ -358,7 +361,8 @@ def _ranked_sql(params: dict, merge: bool) -> str:
         else ("hook_rank", "layer, stream, score DESC, feature_id")
     return f"""
         WITH hooks AS ({provenance_sql(params)}),
-        ranked AS (SELECT {', '.join(FEATURE_COLUMNS)} FROM {macro_call('feature_scores', params)} WHERE {rank} <= $top)
+        ranked AS (SELECT {', '.join(FEATURE_COLUMNS)}, calibration_id
+                   FROM {macro_call('feature_scores', params)} WHERE {rank} <= $top)
         SELECT * FROM hooks UNION ALL BY NAME SELECT * FROM ranked
         ORDER BY feature_id IS NOT NULL, run_key, {order}"""
 
@@ -394,28 +398,35 @@ def _runs_params(run_keys: list[int]) -> dict:
     return {"runs": list(run_keys), "run_lo": min(run_keys), "run_hi": max(run_keys)}
 
 
-def best_labels_sql(where: str = "") -> str:
-    """The best label per (sae_key, feature_id) as a relation (sae_key, feature_id, label): highest
-    score (unscored last), then source priority (imported before lite), then the label text.
-    ``where`` is an optional predicate over the labels table ``l``."""
+def best_labels_sql(wanted: str) -> str:
+    """The best label of each row of ``wanted``, a relation (sae_key, feature_id, cal): highest score
+    (unscored last), then source priority (imported before lite), then the label text; as a relation
+    (sae_key, feature_id, cal, label). Imported labels (``calibration_id`` NULL) belong to the SAE; a
+    lite label only to its calibration ``cal`` (it names its model's tokens; ``cal`` NULL: none)."""
     return f"""
-        SELECT l.sae_key, l.feature_id,
+        SELECT w.sae_key, w.feature_id, w.cal,
                arg_min(l.label, (-coalesce(l.score, -1e300), {SOURCE_PRIORITY}, l.label)) AS label
-        FROM labels l
-        {f"WHERE {where}" if where else ""}
-        GROUP BY l.sae_key, l.feature_id"""
+        FROM ({wanted}) w
+        JOIN labels l ON l.sae_key = w.sae_key AND l.feature_id = w.feature_id
+                     AND (l.calibration_id IS NULL OR l.calibration_id = w.cal)
+        GROUP BY w.sae_key, w.feature_id, w.cal"""
 
 
 def _attach_labels(con, features: list[dict]) -> None:
-    """The best label per feature: highest score (unscored last), then source priority (imported before lite)."""
+    """The best label per feature (:func:`best_labels_sql`), lite labels from the calibration its score
+    used (``calibration_id``, which this pops: it is not a feature field)."""
+    cals = [f.pop("calibration_id") for f in features]
     if not features:
         return
-    rows = con.execute(best_labels_sql("list_contains($keys, l.sae_key) AND list_contains($fids, l.feature_id)"),
-                       {"keys": sorted({f["sae_key"] for f in features}),
-                        "fids": sorted({f["feature_id"] for f in features})}).fetchall()
-    best = {(k, f): label for k, f, label in rows}
-    for f in features:
-        f["proto_label"] = best.get((f["sae_key"], f["feature_id"]))
+    wanted = sorted({(f["sae_key"], f["feature_id"], cal) for f, cal in zip(features, cals, strict=True)},
+                    key=lambda w: (w[0], w[1], -1 if w[2] is None else w[2]))
+    rows = con.execute(best_labels_sql("SELECT unnest($keys) AS sae_key, unnest($fids) AS feature_id, "
+                                       "unnest($cals)::INTEGER AS cal"),
+                       {"keys": [w[0] for w in wanted], "fids": [w[1] for w in wanted],
+                        "cals": [w[2] for w in wanted]}).fetchall()
+    best = {(k, f, cal): label for k, f, cal, label in rows}
+    for f, cal in zip(features, cals, strict=True):
+        f["proto_label"] = best.get((f["sae_key"], f["feature_id"], cal))
 
 
 def _attach_spans(con, run_keys: list[int], features: list[dict], per_feature: int, window: int) -> None:

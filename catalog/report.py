@@ -10,7 +10,7 @@ each (layer, stream) to its catalog key.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import duckdb
 
@@ -124,16 +124,24 @@ def lite_parts(label: str) -> dict[str, list[str]]:
     return out
 
 
-def feature_labels(con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[dict]]:
-    """Every stored label of each (sae_key, feature_id), newest first."""
+def feature_labels(con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[int, int]],
+                   cals: Mapping[int, int | None] | None = None) -> dict[tuple[int, int], list[dict]]:
+    """Every stored label of each (sae_key, feature_id), newest first, with the calibration a lite label
+    was made from (``calibration_id``; None for imported labels). ``cals`` (sae_key → calibration):
+    only that calibration's lite labels (a run's report shows its own model's)."""
     if not keys:
         return {}
     out: dict[tuple[int, int], list[dict]] = {}
-    for k, f, label, source, score in con.execute(
-            f"SELECT sae_key, feature_id, label, source, score FROM labels JOIN {WANTED} USING (sae_key, feature_id) "
-            "ORDER BY sae_key, feature_id, created_at DESC, source", _wanted(keys)).fetchall():
+    for k, f, label, source, score, cal in con.execute(
+            f"SELECT sae_key, feature_id, label, source, score, calibration_id FROM labels "
+            f"JOIN {WANTED} USING (sae_key, feature_id) "
+            "ORDER BY sae_key, feature_id, created_at DESC, calibration_id DESC NULLS LAST, source",
+            _wanted(keys)).fetchall():
+        if cal is not None and cals is not None and cals.get(int(k)) != cal:
+            continue
         out.setdefault((int(k), int(f)), []).append({"label": label, "source": source,
-                                                      "score": None if score is None else float(score)})
+                                                      "score": None if score is None else float(score),
+                                                      "calibration_id": None if cal is None else int(cal)})
     return out
 
 
@@ -148,7 +156,7 @@ def run_report_data(catalog: Catalog, run_key: int, model_key: int, features: Se
     try:
         tokens = run_tokens(con, run_key)
         acts = feature_activations(con, run_key, keys)
-        labels = feature_labels(con, keys)
+        labels = feature_labels(con, keys, {k: calibration_for(con, k, model_key) for k in {k for k, _ in keys}})
         hists: dict[int, dict[int, dict]] = {}
         for sae_key in sorted({k for k, _ in keys}):
             hists[sae_key] = histograms(con, model_key, sae_key, [f for k, f in keys if k == sae_key])

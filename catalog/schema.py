@@ -159,6 +159,8 @@ labels = sa.Table(
     sa.Column("source", sa.String, nullable=False),  # neuronpedia | delphi | csv | lite | ...
     sa.Column("score", sa.Double),
     sa.Column("created_at", sa.DateTime, server_default=sa.func.now()),
+    # revision 0009: the calibration a lite label was made from (its model's tokens); NULL for imported labels
+    sa.Column("calibration_id", sa.Integer),
 )
 
 # revision 0004: tags and batch ids of runs (not part of the run id), and each run's first calibration per SAE

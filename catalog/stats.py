@@ -132,14 +132,16 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
     """Lite proto-labels (source ``lite``): the tokens a feature fires on most in the calibration corpus
     (by total activation, in SQL) and the tokens its decoder direction promotes and suppresses (computed
     by ingest), as ``fires on "a", "b"; promotes "c"; suppresses "d"`` (parsed back by
-    ``catalog.report.lite_parts``)."""
+    ``catalog.report.lite_parts``). They belong to the calibration (both parts depend on its model): a
+    ranking shows those of the calibration it used."""
     con = catalog.raw()
     try:
         (key,) = sae_keys(con, [sae])
         fires = dict(con.execute(LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
     finally:
         con.close()
-    return write_labels(catalog, [(sae, lite_label_rows(fires, promotes, suppresses))], replace=["lite"])
+    return write_labels(catalog, [(sae, lite_label_rows(fires, promotes, suppresses))], replace=["lite"],
+                        calibration_id=calibration_id)
 
 
 def lite_label_rows(fires: dict[int, list[str]], promotes: dict[int, list[str]],

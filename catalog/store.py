@@ -149,8 +149,10 @@ def append(store: str, table: str, rows: pa.Table, marker: str | None = None, me
         return False
     props = CommitProperties(app_transactions=[Transaction(marker, 0)] if marker else None,
                              custom_metadata=dict(metadata) if metadata else None)
+    # merge: a column a later catalog revision added (labels.calibration_id) joins a table an older
+    # version created; conform gives the rows exactly the catalog's columns
     write_deltalake(delta, conform(table, rows) if table != KEY_RANGES else rows, mode="append",
-                    commit_properties=props)
+                    schema_mode="merge", commit_properties=props)
     return True
 
 
@@ -289,10 +291,12 @@ class StoreCatalog(Catalog):
         self.versions: dict[str, int] = {}
         self._datasets: dict[str, object] = {}  # registered on every cursor (raw)
         files: dict[str, list[str]] = {}  # bound by read_parquet
+        held: dict[str, set[str]] = {}  # each table's columns in its snapshot
         parents = ("runs", "calibrations")  # pinned first: the commit points
         for table in (*parents, *(t for t in STORE_TABLES if t not in parents)):
             delta = open_table(self.store, table, runs_version if table == "runs" else None)
             self.versions[table] = delta.version()
+            held[table] = {f.name for f in delta.schema().fields}
             uris = delta.file_uris()
             if _on_local_disk(self.store) and len(uris) <= PARQUET_MAX_FILES and _plain_files(delta):
                 files[table] = uris
@@ -308,7 +312,7 @@ class StoreCatalog(Catalog):
                 con.execute(_parquet_relation(table, uris))
             for table in STORE_TABLES:
                 con.execute(f"DROP TABLE {table} CASCADE")
-                con.execute(f"CREATE VIEW {table} AS {_bound(table)}")
+                con.execute(f"CREATE VIEW {table} AS {_bound(table, held[table])}")
         finally:
             con.close()
         self.read_only, self.read_only_reason = True, f"a snapshot of the store {self.store}"
@@ -347,21 +351,30 @@ def _parquet_relation(table: str, files: list[str]) -> str:
     with the catalog's columns."""
     if not files:
         return f"CREATE TABLE _store_{table} AS SELECT * FROM {table} LIMIT 0"
-    return f"CREATE VIEW _store_{table} AS SELECT * FROM read_parquet([{', '.join(map(_literal, files))}])"
+    # by name: files written before a later revision added a column lack it (NULL there)
+    return (f"CREATE VIEW _store_{table} AS SELECT * FROM read_parquet([{', '.join(map(_literal, files))}], "
+            "union_by_name = true)")
 
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _bound(table: str) -> str:
-    """The view that stands for ``table``: its snapshot, children only through a visible run or calibration."""
+DUCKDB_TYPES = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN", pa.float64(): "DOUBLE",
+                pa.float32(): "FLOAT", pa.timestamp("us"): "TIMESTAMP", pa.string(): "VARCHAR"}
+
+
+def _bound(table: str, held: set[str]) -> str:
+    """The view that stands for ``table``: its snapshot, children only through a visible run or
+    calibration; a column the snapshot lacks (``held``: its columns; a table written before a later
+    revision added the column) reads as NULL."""
+    missing = "".join(f", NULL::{DUCKDB_TYPES[f.type]} AS {f.name}" for f in arrow_schema(table) if f.name not in held)
+    rows = f"SELECT *{missing} FROM _store_{table}"
     if table in RUN_CHILDREN:
-        return f"SELECT * FROM _store_{table} WHERE run_key IN (SELECT run_key FROM _store_runs)"
+        return f"{rows} WHERE run_key IN (SELECT run_key FROM _store_runs)"
     if table in CALIBRATION_CHILDREN:
-        return (f"SELECT * FROM _store_{table} WHERE calibration_id IN "
-                "(SELECT calibration_id FROM _store_calibrations)")
-    return f"SELECT * FROM _store_{table}"
+        return f"{rows} WHERE calibration_id IN (SELECT calibration_id FROM _store_calibrations)"
+    return rows
 
 
 # -- maintenance ---------------------------------------------------------------------------------------

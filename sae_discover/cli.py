@@ -31,11 +31,23 @@ from catalog.errors import CatalogWarning
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
 from sae_discover.drift import table as drift_table
+from sae_discover.drift import to_csv as drift_csv
 from sae_discover.drift.request import DRIFT_FIELDS, DriftRequest
 from sae_discover.errors import USER_ERRORS, CatalogLocked, RequestError
 from sae_discover.features import FEATURE_OPTIONS, feature_text, show_feature
 from sae_discover.inputs import read_lines
-from sae_discover.output import out_format, render_runs, table, tables, write_result, write_results, write_runs
+from sae_discover.output import (
+    out_format,
+    render,
+    render_runs,
+    results_csv,
+    table,
+    tables,
+    to_csv,
+    write_result,
+    write_results,
+    write_runs,
+)
 from sae_discover.registry import Registry
 from sae_discover.report import batch_report, drift_page, run_report, stored_report, write_html
 from sae_discover.request import (
@@ -68,6 +80,12 @@ class Parser(argparse.ArgumentParser):
         match = ARGPARSE_FLAG.match(message)
         line = f"{match.group(1)}: {match.group(2)}" if match else message
         self.exit(2, f"error: {line} (see {self.prog} --help)\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (a library's message, such as transformers' hub error, may span
+    several): the CLI's errors are one ``error: field: message`` line."""
+    return " ".join(str(exc).split())
 
 
 def _help(opt: Option) -> str:
@@ -119,9 +137,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="model dtype; SAE math is always fp32 (default: float32)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads, split between --workers (default: 1 for models under "
-                             f"{SMALL_MODEL_PARAMS // 1_000_000}M parameters, else the cores up to "
-                             f"{MAX_DEFAULT_THREADS})")
+                        help="torch CPU threads, split between the --workers of commands that have them "
+                             f"(default: 1 for models under {SMALL_MODEL_PARAMS // 1_000_000}M parameters, else the "
+                             f"idle cores up to {MAX_DEFAULT_THREADS})")
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -136,18 +154,22 @@ def check_threads(threads: int | None) -> int | None:
 def _output_flags(parser: argparse.ArgumentParser, what: str = "the result") -> None:
     parser.add_argument("--out", help=f"write {what} here (.json, .csv, .html: a report for the browser; .jsonl or "
                                       ".html in batch mode)")
-    parser.add_argument("--format", choices=["json", "csv", "html"], help="output format (default: by --out extension)")
+    parser.add_argument("--format", choices=["json", "csv", "html"],
+                        help="with --out: that file's format (default: its extension); alone: print the result in "
+                             "this format instead of the table")
 
 
 OUT_FORMATS = ("json", "csv", "html")
 
 
-def _html_writer(catalog: Catalog, write: Any, html_of: Any) -> Any:
-    """``write`` for JSON and CSV; for HTML, the report ``html_of(catalog, result)`` written to the file."""
-    def writer(result: dict, out: str, fmt: str | None) -> Path:
-        if out_format(out, fmt, OUT_FORMATS) != "html":
-            return write(result, out, fmt)
-        return write_html(html_of(catalog, result), out)
+def _html_writer(catalog: Catalog, write: Any, html_of: Any, csv_of: Any) -> Any:
+    """``write`` for JSON and CSV; for HTML, the report ``html_of(catalog, result)`` written to the file.
+    With no file (``out`` None: ``--format`` alone) the writer returns the text for standard output."""
+    def writer(result: dict, out: str | None, fmt: str | None) -> Path | str:
+        if out_format(out, fmt, OUT_FORMATS) == "html":
+            html = html_of(catalog, result)
+            return html if out is None else write_html(html, out)
+        return render(result, fmt, csv_of) if out is None else write(result, out, fmt)
     return writer
 
 
@@ -168,7 +190,12 @@ def _fields(ns: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _show(result: dict, ns: argparse.Namespace, as_table: Any, write: Any) -> int:
-    """Print a result as a table; also write it to ``--out`` (as ``--format``) when given."""
+    """Print a result as a table; also write it to ``--out`` (as ``--format``) when given. ``--format``
+    without ``--out`` prints the result in that format instead of the table (for a pipe or ``>``)."""
+    if ns.format and not ns.out:
+        text = write(result, None, ns.format)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
     print(as_table(result))
     if ns.out:
         print(f"wrote {write(result, ns.out, ns.format)}")
@@ -205,7 +232,7 @@ def cmd_discover(argv: list[str]) -> int:
 
         if not 1 <= ns.workers <= MAX_WORKERS:
             raise RequestError("workers", f"expected an integer in [1, {MAX_WORKERS}], got {ns.workers}")
-        out = ns.out or "results/discover_batch.jsonl"
+        out = ns.out or f"results/discover_batch.{'html' if ns.format == 'html' else 'jsonl'}"
         fmt = out_format(out, ns.format if ns.format != "json" else "jsonl", ("jsonl", "html"))
         lines = read_lines(ns.prompts_file)
         disc = _discovery(ns)
@@ -221,7 +248,7 @@ def cmd_discover(argv: list[str]) -> int:
     req = build_request(fields)
     disc = _discovery(ns)
     return _show(disc.discover(req), ns, functools.partial(table, by_hook=not req.merge_across_layers),
-                 _html_writer(disc.catalog, write_result, run_report))
+                 _html_writer(disc.catalog, write_result, run_report, to_csv))
 
 
 def cmd_calibrate(argv: list[str]) -> int:
@@ -329,10 +356,10 @@ def cmd_rank(catalog: Catalog, ns: argparse.Namespace) -> int:
                  "model_id": ns.model_id, "sae_id": ns.sae_id, "mode": ns.mode}
     if len(ns.run_ids) == 1 and not any(selection.values()):
         return _show(rerank(catalog, ns.run_ids[0], options), ns, functools.partial(table, by_hook=by_hook),
-                     _html_writer(catalog, write_result, run_report))
+                     _html_writer(catalog, write_result, run_report, to_csv))
     results = rerank_runs(catalog, select_runs(catalog, ns.run_ids, **selection), options)
     return _show(results, ns, functools.partial(tables, by_hook=by_hook),
-                 _html_writer(catalog, write_results, batch_report))
+                 _html_writer(catalog, write_results, batch_report, results_csv))
 
 
 def cmd_runs(argv: list[str]) -> int:
@@ -477,7 +504,8 @@ def cmd_drift(argv: list[str]) -> int:
     out_format(ns.out, ns.format, OUT_FORMATS)
     source = _discovery(ns) if "prompts" in fields else _catalog(ns)  # stored runs only: no model, no torch
     return _show(drift_report(source, fields, progress=True, allow_sql_filter=True), ns, drift_table,
-                 _html_writer(getattr(source, "catalog", source), write_report, lambda _, report: drift_page(report)))
+                 _html_writer(getattr(source, "catalog", source), write_report, lambda _, report: drift_page(report),
+                              drift_csv))
 
 
 def cmd_serve(argv: list[str]) -> int:
@@ -619,10 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except CatalogLocked as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 3
     except (*USER_ERRORS, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if exc.name not in SCALE_MODULES:

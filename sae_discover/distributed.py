@@ -564,7 +564,7 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
         run_tasks(calibrate_chunk, config, chunks, (spec,), workers, ray_address, ray_address is not None, bar.update)
     cal = spec.calibration_id
     n_tokens, feature_stats, fires = store.calibration_statistics(uri, cal, zip(keys, (i.d_sae for i in infos), strict=True))
-    labels = _lite_labels(uri, loaders, entry, source, hooks, keys, fires) if lite_labels else None
+    labels = _lite_labels(loaders, entry, source, hooks, keys, fires, cal) if lite_labels else None
     store.commit_calibration(uri, f"{job_id}:statistics", {
         "calibration_saes": pa.table({"calibration_id": pa.array([cal] * len(keys), pa.int32()),
                                       "sae_key": pa.array(keys, pa.int32())}),
@@ -581,17 +581,15 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
             "warnings": warnings, "job": job_id, "chunks": len(chunks)}
 
 
-def _lite_labels(uri: str, loaders: Loaders, entry: Any, source: Any, hooks: list[tuple[int, str]],
-                 keys: tuple[int, ...], fires: dict[int, dict[int, list[str]]]) -> pa.Table:
-    """The lite labels of the calibration's SAEs (decoder tokens through this process's model), less
-    those the store already holds for a feature (the store is append-only: the first lite label stays)."""
+def _lite_labels(loaders: Loaders, entry: Any, source: Any, hooks: list[tuple[int, str]], keys: tuple[int, ...],
+                 fires: dict[int, dict[int, list[str]]], calibration_id: int) -> pa.Table:
+    """The lite labels of the calibration's SAEs (decoder tokens through this process's model), each
+    with ``calibration_id``: they belong to this calibration (its model's tokens), as in a local catalog."""
     loaded = loaders.model(entry)
     parts = []
     for (layer, stream), key in zip(hooks, keys, strict=True):
         rows = stats.lite_label_rows(fires[key], *decoder_tokens(loaded, source.load(layer, stream).to(loaded.device)))
         parts.append(rows.append_column("sae_key", pa.array(np.full(rows.num_rows, key, np.int32))))
     labels = pa.concat_tables(parts)
-    idents = list(zip(*(labels[c].to_pylist() for c in ("sae_key", "feature_id", "source")), strict=True))
-    held = store.find_keys(uri, "labels", "sae_key", ("sae_key", "feature_id", "source"), idents)
-    labels = labels.filter(pa.array([ident not in held for ident in idents]))
+    labels = labels.append_column("calibration_id", pa.array(np.full(labels.num_rows, calibration_id, np.int32)))
     return labels.append_column("created_at", pa.array([datetime.now()] * labels.num_rows, pa.timestamp("us")))

@@ -64,7 +64,8 @@ def feature_text(view: dict) -> str:
     """The feature view for the terminal: labels, calibration, decoder tokens, contexts, top runs."""
     lines = [f"feature {view['feature_id']} of {view['sae_id']} layer {view['layer']} {view['stream']}: "
              f"fired in {view['n_runs']} stored run(s)", "", "labels:"]
-    lines += [f"  [{x['source']}] {x['label']}" + ("" if x["score"] is None else f" (score {x['score']:.3g})")
+    lines += [f"  [{x['source']}" + ("" if x.get("calibration_id") is None else f", calibration {x['calibration_id']}")
+              + f"] {x['label']}" + ("" if x["score"] is None else f" (score {x['score']:.3g})")
               for x in view["labels"]] or ["  (none)"]
     cal = view["calibration"]
     lines.append("")

@@ -29,7 +29,7 @@ def source_hook(source: SAESource, hook: tuple[int, str] | None) -> tuple[int, s
         return layer + 1, "resid_pre"
     raise RequestError("layer", f"the file names layer {layer} {stream}, and {source.sae_id!r} has no SAE there "
                                 f"(it has {sorted(source.hooks)}); delphi file names read: "
-                                f"{'; '.join(labels.DELPHI_MODULES)}; or pass --layer and --stream")
+                                f"{'; '.join(labels.DELPHI_MODULES)}; or give layer and stream (--layer, --stream)")
 
 
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
@@ -38,7 +38,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     catalog.require_writable("importing labels")  # before the file is read
     sae_id = source.sae_id
     if (layer is None) != (stream is None):
-        raise RequestError("layer" if layer is None else "stream", "give --layer and --stream together")
+        raise RequestError("layer" if layer is None else "stream", "give layer and stream together (--layer, --stream)")
     rows = labels.parse(path, fmt)
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:
@@ -51,7 +51,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
                 accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \
                     if row.source == "delphi" else ""
                 raise RequestError("layer", f"the file does not say which hook its labels belong to and "
-                                            f"{sae_id!r} has {len(source.hooks)} SAEs; pass --layer and --stream"
+                                            f"{sae_id!r} has {len(source.hooks)} SAEs; give layer and stream (--layer, --stream)"
                                             f"{accepted}")
             hook = next(iter(source.hooks))
         groups.setdefault(hook, []).append(row)

@@ -75,11 +75,15 @@ def check_writable(out: str | Path) -> None:
         raise RequestError("out", f"{path} cannot be written ({exc.strerror or exc})") from exc
 
 
+def render(result: dict | list[dict], fmt: str | None, csv_of: Callable[..., str]) -> str:
+    """A result's text as ``csv_of(result)`` for ``fmt`` csv, else as indented JSON."""
+    return csv_of(result) if fmt == "csv" else json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
 def write_file(result: dict | list[dict], out: str | Path, fmt: str | None, csv_of: Callable[..., str]) -> Path:
     """Write a result as JSON or as ``csv_of(result)`` (by ``fmt``, else by the file's extension)."""
     path = Path(out)
-    fmt = out_format(path, fmt)
-    text = csv_of(result) if fmt == "csv" else json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+    text = render(result, out_format(path, fmt), csv_of)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

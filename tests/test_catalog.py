@@ -21,7 +21,7 @@ VIEW_COLUMNS = {
     "v_activations": ["run_id", "position", "layer", "stream", "sae_id", "feature_id", "act"],
     "v_feature_stats": ["sae_id", "layer", "stream", "feature_id", "p95", "mean", "max", "density", "n_tokens",
                         "p95_all"],
-    "v_labels": ["sae_id", "feature_id", "label", "source", "score"],
+    "v_labels": ["sae_id", "feature_id", "label", "source", "score", "layer", "stream", "sae_key", "calibration_id"],
     "v_top_contexts": ["run_id", "layer", "stream", "sae_id", "feature_id", "position", "act", "token", "n_fired",
                        "rank"],
 }
@@ -277,6 +277,48 @@ def test_migration_0002_keeps_both_p95s_of_an_existing_calibration(tmp_path):
     con = duckdb.connect(str(path), read_only=True)
     again = np.array(con.execute(query.replace("n_tokens", "n_tokens, p95_all")).fetchall())
     np.testing.assert_array_equal(again, after)
+
+
+def test_migration_0009_gives_lite_labels_their_calibration(tmp_path):
+    """Upgrading a 0008 catalog: the stored lite labels (one per feature, written by the SAE's newest
+    calibration, every calibration replaced them) get that calibration's id, imported labels none;
+    downgrade keeps each SAE's newest calibration's lite labels only (one per feature, as before)."""
+    path = tmp_path / "old.duckdb"
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.upgrade(cfg, "0008")
+    old = Catalog(path, migrate=False)
+    try:
+        writes.write_run(old, _run("r1"), MODEL, [sae_info(), sae_info(layer=1)], _tokens(), _acts([(1, 0, 2, 0.5)]))
+        con = old.raw()
+        (model_key,) = con.execute("SELECT model_key FROM models").fetchone()
+        keys = [k for (k,) in con.execute("SELECT sae_key FROM saes ORDER BY layer").fetchall()]
+        cals = [con.execute("INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES "
+                            "(?, 'c', 'h', 1, 4) RETURNING calibration_id", [model_key]).fetchone()[0] for _ in range(3)]
+        # the first SAE: calibrations 1 and 2 (its lite labels are 2's); the second: only calibration 1
+        for cal, key in ((cals[0], keys[0]), (cals[1], keys[0]), (cals[0], keys[1])):
+            con.execute("INSERT INTO feature_stats VALUES (?, ?, 0, 1, 0.5, 2, 0.1, 4, 0)", [cal, key])
+        con.execute("INSERT INTO labels (sae_key, feature_id, label, source, score) VALUES "
+                    "(?, 0, 'fires on \"a\"', 'lite', NULL), (?, 0, 'imported', 'csv', 0.5), "
+                    "(?, 0, 'fires on \"b\"', 'lite', NULL)", [keys[0], keys[0], keys[1]])
+        con.close()
+    finally:
+        old.close()
+    query = "SELECT sae_key, label, source, calibration_id FROM v_labels ORDER BY ALL"
+    Catalog(path).close()  # upgrade head
+    con = duckdb.connect(str(path))
+    assert con.execute(query).fetchall() == [(keys[0], "fires on \"a\"", "lite", cals[1]),
+                                             (keys[0], "imported", "csv", None),
+                                             (keys[1], "fires on \"b\"", "lite", cals[0])]
+    con.execute("INSERT INTO labels (sae_key, feature_id, label, source, calibration_id) VALUES "
+                "(?, 0, 'older', 'lite', ?)", [keys[0], cals[0]])  # another calibration's lite label
+    con.close()
+    command.downgrade(cfg, "0008")
+    con = duckdb.connect(str(path))
+    assert "calibration_id" not in [r[0] for r in con.execute("DESCRIBE labels").fetchall()]
+    assert view_columns(con, "v_labels") == VIEW_COLUMNS["v_labels"][:-1]
+    assert con.execute("SELECT sae_key, label, source FROM v_labels ORDER BY ALL").fetchall() == [
+        (keys[0], "fires on \"a\"", "lite"), (keys[0], "imported", "csv"), (keys[1], "fires on \"b\"", "lite")]
+    con.close()
 
 
 def test_reading_runs_listing_detail_keys_and_ping(catalog):

@@ -70,6 +70,27 @@ def test_runs_rank_reranks_without_the_model(stored):
     assert bad.returncode == 2 and bad.stderr.startswith("error: tau_basis:")
 
 
+def test_format_alone_prints_the_result_in_that_format(stored):
+    """``--format`` without ``--out`` prints the result in that format (not the table), the same text the
+    file would hold; html prints the report."""
+    args = ("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--score_mode", "max",
+            "--return_top_x", "4", "--min_coverage_pct", "0")
+    out = stored["tmp"] / "fmt.json"
+    assert run_cli(*args, "--out", str(out)).returncode == 0
+    printed = run_cli(*args, "--format", "json")
+    assert printed.returncode == 0, printed.stderr
+    as_json, from_file = json.loads(printed.stdout), read_json(out)
+    assert [(f["layer"], f["feature_id"], f["score"]) for f in as_json["features"]] == \
+           [(f["layer"], f["feature_id"], f["score"]) for f in from_file["features"]]
+    csv_out = stored["tmp"] / "fmt.csv"
+    assert run_cli(*args, "--out", str(csv_out)).returncode == 0
+    printed = run_cli(*args, "--format", "csv")
+    assert printed.returncode == 0 and printed.stdout == csv_out.read_text()
+    assert printed.stdout.splitlines()[0].startswith("feature_id,layer,stream,score")
+    html = run_cli(*args, "--format", "html")
+    assert html.returncode == 0 and html.stdout.lstrip().lower().startswith("<!doctype html>")
+
+
 def test_sql_is_read_only(stored):
     proc = run_cli("sql", "SELECT count(*) AS n FROM v_activations", "--db", str(stored["db"]), "--format", "json")
     assert proc.returncode == 0, proc.stderr

@@ -235,6 +235,8 @@ CLI_FAILURES = [  # (extra arguments, field, words)
     (("--sae", "nansae"), "sae_id", "tensor W_enc holds NaN/inf"),
     (("--layers", "1", "--no_such_flag", "3"), "unrecognized arguments", "--help"),
     (("--return_top_x", "many"), "return_top_x", ""),
+    # a hub id that is neither local nor cached, offline: transformers' message spans lines; ours is one
+    (("--model", "no-such-org/no-such-model"), "model_id", "cannot load 'no-such-org/no-such-model'"),
 ]
 
 
@@ -248,7 +250,8 @@ def test_failed_discovery_names_the_field_and_writes_nothing(stored, damaged, ex
     if any(a == "--prompts_file" for a in args):
         defaults.pop("--text")
     flags = [x for k, v in defaults.items() if k not in args for x in (k, v)]
-    proc = run_cli("--registry", str(damaged["registry"]), "--db", str(stored["db"]), *flags, *args)
+    proc = run_cli("--registry", str(damaged["registry"]), "--db", str(stored["db"]), *flags, *args,
+                   env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if field == "unrecognized arguments":
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert proc.stderr.startswith("error: unrecognized arguments: --no_such_flag 3") and words in proc.stderr

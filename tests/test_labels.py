@@ -60,10 +60,19 @@ def test_csv_and_the_best_label_wins(toy_discovery, tmp_path):
     key = con.execute("SELECT sae_key FROM saes WHERE layer = 0").fetchone()[0]
     lite = dict(con.execute("SELECT feature_id, label FROM labels WHERE source = 'lite' AND sae_key = ?", [key]).fetchall())
     assert 4 in lite and 6 in lite and lite[4].startswith(("fires on", "promotes"))
+    (cal,) = con.execute("SELECT DISTINCT calibration_id FROM labels WHERE source = 'lite' AND sae_key = ?",
+                         [key]).fetchone()
+    assert cal == con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [key]).fetchone()[0]
     other = next(f for f in sorted(lite) if f not in (4, 6))
-    features = [{"sae_key": key, "feature_id": f} for f in (4, 6, other)]
+    features = [{"sae_key": key, "feature_id": f, "calibration_id": cal} for f in (4, 6, other)]
     ranking._attach_labels(con, features)
     assert [f["proto_label"] for f in features] == ["strong label", "unscored", lite[other]]
+    assert all("calibration_id" not in f for f in features)
+    # a lite label belongs to its calibration: ranked on another one (or none), the feature has none
+    for other_cal in (cal + 1, None):
+        features = [{"sae_key": key, "feature_id": f, "calibration_id": other_cal} for f in (4, other)]
+        ranking._attach_labels(con, features)
+        assert [f["proto_label"] for f in features] == ["strong label", None]
 
 
 def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
@@ -77,6 +86,39 @@ def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
         toy_discovery.import_labels(big, "toy", layer=0, stream="resid_pre")
     nohook = tmp_path / "nohook.csv"
     nohook.write_text("feature_id,label\n1,ok\n")
-    with pytest.raises(RequestError, match="pass --layer and --stream"):
+    with pytest.raises(RequestError, match=r"give layer and stream \(--layer, --stream\)"):
         toy_discovery.import_labels(nohook, "toy")
     assert toy_discovery.catalog.raw().execute("SELECT count(*) FROM labels").fetchone()[0] == 0
+
+
+def test_lite_labels_belong_to_their_calibration(toy_discovery, toy_demo):
+    """Calibrating the SAE with a second model (a fine-tune, as drift does) adds that calibration's lite
+    labels and leaves the first model's runs with their own: a ranking shows the lite labels of the
+    calibration it used."""
+    from catalog.report import feature_labels
+
+    req = {"sae_id": "toy", "text": "Revenue rose and EPS beat estimates.", "layers": [1], "min_coverage_pct": 0,
+           "return_top_x": 1000}
+    base = toy_discovery.discover(build_request({**req, "model_id": "toy"}))  # first use: calibrates with toy
+    toy_discovery.calibrate("toy-finance", "toy", toy_demo / "calibration.jsonl", hooks=[(1, "resid_pre")])
+    tuned = toy_discovery.discover(build_request({**req, "model_id": "toy-finance"}))
+    again = toy_discovery.discover(build_request({**req, "model_id": "toy"}))
+    assert again["cached"] and base["calibration_id"] != tuned["calibration_id"]
+    con = toy_discovery.catalog.raw()
+    key = con.execute("SELECT sae_key FROM saes WHERE layer = 1 AND stream = 'resid_pre'").fetchone()[0]
+    lite: dict[int, dict[int, str]] = {}
+    for cal, fid, label in con.execute("SELECT calibration_id, feature_id, label FROM v_labels WHERE source = 'lite' "
+                                       "AND sae_key = ?", [key]).fetchall():
+        lite.setdefault(cal, {})[fid] = label
+    assert set(lite) == {base["calibration_id"], tuned["calibration_id"]}
+    for result in (base, again, tuned):
+        shown = {f["feature_id"]: f["proto_label"] for f in result["features"]}
+        assert len(shown) > 10 and shown == {f: lite[result["calibration_id"]].get(f) for f in shown}
+    common = set(lite[base["calibration_id"]]) & set(lite[tuned["calibration_id"]])
+    assert any(lite[base["calibration_id"]][f] != lite[tuned["calibration_id"]][f] for f in common)
+    # a run's report lists only its calibration's lite label; feature show lists both, each with its calibration
+    fid = next(iter(sorted(common)))
+    mine = feature_labels(con, [(key, fid)], {key: base["calibration_id"]})[(key, fid)]
+    assert [(x["label"], x["calibration_id"]) for x in mine] == [(lite[base["calibration_id"]][fid], base["calibration_id"])]
+    every = feature_labels(con, [(key, fid)])[(key, fid)]
+    assert sorted(x["calibration_id"] for x in every) == sorted(lite)

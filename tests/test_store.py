@@ -649,3 +649,32 @@ def test_context_over_a_store_equals_the_local_catalog_on_the_demo(tmp_path):
     finally:
         local.close()
         shared.close()
+
+
+@pytest.mark.parametrize("max_files", [store.PARQUET_MAX_FILES, 0])  # bound by read_parquet / as an Arrow dataset
+def test_a_store_written_before_lite_labels_had_a_calibration_reads_and_takes_them(tmp_path, monkeypatch, max_files):
+    """A store whose ``labels`` table predates ``calibration_id`` (revision 0009): its rows read with the
+    column NULL, and the next append adds the column (Delta schema merge) with the new rows' values."""
+    monkeypatch.setattr(store, "PARQUET_MAX_FILES", max_files)
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    uri = str(tmp_path / "store")
+    os.makedirs(uri)
+    old = pa.schema([f for f in store.arrow_schema("labels") if f.name != "calibration_id"])
+    row = {"sae_key": [1], "feature_id": [3], "label": ["fires on \"x\""], "source": ["lite"], "score": [None]}
+    write_deltalake(store.table_uri(uri, "labels"), pa.table({**row, "created_at": [None]}, schema=old))  # as before
+    store.create_tables(uri)  # the other tables; labels stays as it was
+    assert "calibration_id" not in store.open_table(uri, "labels").schema().to_arrow().names
+    query = "SELECT feature_id, label, calibration_id FROM labels ORDER BY feature_id"
+    snapshot = store.StoreCatalog(uri)
+    try:
+        assert _rows(snapshot, query) == [(3, "fires on \"x\"", None)]
+    finally:
+        snapshot.close()
+    store.append(uri, "labels", pa.table({**row, "feature_id": [4], "label": ["fires on \"y\""], "calibration_id": [7]}))
+    snapshot = store.StoreCatalog(uri)
+    try:
+        assert _rows(snapshot, query) == [(3, "fires on \"x\"", None), (4, "fires on \"y\"", 7)]
+    finally:
+        snapshot.close()
