@@ -19,6 +19,7 @@ from catalog.db import Catalog
 from catalog.errors import UnknownFeature
 from catalog.ranking import calibration_info, marked, token_texts, word_window
 from catalog.report import HIST_BINS, feature_labels, histograms, lite_parts
+from catalog.stats import calibration_for
 
 TOP_RUN_RANK = 10  # a run counts when the feature's mean is among its top 10 features of that SAE
 CONTEXT_WINDOW = 8  # tokens each side of a context's peak (moved to word boundaries, as spans are)
@@ -88,7 +89,7 @@ def _lite(labels: list[dict], calibration: dict | None) -> dict | None:
 def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int) -> dict | None:
     """The feature's statistics and histogram in the newest calibration of its SAE (by any model), with
     that calibration's corpus; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
-    found = [h for key in keys if (h := histograms(con, None, key, [feature_id]).get(feature_id))]
+    found = [h for key in keys if (h := histograms(con, calibration_for(con, key), key, [feature_id]).get(feature_id))]
     if not found:
         return None
     hist = max(found, key=lambda h: h["calibration_id"])

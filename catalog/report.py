@@ -77,13 +77,11 @@ def feature_activations(con: duckdb.DuckDBPyConnection, run_key: int, keys: Sequ
             for k, f, p, acts, at in rows}
 
 
-def histograms(con: duckdb.DuckDBPyConnection, model_key: int | None, sae_key: int, features: Sequence[int],
+def histograms(con: duckdb.DuckDBPyConnection, cal: int | None, sae_key: int, features: Sequence[int],
                bins: int = HIST_BINS) -> dict[int, dict]:
-    """Per feature of one SAE: the histogram of its nonzero activations over the calibration corpus of
-    this model (``bins`` equal bins over (0, max]), the zeros counted apart, and the calibration's p95
-    (τ), p95_all, mean, max and density. Empty when this model never calibrated the SAE; ``model_key``
-    None: the SAE's newest calibration by any model."""
-    cal = calibration_for(con, sae_key, model_key)
+    """Per feature of one SAE: the histogram of its nonzero activations over the corpus of calibration
+    ``cal`` (``bins`` equal bins over (0, max]), the zeros counted apart, and the calibration's p95 (τ),
+    p95_all, mean, max and density. Empty without a calibration (``cal`` None)."""
     if cal is None or not features:
         return {}
     out = {}
@@ -145,21 +143,35 @@ def feature_labels(con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[int, int
     return out
 
 
-def run_report_data(catalog: Catalog, run_key: int, model_key: int, features: Sequence[Feature]) -> dict:
+def ranking_calibrations(con: duckdb.DuckDBPyConnection, sae_keys: Sequence[int], model_key: int,
+                         calibration_id: int | None) -> dict[int, int | None]:
+    """Per SAE, the calibration a run's ranking used, from the one its response names
+    (``calibration_id``: a pinned one, which holds statistics for every SAE, else the newest among the
+    SAEs' own): that one where it holds statistics for the SAE, else the model's newest for it."""
+    held = {int(k) for (k,) in con.execute(
+        "SELECT DISTINCT sae_key FROM feature_stats WHERE calibration_id = ? AND list_contains(?, sae_key)",
+        [calibration_id, list(sae_keys)]).fetchall()} if calibration_id is not None else set()
+    return {k: calibration_id if k in held else calibration_for(con, k, model_key) for k in sae_keys}
+
+
+def run_report_data(catalog: Catalog, run_key: int, model_key: int, features: Sequence[Feature],
+                    calibration_id: int | None = None) -> dict:
     """Everything a run report shows besides the ranking: ``tokens``, and per feature (in the order given,
     as ``features``) its ``positions``/``acts``/``attr`` in the run, its calibration ``histogram``
     (None without a calibration), its ``labels`` and the tokens its decoder ``promotes`` and
-    ``suppresses`` (from the lite label; None without one)."""
+    ``suppresses`` (from the lite label; None without one) — histogram and lite label from the
+    calibrations the ranking used (:func:`ranking_calibrations`; ``calibration_id``: its response's)."""
     by_hook = {(s["layer"], s["stream"]): int(s["sae_key"]) for s in run_saes(catalog, run_key)}
     keys = [(by_hook[(layer, stream)], f) for layer, stream, f in features if (layer, stream) in by_hook]
     con = catalog.raw()
     try:
         tokens = run_tokens(con, run_key)
         acts = feature_activations(con, run_key, keys)
-        labels = feature_labels(con, keys, {k: calibration_for(con, k, model_key) for k in {k for k, _ in keys}})
+        cals = ranking_calibrations(con, sorted({k for k, _ in keys}), model_key, calibration_id)
+        labels = feature_labels(con, keys, cals)
         hists: dict[int, dict[int, dict]] = {}
         for sae_key in sorted({k for k, _ in keys}):
-            hists[sae_key] = histograms(con, model_key, sae_key, [f for k, f in keys if k == sae_key])
+            hists[sae_key] = histograms(con, cals[sae_key], sae_key, [f for k, f in keys if k == sae_key])
     finally:
         con.close()
     out = []

@@ -291,12 +291,10 @@ class StoreCatalog(Catalog):
         self.versions: dict[str, int] = {}
         self._datasets: dict[str, object] = {}  # registered on every cursor (raw)
         files: dict[str, list[str]] = {}  # bound by read_parquet
-        held: dict[str, set[str]] = {}  # each table's columns in its snapshot
         parents = ("runs", "calibrations")  # pinned first: the commit points
         for table in (*parents, *(t for t in STORE_TABLES if t not in parents)):
             delta = open_table(self.store, table, runs_version if table == "runs" else None)
             self.versions[table] = delta.version()
-            held[table] = {f.name for f in delta.schema().fields}
             uris = delta.file_uris()
             if _on_local_disk(self.store) and len(uris) <= PARQUET_MAX_FILES and _plain_files(delta):
                 files[table] = uris
@@ -312,7 +310,8 @@ class StoreCatalog(Catalog):
                 con.execute(_parquet_relation(table, uris))
             for table in STORE_TABLES:
                 con.execute(f"DROP TABLE {table} CASCADE")
-                con.execute(f"CREATE VIEW {table} AS {_bound(table, held[table])}")
+                held = {row[0] for row in con.execute(f"DESCRIBE _store_{table}").fetchall()}  # its snapshot's columns
+                con.execute(f"CREATE VIEW {table} AS {_bound(table, held)}")
         finally:
             con.close()
         self.read_only, self.read_only_reason = True, f"a snapshot of the store {self.store}"

@@ -156,7 +156,8 @@ def _output_flags(parser: argparse.ArgumentParser, what: str = "the result") -> 
                                       ".html in batch mode)")
     parser.add_argument("--format", choices=["json", "csv", "html"],
                         help="with --out: that file's format (default: its extension); alone: print the result in "
-                             "this format instead of the table")
+                             "this format instead of the table (batch mode: the output file's format, json meaning "
+                             "jsonl)")
 
 
 OUT_FORMATS = ("json", "csv", "html")

@@ -292,14 +292,16 @@ def test_migration_0009_gives_lite_labels_their_calibration(tmp_path):
         con = old.raw()
         (model_key,) = con.execute("SELECT model_key FROM models").fetchone()
         keys = [k for (k,) in con.execute("SELECT sae_key FROM saes ORDER BY layer").fetchall()]
-        cals = [con.execute("INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES "
-                            "(?, 'c', 'h', 1, 4) RETURNING calibration_id", [model_key]).fetchone()[0] for _ in range(3)]
-        # the first SAE: calibrations 1 and 2 (its lite labels are 2's); the second: only calibration 1
-        for cal, key in ((cals[0], keys[0]), (cals[1], keys[0]), (cals[0], keys[1])):
+        cals = [con.execute("INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens, created_at) "
+                            "VALUES (?, 'c', 'h', 1, 4, ?) RETURNING calibration_id",
+                            [model_key, f"2026-11-0{day} 12:00:00"]).fetchone()[0] for day in (1, 2, 4)]
+        # the first SAE: calibrations 1 and 2 (its lite labels, made on day 3, are 2's), and 3, made after
+        # them without lite labels; the second SAE: only calibration 1
+        for cal, key in ((cals[0], keys[0]), (cals[1], keys[0]), (cals[2], keys[0]), (cals[0], keys[1])):
             con.execute("INSERT INTO feature_stats VALUES (?, ?, 0, 1, 0.5, 2, 0.1, 4, 0)", [cal, key])
-        con.execute("INSERT INTO labels (sae_key, feature_id, label, source, score) VALUES "
-                    "(?, 0, 'fires on \"a\"', 'lite', NULL), (?, 0, 'imported', 'csv', 0.5), "
-                    "(?, 0, 'fires on \"b\"', 'lite', NULL)", [keys[0], keys[0], keys[1]])
+        con.execute("INSERT INTO labels (sae_key, feature_id, label, source, score, created_at) VALUES "
+                    "(?, 0, 'fires on \"a\"', 'lite', NULL, '2026-11-03'), (?, 0, 'imported', 'csv', 0.5, '2026-11-03'), "
+                    "(?, 0, 'fires on \"b\"', 'lite', NULL, '2026-11-03')", [keys[0], keys[0], keys[1]])
         con.close()
     finally:
         old.close()

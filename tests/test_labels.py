@@ -122,3 +122,16 @@ def test_lite_labels_belong_to_their_calibration(toy_discovery, toy_demo):
     assert [(x["label"], x["calibration_id"]) for x in mine] == [(lite[base["calibration_id"]][fid], base["calibration_id"])]
     every = feature_labels(con, [(key, fid)])[(key, fid)]
     assert sorted(x["calibration_id"] for x in every) == sorted(lite)
+    # a report of the base run ranked on the fine-tune's calibration (pinned): its labels, decoder tokens
+    # and histograms are that calibration's, as the table's proto_label
+    from sae_discover.report.data import stored_section
+
+    pinned = tuned["calibration_id"]
+    for options, cal in (({}, base["calibration_id"]), ({"calibration_id": pinned}, pinned)):
+        section = stored_section(toy_discovery.catalog, base["run_id"], {**options, "min_coverage_pct": 0})
+        assert section["response"]["calibration_id"] == cal and len(section["features"]) > 5
+        for shown, data in zip(section["response"]["features"], section["features"], strict=True):
+            lite_of = [x for x in data["l"] if x["source"] == "lite"]
+            assert [x["calibration_id"] for x in lite_of] == [cal]
+            assert shown["proto_label"] == lite_of[0]["label"] == lite[cal][shown["feature_id"]]
+            assert data["h"]["calibration_id"] == cal

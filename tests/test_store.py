@@ -657,14 +657,20 @@ def test_a_store_written_before_lite_labels_had_a_calibration_reads_and_takes_th
     column NULL, and the next append adds the column (Delta schema merge) with the new rows' values."""
     monkeypatch.setattr(store, "PARQUET_MAX_FILES", max_files)
     import pyarrow as pa
-    from deltalake import write_deltalake
+    from deltalake import DeltaTable, write_deltalake
 
     uri = str(tmp_path / "store")
     os.makedirs(uri)
     old = pa.schema([f for f in store.arrow_schema("labels") if f.name != "calibration_id"])
-    row = {"sae_key": [1], "feature_id": [3], "label": ["fires on \"x\""], "source": ["lite"], "score": [None]}
-    write_deltalake(store.table_uri(uri, "labels"), pa.table({**row, "created_at": [None]}, schema=old))  # as before
+    DeltaTable.create(store.table_uri(uri, "labels"), schema=old)  # as a store made before 0009 has it: empty
     store.create_tables(uri)  # the other tables; labels stays as it was
+    snapshot = store.StoreCatalog(uri)
+    try:  # the catalog's columns, each once
+        assert [r[0] for r in _rows(snapshot, "DESCRIBE labels")] == store.arrow_schema("labels").names
+    finally:
+        snapshot.close()
+    row = {"sae_key": [1], "feature_id": [3], "label": ["fires on \"x\""], "source": ["lite"], "score": [None]}
+    write_deltalake(store.table_uri(uri, "labels"), pa.table({**row, "created_at": [None]}, schema=old), mode="append")
     assert "calibration_id" not in store.open_table(uri, "labels").schema().to_arrow().names
     query = "SELECT feature_id, label, calibration_id FROM labels ORDER BY feature_id"
     snapshot = store.StoreCatalog(uri)
@@ -676,5 +682,6 @@ def test_a_store_written_before_lite_labels_had_a_calibration_reads_and_takes_th
     snapshot = store.StoreCatalog(uri)
     try:
         assert _rows(snapshot, query) == [(3, "fires on \"x\"", None), (4, "fires on \"y\"", 7)]
+        assert [r[0] for r in _rows(snapshot, "DESCRIBE labels")] == store.arrow_schema("labels").names
     finally:
         snapshot.close()

@@ -12,8 +12,10 @@ Revision ID: 0009
 Revises: 0008
 Create Date: 2026-12-02
 
-Existing lite labels: every calibration replaced all of its SAE's lite labels, so the stored ones are
-those of the SAE's newest calibration (the newest with statistics for it); they get its id. Downgrade
+Existing lite labels: a calibration that made lite labels replaced all of its SAE's, and one made
+without them (``--no_lite_labels``) left them alone, so the stored ones are those of the SAE's newest
+calibration made no later than they were; they get its id (the SAE's newest, should the clock say
+none). Downgrade
 keeps, per SAE, the lite labels of its newest calibration only (one per feature, as before) and drops
 the column.
 
@@ -40,8 +42,10 @@ def upgrade() -> None:
     op.execute("DROP VIEW v_labels")
     op.execute("ALTER TABLE labels ADD COLUMN calibration_id INTEGER")
     op.execute("""
-        UPDATE labels l SET calibration_id = (SELECT max(f.calibration_id) FROM feature_stats f
-                                              WHERE f.sae_key = l.sae_key)
+        UPDATE labels l SET calibration_id = coalesce(
+            (SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id)
+             WHERE f.sae_key = l.sae_key AND c.created_at <= l.created_at),
+            (SELECT max(f.calibration_id) FROM feature_stats f WHERE f.sae_key = l.sae_key))
         WHERE l.source = 'lite'""")
     op.execute(f"CREATE VIEW v_labels AS {VIEW_0009}")
 

@@ -26,7 +26,7 @@ def run_section(catalog: Catalog, result: dict) -> dict:
     if run is None:
         raise RequestError("run_id", f"no run {result['run_id']!r} in {catalog.path}")
     features = [(int(f["layer"]), f["stream"], int(f["feature_id"])) for f in result["features"]]
-    data = run_report_data(catalog, run["run_key"], run["model_key"], features)
+    data = run_report_data(catalog, run["run_key"], run["model_key"], features, result.get("calibration_id"))
     shown = []
     for f in data["features"]:
         attr = f["attr"]
