@@ -347,7 +347,21 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
                "warnings": scored.warnings.get(k, [])} for k in run_keys}
     for f in features:
         out[f.pop("run_key")]["features"].append(f)
+    if not opts.merge_across_layers:
+        _say_empty_hooks(out, rows[:n_hooks], opts)
     return out
+
+
+def _say_empty_hooks(out: dict[int, dict], hooks: list[dict], opts: RankOptions) -> None:
+    """Per-hook rankings: a warning for each hook of a run where no feature passed the gates (its block
+    would be missing without a word)."""
+    for row in hooks:
+        ranked = out[row["run_key"]]
+        if not any(f["layer"] == row["layer"] and f["stream"] == row["stream"] for f in ranked["features"]):
+            ranked["warnings"].append(
+                f"min_coverage_pct: no feature of layer {row['layer']} {row['stream']} passed the gates (active, "
+                f"above its τ on at least {opts.min_coverage_pct:g}% of the analyzed tokens); lower min_coverage_pct "
+                "or give tau")
 
 
 FEATURE_COLUMNS = ("run_key", "sae_key", "feature_id", "mean", "max", "coverage", "selectivity", "attribution", "score",

@@ -278,6 +278,7 @@ class ModelCard:
     n_layers: int
     config: object
     d_model: int  # the residual width, from the config (what the catalog records with the model)
+    context_length: int  # the longest sequence it reads (what a run's tokens are truncated at)
 
 
 def read_card(source: str) -> ModelCard:
@@ -297,7 +298,10 @@ def read_card(source: str) -> ModelCard:
     local = Path(source) if Path(source).is_dir() else None
     cfg_dict = config.to_dict()
     cfg_dict["_commit_hash"] = getattr(config, "_commit_hash", None)
-    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config, int(d_model))
+    n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
+    if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx: two fewer usable slots
+        n_ctx -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
+    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config, int(d_model), int(n_ctx))
 
 
 def load_model(model_id: str, path: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:
@@ -313,7 +317,7 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
     if dtype not in DTYPES:
         raise ModelError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
     card = read_card(source)
-    config, family = card.config, card.family
+    family = card.family
     fmap = FAMILIES[family]
     auto = AutoModelForCausalLM if fmap.decoder else AutoModel
     try:  # safetensors only: a pytorch_model.bin would be unpickled
@@ -328,12 +332,8 @@ def load_model(model_id: str, path: str | Path | None = None, device: str = "aut
         raise ModelError("model_id", f"{source!r}: its weights cannot be loaded ({first})") from exc
     model.eval().to(resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(source)
-    text_cfg = getattr(config, "text_config", config)
-    n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
-    if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx: two fewer usable slots
-        n_ctx -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
     return LoadedModel(
         model=model, tokenizer=tokenizer, model_id=model_id, family=family,
         fingerprint=card.fingerprint, n_layers=len(_resolve(model, FAMILIES[family].blocks)),
-        d_model=card.d_model, context_length=int(n_ctx),
+        d_model=card.d_model, context_length=card.context_length,
     )

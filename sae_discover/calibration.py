@@ -68,9 +68,9 @@ class Calibrator:
         self.catalog.require_writable("a calibration")  # refused before the model runs
         entry = self.loaders.entry(model_id)
         source = self.loaders.source(sae_id)
-        hooks = list(hooks or sorted(source.hooks))
         card = self.loaders.card(entry)
-        check_hooks(model_id, card.n_layers, hooks)
+        check_hooks(model_id, card.n_layers, list(hooks or sorted(source.hooks)), None if hooks else sae_id)
+        hooks = list(hooks or sorted(source.hooks))
         docs = read_corpus(corpus)
         loaded = self.loaders.model(entry)
         sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]
@@ -89,11 +89,15 @@ class Calibrator:
                 "warnings": stability_warnings(stats.thin_features(self.catalog, cal_id), tokens.num_rows)}
 
 
-def check_hooks(model_id: str, n_layers: int, hooks: list[tuple[int, str]]) -> None:
-    """Every hook's layer exists in the model (before any weights load)."""
+def check_hooks(model_id: str, n_layers: int, hooks: list[tuple[int, str]], sae_id: str | None = None) -> None:
+    """Every hook's layer exists in the model (before any weights load). ``sae_id``: the hooks were not
+    asked for but are every hook of that SAE source, which the message says (and how to choose)."""
     for layer, _ in hooks:
         if not 0 <= layer < n_layers:
-            raise RequestError("layers", f"layer {layer} is out of range for {model_id} ({n_layers} layers)")
+            origin = "" if sae_id is None else \
+                f" (the SAE source {sae_id!r} has an SAE there; calibrate the others with --layers / --streams)"
+            raise RequestError("layers", f"layer {layer} is out of range for {model_id} "
+                                         f"({n_layers} layers: 0..{n_layers - 1}){origin}")
 
 
 def stability_warnings(per_sae: list[dict], n_tokens: int) -> list[str]:

@@ -153,7 +153,7 @@ def check_threads(threads: int | None) -> int | None:
 
 def _output_flags(parser: argparse.ArgumentParser, what: str = "the result") -> None:
     parser.add_argument("--out", help=f"write {what} here (.json, .csv, .html: a report for the browser; .jsonl or "
-                                      ".html in batch mode)")
+                                      ".html in batch mode, default results/discover_batch.jsonl)")
     parser.add_argument("--format", choices=["json", "csv", "html"],
                         help="with --out: that file's format (default: its extension); alone: print the result in "
                              "this format instead of the table (batch mode: the output file's format, json meaning "
@@ -284,6 +284,10 @@ def cmd_calibrate(argv: list[str]) -> int:
              and (ns.streams is None or h[1] in ns.streams)]
     if not hooks:
         raise RequestError("layers", f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
+    if ns.layers is None and ns.streams is None:  # every SAE of the source: one deeper than the model says so
+        from sae_discover.calibration import check_hooks  # loads torch (ingest): calibrate runs a model anyway
+
+        check_hooks(ns.model_id, loaders.card(loaders.entry(ns.model_id)).n_layers, hooks, ns.sae_id)
     if disc is not None:
         info = disc.calibrate(ns.model_id, ns.sae_id, corpus, hooks, lite_labels=not ns.no_lite_labels, progress=True)
     else:

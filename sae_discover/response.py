@@ -15,6 +15,21 @@ NO_CALIBRATION = ("no calibration for this SAE: τ = 0 (active means act > 0) an
                   "run `python -m sae_discover calibrate` to fix both")
 
 
+def context_notes(run: dict, context_length: int, continuation: str | None) -> list[str]:
+    """Warnings for a run whose sequence reached the model's context length (``run``: its catalog row):
+    a text or prompt cut there (the rest was not analyzed), or a generation that stopped there — the
+    run's tokens say so whenever it is answered, made now or stored."""
+    if run["n_tokens"] < context_length:
+        return []
+    where = f"the model reads at most {context_length} tokens"
+    if run["mode"] == "text":
+        return [f"text: {where}; the text was cut there and its remaining tokens were not analyzed"]
+    if run["mode"] == "prompt+gen" and continuation:
+        return [f"gen_tokens: {where}; generation stopped there, before gen_tokens"]
+    extra = "; nothing was generated" if run["mode"] == "prompt+gen" else ""
+    return [f"prompt: {where}; the prompt was cut there and its remaining tokens were not analyzed{extra}"]
+
+
 class Span(Struct, kw_only=True):
     """A window of tokens around one of the feature's highest activations, at word boundaries;
     ``position`` is [start, end), ``marked`` the text with the peak token in ``[[ ]]``."""

@@ -361,3 +361,24 @@ def test_has_calibration_is_per_model_and_sae_and_writes_nothing(catalog):
     assert stats.has_calibration(catalog, sae_info(4), MODEL.model_id, MODEL.fingerprint)
     assert not stats.has_calibration(catalog, sae_info(4), MODEL.model_id, "other weights")
     assert not stats.has_calibration(catalog, sae_info(4, layer=1), MODEL.model_id, MODEL.fingerprint)
+
+
+def test_a_per_hook_ranking_names_each_hook_where_nothing_passed(catalog):
+    """merge_across_layers false: a hook whose features all miss the gates gets a warning naming it
+    (its block would otherwise be missing without a word); merged rankings, where hooks compete, none."""
+    from catalog import ranking
+
+    saes = [sae_info(layer=0), sae_info(layer=1)]
+    key, _ = writes.write_run(catalog, {**_run("r1"), "layers": [0, 1]}, MODEL, saes, _tokens(),
+                              _acts([(1, 1, 3, 0.5), (2, 1, 5, 1.5), (1, 0, 2, 0.25)]))
+    con = catalog.raw()
+    keys = writes.sae_keys(con, saes)
+    con.close()
+    said = {}
+    for merge in (False, True):
+        got = ranking.rank_run(catalog, key, keys, ranking.RankOptions(
+            merge_across_layers=merge, min_coverage_pct=0, restrict_features=[3, 5], attach_examples=False))
+        assert sorted((f["layer"], f["feature_id"]) for f in got["features"]) == [(1, 3), (1, 5)]
+        said[merge] = [w for w in got["warnings"] if w.startswith("min_coverage_pct: ")]
+    assert said[True] == []
+    assert len(said[False]) == 1 and "no feature of layer 0 resid_pre passed the gates" in said[False][0]

@@ -197,3 +197,38 @@ def test_a_bfloat16_model_generates_captures_and_encodes_in_fp32(tmp_path):
         acts = batch.activations.column("act").to_numpy()
         assert batch.n_kept == 3 and acts.dtype == np.float32 and np.isfinite(acts).all() and len(acts) > 0
         assert np.isfinite(batch.tokens.column("proxy").to_numpy()).all()
+
+
+def test_a_sequence_that_reaches_the_context_length_says_so(toy_registry, catalog, toy_demo):
+    """A text or prompt longer than the model's context is cut there, and a continuation stops there:
+    the answer warns, naming the field, whether the run is made now or read back from the catalog."""
+    import json
+
+    from sae_discover.registry import Registry
+    from sae_discover.request import build_request
+    from sae_discover.service import Discovery
+
+    context = json.loads((toy_demo / "model" / "config.json").read_text())["n_positions"]
+    disc = Discovery(catalog, Registry.load(toy_registry), device="cpu")
+    long = " ".join(["Revenue rose and margins held."] * context)
+    base = {"model_id": "toy", "sae_id": "toy", "min_coverage_pct": 0}
+    tokens = len(disc.loaders.model(disc.loaders.entry("toy")).tokenizer(long)["input_ids"])
+    assert tokens > context
+    words = long.split()
+    short = " ".join(words[: len(words) * (context - 6) // tokens])  # leaves a few positions to generate into
+    cases = [({"text": long}, "text: ", "the text was cut there"),
+             ({"prompt": long, "gen_tokens": 4}, "prompt: ", "nothing was generated"),
+             ({"prompt": long, "generate": False}, "prompt: ", "the prompt was cut there"),
+             ({"prompt": short, "gen_tokens": 64}, "gen_tokens: ", "generation stopped there"),
+             ({"text": "Revenue rose."}, None, None)]
+    for line, field, words_ in cases:
+        for _ in range(2):  # made, then answered from the catalog
+            result = disc.discover(build_request({**base, **line}))
+            said = [w for w in result["warnings"] if "tokens; " in w]
+            if field is None:
+                assert said == [] and result["analyzed"]["total_tokens"] < context
+            else:
+                assert result["analyzed"]["total_tokens"] == context
+                assert len(said) == 1 and said[0].startswith(field) and words_ in said[0], said
+                assert f"at most {context} tokens" in said[0]
+        assert result["cached"]

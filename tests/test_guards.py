@@ -96,3 +96,34 @@ def test_sql_cannot_touch_files_outside_the_catalog(toy_discovery, tmp_path):
     assert proc.returncode == 2 and not out.exists()
     proc = run_cli("sql", "SELECT count(*) FROM v_runs", "--db", db)
     assert proc.returncode == 0 and proc.stdout.splitlines()[1] == "0"
+
+
+def test_calibrating_an_sae_source_with_a_hook_beyond_the_model_says_where_it_comes_from(toy_demo, tmp_path):
+    """``calibrate`` without --layers calibrates every SAE of the source: one deeper than the model is
+    refused naming the source and how to pick the others (nothing written); given --layers, it runs."""
+    import json
+    import shutil
+
+    saes = tmp_path / "saes"
+    shutil.copytree(toy_demo / "saes" / "blocks.1.hook_resid_pre", saes / "blocks.1.hook_resid_pre")
+    shutil.copytree(toy_demo / "saes" / "blocks.1.hook_resid_pre", saes / "blocks.5.hook_resid_pre")
+    cfg = json.loads((saes / "blocks.5.hook_resid_pre" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.5.hook_resid_pre"
+    (saes / "blocks.5.hook_resid_pre" / "cfg.json").write_text(json.dumps(cfg))
+    registry = tmp_path / "reg.toml"
+    registry.write_text(f'[models.toy]\npath = "{toy_demo / "model"}"\n[saes.deep]\npath = "{saes}"\n')
+    db = tmp_path / "c.duckdb"
+    args = ["calibrate", "--model", "toy", "--sae", "deep", "--corpus", str(toy_demo / "calibration.jsonl"),
+            "--registry", str(registry), "--db", str(db), "--device", "cpu"]
+    refused = run_cli(*args)
+    err = refused.stderr.strip()
+    assert refused.returncode == 2 and "\n" not in err, refused.stderr
+    assert err.startswith("error: layers: layer 5 is out of range for toy (2 layers: 0..1) (the SAE source 'deep' ")
+    assert "--layers" in err
+    done = run_cli(*args, "--layers", "1")
+    assert done.returncode == 0, done.stderr
+    cat = Catalog(db, read_only=True)
+    try:
+        assert cat.raw().execute("SELECT count(DISTINCT calibration_id) FROM feature_stats").fetchone() == (1,)
+    finally:
+        cat.close()
