@@ -39,6 +39,16 @@ class RunPlan:
         """The distinct streams of the run's hooks, in order (what the runs row and the response list)."""
         return list(dict.fromkeys(stream for _, stream in self.hooks))
 
+    def bos_notes(self) -> list[str]:
+        """A warning when the run's SAEs disagree on ``prepend_bos``: ingest prepends BOS only when every
+        one of them expects it, so those trained with it see inputs unlike their training."""
+        without = [f"layer {layer} {stream}" for layer, stream in self.hooks
+                   if not self.source.config(layer, stream).prepend_bos]
+        if not without or len(without) == len(self.hooks):
+            return []
+        return [f"hooks: the SAEs disagree on prepend_bos ({', '.join(without)}: false; the others: true); the run "
+                "prepends no BOS token, which the others were trained with — analyze them in separate runs"]
+
     @property
     def spec(self) -> RunSpec:
         """What ingest needs to make this run: the request's run options, its text and hooks."""

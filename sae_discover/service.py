@@ -247,10 +247,10 @@ class Discovery:
                 r["verification"] = self._verify(p, run, r, rank_options(p.req, background))
         texts = runs.run_texts(self.catalog, [run["run_key"] for run in stored])
         rank_s = (time.perf_counter() - t_rank) / len(plans)
-        context = self.loaders.card(first.entry).context_length
         return [discovery_response(p.req, p.run_id, run, p.layers, p.streams, r,
                                    [*(notes if n == 0 else []),  # a first-use calibration is reported once
-                                    *context_notes(run, context, (texts.get(run["run_key"]) or {}).get("continuation"))],
+                                    *p.bos_notes(), *context_notes(run, p.card.context_length,
+                                                                   (texts.get(run["run_key"]) or {}).get("continuation"))],
                                    line_timings(run["timings"], rank_s), texts.get(run["run_key"]))
                 for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True))]
 

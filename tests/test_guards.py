@@ -127,3 +127,31 @@ def test_calibrating_an_sae_source_with_a_hook_beyond_the_model_says_where_it_co
         assert cat.raw().execute("SELECT count(DISTINCT calibration_id) FROM feature_stats").fetchone() == (1,)
     finally:
         cat.close()
+
+
+def test_saes_that_disagree_on_prepend_bos_are_said_in_the_warnings(toy_demo, tmp_path):
+    """Ingest prepends BOS only when every SAE of a run expects it: a run over SAEs that disagree says so
+    (naming the hooks), made or read back; SAEs that agree get no such warning."""
+    import json
+    import shutil
+
+    saes = tmp_path / "saes"
+    shutil.copytree(toy_demo / "saes", saes)
+    cfg_path = saes / "blocks.1.hook_mlp_out" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["prepend_bos"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    registry = tmp_path / "reg.toml"
+    registry.write_text(f'[models.toy]\npath = "{toy_demo / "model"}"\n[saes.mixed]\npath = "{saes}"\n')
+    cat = Catalog(tmp_path / "c.duckdb")
+    disc = Discovery(cat, Registry.load(registry), device="cpu")
+    base = {"model_id": "toy", "sae_id": "mixed", "text": "Revenue rose and margins held.", "layers": [1],
+            "min_coverage_pct": 0}
+    alone = disc.discover(build_request({**base, "streams": ["resid_pre"]}))
+    for _ in range(2):
+        mixed = disc.discover(build_request({**base, "streams": ["resid_pre", "mlp_out"]}))
+        said = [w for w in mixed["warnings"] if w.startswith("hooks: ")]
+        assert len(said) == 1 and "layer 1 mlp_out: false" in said[0] and "no BOS" in said[0]
+        assert mixed["analyzed"]["total_tokens"] == alone["analyzed"]["total_tokens"] - 1  # no BOS
+    assert mixed["cached"] and not [w for w in alone["warnings"] if w.startswith("hooks: ")]
+    cat.close()
