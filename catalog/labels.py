@@ -18,9 +18,11 @@ import gzip
 import json
 import math
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 
@@ -156,12 +158,23 @@ def _json(text: str, where: str, what: str) -> object:
         raise CatalogError("file", f"{where} is nested too deeply") from None
 
 
+def _read(path: Path, opener: Callable[..., IO[str]] = open) -> str:
+    """A label file's text (UTF-8; a byte-order mark dropped), or a one-line error naming ``file``: not
+    UTF-8, a damaged gzip file, unreadable."""
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
+            return fh.read()
+    except UnicodeDecodeError as exc:
+        raise CatalogError("file", f"{path.name}: not UTF-8 text (byte {exc.start})") from None
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a cut file: EOFError
+        raise CatalogError("file", f"{path.name} cannot be read ({exc})") from None
+
+
 def parse_neuronpedia(path: Path) -> list[LabelRow]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
-    with opener(path, "rt") as fh:
-        text = fh.read()
-    lines = text.splitlines()
+    text = _read(path, gzip.open if path.name.endswith(".gz") else open)
+    # newlines only: JSON writes U+2028 and other line breaks str.splitlines knows raw inside strings
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if text.lstrip().startswith("["):  # a JSON array export
         lines = [json.dumps(o) for o in _json(text, path.name, "a JSON array")]
     for number, line in enumerate(lines, 1):
@@ -181,13 +194,13 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
 
 
 def parse_delphi(path: Path) -> list[LabelRow]:
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    files = sorted(f for f in path.glob("*.txt") if f.is_file()) if path.is_dir() else [path]
     rows = []
     for file in files:
         match = DELPHI_NAME.match(file.name)
         if not match:
             continue
-        raw = file.read_text().strip()
+        raw = _read(file).strip()
         try:
             label = json.loads(raw)
         except (ValueError, RecursionError):  # not a JSON string: the text itself
@@ -211,7 +224,7 @@ def parse_csv(path: Path) -> list[LabelRow]:
 
 
 def _parse_csv(path: Path) -> list[LabelRow]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # a byte-order mark (Excel writes one) dropped
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
             raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source]; "

@@ -35,7 +35,7 @@ from sae_discover.drift import to_csv as drift_csv
 from sae_discover.drift.request import DRIFT_FIELDS, DriftRequest
 from sae_discover.errors import USER_ERRORS, CatalogLocked, RequestError
 from sae_discover.features import FEATURE_OPTIONS, feature_text, show_feature
-from sae_discover.inputs import read_lines
+from sae_discover.inputs import file_lines, read_lines
 from sae_discover.output import (
     out_format,
     render,
@@ -242,7 +242,7 @@ def cmd_discover(argv: list[str]) -> int:
         out_path, n_err = run_batch(disc, lines, fields, jsonl, workers=ns.workers)
         print(f"wrote {out_path} ({len(lines)} lines, {len(lines) - n_err} ok, {n_err} failed)")
         if fmt == "html":
-            results = [json.loads(line) for line in Path(out_path).read_text().splitlines() if line.strip()]
+            results = [json.loads(line) for line in file_lines(Path(out_path).read_text()) if line.strip()]
             print(f"wrote {write_html(batch_report(disc.catalog, results), out)}")
         return 1 if n_err else 0  # any failed line: exit 1 (its error is in the output file)
     out_format(ns.out, ns.format, OUT_FORMATS)

@@ -28,13 +28,30 @@ def check_file(path: str | Path, field: str) -> Path:
     return file
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` is not UTF-8 text — a lone surrogate, from a JSON escape (``"\\ud800"``) or from
+    command-line bytes that are not UTF-8 — or None. A tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"expected UTF-8 text; character {exc.start} is a lone surrogate ({text[exc.start]!a})"
+    return None
+
+
+def file_lines(text: str) -> list[str]:
+    """A file's lines: split at newlines only (``str.splitlines`` also splits at U+2028, U+0085 and
+    other characters that JSON writes raw inside strings), a CRLF's CR dropped."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_text_file(path: str | Path, field: str) -> tuple[Path, str]:
-    """The file's text (UTF-8), or a one-line error naming ``field``."""
+    """The file's text (UTF-8; a leading byte-order mark, as Windows editors write, dropped), or a
+    one-line error naming ``field``."""
     file = check_file(path, field)
     try:
         if file.stat().st_size > MAX_INPUT_BYTES:
             raise RequestError(field, f"{file} is larger than {MAX_INPUT_BYTES} bytes")
-        return file, file.read_text(encoding="utf-8")
+        return file, file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise RequestError(field, f"{file} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
@@ -46,14 +63,15 @@ def read_lines(path: str | Path, field: str = "prompts_file") -> list[tuple[int,
     JSON object (the batch reports it in place and goes on). Blank lines are skipped."""
     _, text = read_text_file(path, field)
     out: list[tuple[int, dict | str]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(file_lines(text), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
             out.append((number, obj if isinstance(obj, dict) else f"line {number}: expected a JSON object"))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as exc:  # ValueError: JSON errors, and integers of too many digits
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else \
+                "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
             out.append((number, f"line {number}: not JSON ({reason})"))
     return out
 
@@ -62,7 +80,8 @@ def read_corpus(path: str | Path, field: str = "corpus") -> list[str]:
     """One document per line: plain text, or JSONL with a ``text`` field (SPEC.md)."""
     file, text = read_text_file(path, field)
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = file_lines(text)
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":
@@ -72,8 +91,13 @@ def read_corpus(path: str | Path, field: str = "corpus") -> list[str]:
                 raise RequestError(field, f"{file}:{number} is not JSON ({exc.msg})") from exc
             except RecursionError:
                 raise RequestError(field, f"{file}:{number} is nested too deeply") from None
+            except ValueError as exc:  # an integer of too many digits
+                raise RequestError(field, f"{file}:{number} is not JSON ({str(exc).split(';')[0]})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise RequestError(field, f"{file}:{number} has no string field 'text'")
+            problem = utf8_problem(obj["text"])
+            if problem:
+                raise RequestError(field, f"{file}:{number}: {problem}")
             docs.append(obj["text"])
         else:
             docs.append(line)

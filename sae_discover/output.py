@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,8 +132,20 @@ def _write_analyzed(csv_path: Path, analyzed: dict | list[dict]) -> None:
     side.write_text(json.dumps(analyzed, indent=2, ensure_ascii=False) + "\n")
 
 
+# characters a terminal acts on rather than shows: C0/C1 controls (ESC sequences clear the screen or set
+# the title) and the bidirectional overrides that reorder what is printed after them
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _shown(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS \
+        else ch
+
+
 def clip(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
+    """``text`` on one line for the terminal, cut at ``width`` characters; control and bidi-override
+    characters (from a label file, a prompt) shown escaped, never acted on."""
+    text = "".join(_shown(ch) for ch in " ".join(str(text).split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

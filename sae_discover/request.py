@@ -29,6 +29,7 @@ from typing import Any, Literal
 from catalog.ranking import SCORE_MODES, RankOptions
 from ingest.options import STREAMS, RunOptions, Stream, parse_attribution_target
 from sae_discover.errors import RequestError
+from sae_discover.inputs import utf8_problem
 
 SCORE_MODE_ALIASES = {**{mode: mode for mode in SCORE_MODES}, "mean_x_coverage": "mean×coverage",
                       "mean*coverage": "mean×coverage", "meanxcoverage": "mean×coverage"}
@@ -341,8 +342,22 @@ def _ident(name: str, value: Any) -> str:
     return value.strip()
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in a value (keys and items of a tags object or a list included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def check_value(opt: Option, value: Any, max_text_chars: int = 200_000, max_layers: int = 64) -> Any:
     """One option's value, converted (CLI strings included) and checked against its type and bounds."""
+    problem = next((p for text in _strings(value) if (p := utf8_problem(text))), None)
+    if problem:  # command-line bytes that are not UTF-8, or a JSON escape of half a character
+        raise RequestError(opt.name, problem)
     if opt.kind == "bool":
         return parse_bool(opt.name, value)
     if opt.kind == "int":

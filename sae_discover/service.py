@@ -28,7 +28,7 @@ from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
 from sae_discover.calibration import Calibrator
 from sae_discover.errors import USER_ERRORS, RequestError
-from sae_discover.inputs import check_file, read_corpus
+from sae_discover.inputs import read_corpus
 from sae_discover.labels import import_labels
 from sae_discover.loaders import Loaders
 from sae_discover.plan import RunPlan, plan_run
@@ -261,9 +261,11 @@ class Discovery:
             return verify(self.catalog, loaded, plan, run, ranked, runs.sae_keys_of(self.catalog, plan.saes), opts)
 
     def _check_background_file(self, path: str) -> None:
+        """The background file readable as a corpus, before any run is made (a bad document must not fail
+        the request after its run is stored)."""
         if not self.allow_paths:
             raise RequestError("background_file", "this server does not read files; send background_text")
-        check_file(path, "background_file")
+        read_corpus(path, "background_file")
 
     def background(self, req: DiscoverRequest) -> list[int]:
         """Stored runs of ``background_text`` / ``background_file`` (one document per line) with every

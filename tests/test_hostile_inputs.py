@@ -308,14 +308,86 @@ def test_other_commands_refuse_bad_values_in_one_line(stored, tmp_path):
     ("big.csv", "feature_id,label\n1," + "x" * 200_000 + "\n", "field larger than field limit"),
     ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "is nested too deeply"),
     ("deep_label.jsonl", '{"index": 1, "description": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "is nested too deeply"),
-], ids=["csv-field-over-128KB", "nested-json", "nested-json-in-a-row"])
+    ("cut.jsonl.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03+I-.", "cut.jsonl.gz cannot be read"),
+    ("latin.jsonl", '{"index": 1, "description": "caf\xe9"}\n'.encode("latin-1"), "not UTF-8 text (byte 32)"),
+    ("layers.1_latent5.txt", "caf\xe9".encode("latin-1"), "not UTF-8 text (byte 3)"),
+], ids=["csv-field-over-128KB", "nested-json", "nested-json-in-a-row", "gzip-cut-short", "neuronpedia-latin-1",
+        "delphi-latin-1"])
 def test_cli_label_files_that_cannot_be_read_are_one_line(stored, tmp_path, name, content, words):
     before = snapshot(stored["db"])
-    (tmp_path / name).write_text(content)
+    if isinstance(content, bytes):
+        (tmp_path / name).write_bytes(content)
+    else:
+        (tmp_path / name).write_text(content)
     proc = run_cli("labels", "import", str(tmp_path / name), "--registry", str(stored["registry"]), "--sae", "toy",
                    "--layer", "1", "--stream", "resid_pre", "--db", str(stored["db"]))
     assert_refused(proc, "file", words)
     assert snapshot(stored["db"]) == before
+
+
+def test_files_as_editors_write_them_are_read_line_for_line(stored, tmp_path):
+    """A byte-order mark (Windows editors, Excel), CRLF line ends and U+2028 written raw inside a JSON
+    string (``json.dumps(ensure_ascii=False)`` does) are read; a line with a 5,000-digit integer or a
+    lone surrogate is that line's error, the others' ids stay in place."""
+    lines = [json.dumps({"id": "bom", "text": "Revenue rose."}),
+             json.dumps({"id": "sep", "text": "Costs fell\u2028sharply."}, ensure_ascii=False),
+             '{"id": "big", "text": "x", "return_top_x": ' + "9" * 5000 + "}",
+             json.dumps({"id": "half", "text": "caf\ud800"}),
+             json.dumps({"id": "last", "text": "Margins held."})]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("--registry", str(stored["registry"]), "--db", str(stored["db"]), "--model", "toy", "--sae", "toy",
+                   "--layers", "1", "--prompts_file", str(prompts), "--out", str(out))
+    assert proc.returncode == 1, proc.stderr  # two lines failed, in place
+    got = [json.loads(line) for line in out.read_text().split("\n") if line]  # U+2028 is written raw
+    assert [g.get("id") for g in got] == ["bom", "sep", "3", "half", "last"]  # an unparsed line: its number
+    assert [("error" in g) for g in got] == [False, False, True, True, False]
+    assert "line 3: not JSON (Exceeds the limit" in got[2]["error"]
+    assert got[3]["error"].startswith("text: expected UTF-8 text; character 3 is a lone surrogate")
+    assert got[1]["analyzed"]["text"].startswith("Costs fell")
+    # label files: a BOM before a CSV header; U+2028 inside a Neuronpedia description; a folder named
+    # like a delphi file inside a delphi folder (skipped)
+    (tmp_path / "bom.csv").write_bytes("feature_id,label\n3,with bom\n".encode("utf-8-sig"))
+    (tmp_path / "np.jsonl").write_text(json.dumps({"index": 4, "description": "a\u2028b", "layer": "1-res"},
+                                                  ensure_ascii=False) + "\n")
+    (tmp_path / "delphi").mkdir()
+    (tmp_path / "delphi" / "layers.1_latent5.txt").write_text("weather words")
+    (tmp_path / "delphi" / "layers.1_latent6.txt").mkdir()
+    for name in ("bom.csv", "np.jsonl", "delphi"):
+        proc = run_cli("labels", "import", str(tmp_path / name), "--registry", str(stored["registry"]), "--sae", "toy",
+                       "--layer", "1", "--stream", "resid_pre", "--db", str(stored["db"]))
+        assert proc.returncode == 0 and json.loads(proc.stdout)["imported"] == 1, proc.stderr
+    con = duckdb.connect(str(stored["db"]), read_only=True)
+    try:
+        got = dict(con.execute("SELECT feature_id, label FROM v_labels WHERE source <> 'lite' AND layer = 1 "
+                               "AND feature_id IN (3, 4, 5)").fetchall())
+    finally:
+        con.close()
+    assert got == {3: "with bom", 4: "a\u2028b", 5: "weather words"}
+
+
+def test_text_that_is_not_utf8_is_refused_before_any_run(stored, tmp_path):
+    """Command-line bytes that are not UTF-8 (a lone surrogate in Python), in the text, a tag or a
+    background document, are one line naming the field, refused before any run is stored."""
+    before = snapshot(stored["db"])
+    base = ["--registry", str(stored["registry"]), "--db", str(stored["db"]), "--model", "toy", "--sae", "toy",
+            "--layers", "1"]
+    assert_refused(run_cli(*base, "--text", "caf\udce9"), "text", "expected UTF-8 text; character 3")
+    assert_refused(run_cli(*base, "--text", "ok", "--tags", "k\udce9=v"), "tags", "lone surrogate")
+    background = tmp_path / "bg.jsonl"
+    background.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "bad \ud800"}) + "\n")
+    assert_refused(run_cli(*base, "--text", "Revenue rose again.", "--score_mode", "selectivity", "--background_file",
+                           str(background)), "background_file", "bg.jsonl:2: expected UTF-8 text")
+    assert snapshot(stored["db"]) == before
+
+
+def test_the_terminal_table_shows_control_characters_escaped():
+    """A label or text with ESC sequences (clear the screen, set the title) or a bidi override is
+    shown escaped in the terminal table, not acted on."""
+    from sae_discover.output import clip
+
+    assert clip("a\x1b[2J\x1b]0;t\x07 \u202eb\x7f 👩\u200d💻", 80) == "a\\x1b[2J\\x1b]0;t\\x07 \\u202eb\\x7f 👩\u200d💻"
 
 
 # -- 4. the API: 4xx naming the field, never a 500 -------------------------------------------------
