@@ -334,12 +334,9 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
         raise
     n_hooks = next((i for i, r in enumerate(rows) if r["feature_id"] is not None), len(rows))
     scored = provenance(run_keys, opts, params, rows[:n_hooks])
-    features = [{c: r[c] for c in (*FEATURE_COLUMNS, "calibration_id")} for r in rows[n_hooks:]]
+    features = [{c: r[c] for c in FEATURE_COLUMNS} for r in rows[n_hooks:]]
     if opts.attach_proto_labels:
-        _attach_labels(con, features)
-    else:
-        for f in features:
-            f.pop("calibration_id")
+        _attach_labels(con, features, [r["calibration_id"] for r in rows[n_hooks:]])
     if opts.attach_examples:
         _attach_spans(con, run_keys, features, opts.spans_per_feature, opts.span_window)
     out = {k: {"features": [], "threshold_source": scored.threshold_source[k], "normalization": scored.normalization[k],
@@ -426,10 +423,9 @@ def best_labels_sql(wanted: str) -> str:
         GROUP BY w.sae_key, w.feature_id, w.cal"""
 
 
-def _attach_labels(con, features: list[dict]) -> None:
+def _attach_labels(con, features: list[dict], cals: list[int | None]) -> None:
     """The best label per feature (:func:`best_labels_sql`), lite labels from the calibration its score
-    used (``calibration_id``, which this pops: it is not a feature field)."""
-    cals = [f.pop("calibration_id") for f in features]
+    used (``cals``, one per feature)."""
     if not features:
         return
     wanted = sorted({(f["sae_key"], f["feature_id"], cal) for f, cal in zip(features, cals, strict=True)},

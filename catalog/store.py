@@ -309,9 +309,11 @@ class StoreCatalog(Catalog):
             for table, uris in files.items():
                 con.execute(_parquet_relation(table, uris))
             for table in STORE_TABLES:
-                con.execute(f"DROP TABLE {table} CASCADE")
                 held = {row[0] for row in con.execute(f"DESCRIBE _store_{table}").fetchall()}  # its snapshot's columns
-                con.execute(f"CREATE VIEW {table} AS {_bound(table, held)}")
+                missing = [(name, kind) for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()
+                           if name not in held]  # the catalog's columns (and types) the snapshot lacks
+                con.execute(f"DROP TABLE {table} CASCADE")
+                con.execute(f"CREATE VIEW {table} AS {_bound(table, missing)}")
         finally:
             con.close()
         self.read_only, self.read_only_reason = True, f"a snapshot of the store {self.store}"
@@ -359,16 +361,11 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-DUCKDB_TYPES = {pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN", pa.float64(): "DOUBLE",
-                pa.float32(): "FLOAT", pa.timestamp("us"): "TIMESTAMP", pa.string(): "VARCHAR"}
-
-
-def _bound(table: str, held: set[str]) -> str:
+def _bound(table: str, missing: list[tuple[str, str]]) -> str:
     """The view that stands for ``table``: its snapshot, children only through a visible run or
-    calibration; a column the snapshot lacks (``held``: its columns; a table written before a later
-    revision added the column) reads as NULL."""
-    missing = "".join(f", NULL::{DUCKDB_TYPES[f.type]} AS {f.name}" for f in arrow_schema(table) if f.name not in held)
-    rows = f"SELECT *{missing} FROM _store_{table}"
+    calibration; a column the snapshot lacks (``missing``: name and DuckDB type; a table written before
+    a later revision added the column) reads as NULL."""
+    rows = f"SELECT *{''.join(f', NULL::{kind} AS {name}' for name, kind in missing)} FROM _store_{table}"
     if table in RUN_CHILDREN:
         return f"{rows} WHERE run_key IN (SELECT run_key FROM _store_runs)"
     if table in CALIBRATION_CHILDREN:

@@ -69,8 +69,9 @@ class Calibrator:
         entry = self.loaders.entry(model_id)
         source = self.loaders.source(sae_id)
         card = self.loaders.card(entry)
-        check_hooks(model_id, card.n_layers, list(hooks or sorted(source.hooks)), None if hooks else sae_id)
+        every = not hooks  # none asked for: every SAE of the source, which an error then names
         hooks = list(hooks or sorted(source.hooks))
+        check_hooks(model_id, card.n_layers, hooks, sae_id if every else None)
         docs = read_corpus(corpus)
         loaded = self.loaders.model(entry)
         sae_objs = [source.load(layer, stream).to(loaded.device) for layer, stream in hooks]

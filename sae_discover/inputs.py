@@ -44,6 +44,14 @@ def file_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def json_reason(exc: ValueError | RecursionError) -> str:
+    """Why a line is not JSON, in a few words: the decoder's message, nesting too deep, or (any other
+    ValueError) an integer of more digits than Python converts."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+
+
 def read_text_file(path: str | Path, field: str) -> tuple[Path, str]:
     """The file's text (UTF-8; a leading byte-order mark, as Windows editors write, dropped), or a
     one-line error naming ``field``."""
@@ -69,10 +77,8 @@ def read_lines(path: str | Path, field: str = "prompts_file") -> list[tuple[int,
         try:
             obj = json.loads(line)
             out.append((number, obj if isinstance(obj, dict) else f"line {number}: expected a JSON object"))
-        except (ValueError, RecursionError) as exc:  # ValueError: JSON errors, and integers of too many digits
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else \
-                "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            out.append((number, f"line {number}: not JSON ({reason})"))
+        except (ValueError, RecursionError) as exc:
+            out.append((number, f"line {number}: not JSON ({json_reason(exc)})"))
     return out
 
 
@@ -80,19 +86,16 @@ def read_corpus(path: str | Path, field: str = "corpus") -> list[str]:
     """One document per line: plain text, or JSONL with a ``text`` field (SPEC.md)."""
     file, text = read_text_file(path, field)
     docs = []
-    lines = file_lines(text)
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(file_lines(text), 1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RequestError(field, f"{file}:{number} is not JSON ({exc.msg})") from exc
             except RecursionError:
                 raise RequestError(field, f"{file}:{number} is nested too deeply") from None
-            except ValueError as exc:  # an integer of too many digits
-                raise RequestError(field, f"{file}:{number} is not JSON ({str(exc).split(';')[0]})") from None
+            except ValueError as exc:
+                raise RequestError(field, f"{file}:{number} is not JSON ({json_reason(exc)})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise RequestError(field, f"{file}:{number} has no string field 'text'")
             problem = utf8_problem(obj["text"])

@@ -77,7 +77,7 @@ class Discovery:
             raise RequestError("score_mode", f"{req.score_mode} ranks by attributions, and this run has none: "
                                              "give attribution_target (e.g. continuation or next_tokens)")
         if req.background_file is not None:  # before any run is made for this request
-            self._check_background_file(req.background_file)
+            self._background_docs(req.background_file)
         no_background = req.background_text is None and req.background_file is None and req.background != "batch"
         needs_calibration = req.score_mode in NEEDS_CALIBRATION
         if (needs_calibration or (req.score_mode in NEEDS_BACKGROUND and no_background)) \
@@ -260,20 +260,17 @@ class Discovery:
         with self._forward_lock:
             return verify(self.catalog, loaded, plan, run, ranked, runs.sae_keys_of(self.catalog, plan.saes), opts)
 
-    def _check_background_file(self, path: str) -> None:
-        """The background file readable as a corpus, before any run is made (a bad document must not fail
-        the request after its run is stored)."""
+    def _background_docs(self, path: str) -> list[str]:
+        """The background file's documents; read once before any run is made too (a bad document must
+        not fail the request after its run is stored)."""
         if not self.allow_paths:
             raise RequestError("background_file", "this server does not read files; send background_text")
-        read_corpus(path, "background_file")
+        return read_corpus(path, "background_file")
 
     def background(self, req: DiscoverRequest) -> list[int]:
         """Stored runs of ``background_text`` / ``background_file`` (one document per line) with every
         token kept, over the request's model, SAEs and hooks: selectivity's background (their run keys)."""
-        if req.background_file is not None:
-            self._check_background_file(req.background_file)
-        docs = [req.background_text] if req.background_text is not None \
-            else read_corpus(req.background_file, "background_file")
+        docs = [req.background_text] if req.background_text is not None else self._background_docs(req.background_file)
         reqs = [build_request({"model_id": req.model_id, "sae_id": req.sae_id, "text": doc,
                                **({"hooks": req.hooks} if req.hooks else {"layers": req.layers, "streams": req.streams}),
                                "restrict_features": req.restrict_features,

@@ -64,14 +64,14 @@ def test_csv_and_the_best_label_wins(toy_discovery, tmp_path):
                          [key]).fetchone()
     assert cal == con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [key]).fetchone()[0]
     other = next(f for f in sorted(lite) if f not in (4, 6))
-    features = [{"sae_key": key, "feature_id": f, "calibration_id": cal} for f in (4, 6, other)]
-    ranking._attach_labels(con, features)
+    features = [{"sae_key": key, "feature_id": f} for f in (4, 6, other)]
+    ranking._attach_labels(con, features, [cal] * 3)
     assert [f["proto_label"] for f in features] == ["strong label", "unscored", lite[other]]
-    assert all("calibration_id" not in f for f in features)
+    assert all(set(f) == {"sae_key", "feature_id", "proto_label"} for f in features)
     # a lite label belongs to its calibration: ranked on another one (or none), the feature has none
     for other_cal in (cal + 1, None):
-        features = [{"sae_key": key, "feature_id": f, "calibration_id": other_cal} for f in (4, other)]
-        ranking._attach_labels(con, features)
+        features = [{"sae_key": key, "feature_id": f} for f in (4, other)]
+        ranking._attach_labels(con, features, [other_cal] * 2)
         assert [f["proto_label"] for f in features] == ["strong label", None]
 
 
