@@ -213,7 +213,8 @@ def sql_routes(svc: ApiService) -> list[ControllerRouterHandler]:
         result = svc.sql(data.query, data.limit)
         if csv_asked:
             return Response(sql_csv(result), media_type="text/csv",  # type: ignore[return-value]
-                            headers={"X-Row-Count": str(len(result.rows)), "X-Truncated": str(result.truncated).lower()})
+                            headers={"X-Row-Count": str(len(result.rows)), "X-Truncated": str(result.truncated).lower(),
+                                     "X-Truncated-By": result.truncated_by or ""})
         return Response(msgspec.convert(sql_json(result, data.limit), schemas.SqlResult))
 
     return [sql]

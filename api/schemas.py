@@ -200,7 +200,8 @@ def sql_body(settings: ApiSettings) -> type[Struct]:
                                       description="read-only SQL over the catalog's public views (README, The catalog: "
                                                   "public SQL views); several statements: the last one's result")]),
         ("limit", Annotated[int, Meta(ge=1, le=settings.max_sql_rows,
-                                      description="rows sent back at most (truncated says whether there were more)")],
+                                      description="rows sent back at most (truncated says whether there were more; the "
+                                                  "server's max_sql_bytes also caps an answer)")],
          min(SQL_DEFAULT_ROWS, settings.max_sql_rows)),
         ("format", Annotated[Literal["json", "csv"], Meta(description="json (columns, rows) or csv; default: csv when "
                                                                       "the Accept header asks for text/csv")] | None,
@@ -466,7 +467,8 @@ class SqlResult(Struct, kw_only=True):
     columns: list[SqlColumn]
     rows: list[list[Any]]
     row_count: int
-    truncated: bool  # the result had more rows than limit
+    truncated: bool  # rows were left out: more than limit, or past the server's max_sql_bytes
+    truncated_by: Literal["rows", "bytes"] | None  # which cap left them out (rows: limit)
     limit: int
 
 

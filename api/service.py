@@ -248,13 +248,15 @@ class ApiService:
             con.close()
 
     def sql(self, query: str, limit: int) -> sandbox.QueryResult:
-        """A client's read-only query (POST /v1/sql), at most ``limit`` rows, on its own cursor."""
+        """A client's read-only query (POST /v1/sql), at most ``limit`` rows and ``max_sql_bytes``, on its own
+        cursor."""
         if not self.settings.enable_sql:
             raise ApiError(403, "enable_sql", "SQL over HTTP is off on this server; it answers when started with "
                                               "`serve --enable_sql` (README, SQL over HTTP)")
         con = self.catalog.raw()
         try:
-            return sandbox.run_query(con, query, self.sql_limits, max_rows=limit)
+            return sandbox.run_query(con, query, self.sql_limits, max_rows=limit,
+                                     max_bytes=self.settings.max_sql_bytes)
         finally:
             con.close()
 
@@ -292,7 +294,8 @@ def sql_json(result: sandbox.QueryResult, limit: int) -> dict:
     """A query's result as the API's JSON: typed columns and rows of values (as ``sql --format json`` has them)."""
     return {"columns": [{"name": n, "type": t} for n, t in zip(result.columns or [], result.types, strict=True)],
             "rows": [[sandbox.json_value(v) for v in row] for row in result.rows],
-            "row_count": len(result.rows), "truncated": result.truncated, "limit": limit}
+            "row_count": len(result.rows), "truncated": result.truncated, "truncated_by": result.truncated_by,
+            "limit": limit}
 
 
 def sql_csv(result: sandbox.QueryResult) -> str:

@@ -30,6 +30,7 @@ class ApiSettings:
     max_drift_prompts: int = 200  # prompts per POST /v1/drift
     enable_sql: bool = False  # POST /v1/sql answers only when on (serve --enable_sql; README, SQL over HTTP)
     max_sql_rows: int = 10_000  # rows per POST /v1/sql answer (its body's limit is at most this)
+    max_sql_bytes: int = 64_000_000  # about the values' bytes per POST /v1/sql answer (rows past it are left out)
     sql_timeout_s: float = 30.0  # a POST /v1/sql query running longer is stopped (a 400 naming query)
     sql_memory_limit: str = "2GB"  # with enable_sql: DuckDB's memory limit for the whole served catalog
     device: str = "auto"

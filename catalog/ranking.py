@@ -365,11 +365,17 @@ FEATURE_COLUMNS = ("run_key", "sae_key", "feature_id", "mean", "max", "coverage"
                    "layer", "stream")
 
 
+# the streams of a block in the order the model computes them: per-hook rankings list a layer's hooks so
+STREAM_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+STREAM_POSITION = f"list_position({list(STREAM_ORDER)!r}, stream)"
+
+
 def _ranked_sql(params: dict, merge: bool) -> str:
     """A ranking's one statement: the rows of :data:`PROVENANCE_SQL`, then each run's top ``$top``
-    features of ``feature_scores`` (over all its hooks when ``merge``, else per hook) in ranking order."""
-    rank, order = ("rank", "score DESC, layer, stream, feature_id") if merge \
-        else ("hook_rank", "layer, stream, score DESC, feature_id")
+    features of ``feature_scores`` (over all its hooks when ``merge``, else per hook, the hooks in the
+    model's order) in ranking order."""
+    rank, order = ("rank", f"score DESC, layer, {STREAM_POSITION}, feature_id") if merge \
+        else ("hook_rank", f"layer, {STREAM_POSITION}, score DESC, feature_id")
     return f"""
         WITH hooks AS ({provenance_sql(params)}),
         ranked AS (SELECT {', '.join(FEATURE_COLUMNS)}, calibration_id

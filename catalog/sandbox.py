@@ -12,7 +12,8 @@ back. Every query runs through :func:`run_query`, the one guard for the CLI and 
 - they run inside one ``BEGIN TRANSACTION READ ONLY`` that is always rolled back: a write that hides in
   a query (``nextval()``) is refused by DuckDB, and the query sees one consistent snapshot;
 - under a time limit (:func:`limited`: a timer interrupts the connection, which stops that query only),
-  and with at most ``max_rows`` rows fetched (DuckDB streams the result: the rest is never computed).
+  and with at most ``max_rows`` rows and about ``max_bytes`` of values fetched (DuckDB streams the result:
+  the rest is never computed).
 
 Where the connection comes from is the only difference. The ``sql`` command opens the catalog file
 read-only in a process of its own (:func:`open_user_sql`; :func:`cap_process_memory` also caps what
@@ -115,9 +116,16 @@ def cap_process_memory(limits: Limits) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """A DuckDB error's message on one line, without the echo of the query that follows it (``LINE 1:``
+    and a caret): a message spanning lines (an extension that cannot be loaded says why on its second,
+    a missing table suggests another) keeps all of them."""
+    lines = []
+    for line in str(exc).strip().splitlines():
+        if line.startswith("LINE "):
+            break
+        lines.append(line.strip())
+    return " ".join(line for line in lines if line) or type(exc).__name__
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, limits: Limits) -> duckdb.DuckDBPyConnection:
@@ -142,7 +150,7 @@ def limited(con: duckdb.DuckDBPyConnection, limits: Limits, field: str, work: Ca
                                   f"(raise it with {limits.timeout_hint})") from exc
     except (duckdb.OutOfMemoryException, MemoryError) as exc:
         raise CatalogError(field, f"needs more than the memory limit of {limits.memory_limit} "
-                                  f"(raise it with {limits.memory_hint}): {_first_line(exc)}") from exc
+                                  f"(raise it with {limits.memory_hint}): {_reason(exc)}") from exc
     finally:
         timer.cancel()
 
@@ -159,8 +167,8 @@ def open_user_sql(path: str | Path | None, limits: Limits | None = None) -> duck
         con = duckdb.connect(path, read_only=True, config={"enable_external_access": False})
     except duckdb.Error as exc:
         error = open_error(path, True, exc, f"catalog {path} is held by another process for writing; query it "
-                                            f"through that process or stop it ({_first_line(exc)})")
-        raise (error or CatalogError("db", f"{path} cannot be opened for queries: {_first_line(exc)}")) from exc
+                                            f"through that process or stop it ({_reason(exc)})")
+        raise (error or CatalogError("db", f"{path} cannot be opened for queries: {_reason(exc)}")) from exc
     return lock_down(con, limits)
 
 
@@ -168,7 +176,7 @@ def _statements(con: duckdb.DuckDBPyConnection, query: str) -> list:
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
-        raise CatalogError("query", _first_line(exc)) from exc
+        raise CatalogError("query", _reason(exc)) from exc
     if not statements:
         raise CatalogError("query", "expected a SQL statement (the query is empty or only comments)")
     return statements
@@ -181,12 +189,17 @@ ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementTyp
 @dataclass(frozen=True)
 class QueryResult:
     """The last statement's result: column names and DuckDB type names (None and [] when it returns no
-    result set), its rows (at most ``max_rows``), and whether more rows were left unread."""
+    result set), its rows (at most ``max_rows``, within about ``max_bytes``), and which cap, if any,
+    left rows unread (``"rows"`` or ``"bytes"``)."""
 
     columns: list[str] | None
     types: list[str]
     rows: list[tuple]
-    truncated: bool = False
+    truncated_by: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncated_by is not None
 
 
 def check_statement(statement: duckdb.Statement) -> None:
@@ -209,28 +222,61 @@ def _execute(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement) -> Non
     except (duckdb.InterruptException, duckdb.OutOfMemoryException):
         raise
     except duckdb.Error as exc:
-        raise CatalogError("query", _first_line(exc)) from exc
+        raise CatalogError("query", _reason(exc)) from exc
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None) -> QueryResult:
+FETCH_CHUNK = 1024  # rows fetched at a time while the byte cap is watched
+
+
+def value_bytes(value: Any) -> int:
+    """About what ``value`` takes in a JSON or CSV answer: the length of text and blobs, 8 for a scalar,
+    the sum over a list's or struct's members."""
+    if isinstance(value, str | bytes | bytearray):
+        return len(value)
+    if isinstance(value, list | tuple):
+        return 8 + sum(value_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return 8 + sum(value_bytes(k) + value_bytes(v) for k, v in value.items())
+    return 8
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int | None) -> QueryResult:
+    """At most ``max_rows`` rows, stopping before the row that would take the rows past ``max_bytes`` (a
+    first row larger than that is refused: there is nothing smaller to send)."""
     if con.description is None:
         return QueryResult(None, [], [])
     columns, types = [d[0] for d in con.description], [str(d[1]) for d in con.description]
+    rows: list[tuple] = []
+    size = 0
     try:
-        rows = con.fetchall() if max_rows is None else con.fetchmany(max_rows + 1)
+        while True:
+            want = FETCH_CHUNK if max_rows is None else min(FETCH_CHUNK, max_rows + 1 - len(rows))
+            chunk = con.fetchall() if max_rows is None and max_bytes is None else con.fetchmany(want)
+            for row in chunk:
+                if max_rows is not None and len(rows) == max_rows:
+                    return QueryResult(columns, types, rows, "rows")
+                size += value_bytes(row)
+                if max_bytes is not None and size > max_bytes:
+                    if not rows:
+                        raise CatalogError("query", f"the result's first row alone takes more than the limit of "
+                                                    f"{max_bytes:,} bytes per answer; select less of it "
+                                                    f"(e.g. left(column, n))")
+                    return QueryResult(columns, types, rows, "bytes")
+                rows.append(row)
+            if len(chunk) < want or (max_rows is None and max_bytes is None):
+                return QueryResult(columns, types, rows)
     except (duckdb.InterruptException, duckdb.OutOfMemoryException):
         raise
     except duckdb.Error as exc:
-        raise CatalogError("query", _first_line(exc)) from exc
-    truncated = max_rows is not None and len(rows) > max_rows
-    return QueryResult(columns, types, rows[:max_rows] if truncated else rows, truncated)
+        raise CatalogError("query", _reason(exc)) from exc
 
 
-def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_rows: int | None = None) -> QueryResult:
+def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_rows: int | None = None,
+              max_bytes: int | None = None) -> QueryResult:
     """Run ``query`` (one or more statements; the last one's result is returned) on ``con``, a connection
     made by :func:`lock_down`: every statement checked first (:func:`check_statement`), then all of them
     in one read-only transaction, rolled back after, within ``limits.timeout_s``, at most ``max_rows``
-    rows fetched (None: all)."""
+    rows and about ``max_bytes`` of values fetched (None: no cap)."""
     statements = _statements(con, query)
     for statement in statements:
         check_statement(statement)
@@ -240,7 +286,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_ro
         try:
             for statement in statements:
                 _execute(con, statement)
-            return _fetch(con, max_rows)
+            return _fetch(con, max_rows, max_bytes)
         finally:
             with contextlib.suppress(duckdb.Error):  # an interrupted or failed transaction may be gone already
                 con.execute("ROLLBACK")
@@ -303,7 +349,7 @@ def parse_filter(where: str, field: str) -> duckdb.Expression:
         if spliced is not None and (len(spliced) != 1 or spliced[0].type != duckdb.StatementType.SELECT):
             raise CatalogError(field, "expected one boolean SQL expression over v_runs columns, e.g. "
                                       "\"model_id = 'demo' AND mode = 'text'\"") from exc
-        raise CatalogError(field, f"not a valid SQL filter over v_runs ({_first_line(exc)})") from exc
+        raise CatalogError(field, f"not a valid SQL filter over v_runs ({_reason(exc)})") from exc
 
 
 def _walk(node) -> list[dict]:
@@ -345,7 +391,7 @@ def filter_rows(rows, table: str, where: str, field: str, key: str, limits: Limi
             except (duckdb.InterruptException, duckdb.OutOfMemoryException):
                 raise
             except duckdb.Error as exc:
-                raise CatalogError(field, f"the filter failed over {table} ({_first_line(exc)})") from exc
+                raise CatalogError(field, f"the filter failed over {table} ({_reason(exc)})") from exc
 
         return limited(con, limits, field, run)
     finally:

@@ -118,6 +118,7 @@ class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
     cached: bool
     analyzed: Analyzed
     score_mode: str
+    background: str  # what selectivity, lift and context compare with: calibration, batch or text
     threshold_source: str
     normalization: str
     features: list[Feature]
@@ -146,6 +147,14 @@ def feature_json(f: dict, req: DiscoverRequest) -> dict:
     return out
 
 
+def background_used(req: DiscoverRequest) -> str:
+    """What a ranking's background mean was: ``batch`` (the other runs ranked together), ``text``
+    (background_text / background_file) or ``calibration`` (the corpus' per-token mean)."""
+    if req.background == "batch":
+        return "batch"
+    return "text" if req.background_text is not None or req.background_file is not None else "calibration"
+
+
 def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: list[int], streams: list[str],
                        ranked: dict, notes: list[str], timings: dict[str, float] | None = None,
                        analyzed: dict | None = None) -> dict:
@@ -161,7 +170,8 @@ def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: lis
            "analyzed": {"mode": run["mode"], "tokens": run["n_kept"], "layers": layers, "streams": streams,
                         "total_tokens": run["n_tokens"], "text": analyzed["text"],
                         "continuation": analyzed["continuation"]},
-           "score_mode": req.score_mode, "threshold_source": ranked["threshold_source"],
+           "score_mode": req.score_mode, "background": background_used(req),
+           "threshold_source": ranked["threshold_source"],
            "normalization": ranked["normalization"], "features": [feature_json(f, req) for f in ranked["features"]],
            "warnings": warnings,
            "calibration_id": None if calibration is None else calibration["calibration_id"],

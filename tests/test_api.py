@@ -31,7 +31,8 @@ SEED_BODY = {  # the seed's example body, with the demo's ids, layer and a short
     "gen_tokens": 16, "layers": [2], "streams": ["resid_pre"], "topk_tokens_per_seq": 64, "return_top_x": 25,
     "score_mode": "mean×coverage", "min_coverage_pct": 0.5, "merge_across_layers": True, "attach_examples": True,
     "attach_proto_labels": True, "seed": 42}
-RESPONSE_KEYS = {"model_id", "sae_id", "run_id", "cached", "analyzed", "score_mode", "threshold_source", "normalization",
+RESPONSE_KEYS = {"model_id", "sae_id", "run_id", "cached", "analyzed", "score_mode", "background", "threshold_source",
+                 "normalization",
                  "features", "warnings", "calibration_id", "calibration", "timings"}
 FEATURE_KEYS = {"feature_id", "layer", "stream", "score", "scores", "proto_label", "top_spans"}
 DISCOVER = "/v1/sae/features/discover"
@@ -127,6 +128,7 @@ def test_seed_body_on_the_demo_then_cached(server):
     assert first["analyzed"]["mode"] == "prompt+gen" and first["analyzed"]["layers"] == [2]
     assert 0 < first["analyzed"]["tokens"] <= first["analyzed"]["total_tokens"]
     assert first["threshold_source"] == "calibration_p95" and first["score_mode"] == "mean×coverage"
+    assert first["background"] == "calibration"
     assert 1 <= len(first["features"]) <= 25
     for f in first["features"]:
         assert set(f) == FEATURE_KEYS and set(f["scores"]) == {"mean", "coverage", "max", "selectivity"}

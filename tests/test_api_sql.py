@@ -59,6 +59,9 @@ HOSTILE = [
     ("SELECT * FROM runs; DROP TABLE runs", "write statements are refused (DROP)"),
     ("SELEC 1", "syntax error"),
     ("-- nothing", "expected a SQL statement"),
+    # a message over several lines keeps them all (the reason is on the second), not the query's echo
+    ("SELECT * FROM sqlite_scan('x.db', 't')", "file system operations are disabled by configuration"),
+    ("SELECT * FROM v_runz", 'does not exist! Did you mean "v_runs"?'),
 ]
 COUNTS = ("SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM activations) AS acts, "
           "(SELECT count(*) FROM tokens) AS tokens, (SELECT count(*) FROM duckdb_tables()) AS tables, "
@@ -81,7 +84,7 @@ def served(toy_registry, tmp_path_factory):
         assert as_json.returncode == as_tsv.returncode == 0, as_json.stderr + as_tsv.stderr
         cli[query] = (json.loads(as_json.stdout), as_tsv.stdout)
     srv = Server(db, toy_registry, tmp / "server.log", "--enable_sql", "--sql_timeout_s", str(TIMEOUT_S),
-                 "--sql_memory_limit", "512MB", "--max_sql_rows", "500")
+                 "--sql_memory_limit", "512MB", "--max_sql_rows", "500", "--max_sql_bytes", "200000")
     yield {"server": srv, "cli": cli, "tmp": tmp, "runs": [read_json(tmp / f"{m}.json") for m in ("toy", "toy-finance")]}
     srv.stop()
     assert "unhandled error" not in srv.log.read_text()  # no request ended in a 500
@@ -133,7 +136,7 @@ def test_hostile_queries_are_refused_and_change_nothing(served, query, words):
     before = sql(srv, COUNTS).json()["rows"]
     detail = refused(sql(srv, query.format(out=out)))
     assert words in detail, detail
-    assert "root:" not in detail
+    assert "root:" not in detail and "LINE 1" not in detail
     assert sql(srv, COUNTS).json()["rows"] == before
     assert not out.exists() and not (served["tmp"] / "stolen.csv.duckdb").exists()
 
@@ -156,6 +159,24 @@ def test_the_limits_are_the_servers(served):
     assert len(sql(srv, "SELECT * FROM range(100000)").json()["rows"]) == 500  # the default (1000) capped by max_sql_rows
     as_csv = sql(srv, "SELECT * FROM range(100000)", limit=3, format="csv")
     assert as_csv.text == "range\n0\n1\n2\n" and as_csv.headers["x-truncated"] == "true"
+
+
+def test_an_answer_is_capped_in_bytes_too(served):
+    """Rows of long text stop at the server's max_sql_bytes (200,000 here), whatever the row limit."""
+    srv = served["server"]
+    body = sql(srv, "SELECT i, repeat('y', 30000) AS s FROM range(100) t(i)", limit=50).json()
+    # each row takes 30,000 (text) + 8 (the integer): 6 rows fit in 200,000, the 7th would not
+    assert [r[0] for r in body["rows"]] == list(range(6)) and body["rows"][0][1] == "y" * 30000
+    assert body["truncated"] is True and body["truncated_by"] == "bytes" and body["row_count"] == 6
+    by_rows = sql(srv, "SELECT * FROM range(10)", limit=4).json()
+    assert by_rows["truncated_by"] == "rows" and by_rows["row_count"] == 4
+    whole = sql(srv, "SELECT * FROM range(4)", limit=4).json()
+    assert whole["truncated"] is False and whole["truncated_by"] is None and whole["row_count"] == 4
+    as_csv = sql(srv, "SELECT repeat('z', 90000) AS s FROM range(5)", format="csv")
+    assert as_csv.text == "s\n" + ("z" * 90000 + "\n") * 2
+    assert as_csv.headers["x-truncated"] == "true" and as_csv.headers["x-truncated-by"] == "bytes"
+    detail = refused(sql(srv, "SELECT repeat('x', 300000) AS s"))
+    assert "first row alone takes more than the limit of 200,000 bytes" in detail
 
 
 @pytest.mark.parametrize(("body", "field"), [

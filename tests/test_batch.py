@@ -96,6 +96,7 @@ def test_a_batch_background_contrasts_each_line_with_the_whole_files_other_lines
         sums[run][f] += act
     for row in rows:
         run = row["run_id"]
+        assert row["background"] == "batch"  # the result says what selectivity compared with
         others = [r for r in n_kept if r != run]
         background = sum(sums[r] for r in others) / sum(n_kept[r] for r in others)
         mean = sums[run] / n_kept[run]

@@ -363,6 +363,27 @@ def test_has_calibration_is_per_model_and_sae_and_writes_nothing(catalog):
     assert not stats.has_calibration(catalog, sae_info(4, layer=1), MODEL.model_id, MODEL.fingerprint)
 
 
+def test_a_per_hook_ranking_lists_a_layers_hooks_in_the_models_order(catalog):
+    """merge_across_layers false: within a layer, resid_pre, attn_out, mlp_out, resid_post — where the
+    block reads them — not the streams' alphabetical order; layers ascending."""
+    from dataclasses import replace
+
+    from catalog import ranking
+
+    streams = ["resid_post", "mlp_out", "resid_pre", "attn_out"]
+    saes = [replace(sae_info(), stream=s, hook_name=f"blocks.0.hook_{s}") for s in streams] + [sae_info(layer=1)]
+    acts = [(1, i, 3, 1.0 + i) for i in range(len(saes))]
+    key, _ = writes.write_run(catalog, {**_run("r-order"), "layers": [0, 1], "streams": streams}, MODEL, saes,
+                              _tokens(), _acts(acts))
+    con = catalog.raw()
+    keys = writes.sae_keys(con, saes)
+    con.close()
+    got = ranking.rank_run(catalog, key, keys, ranking.RankOptions(
+        merge_across_layers=False, min_coverage_pct=0, attach_examples=False))
+    assert [(f["layer"], f["stream"]) for f in got["features"]] == [
+        (0, "resid_pre"), (0, "attn_out"), (0, "mlp_out"), (0, "resid_post"), (1, "resid_pre")]
+
+
 def test_a_per_hook_ranking_names_each_hook_where_nothing_passed(catalog):
     """merge_across_layers false: a hook whose features all miss the gates gets a warning naming it
     (its block would otherwise be missing without a word); merged rankings, where hooks compete, none."""

@@ -140,6 +140,7 @@ def test_selectivity_against_a_background_text(toy_demo, toy_discovery):
                          "layers": [1], "topk_tokens_per_seq": 1000, "return_top_x": 1000, "min_coverage_pct": 0,
                          "score_mode": "selectivity", "background_text": background})
     result = toy_discovery.discover(req)
+    assert result["background"] == "text"
     tok = AutoTokenizer.from_pretrained(toy_demo / "model")
     sae_dir = toy_demo / "saes" / "blocks.1.hook_resid_pre"
 
