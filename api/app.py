@@ -30,6 +30,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
 
 from api import schemas
+from api.body import check_body
 from api.errors import EXCEPTION_HANDLERS, ApiError
 from api.report import report_routes
 from api.service import ApiService, sql_csv, sql_json
@@ -49,6 +50,7 @@ def _error(description: str) -> ResponseSpec:
 
 ERRORS = {400: _error("Bad input: detail says `<field>: <what was expected>`, field names it"),
           413: _error("Request body larger than the server accepts"),
+          415: _error("Body not sent as JSON (Content-Type: application/json); field is content-type"),
           500: _error("Unexpected server error (details in the server log only)")}
 NOT_FOUND = {404: _error("No such run in the catalog")}
 READ_ONLY = {409: _error("The catalog is read-only (serve --read_only, or its file is not writable, or serve --store: "
@@ -144,7 +146,7 @@ def feature_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     unknown = {404: _error("The catalog holds no such SAE, hook or feature id (field: sae_id, layer, stream or "
                            "feature_id)")}
 
-    @get("/v1/features/{sae_id:str}/{layer:int}/{stream:str}/{feature_id:int}", sync_to_thread=True,
+    @get("/v1/features/{sae_id:str}/{layer:str}/{stream:str}/{feature_id:str}", sync_to_thread=True,
          tags=["features"], responses={**ERRORS, **unknown}, summary="One feature across the stored runs")
     def show_feature(sae_id: Annotated[str, Parameter(description=schemas.API_HELP["sae_id"], min_length=1,
                                                       max_length=schemas.ID_MAX)],
@@ -244,6 +246,13 @@ def refuse_unknown_query(request: Request) -> None:
         raise ApiError(400, unknown[0], "unknown query parameter; the request schema is at /schema/openapi.json")
 
 
+async def check_request(request: Request) -> None:
+    """Before every API route: its query string (:func:`refuse_unknown_query`), then its body, if it
+    takes one (:func:`api.body.check_body`)."""
+    refuse_unknown_query(request)
+    await check_body(request)
+
+
 def docs_config() -> tuple[OpenAPIConfig, list[ControllerRouterHandler]]:
     """The OpenAPI config with interactive docs (Swagger UI at /schema) that work offline: their assets
     come from the installed ``swagger-ui-py`` package, served under /schema/assets, never from a CDN."""
@@ -285,7 +294,7 @@ def create_app(catalog_path: str | Path | None = None, registry_path: str | Path
     handlers = [h for factory in [*ROUTES, *extra_routes] for h in factory(svc)]
     openapi_config, docs_routes = docs_config()
     app = Litestar(
-        route_handlers=[Router("/", route_handlers=handlers, before_request=refuse_unknown_query), *docs_routes],
+        route_handlers=[Router("/", route_handlers=handlers, before_request=check_request), *docs_routes],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         on_shutdown=[lambda: svc.close()],  # Litestar passes the app to hooks that take arguments
         openapi_config=openapi_config,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -21,7 +22,8 @@ from sae_discover.errors import USER_ERRORS, CatalogLocked
 
 log = logging.getLogger("sae_discover.api")
 UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")  # msgspec's wording for a body key it refuses
-INT_OUT_OF_RANGE = "Integer value out of range"  # msgspec's wording for a JSON integer beyond 64 bits
+# msgspec's wording for a JSON integer beyond 64 bits, and for a number beyond a float's range (1e400)
+OUT_OF_RANGE = ("Integer value out of range", "Number out of range")
 
 
 class ApiError(Exception):
@@ -67,16 +69,20 @@ def _holds(value: Any, marker: object) -> bool:
     return any(_holds(v, marker) for v in items)
 
 
-def huge_integer_field(body: bytes) -> str | None:
-    """The top-level field of a JSON body that holds an integer beyond 64 bits, which the decoder refuses
-    naming only ``$[...]``: the body read again by Python's parser, which hands over integers as text."""
+def huge_number_field(body: bytes) -> str | None:
+    """The top-level field of a JSON body that holds an integer beyond 64 bits or a number beyond a float's
+    range, which the decoder refuses naming only ``$[...]``: the body read again by Python's parser, which
+    hands over numbers as text."""
     marker = object()
 
     def parse_int(text: str) -> object:
         return marker if len(text) > 20 or not -2**63 <= int(text) < 2**64 else 0
 
+    def parse_float(text: str) -> object:
+        return marker if math.isinf(float(text)) else 0.0
+
     try:
-        data = json.loads(body, parse_int=parse_int)
+        data = json.loads(body, parse_int=parse_int, parse_float=parse_float)
     except (ValueError, RecursionError):
         return None
     fields = [k for k, v in data.items() if _holds(v, marker)] if isinstance(data, dict) else []
@@ -90,13 +96,14 @@ def on_http(request: Request, exc: HTTPException) -> Response:
         return error_response(exc.status_code, "internal error; see the server log")
     if exc.status_code == 413:
         return error_response(413, f"body: larger than this server accepts ({exc.detail})", "body")
-    if exc.status_code == 400 and INT_OUT_OF_RANGE in str(exc.detail):
+    if exc.status_code == 400 and any(words in str(exc.detail) for words in OUT_OF_RANGE):
         body = ScopeState.from_scope(request.scope).body
-        field = huge_integer_field(body) if isinstance(body, bytes) else None
+        field = huge_number_field(body) if isinstance(body, bytes) else None
         if field is not None:
-            return error_response(400, f"{field}: expected an integer that fits in 64 bits", field)
-    if exc.status_code == 400:  # e.g. malformed JSON
-        return error_response(400, f"body: {exc.detail}", "body")
+            return error_response(400, f"{field}: expected a number within range (an integer that fits in 64 "
+                                       "bits, a float below 1.8e308)", field)
+    if exc.status_code == 400:  # malformed JSON
+        return error_response(400, f"body: expected valid JSON ({exc.detail})", "body")
     allow = (exc.headers or {}).get("allow")  # a 405 says which methods the path takes (RFC 9110)
     return error_response(exc.status_code, str(exc.detail), headers={"Allow": allow} if allow else None)
 

@@ -229,10 +229,13 @@ FETCH_CHUNK = 1024  # rows fetched at a time while the byte cap is watched
 
 
 def value_bytes(value: Any) -> int:
-    """About what ``value`` takes in a JSON or CSV answer: the length of text and blobs, 8 for a scalar,
+    """About what ``value`` takes in a JSON answer (more than in CSV): text as JSON writes it in UTF-8
+    (a control character escaped takes 6 bytes, ``é`` 2), a blob as its text, 8 for any other scalar,
     the sum over a list's or struct's members."""
-    if isinstance(value, str | bytes | bytearray):
-        return len(value)
+    if isinstance(value, str):
+        return len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return len(str(value))
     if isinstance(value, list | tuple):
         return 8 + sum(value_bytes(v) for v in value)
     if isinstance(value, dict):
@@ -269,6 +272,8 @@ def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int 
         raise
     except duckdb.Error as exc:
         raise CatalogError("query", _reason(exc)) from exc
+    except (OverflowError, ValueError) as exc:  # a value Python cannot hold (an interval of 1e9 days)
+        raise CatalogError("query", f"a value of the result cannot be read back ({exc}); cast it to VARCHAR") from exc
 
 
 def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_rows: int | None = None,
@@ -328,8 +333,13 @@ def json_value(value: Any) -> Any:
 
 
 def text_value(value: Any) -> str:
-    """A query result's value in a text table (TSV, CSV): its Python text, empty for null."""
-    return "" if value is None else str(value)
+    """A query result's value in a text table (TSV, CSV): empty for null, a list or struct as its JSON
+    (as :func:`json_value` has it, not Python's ``[None]``), anything else its Python text."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(json_value(value), ensure_ascii=False)
+    return str(value)
 
 
 # -- filters: one boolean expression over the rows of one table ------------------------------------

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, fields
 
 from catalog.writes import ModelInfo, SAEInfo
+from ingest.errors import SAEError
 from ingest.models import ENCODERS, ModelCard
 from ingest.options import RunOptions, parse_attribution_target, resolve_token_proxy
 from ingest.run import RunSpec
@@ -18,7 +19,7 @@ from ingest.saes.sources import SAESource
 from sae_discover.errors import RequestError
 from sae_discover.loaders import Loaders, tokenizer_fingerprint
 from sae_discover.registry import ModelEntry
-from sae_discover.request import DiscoverRequest
+from sae_discover.request import DiscoverRequest, check_restrict_features
 
 
 @dataclass
@@ -95,7 +96,10 @@ def resolve_hooks(req: DiscoverRequest, entry: ModelEntry, card: ModelCard, sour
             raise RequestError(field_name, f"layer {layer} is out of range for {req.model_id} "
                                            f"({card.n_layers} layers: 0..{card.n_layers - 1})")
     for layer, stream in hooks:
-        source.folder(layer, stream)  # raises with the list of hooks the source has
+        try:
+            source.folder(layer, stream)  # raises with the list of hooks the source has
+        except SAEError as exc:
+            raise SAEError("hooks", exc.message) if req.hooks else exc from None
     return layers, hooks
 
 
@@ -147,10 +151,6 @@ def plan_run(loaders: Loaders, req: DiscoverRequest) -> RunPlan:
     source = loaders.source(req.sae_id)
     layers, hooks = resolve_hooks(req, entry, card, source)
     saes = sae_infos(source, hooks)
-    for info in saes:
-        beyond = [f for f in req.restrict_features if f >= info.d_sae]
-        if beyond:
-            raise RequestError("restrict_features", f"feature {beyond[0]} is beyond the {info.d_sae} features of "
-                                                    f"the SAE for layer {info.layer} {info.stream}")
+    check_restrict_features(req.restrict_features, saes)
     return RunPlan(req, entry, card, source, layers, hooks, saes,
                    run_id(req, card, saes, tokenizer_fingerprint(entry.source), loaders.precision()))

@@ -301,6 +301,9 @@ def parse_tags(value: Any) -> dict[str, str]:
     for key, val in tags.items():
         if not isinstance(key, str) or not key.strip() or len(key) > MAX_TAG_KEY:
             raise RequestError("tags", f"expected keys of 1 to {MAX_TAG_KEY} characters, got {key!r}")
+        if ":" in key or "=" in key:  # a tag filter (KEY=VALUE, KEY:VALUE) could never select it
+            raise RequestError("tags", f"expected keys without ':' or '=' (they part key and value in tag filters), "
+                                       f"got {key!r}")
         if not isinstance(val, str | int | float | bool) or (isinstance(val, float) and not math.isfinite(val)):
             raise RequestError("tags", f"{key}: expected a string, number or boolean, got {val!r}")
         text = tag_value(val)
@@ -316,6 +319,16 @@ def parse_tag_filter(name: str, value: str, sep: str) -> tuple[str, str]:
     if not found or not key.strip() or len(key) > MAX_TAG_KEY:
         raise RequestError(name, f"expected KEY{sep}VALUE, got {value!r}")
     return key.strip(), val.strip()
+
+
+def check_restrict_features(features: list[int], saes: typing.Iterable[Any]) -> None:
+    """Refuse a restrict set with a feature id beyond an SAE's dictionary (``saes``: objects with
+    ``d_sae``, ``layer`` and ``stream``, as a run plan and a stored run have them)."""
+    for info in saes:
+        beyond = [f for f in features if f >= info.d_sae]
+        if info.d_sae and beyond:
+            raise RequestError("restrict_features", f"feature {beyond[0]} is beyond the {info.d_sae} features of "
+                                                    f"the SAE for layer {info.layer} {info.stream}")
 
 
 def _choice(opt: Option, value: Any) -> str:

@@ -14,7 +14,7 @@ from catalog.errors import CatalogError
 from catalog.ranking import RankOptions, rank_runs
 from catalog.writes import SAEInfo
 from sae_discover.errors import RequestError
-from sae_discover.request import RERANK_FIELDS, DiscoverRequest, build_request
+from sae_discover.request import RERANK_FIELDS, DiscoverRequest, build_request, check_restrict_features
 from sae_discover.response import discovery_response
 
 
@@ -106,6 +106,20 @@ def _run_sae_infos(catalog: Catalog, run_key: int) -> tuple[SAEInfo, ...]:
                  for s in runs.run_saes(catalog, run_key))
 
 
+def _say_lone_runs(stored: list[dict], groups: list[tuple[tuple, list[int]]]) -> None:
+    """``background: batch`` over runs that fall into several groups (another model, other SAEs or
+    another restrict set): a run alone in its group has nothing to be contrasted with; name it and why."""
+    largest_key, _ = max(groups, key=lambda g: len(g[1]))
+    for key, members in groups:
+        if len(members) == 1:
+            what = [name for name, mine, theirs in zip(("model", "SAEs", "restrict set"), key, largest_key, strict=True)
+                    if mine != theirs]
+            raise RequestError("background", f"batch contrasts runs of the same model, SAEs and restrict set; run "
+                                             f"{stored[members[0]]['run_id']} was made with another "
+                                             f"{' and '.join(what)} than the others and is alone in its group — "
+                                             "leave it out or rank it with background calibration")
+
+
 def rerank_runs(catalog: Catalog, stored: list[dict], options: dict) -> list[dict]:
     """Rank stored runs (their ``runs`` rows) again with the same ranking options, one response each,
     in order. Runs of the same model, SAEs and restrict set are ranked together, as batch mode groups
@@ -113,9 +127,13 @@ def rerank_runs(catalog: Catalog, stored: list[dict], options: dict) -> list[dic
     _check_rerank_options(options)
     reqs = [_run_request(run, options) for run in stored]
     saes = {run["run_key"]: _run_sae_infos(catalog, run["run_key"]) for run in stored}
+    for run, req in zip(stored, reqs, strict=True):
+        check_restrict_features(req.restrict_features, saes[run["run_key"]])
     groups: dict[tuple, list[int]] = {}
     for i, (run, req) in enumerate(zip(stored, reqs, strict=True)):
         groups.setdefault((run["model_id"], saes[run["run_key"]], tuple(req.restrict_features)), []).append(i)
+    if reqs and reqs[0].background == "batch" and len(groups) > 1:
+        _say_lone_runs(stored, list(groups.items()))
     ranked: list[dict] = [{}] * len(stored)
     for (_, group_saes, _), members in groups.items():
         out = rank_stored(catalog, [stored[i]["run_key"] for i in members], list(group_saes), reqs[members[0]])

@@ -7,6 +7,7 @@ are easy to cross. The last test stops it and reads the catalog file directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -204,7 +205,8 @@ def test_bad_bodies_are_4xx_naming_the_field(server):
         ({**base, "layers": [9]}, "layers"),  # the toy model has 2 layers
         ({**base, "layers": "one"}, "layers"),
         ({**base, "streams": ["resid_mid"]}, "streams"),
-        ({**base, "streams": ["mlp_out"], "layers": [0]}, "layers/streams"),  # no SAE at that hook
+        ({**base, "streams": ["mlp_out"], "layers": [0]}, "streams"),  # no SAE at that hook, one at the layer
+        ({**base, "hooks": [[0, "mlp_out"]]}, "hooks"),
         ({**base, "restrict_features": [2**40]}, "restrict_features"),
         ({**base, "topk_tokens_per_seq": 0}, "topk_tokens_per_seq"),
         ({**base, "return_top_x": 51}, "return_top_x"),
@@ -229,9 +231,30 @@ def test_bad_bodies_are_4xx_naming_the_field(server):
         ({**base, "model_id": None}, "model_id"),
         ({**base, "background_file": "/etc/passwd"}, "background_file"),
         ({**base, "background_text": "y" * 2001}, "background_text"),
+        # values Litestar's lenient conversion would take, of another JSON type than the schema's
+        ({**base, "gen_tokens": "16"}, "gen_tokens"),
+        ({**base, "gen_tokens": 16.0}, "gen_tokens"),
+        ({**base, "generate": 1}, "generate"),
+        ({**base, "merge_across_layers": "true"}, "merge_across_layers"),
+        ({**base, "layers": ["0"]}, "layers"),
+        ({**base, "restrict_features": ["5"]}, "restrict_features"),
+        ({**base, "tau": "1"}, "tau"),
     ]
     for body, field in cases:
         assert_error(server.client.post(DISCOVER, json=body), 400, field)
+    assert "expected int, got str" in server.client.post(DISCOVER, json={**base, "gen_tokens": "16"}).json()["detail"]
+    # a body not sent as JSON is refused before anything runs: a web page's text/plain POST (no CORS preflight)
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = server.client.post(DISCOVER, content=json.dumps(base).encode(), headers=headers)
+        assert_error(r, 415, "content-type")
+    as_json = server.client.post(DISCOVER, content=json.dumps({**base, "gen_tokens": 33}).encode(),
+                                 headers={"content-type": "application/json; charset=utf-8"})
+    assert_error(as_json, 400, "gen_tokens")  # read as JSON: refused for its value, over this server's limit
+    empty = server.client.post(DISCOVER, content=b"", headers={"content-type": "application/json"})
+    assert empty.json()["detail"] == "body: expected a JSON object, got an empty body"
+    r = server.client.post(DISCOVER, content=b'{"model_id": "toy", "prompt": "x", "tau": 1e400}',
+                           headers={"content-type": "application/json"})
+    assert_error(r, 400, "tau")
     for raw in (b"not json", b"[1, 2]", b'"a string"', b"", b"{\"prompt\": \"unterminated"):
         r = server.client.post(DISCOVER, content=raw, headers={"content-type": "application/json"})
         assert_error(r, 400, "body")

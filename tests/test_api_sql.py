@@ -62,6 +62,7 @@ HOSTILE = [
     # a message over several lines keeps them all (the reason is on the second), not the query's echo
     ("SELECT * FROM sqlite_scan('x.db', 't')", "file system operations are disabled by configuration"),
     ("SELECT * FROM v_runz", 'does not exist! Did you mean "v_runs"?'),
+    ("SELECT '1 day'::INTERVAL * 1e9 AS v", "cannot be read back"),  # Python's timedelta cannot hold it
 ]
 COUNTS = ("SELECT (SELECT count(*) FROM runs) AS runs, (SELECT count(*) FROM activations) AS acts, "
           "(SELECT count(*) FROM tokens) AS tokens, (SELECT count(*) FROM duckdb_tables()) AS tables, "
@@ -128,6 +129,8 @@ def test_the_runs_and_types_are_what_was_stored(served):
     assert [c["type"] for c in typed["columns"]] == ["DECIMAL(4,2)", "DATE", "INTEGER[]", "STRUCT(k VARCHAR)",
                                                      '"NULL"', "DOUBLE", "VARCHAR"]
     assert typed["rows"] == [["1.50", "2024-02-29", [1, 2], {"k": "v"}, None, None, 'a,b"c']]
+    as_csv = list(csv.reader(io.StringIO(sql(served["server"], QUERIES[3], format="csv").text)))
+    assert as_csv[1] == ["1.50", "2024-02-29", "[1, 2]", '{"k": "v"}', "", "nan", 'a,b"c']  # lists, structs: JSON
 
 
 @pytest.mark.parametrize(("query", "words"), HOSTILE)
@@ -165,7 +168,7 @@ def test_an_answer_is_capped_in_bytes_too(served):
     """Rows of long text stop at the server's max_sql_bytes (200,000 here), whatever the row limit."""
     srv = served["server"]
     body = sql(srv, "SELECT i, repeat('y', 30000) AS s FROM range(100) t(i)", limit=50).json()
-    # each row takes 30,000 (text) + 8 (the integer): 6 rows fit in 200,000, the 7th would not
+    # each row takes 30,002 (the text in JSON's quotes) + 8 (the integer): 6 rows fit in 200,000, the 7th not
     assert [r[0] for r in body["rows"]] == list(range(6)) and body["rows"][0][1] == "y" * 30000
     assert body["truncated"] is True and body["truncated_by"] == "bytes" and body["row_count"] == 6
     by_rows = sql(srv, "SELECT * FROM range(10)", limit=4).json()
@@ -175,6 +178,9 @@ def test_an_answer_is_capped_in_bytes_too(served):
     as_csv = sql(srv, "SELECT repeat('z', 90000) AS s FROM range(5)", format="csv")
     assert as_csv.text == "s\n" + ("z" * 90000 + "\n") * 2
     assert as_csv.headers["x-truncated"] == "true" and as_csv.headers["x-truncated-by"] == "bytes"
+    # counted as JSON writes it: a control character escaped takes 6 bytes, so 20,000 of them 120,002
+    escaped = sql(srv, "SELECT repeat(chr(1), 20000) AS s FROM range(3)").json()
+    assert escaped["row_count"] == 1 and escaped["truncated_by"] == "bytes"
     detail = refused(sql(srv, "SELECT repeat('x', 300000) AS s"))
     assert "first row alone takes more than the limit of 200,000 bytes" in detail
 

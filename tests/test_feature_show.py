@@ -219,7 +219,10 @@ def test_api_feature_route(stored, toy_registry, tmp_path):
                  (f"/v1/features/toy/{LAYER}/resid/{fid}", 400, "stream"),
                  (f"/v1/features/toy/{LAYER}/{STREAM}/100000", 404, "feature_id"),
                  (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?limit=0", 400, "limit"),
-                 (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?limt=3", 400, "limt")]
+                 (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?limt=3", 400, "limt"),
+                 (f"/v1/features/toy/{LAYER}/{STREAM}/abc", 400, "feature_id"),  # not a bare 404: the field named
+                 (f"/v1/features/toy/one/{STREAM}/{fid}", 400, "layer"),
+                 (f"/v1/features/toy/{LAYER}/{STREAM}/-1", 400, "feature_id")]
         for url, status, field in cases:
             assert_error(srv.client.get(url), status, field)
         assert "/v1/features/{sae_id}/{layer}/{stream}/{feature_id}" in srv.client.get("/schema/openapi.json").json()[

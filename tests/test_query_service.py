@@ -37,7 +37,7 @@ def test_tags_are_checked_and_not_part_of_the_run_id():
     assert parse_tags({"domain": "finance", "n": 3, "ok": True, "x": 2.5}) == \
         {"domain": "finance", "n": "3", "ok": "true", "x": "2.5"}
     for bad in ({"a": {"nested": 1}}, {"a": [1]}, {"": "x"}, {"k" * 101: "x"}, {f"k{i}": i for i in range(65)},
-                ["novalue"], {"a": float("nan")}):
+                ["novalue"], {"a": float("nan")}, {"a:b": "c"}, {"a=b": "c"}):  # filters split at ':' / '='
         with pytest.raises(RequestError) as err:
             parse_tags(bad)
         assert err.value.field == "tags"

@@ -168,3 +168,31 @@ def test_the_api_ranks_several_runs_together(stored, tmp_path):
         assert_error(srv.client.post("/v1/runs/rank", json={"run_ids": [ids["a"]], **body}), 400, "background")
     finally:
         srv.stop()
+
+
+def test_a_run_alone_in_its_group_is_named_and_a_restrict_set_is_checked(stored, tmp_path):
+    """A batch background over runs of different restrict sets: the run that has no one to be contrasted
+    with is named, with why; a restrict set beyond the SAE is refused as discovery refuses it."""
+    import shutil
+
+    db = tmp_path / "c.duckdb"
+    shutil.copy(stored["db"], db)
+    made = run_cli("--registry", str(stored["registry"]), "--db", str(db), "--model", "toy", "--sae", "toy",
+                   "--layers", "1", "--text", TEXTS[0][2], "--restrict_features", "1", "2", "3",
+                   "--out", str(tmp_path / "r.json"))
+    assert made.returncode == 0, made.stderr
+    restricted = read_json(tmp_path / "r.json")["run_id"]
+    ids = stored["ids"]
+    proc = run_cli("runs", "rank", ids["a"], ids["b"], restricted, *BATCH, "--db", str(db))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: background: batch contrasts runs of the same model, SAEs and restrict "
+                                  f"set; run {restricted} was made with another restrict set"), proc.stderr
+    con = duckdb.connect(str(db), read_only=True)
+    (d_sae,) = con.execute("SELECT max(d_sae) FROM saes").fetchone()
+    con.close()
+    beyond = run_cli("runs", "rank", ids["a"], "--restrict_features", str(d_sae), "--db", str(db))
+    assert beyond.returncode == 2, beyond.stderr
+    assert beyond.stderr.startswith(f"error: restrict_features: feature {d_sae} is beyond the {d_sae} features"), \
+        beyond.stderr
+    inside = run_cli("runs", "rank", ids["a"], "--restrict_features", str(d_sae - 1), "--db", str(db))
+    assert inside.returncode == 0, inside.stderr

@@ -122,6 +122,10 @@ def test_gemmascope2_config_json_names_the_hook(tmp_path):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(SAEError, match=r"has no SAE for layer 4 mlp_out; it has: layer 3 mlp_out, layer 7 resid_post"):
         src.folder(4, "mlp_out")
+    for layer, stream, missing in ((4, "mlp_out", "layers"), (3, "resid_pre", "streams")):  # the field to change
+        with pytest.raises(SAEError) as err:
+            src.folder(layer, stream)
+        assert err.value.field == missing
 
 
 def test_gemmascope_layout_words_sidecar_and_refusals(tmp_path):

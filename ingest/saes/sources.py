@@ -98,7 +98,9 @@ class SAESource:
     def folder(self, layer: int, stream: str) -> Path:
         if (layer, stream) not in self.hooks:
             have = ", ".join(f"layer {lyr} {s}" for lyr, s in sorted(self.hooks)) or "none"
-            raise SAEError("layers/streams", f"SAE source {self.sae_id!r} has no SAE for layer {layer} {stream}; "
+            # the stream is what is missing where the source has other streams of that layer
+            missing = "streams" if any(lyr == layer for lyr, _ in self.hooks) else "layers"
+            raise SAEError(missing, f"SAE source {self.sae_id!r} has no SAE for layer {layer} {stream}; "
                            f"it has: {have}")
         return self.hooks[(layer, stream)]
 
