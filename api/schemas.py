@@ -274,6 +274,7 @@ class RunDetail(RunSummary, kw_only=True):
 
 class LabelsImported(Struct, kw_only=True):
     imported: int
+    replaced: int  # earlier labels of the same source at those hooks, replaced by this import
     hooks: list[list[int | str]]
 
 

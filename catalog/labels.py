@@ -255,22 +255,24 @@ def parse(path: str | Path, fmt: str | None = None) -> list[LabelRow]:
 
 
 def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace: Sequence[str] | None = None,
-                 calibration_id: int | None = None) -> int:
+                 calibration_id: int | None = None) -> tuple[int, int]:
     """Import labels (feature_id int, label str, source str, score float|null) for one or more SAEs,
     all in one transaction (a bad group leaves nothing behind). Importing a source again replaces that
     source's labels for the SAE rather than adding duplicates: ``replace`` names the sources to clear
     (default: the sources present in the rows). ``calibration_id``: the calibration the labels were
     made from (lite labels: they depend on its model), whose labels of those sources they replace;
-    None for imported labels, which belong to the SAE."""
-    total = 0
+    None for imported labels, which belong to the SAE. Returns the labels written and those replaced."""
+    total = replaced = 0
     with transaction(catalog, "importing labels") as con:
         for sae, rows in groups:
             (key,) = sae_keys(con, [sae])
             sources = list(replace) if replace is not None else sorted(set(rows.column("source").to_pylist()))
             if sources:
-                con.execute("DELETE FROM labels WHERE sae_key = ? AND list_contains(?, source) "
-                            "AND calibration_id IS NOT DISTINCT FROM ?", [key, sources, calibration_id])
+                (gone,) = con.execute("DELETE FROM labels WHERE sae_key = ? AND list_contains(?, source) "
+                                      "AND calibration_id IS NOT DISTINCT FROM ?", [key, sources, calibration_id]
+                                      ).fetchone()
+                replaced += gone
             cal = {} if calibration_id is None else {"calibration_id": calibration_id}
             append_rows(con, "labels", rows.select(["feature_id", "label", "source", "score"]), sae_key=key, **cal)
             total += rows.num_rows
-    return total
+    return total, replaced

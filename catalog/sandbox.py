@@ -98,8 +98,15 @@ def size_bytes(size: str) -> int:
     return int(float(number) * UNITS[unit.lower()])
 
 
+# address space reserved beyond the cap's share for the query: thread stacks and malloc arenas (the
+# time limit's timer thread, DuckDB's workers) reserve far more than they touch
+ADDRESS_HEADROOM = 256 << 20
+
+
 def cap_process_memory(limits: Limits) -> None:
-    """Cap this process's address space at what it uses now plus twice the memory limit (Linux).
+    """Cap this process's address space at what it uses now plus twice the memory limit plus
+    :data:`ADDRESS_HEADROOM` (Linux); called once the catalog is open, so what DuckDB reserves for
+    itself (its worker threads) is in "what it uses now".
 
     DuckDB's memory limit governs its buffer manager, not every allocation (a ``repeat()`` of a
     billion characters, the Python rows of a huge result); the cap makes those fail as out of memory
@@ -112,7 +119,7 @@ def cap_process_memory(limits: Limits) -> None:
             used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
     except (ImportError, OSError, StopIteration):
         return
-    cap = used + 2 * size_bytes(limits.memory_limit)
+    cap = used + 2 * size_bytes(limits.memory_limit) + ADDRESS_HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
@@ -122,7 +129,7 @@ def _reason(exc: BaseException) -> str:
     a missing table suggests another) keeps all of them."""
     lines = []
     for line in str(exc).strip().splitlines():
-        if line.startswith("LINE "):
+        if line.startswith(("LINE ", "Possible solutions:")):  # the query's echo, DuckDB's tuning advice
             break
         lines.append(line.strip())
     return " ".join(line for line in lines if line) or type(exc).__name__
@@ -300,13 +307,17 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: Limits, max_ro
 
 
 def run_user_sql(path: str | Path | None, query: str, limits: Limits | None = None,
-                 con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[str] | None, list[tuple]]:
+                 con: duckdb.DuckDBPyConnection | None = None, cap_memory: bool = False
+                 ) -> tuple[list[str] | None, list[tuple]]:
     """The ``sql`` command: ``query`` run by :func:`run_query` on the catalog at ``path`` (None: the default
     catalog) opened read-only, within ``limits``; returns the last statement's column names and rows (None
     and [] when it returns no result set). ``con``: a connection to run it on instead (a store snapshot's,
-    held in memory), locked down here."""
+    held in memory), locked down here. ``cap_memory``: :func:`cap_process_memory` once it is open (a
+    process that does nothing else)."""
     limits = limits or Limits()
     con = lock_down(con, limits) if con is not None else open_user_sql(path, limits)
+    if cap_memory:
+        cap_process_memory(limits)
     try:
         result = run_query(con, query, limits)
     finally:

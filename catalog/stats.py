@@ -140,8 +140,9 @@ def write_lite_labels(catalog: Catalog, calibration_id: int, sae: SAEInfo, promo
         fires = dict(con.execute(LITE_FIRES_SQL, {"cal": calibration_id, "sae": key, "top": top}).fetchall())
     finally:
         con.close()
-    return write_labels(catalog, [(sae, lite_label_rows(fires, promotes, suppresses))], replace=["lite"],
-                        calibration_id=calibration_id)
+    written, _ = write_labels(catalog, [(sae, lite_label_rows(fires, promotes, suppresses))], replace=["lite"],
+                              calibration_id=calibration_id)
+    return written
 
 
 def lite_label_rows(fires: dict[int, list[str]], promotes: dict[int, list[str]],

@@ -68,6 +68,7 @@ from sae_discover.stored import rerank, rerank_runs, select_runs, show_run
 SUBCOMMANDS = ("calibrate", "runs", "sql", "labels", "drift", "serve", "feature", "ingest", "store")
 MAX_WORKERS = 64  # model worker processes in batch mode
 RUN_ID = re.compile(r"^[0-9a-f]{6,64}$")  # a run id or a prefix of one (catalog.runs.resolve_run_id)
+HEX_WORD = re.compile(r"^[0-9a-fA-F]+$")
 LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more values
 ARGPARSE_FLAG = re.compile(r"^argument (?:-\w+/)?--?(\w+)(?:/[^:]*)?: (.*)$")
 
@@ -151,13 +152,14 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
-def _output_flags(parser: argparse.ArgumentParser, what: str = "the result") -> None:
-    parser.add_argument("--out", help=f"write {what} here (.json, .csv, .html: a report for the browser; .jsonl or "
-                                      ".html in batch mode, default results/discover_batch.jsonl)")
+def _output_flags(parser: argparse.ArgumentParser, what: str = "the result", batch: bool = False) -> None:
+    batch_out = "; .jsonl or .html in batch mode, default results/discover_batch.jsonl" if batch else ""
+    batch_format = " (batch mode: the output file's format, json meaning jsonl)" if batch else ""
+    parser.add_argument("--out", help=f"write {what} here (.json, .csv, .html: a report for the browser{batch_out}); "
+                                      "the extension gives the format")
     parser.add_argument("--format", choices=["json", "csv", "html"],
-                        help="with --out: that file's format (default: its extension); alone: print the result in "
-                             "this format instead of the table (batch mode: the output file's format, json meaning "
-                             "jsonl)")
+                        help="alone: print the result in this format instead of the table; with --out: must agree "
+                             f"with its extension{batch_format}")
 
 
 OUT_FORMATS = ("json", "csv", "html")
@@ -181,7 +183,7 @@ def discover_parser() -> argparse.ArgumentParser:
     add_options(p, options(DiscoverRequest), skip=("id",))
     p.add_argument("--prompts_file", help="JSONL: one object per line with prompt or text (+ overrides, id)")
     p.add_argument("--workers", type=int, default=1, help="batch mode: model worker processes feeding one writer")
-    _output_flags(p)
+    _output_flags(p, batch=True)
     _common(p)
     return p
 
@@ -412,13 +414,12 @@ def cmd_sql(argv: list[str]) -> int:
                    help=f"stop the query after this many seconds (default: {sandbox.DEFAULT_TIMEOUT_S:g})")
     ns = p.parse_args(argv)
     limits = sandbox.Limits(ns.memory_limit, ns.timeout_s)
-    sandbox.cap_process_memory(limits)  # this process only runs the query
-    if ns.store:
+    if ns.store:  # this process only runs the query: its memory is capped (cap_memory)
         from catalog.store import StoreCatalog  # deltalake (the scale extra): only --store imports it
 
-        columns, rows = sandbox.run_user_sql(None, ns.query, limits, con=StoreCatalog(ns.store).raw())
+        columns, rows = sandbox.run_user_sql(None, ns.query, limits, con=StoreCatalog(ns.store).raw(), cap_memory=True)
     else:
-        columns, rows = sandbox.run_user_sql(ns.db, ns.query, limits)
+        columns, rows = sandbox.run_user_sql(ns.db, ns.query, limits, cap_memory=True)
     if columns is None:
         return 0
     if ns.format == "json":
@@ -478,19 +479,24 @@ def drift_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cli_runs(tokens: list[str] | None) -> list[str] | str | None:
-    """Run ids, or the words of one SQL filter over v_runs."""
+def _cli_runs(name: str, tokens: list[str] | None) -> list[str] | str | None:
+    """Run ids, or the words of one SQL filter over v_runs. Words that are all hex digits are meant as
+    run ids: one shorter than a run id prefix is refused (as a filter, ``4`` would select every run)."""
     if not tokens:
         return None
     if all(RUN_ID.match(t) for t in tokens):
         return tokens
+    short = [t for t in tokens if HEX_WORD.match(t) and not RUN_ID.match(t)]
+    if short and all(HEX_WORD.match(t) for t in tokens):
+        raise RequestError(name, f"expected run ids or unique prefixes of at least 6 hex characters (or a SQL filter "
+                                 f"over v_runs), got {short[0]!r}")
     return " ".join(tokens)
 
 
 def drift_fields(ns: argparse.Namespace) -> dict:
     """The request fields of a parsed ``drift`` command line (the prompts file read in)."""
     data = _fields(ns, tuple(n for n in DRIFT_FIELDS if n not in ("prompts", "base_runs", "tuned_runs")))
-    data["base_runs"], data["tuned_runs"] = _cli_runs(ns.base_runs), _cli_runs(ns.tuned_runs)
+    data["base_runs"], data["tuned_runs"] = _cli_runs("base_runs", ns.base_runs), _cli_runs("tuned_runs", ns.tuned_runs)
     if ns.prompts_file:
         prompts = []
         for number, obj in read_lines(ns.prompts_file):

@@ -1,8 +1,10 @@
 """AutoInterp label import: a parsed label file (``catalog.labels``) → the labels of each SAE hook it names.
 
-Each row's hook comes from ``layer``/``stream`` when given, else from the file (Neuronpedia's ``layer``
-field, delphi's module, CSV columns), else from the source when it has one SAE. One transaction for the
-whole file.
+Each row's hook comes from the file (Neuronpedia's ``layer`` field, delphi's module, CSV columns), else
+from ``layer``/``stream`` (which also place rows whose file hook the source has no SAE for), else from the
+source when it has one SAE; a file hook the source has that ``layer``/``stream`` contradict is refused.
+One transaction for the whole file; it replaces earlier labels of the same source at the hooks it
+touches (the result counts them).
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ def source_hook(source: SAESource, hook: tuple[int, str] | None) -> tuple[int, s
                                 f"{'; '.join(labels.DELPHI_MODULES)}; or give layer and stream (--layer, --stream)")
 
 
+def _row_hook(source: SAESource, named: tuple[int, str] | None, layer: int | None, stream: str | None
+              ) -> tuple[int, str] | None:
+    """A row's hook: the one its file names (:func:`source_hook`), else ``layer``/``stream``, which also
+    place a row whose named hook the source lacks; a named hook the source has that differs from the
+    given one is refused (it would move labels to another SAE without a word)."""
+    if layer is None or stream is None:
+        return source_hook(source, named)
+    if named is None:
+        return layer, stream
+    try:
+        resolved = source_hook(source, named)
+    except RequestError:
+        return layer, stream
+    if resolved != (layer, stream):
+        read_by = "" if resolved == named else f" (read by the SAE of layer {resolved[0]} {resolved[1]})"
+        raise RequestError("layer", f"the file names layer {named[0]} {named[1]}{read_by} and layer/stream say layer "
+                                    f"{layer} {stream}; drop --layer and --stream to use the file's hooks")
+    return resolved
+
+
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
                   layer: int | None = None, stream: str | None = None) -> dict:
     """Import an AutoInterp label file for the SAEs of ``source``."""
@@ -45,7 +67,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
         if row.sae is not None and row.sae != sae_id:
             raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
                                       "(split the file, or import it once per SAE)")
-        hook = (layer, stream) if layer is not None and stream is not None else source_hook(source, row.hook)
+        hook = _row_hook(source, row.hook, layer, stream)
         if hook is None:
             if len(source.hooks) != 1:
                 accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \
@@ -66,5 +88,5 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
             "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
             "label": [r.label for r in group], "source": [r.source for r in group],
             "score": pa.array([r.score for r in group], pa.float64())})))
-    n = labels.write_labels(catalog, batches)
-    return {"imported": n, "hooks": [list(h) for h in sorted(groups)]}
+    n, replaced = labels.write_labels(catalog, batches)
+    return {"imported": n, "replaced": replaced, "hooks": [list(h) for h in sorted(groups)]}

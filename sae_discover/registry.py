@@ -83,7 +83,10 @@ class Registry:
             return self.models[model_id]
         if not allow_paths:
             raise RequestError("model_id", f"unknown model id {model_id!r}; registered: {', '.join(sorted(self.models))}")
-        return ModelEntry(model_id, model_id)  # a local directory or a hub id
+        if _looks_like_path(model_id) and not Path(model_id).expanduser().is_dir():
+            raise RequestError("model_id", f"{model_id!r} is neither a registered model id nor an existing "
+                                           f"directory (registered: {', '.join(sorted(self.models))})")
+        return ModelEntry(model_id, os.path.expanduser(model_id))  # a local directory or a hub id
 
     def sae(self, sae_id: str, allow_paths: bool) -> SAEEntry:
         if sae_id in self.saes:
@@ -93,3 +96,9 @@ class Registry:
         if not Path(sae_id).exists():
             raise RequestError("sae_id", f"{sae_id!r} is neither a registered SAE id nor an existing path")
         return SAEEntry(sae_id, sae_id)
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """A model id written as a path (absolute, ``./``, ``../``, ``~``) rather than a hub id (``org/name``):
+    a missing one is said plainly, not as the hub's complaint about the id's form."""
+    return model_id.startswith(("/", "./", "../", "~", ".\\")) or model_id in (".", "..")

@@ -358,7 +358,10 @@ def test_labels_import_from_content(server):
     r = server.client.post("/v1/labels/import", json={"sae_id": "toy", "format": "csv", "content": csv,
                                                       "layer": 1, "stream": "resid_pre"})
     assert r.status_code == 200, r.text
-    assert r.json() == {"imported": 1, "hooks": [[1, "resid_pre"]]}
+    assert r.json() == {"imported": 1, "replaced": 0, "hooks": [[1, "resid_pre"]]}
+    again = server.client.post("/v1/labels/import", json={"sae_id": "toy", "format": "csv", "content": csv,
+                                                          "layer": 1, "stream": "resid_pre"})
+    assert again.json() == {"imported": 1, "replaced": 1, "hooks": [[1, "resid_pre"]]}  # the csv source's, replaced
     ranked = server.client.post(f"/v1/runs/{first['run_id']}/rank", json={"return_top_x": 3}).json()
     assert ranked["features"][0]["proto_label"] == "quarterly earnings talk"
 

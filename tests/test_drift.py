@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import duckdb
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -285,10 +286,40 @@ def test_cli_drift_from_stored_runs(toy_registry, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "Jaccard@10" in res.stdout and "per prompt" in res.stdout
     assert read_json(tmp_path / "r.json")["overall"] == report["overall"]
-    res = run_cli("drift", "--db", str(db), "--base_runs", *ids, "--tuned_runs", *ids, "--layers", "1",
-                  "--out", str(tmp_path / "r.csv"))
+    res = run_cli("drift", "--db", str(db), "--base_runs", *ids, "--tuned_runs", "model_id", "=", "'toy-finance'",
+                  "--layers", "1", "--out", str(tmp_path / "r.csv"))
     assert res.returncode == 0, res.stderr
-    assert "nothing flagged" in res.stdout
     assert (tmp_path / "r.csv").read_text().startswith("feature_id,layer,stream,flag")
+    # selection mistakes: a run on both sides (a filter matching every run), a word too short for a run id
+    # (as a filter, `4` would be true for every run), run options that stored runs cannot take
+    for args, field, words in (
+            ((*ids, "--tuned_runs", *ids), "tuned_runs", f"run {ids[0]} is on both sides"),
+            (("true", "--tuned_runs", "model_id", "=", "'toy-finance'"), "tuned_runs", "is on both sides"),
+            (("4", "--tuned_runs", *ids), "base_runs", "at least 6 hex characters"),
+            ((ids[0][:5], "--tuned_runs", *ids), "base_runs", f"got {ids[0][:5]!r}"),
+            ((*ids, "--tuned_runs", "model_id", "=", "'toy-finance'", "--seed", "3"), "seed",
+             "run options apply only to runs made from prompts")):
+        res = run_cli("drift", "--db", str(db), "--base_runs", *args, "--layers", "1")
+        assert res.returncode == 2 and res.stderr.startswith(f"error: {field}: ") and words in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    mixed = run_cli("drift", "--db", str(db), "--base_runs", "true", "--tuned_runs", "false", "--layers", "1")
+    assert mixed.returncode == 2 and "tuned_runs" in mixed.stderr  # matches no run
     res = run_cli("drift", "--db", str(db), "--base_runs", "model_id = 'toy'", "--tuned_runs", "oops(")
     assert res.returncode == 2 and res.stderr.startswith("error: tuned_runs:")
+
+
+def test_a_tuned_model_that_cannot_load_stores_no_base_run(toy_registry, tmp_path):
+    """Both models are resolved (config, SAEs, hooks) before any run is stored: a missing tuned model is
+    named as ``tuned`` and the catalog holds no run of the base model afterwards."""
+    db, prompts, empty = tmp_path / "c.duckdb", tmp_path / "p.jsonl", tmp_path / "empty-model"
+    prompts.write_text(json.dumps({"text": FINANCE[0]["text"]}) + "\n")
+    empty.mkdir()  # a directory without a model: found, then its config cannot be read
+    for tuned, words in ((tmp_path / "no-model", "neither a registered model id nor an existing directory"),
+                         (empty, "")):
+        res = run_cli("drift", "--registry", str(toy_registry), "--db", str(db), "--base", "toy", "--tuned",
+                      str(tuned), "--sae", "toy", "--prompts_file", str(prompts), "--layers", "1")
+        assert res.returncode == 2 and res.stderr.startswith("error: tuned: ") and words in res.stderr, res.stderr
+    if db.exists():
+        con = duckdb.connect(str(db), read_only=True)
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        con.close()

@@ -275,7 +275,7 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     (folder / "blocks.1.hook_mlp_out_latent4.txt").write_text("TransformerLens name")
     (folder / "blocks.0.hook_resid_pre_latent5.txt").write_text("layer 0 input")
     info = toy_discovery.import_labels(folder, "toy")
-    assert info == {"imported": 3, "hooks": [[0, "resid_pre"], [1, "mlp_out"], [1, "resid_pre"]]}
+    assert info == {"imported": 3, "replaced": 0, "hooks": [[0, "resid_pre"], [1, "mlp_out"], [1, "resid_pre"]]}
     rows = toy_discovery.catalog.raw().execute(
         "SELECT layer, stream, feature_id, label FROM v_labels WHERE source = 'delphi' ORDER BY layer, stream").fetchall()
     assert rows == [(0, "resid_pre", 5, "layer 0 input"), (1, "mlp_out", 4, "TransformerLens name"),
@@ -291,6 +291,14 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     (odd / "encoder_latent2.txt").write_text("unknown module")
     with pytest.raises(RequestError, match=r"delphi file names read: layers\.N"):
         toy_discovery.import_labels(odd, "toy")
+    # layer/stream place a row whose file hook the source lacks; they never move one it has
+    placed = toy_discovery.import_labels(other, "toy", layer=0, stream="resid_pre")
+    assert placed["hooks"] == [[0, "resid_pre"]]
+    with pytest.raises(RequestError) as exc:
+        toy_discovery.import_labels(folder, "toy", layer=0, stream="resid_pre")
+    assert exc.value.field == "layer" and "and layer/stream say layer 0 resid_pre" in exc.value.message
+    again = toy_discovery.import_labels(folder, "toy")  # the same file again: its labels replace the earlier ones
+    assert again["imported"] == 3 and again["replaced"] == 3
 
 
 @pytest.mark.parametrize(("blocked", "args", "field"), [

@@ -129,6 +129,8 @@ def test_a_filter_runs_under_the_sandbox_time_limit():
 @pytest.mark.parametrize(("args", "field", "words"), [
     (("SELECT count(*) FROM range(100000) a, range(1000000) b", "--timeout_s", "1"), "query", "time limit of 1 s"),
     (("SELECT length(repeat('x', 3000000000))",), "query", "memory limit of 2GB"),
+    # a small limit still leaves room for the time limit's thread (it failed to start under the cap once)
+    (("SELECT length(repeat('x', 3000000000))", "--memory_limit", "100MB"), "query", "memory limit of 100MB"),
     (("SET memory_limit = '1TB'",), "query", "configuration has been locked"),
     (("",), "query", "expected a SQL statement"),
     (("-- hi",), "query", "expected a SQL statement"),
@@ -142,6 +144,11 @@ def test_sql_is_limited_and_says_why_in_one_line(stored, args, field, words):
     before = snapshot(stored["db"])
     assert_refused(run_cli("sql", *args, "--db", str(stored["db"])), field, words)
     assert snapshot(stored["db"]) == before
+
+
+def test_sql_under_a_small_memory_limit_answers(stored):
+    proc = run_cli("sql", "SELECT 41 + 1 AS x", "--memory_limit", "100MB", "--db", str(stored["db"]))
+    assert proc.returncode == 0 and proc.stdout == "x\n42\n", proc.stderr
 
 
 def test_sql_into_a_reader_that_stops_early_exits_quietly(stored):

@@ -27,7 +27,7 @@ def test_neuronpedia_jsonl_gz(toy_discovery, tmp_path):
             fh.write(json.dumps({"modelId": "toy", "layer": "1-res-jb", "index": str(idx), "description": desc,
                                  "explanationModelName": "gpt-4o"}) + "\n")
     info = toy_discovery.import_labels(path, "toy")
-    assert info == {"imported": 2, "hooks": [[1, "resid_pre"]]}
+    assert info == {"imported": 2, "replaced": 0, "hooks": [[1, "resid_pre"]]}
     assert _labels(toy_discovery) == {(1, "resid_pre", 3, "neuronpedia"): ("finance terms", None),
                                       (1, "resid_pre", 7, "neuronpedia"): ("sports scores", None)}
 

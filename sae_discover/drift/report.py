@@ -14,7 +14,7 @@ from catalog import drift as catalog_drift
 from catalog.db import Catalog, CatalogError
 from catalog.errors import CatalogReadOnly
 from sae_discover.drift.request import DriftRequest, build_drift_request, discover_requests
-from sae_discover.errors import RequestError
+from sae_discover.errors import USER_ERRORS, RequestError
 from sae_discover.output import clip
 from sae_discover.response import NO_CALIBRATION
 
@@ -51,6 +51,7 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
             layers, streams = req.layers, req.streams
             base_rows = _select(catalog, "base_runs", req.base_runs, allow_sql_filter)
             tuned_rows = _select(catalog, "tuned_runs", req.tuned_runs, allow_sql_filter)
+            _refuse_shared_runs(base_rows, tuned_rows)
         saes = catalog_drift.common_saes(catalog, base_rows + tuned_rows, layers, streams, req.sae_id)
         t_sql = time.perf_counter()
         opts = catalog_drift.DriftOptions(**{f.name: getattr(req, f.name) for f in fields(catalog_drift.DriftOptions)})
@@ -67,6 +68,10 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
         warnings.append(f"{u['side']} run {u['run_id']} has no counterpart on the other side "
                         f"({u['mode']} {clip(u['content'], 40)!r}); left out")
     models = {side: sorted({r["model_id"] for r in rows}) for side, rows in (("base", base_rows), ("tuned", tuned_rows))}
+    for side, ids in models.items():
+        if len(ids) > 1:
+            warnings.append(f"{side} runs come from {len(ids)} models ({', '.join(ids)}): each side is usually one "
+                            "model")
     timings["total_s"] = time.perf_counter() - t0
     return {
         "base": {"model_id": req.base or (models["base"][0] if len(models["base"]) == 1 else None),
@@ -85,6 +90,15 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
         "unpaired": [{"side": u["side"], "run_id": u["run_id"], "mode": u["mode"]} for u in out["unpaired"]],
         "ingested": ingested, "warnings": warnings, "timings": {k: round(v, 4) for k, v in timings.items()},
     }
+
+
+def _refuse_shared_runs(base_rows: list[dict], tuned_rows: list[dict]) -> None:
+    """A run on both sides compares it with itself: a selection mistake (a filter matching every run)."""
+    tuned = {r["run_key"] for r in tuned_rows}
+    shared = [r["run_id"] for r in base_rows if r["run_key"] in tuned]
+    if shared:
+        raise RequestError("tuned_runs", f"run {shared[0]} is on both sides ({len(shared)} run(s) are): base_runs "
+                                         "and tuned_runs must select different runs")
 
 
 def _select(catalog: Catalog, name: str, spec: list[str] | str, allow_sql_filter: bool) -> list[dict]:
@@ -107,6 +121,13 @@ def _ingest(discovery, req: DriftRequest, progress: bool):
     streams = req.streams or ["resid_pre"]
     plans = {side: discover_requests(req, model, layers, streams)
              for side, model in (("base", req.base), ("tuned", req.tuned))}
+    for side in ("base", "tuned"):  # both models' configs, SAEs and hooks before any run is stored
+        try:
+            discovery.prepare(plans[side][0])
+        except USER_ERRORS as exc:
+            if getattr(exc, "field", None) != "model_id":
+                raise
+            raise RequestError(side, exc.message) from exc
     ids: dict[str, list[str]] = {"base": [], "tuned": []}
     line_ids: dict[str, str] = {}
     counts = {"new_runs": 0, "cached_runs": 0}

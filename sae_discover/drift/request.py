@@ -130,6 +130,10 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
         for name in ("base_runs", "tuned_runs"):
             if getattr(req, name) is None:
                 raise RequestError(name, "give both base_runs and tuned_runs (run ids, or a SQL filter over v_runs)")
+        given = [name for name in RUN_FIELDS if getattr(req, name) is not None]
+        if given:  # stored runs keep the options they were made with
+            raise RequestError(given[0], "run options apply only to runs made from prompts (base + tuned + prompts); "
+                                         "stored runs keep the options they were made with")
     else:
         for name in ("base", "tuned", "prompts"):
             if getattr(req, name) is None:
