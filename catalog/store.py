@@ -308,12 +308,13 @@ class StoreCatalog(Catalog):
                 con.execute(f"SET allowed_directories = [{', '.join(map(_literal, sorted(allowed)))}]")
             for table, uris in files.items():
                 con.execute(_parquet_relation(table, uris))
+            canon = _canonical_keys(con)
             for table in STORE_TABLES:
                 held = {row[0] for row in con.execute(f"DESCRIBE _store_{table}").fetchall()}  # its snapshot's columns
                 missing = [(name, kind) for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()
                            if name not in held]  # the catalog's columns (and types) the snapshot lacks
                 con.execute(f"DROP TABLE {table} CASCADE")
-                con.execute(f"CREATE VIEW {table} AS {_bound(table, missing)}")
+                con.execute(f"CREATE VIEW {table} AS {_bound(table, missing, canon)}")
         finally:
             con.close()
         self.read_only, self.read_only_reason = True, f"a snapshot of the store {self.store}"
@@ -361,16 +362,56 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _bound(table: str, missing: list[tuple[str, str]]) -> str:
+# what identifies a model, an SAE and a run: two drivers that registered the same new model (or SAE)
+# at the same moment gave it two keys, and two concurrent jobs may both have stored a run (README, Store)
+IDENTITIES = {"model_key": ("models", ("model_id", "fingerprint")),
+              "sae_key": ("saes", ("sae_id", "layer", "stream", "fingerprint")),
+              "run_key": ("runs", ("run_id",))}
+
+
+def _canonical_keys(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """For each key whose identity holds several keys in the snapshot, a table ``_canon_<key>`` (key →
+    the identity's smallest key, the first committed) that the views read through, so each model, SAE
+    and run is seen once; keys without duplicates (the usual case) are left as they are. Returns the
+    key columns that have such a table."""
+    canon = {}
+    for key, (table, identity) in IDENTITIES.items():
+        cols = ", ".join(identity)
+        (extra,) = con.execute(f"SELECT count(*) - count(DISTINCT ({cols})) FROM _store_{table}").fetchone()
+        if extra:
+            con.execute(f"CREATE TABLE _canon_{key} AS SELECT {key} AS key, min({key}) OVER (PARTITION BY {cols}) "
+                        f"AS canon FROM _store_{table}")
+            canon[key] = f"_canon_{key}"
+    return canon
+
+
+def _bound(table: str, missing: list[tuple[str, str]], canon: Mapping[str, str] | None = None) -> str:
     """The view that stands for ``table``: its snapshot, children only through a visible run or
     calibration; a column the snapshot lacks (``missing``: name and DuckDB type; a table written before
-    a later revision added the column) reads as NULL."""
+    a later revision added the column) reads as NULL. ``canon`` (:func:`_canonical_keys`): a model,
+    SAE or run registered twice is seen once, by its first key — its table keeps that row, other
+    tables read the first key for the model and SAE keys, and the children of a run's later copy are
+    left out."""
+    canon = canon or {}
     rows = f"SELECT *{''.join(f', NULL::{kind} AS {name}' for name, kind in missing)} FROM _store_{table}"
+    columns = set(schema.metadata.tables[table].columns.keys())
+    owned = next((key for key, (owner, _) in IDENTITIES.items() if owner == table), None)
+    where = []
+    if owned in canon:
+        where.append(f"{owned} IN (SELECT canon FROM {canon[owned]})")
     if table in RUN_CHILDREN:
-        return f"{rows} WHERE run_key IN (SELECT run_key FROM _store_runs)"
+        visible = f"canon FROM {canon['run_key']}" if "run_key" in canon else "run_key FROM _store_runs"
+        where.append(f"run_key IN (SELECT {visible})")
     if table in CALIBRATION_CHILDREN:
-        return f"{rows} WHERE calibration_id IN (SELECT calibration_id FROM _store_calibrations)"
-    return rows
+        where.append("calibration_id IN (SELECT calibration_id FROM _store_calibrations)")
+    if where:
+        rows = f"{rows} WHERE {' AND '.join(where)}"
+    mapped = [key for key in ("model_key", "sae_key") if key in canon and key in columns and key != owned]
+    if not mapped:
+        return rows
+    replace = ", ".join(f"coalesce(c_{key}.canon, t.{key}) AS {key}" for key in mapped)
+    joins = " ".join(f"LEFT JOIN {canon[key]} c_{key} ON c_{key}.key = t.{key}" for key in mapped)
+    return f"SELECT t.* REPLACE ({replace}) FROM ({rows}) t {joins}"
 
 
 # -- maintenance ---------------------------------------------------------------------------------------

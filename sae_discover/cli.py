@@ -70,7 +70,7 @@ MAX_WORKERS = 64  # model worker processes in batch mode
 RUN_ID = re.compile(r"^[0-9a-f]{6,64}$")  # a run id or a prefix of one (catalog.runs.resolve_run_id)
 HEX_WORD = re.compile(r"^[0-9a-fA-F]+$")
 LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more values
-ARGPARSE_FLAG = re.compile(r"^argument (?:-\w+/)?--?(\w+)(?:/[^:]*)?: (.*)$")
+ARGPARSE_FLAG = re.compile(r"^argument (?:-\w+/)?(?:--?)?(\w+)(?:/[^:]*)?: (.*)$")
 
 
 class Parser(argparse.ArgumentParser):
@@ -217,6 +217,21 @@ def _catalog(ns: argparse.Namespace) -> Catalog:
 
 # the optional dependencies of --store and --ray (pyproject's `scale` extra), imported only by them
 SCALE_MODULES = ("deltalake", "ray")
+def store_location(value: str) -> str:
+    """A ``--store`` value (argparse ``type``): a folder or URI. Refused before anything runs: an empty
+    one or the file system's root (the store's tables would be written at the top of the disk), and a
+    local path that is a file or lies inside one."""
+    text = value.strip()
+    local = text.removeprefix("file://") if "://" not in text or text.startswith("file://") else None
+    if not text or (local is not None and (not local or Path(local).resolve() == Path("/").resolve())):
+        raise argparse.ArgumentTypeError(f"expected a folder or URI for the Delta store, got {value!r}")
+    if local is not None:
+        for path in (Path(local), *Path(local).parents):
+            if path.exists() and not path.is_dir():
+                raise argparse.ArgumentTypeError(f"{path} is a file, not a store folder")
+    return text
+
+
 STORE_HELP = "read a shared Delta store (path or URI, written by `ingest --store`) instead of --db"
 
 
@@ -264,8 +279,9 @@ def cmd_calibrate(argv: list[str]) -> int:
     p.add_argument("--layers", nargs="+", type=int, help="only the SAEs of these layers (default: all)")
     p.add_argument("--streams", nargs="+", help="only the SAEs of these streams (default: all)")
     p.add_argument("--no_lite_labels", action="store_true", help="skip the lite proto-labels")
-    p.add_argument("--store", help="calibrate into this shared Delta store instead of --db: corpus chunks computed "
-                                   "by --workers processes or --ray tasks, the statistics in SQL over the store")
+    p.add_argument("--store", type=store_location,
+                   help="calibrate into this shared Delta store instead of --db: corpus chunks computed by --workers "
+                        "processes or --ray tasks, the statistics in SQL over the store")
     _scale_flags(p, "documents")
     _common(p)
     ns = p.parse_args(argv)
@@ -341,7 +357,7 @@ def runs_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="the HTML file to write (.html)")
     for part in (ls, show, rank, report):
         _common(part, model=False)
-        part.add_argument("--store", help=STORE_HELP)
+        part.add_argument("--store", type=store_location, help=STORE_HELP)
     return p
 
 
@@ -406,7 +422,7 @@ def cmd_sql(argv: list[str]) -> int:
     p = Parser(prog="python -m sae_discover sql", description="Read-only SQL over the catalog.")
     p.add_argument("query")
     p.add_argument("--db", help="catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
-    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--store", type=store_location, help=STORE_HELP)
     p.add_argument("--format", choices=["tsv", "json"], default="tsv", help="output format (default: tsv)")
     p.add_argument("--memory_limit", default=sandbox.DEFAULT_MEMORY_LIMIT,
                    help=f"DuckDB memory limit for the query (default: {sandbox.DEFAULT_MEMORY_LIMIT})")
@@ -440,7 +456,7 @@ def cmd_feature(argv: list[str]) -> int:
     add_options(p, FEATURE_OPTIONS)
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format (default: table)")
     _common(p, model=False)
-    p.add_argument("--store", help=STORE_HELP)
+    p.add_argument("--store", type=store_location, help=STORE_HELP)
     ns = p.parse_args(argv)
     view = show_feature(_catalog(ns), _fields(ns, tuple(o.name for o in FEATURE_OPTIONS)))
     sys.stdout.write(json.dumps(view, ensure_ascii=False) + "\n" if ns.format == "json" else feature_text(view))
@@ -475,7 +491,7 @@ def drift_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_file", help="JSONL: one object per line with prompt or text (+ optional id, run options)")
     _output_flags(p, "the report")
     _common(p)
-    p.add_argument("--store", help=f"{STORE_HELP} (stored runs: --base_runs/--tuned_runs)")
+    p.add_argument("--store", type=store_location, help=f"{STORE_HELP} (stored runs: --base_runs/--tuned_runs)")
     return p
 
 
@@ -535,8 +551,9 @@ def cmd_serve(argv: list[str]) -> int:
                    help="answer POST /v1/sql: read-only SQL over the catalog from any client that can reach the "
                         "server, in the sandbox of the sql command (off by default: README, SQL over HTTP)")
     _common(p)
-    p.add_argument("--store", help=f"{STORE_HELP}: a snapshot pinned at start, read-only (requests that would write "
-                                   "answer 409 naming store; restart to serve newer commits)")
+    p.add_argument("--store", type=store_location,
+                   help=f"{STORE_HELP}: a snapshot pinned at start, read-only (requests that would write answer 409 "
+                        "naming store; restart to serve newer commits)")
     ns = p.parse_args(argv)
     import uvicorn  # the server's own dependencies, only for this command
 
@@ -586,7 +603,7 @@ def cmd_ingest(argv: list[str]) -> int:
                            "once each (rerun the same command to resume a job).")
     add_options(p, options(DiscoverRequest), skip=("id",))
     p.add_argument("--prompts_file", required=True, help="JSONL: one object per line with prompt or text (+ overrides, id)")
-    p.add_argument("--store", required=True, help="the Delta store: a folder or URI (created if missing)")
+    p.add_argument("--store", type=store_location, required=True, help="the Delta store: a folder or URI (created if missing)")
     _scale_flags(p, "runs")
     p.add_argument("--job", help="job id (default: a hash of the job's run ids: the same command resumes the job)")
     p.add_argument("--registry", help="registry TOML (default: ./sae-discover.toml if present)")
@@ -610,14 +627,16 @@ def cmd_store(argv: list[str]) -> int:
     p = Parser(prog="python -m sae_discover store", description="Maintain a shared Delta store.")
     sub = p.add_subparsers(dest="action", metavar="{import,compact}", required=True)
     imp = sub.add_parser("import", help="copy a store's runs into a local catalog file (the fastest reader)")
-    imp.add_argument("store", help="the Delta store (folder or URI)")
+    imp.add_argument("store", type=store_location, help="the Delta store (folder or URI)")
     imp.add_argument("--db", help="the local catalog file (default: $SAE_DISCOVER_DB or ./sae_catalog.duckdb)")
     imp.add_argument("--where", help="only the runs matching this filter on v_runs' columns (e.g. \"model_id = 'demo'\")")
     comp = sub.add_parser("compact", help="compact small files (row groups stay run-ordered), vacuum leftovers")
-    comp.add_argument("store", help="the Delta store (folder or URI)")
+    comp.add_argument("store", type=store_location, help="the Delta store (folder or URI)")
     comp.add_argument("--retention_hours", type=int, default=168,
                       help="keep files that versions younger than this need (readers pinned to them; default: 168)")
     ns = p.parse_args(argv)
+    if ns.action == "compact" and not 0 <= ns.retention_hours <= 100_000:
+        raise RequestError("retention_hours", f"expected hours in [0, 100000], got {ns.retention_hours}")
     from catalog import store  # deltalake (the scale extra): only store commands import it
 
     if ns.action == "compact":

@@ -647,3 +647,33 @@ def test_sigkill_inside_group_commits_leaves_whole_groups(tmp_path):
         if inside >= 3:
             break
     assert inside >= 3, f"only {inside} kills landed inside a group commit"
+
+
+# -- store locations: refused before anything runs -------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ("ingest", "--prompts_file", "p.jsonl", "--store", ""),
+    ("ingest", "--prompts_file", "p.jsonl", "--store", "/"),
+    ("ingest", "--prompts_file", "p.jsonl", "--store", "{file}"),
+    ("ingest", "--prompts_file", "p.jsonl", "--store", "{file}/sub"),
+    ("calibrate", "--store", "file://"),
+    ("runs", "list", "--store", "  "),
+    ("sql", "SELECT 1", "--store", "{file}"),
+    ("store", "compact", ""),
+    ("store", "import", "{file}"),
+])
+def test_a_store_location_that_cannot_be_a_store_is_refused(tmp_path, args):
+    """An empty location or the root would put the store's tables at the top of the disk; a file
+    cannot hold one. One line naming store, exit 2, before any model or store is touched."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a store")
+    proc = run_cli(*(a.format(file=afile) for a in args))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: store: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_compact_refuses_a_negative_retention_before_touching_the_store(tmp_path):
+    proc = run_cli("store", "compact", str(tmp_path / "s"), "--retention_hours", "-1")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: retention_hours: "), proc.stderr
+    assert not (tmp_path / "s").exists()

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 pytest.importorskip("deltalake")  # the scale extra: skipped without it (.ci/run requires it: tests/conftest.py)
@@ -410,6 +411,73 @@ def test_calibrate_into_the_store_ranks_as_the_local_catalog_does(calibrated):
     finally:
         local.close()
         shared.close()
+
+
+def _with_keys(rows, **keys) -> object:
+    """``rows`` (Arrow) with key columns replaced: a constant, or a mapping old key → new key."""
+    for name, value in keys.items():
+        old = rows.column(name).to_pylist()
+        new = [value.get(k, k) for k in old] if isinstance(value, dict) else [value] * len(old)
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(new, rows.schema.field(name).type))
+    return rows
+
+
+def test_a_model_sae_or_run_stored_twice_by_concurrent_jobs_is_read_once(calibrated, tmp_path):
+    """What two concurrent drivers can leave (README, Store): the same model and SAEs registered under
+    second keys, a run stored by both jobs, and a run whose keys are the second ones. The snapshot shows
+    each model, SAE and run once, the run's rows once, and the run on the second keys ranks with the
+    calibration made under the first (planted here with the store's own append)."""
+    uri, _ = calibrated
+    twice = tmp_path / "store"
+    shutil.copytree(uri, twice)
+    before = store.StoreCatalog(str(twice))
+    con = before.raw()
+    try:
+        run_ids = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY run_key").fetchall()]
+        dup_id, twin_id = run_ids[0], run_ids[1]
+        expected = {sql: con.execute(sql).fetchall() for sql in (
+            "SELECT count(*), count(DISTINCT run_id) FROM v_runs", "SELECT count(*) FROM models",
+            "SELECT count(*) FROM saes", ACTS_SQL, "SELECT run_id, count(*) FROM v_tokens GROUP BY ALL ORDER BY ALL")}
+        ranked = _ranked(before, twin_id)
+        top = {t: con.execute(f"SELECT max({k}) FROM _store_{t}").fetchone()[0] + 100
+               for t, k in (("models", "model_key"), ("saes", "sae_key"), ("runs", "run_key"))}
+        sae_map = {k: k + top["saes"] for (k,) in con.execute("SELECT sae_key FROM _store_saes").fetchall()}
+        store.append(str(twice), "models", _with_keys(con.execute("SELECT * FROM _store_models").to_arrow_table(),
+                                                        model_key={k: k + top["models"] for k in range(top["models"])}))
+        store.append(str(twice), "saes", _with_keys(con.execute("SELECT * FROM _store_saes").to_arrow_table(), sae_key=sae_map))
+        for n, (source_id, new_id) in enumerate(((dup_id, dup_id), (twin_id, "f" * 24))):
+            (old_key,) = con.execute("SELECT run_key FROM _store_runs WHERE run_id = ?", [source_id]).fetchone()
+            new_key = top["runs"] + n
+            for child in ("run_saes", "tokens", "activations", "run_batch_ids", "run_calibrations"):
+                rows = con.execute(f"SELECT * FROM _store_{child} WHERE run_key = ?", [old_key]).to_arrow_table()
+                keys = {"run_key": new_key, **({"sae_key": sae_map} if "sae_key" in rows.column_names else {})}
+                store.append(str(twice), child, _with_keys(rows, **keys))
+            run = con.execute("SELECT * FROM _store_runs WHERE run_key = ?", [old_key]).to_arrow_table()
+            run = _with_keys(run, run_key=new_key, model_key={k: k + top["models"] for k in range(top["models"])})
+            store.append(str(twice), "runs", run.set_column(run.schema.get_field_index("run_id"), "run_id",
+                                                            pa.array([new_id])))
+    finally:
+        con.close()
+        before.close()
+    after = store.StoreCatalog(str(twice))
+    try:
+        con = after.raw()
+        try:
+            counts = con.execute("SELECT count(*), count(DISTINCT run_id) FROM v_runs").fetchall()
+            assert counts == [(expected["SELECT count(*), count(DISTINCT run_id) FROM v_runs"][0][0] + 1,) * 2]
+            for sql in ("SELECT count(*) FROM models", "SELECT count(*) FROM saes"):
+                assert con.execute(sql).fetchall() == expected[sql]
+            twin_rows = [r[1:] for r in con.execute(ACTS_SQL).fetchall() if r[0] == "f" * 24]
+            assert twin_rows == [r[1:] for r in expected[ACTS_SQL] if r[0] == twin_id]
+            assert [r for r in con.execute(ACTS_SQL).fetchall() if r[0] != "f" * 24] == expected[ACTS_SQL]
+        finally:
+            con.close()
+        result = rerank(after, "f" * 24, {"min_coverage_pct": 0})
+        assert result["threshold_source"] == "calibration_p95" and not any("calibrat" in w for w in result["warnings"])
+        assert _ranked(after, "f" * 24) == ranked and _ranked(after, dup_id) == _ranked(store.StoreCatalog(str(uri)),
+                                                                                         dup_id)
+    finally:
+        after.close()
 
 
 def test_calibrate_store_with_ray_tasks_gives_the_local_statistics_and_resumes(calibrated, plain_registry, toy_demo,
