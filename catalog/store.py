@@ -450,14 +450,23 @@ def _remove_staging(store: str, table: str) -> int:
 IMPORT_BATCH = 64  # runs per local transaction (group commit, as batch ingest)
 
 
-def import_store(snapshot: StoreCatalog, local: Catalog, where: str | None = None) -> dict[str, int]:
-    """Copy the snapshot's runs (those of ``v_runs`` matching the filter ``where``, else all) into the
-    local catalog through its own write path: each group of runs whole in one transaction, local keys
-    drawn from the local sequences, runs already there (same run_id) kept. Tags and batch ids come along."""
+def select_runs(snapshot: StoreCatalog, where: str | None = None) -> list[int]:
+    """The run keys of the snapshot's ``v_runs`` rows matching the filter ``where`` (all without one), in
+    key order: what :func:`import_store` copies, chosen (and the filter checked) before a local file opens."""
     con = snapshot.raw()
     try:
         listing = con.sql("SELECT * FROM v_runs ORDER BY run_key").to_arrow_table()
-        keys = sandbox.filter_rows(listing, "v_runs", where, "where", "run_key") if where else listing["run_key"].to_pylist()
+    finally:
+        con.close()
+    return sandbox.filter_rows(listing, "v_runs", where, "where", "run_key") if where else listing["run_key"].to_pylist()
+
+
+def import_store(snapshot: StoreCatalog, local: Catalog, keys: list[int]) -> dict[str, int]:
+    """Copy the snapshot's runs ``keys`` (:func:`select_runs`) into the local catalog through its own write
+    path: each group of runs whole in one transaction, local keys drawn from the local sequences, runs
+    already there (same run_id) kept. Tags and batch ids come along."""
+    con = snapshot.raw()
+    try:
         created = 0
         for start in range(0, len(keys), IMPORT_BATCH):
             part = keys[start:start + IMPORT_BATCH]

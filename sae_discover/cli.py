@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -615,8 +616,8 @@ def cmd_ingest(argv: list[str]) -> int:
     summary = ingest_file(ns.prompts_file, ns.store, _fields(ns, FIELD_NAMES), registry=ns.registry, device=ns.device,
                           dtype=ns.dtype, threads=check_threads(ns.threads), workers=ns.workers,
                           chunk_size=ns.chunk_size, job_id=ns.job, ray_address=ns.ray)
-    for number, error in summary.pop("line_errors").items():
-        print(f"line {number}: error: {error}", file=sys.stderr)
+    for number, error in summary.pop("line_errors").items():  # an error may name its line already
+        print(f"error: {error}" if f"line {number}:" in error else f"line {number}: error: {error}", file=sys.stderr)
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(summary))
@@ -642,9 +643,11 @@ def cmd_store(argv: list[str]) -> int:
     if ns.action == "compact":
         print(json.dumps(store.compact(ns.store, ns.retention_hours)))
         return 0
+    snapshot = store.StoreCatalog(ns.store)
+    keys = store.select_runs(snapshot, ns.where)  # the store and the filter checked before the local file opens
     local = Catalog(ns.db)
     try:
-        print(json.dumps(store.import_store(store.StoreCatalog(ns.store), local, ns.where)))
+        print(json.dumps(store.import_store(snapshot, local, keys)))
     finally:
         local.close()
     return 0
@@ -676,6 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout stopped reading (``| head``): what it took is enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    except BrokenProcessPool:  # a --workers process was killed (by a user, or the kernel out of memory)
+        print("error: workers: a worker process died (killed, or out of memory?); what was stored stays whole: run "
+              "the same command again to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: every write is one transaction (or a chunk's commits), so nothing is half-written
+        print("error: interrupted; what was stored stays whole (a batch or ingest resumes when the same command is "
+              "run again)", file=sys.stderr)
+        return 130
     except CatalogLocked as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 3

@@ -31,6 +31,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +55,7 @@ from ingest.run import calibration_batches, run_many
 from ingest.saes.sources import file_fingerprint
 from sae_discover.batch import line_request
 from sae_discover.calibration import check_hooks, stability_warnings
-from sae_discover.errors import USER_ERRORS
+from sae_discover.errors import USER_ERRORS, RequestError
 from sae_discover.inputs import read_corpus, read_lines
 from sae_discover.loaders import Loaders
 from sae_discover.plan import RunPlan, plan_run, sae_infos
@@ -404,6 +406,7 @@ class Workers:
             if address in (None, "local"):  # "local": a new Ray even where a `ray start` cluster runs (or RAY_ADDRESS is set)
                 ray.init(address="local", num_cpus=self.size, include_dashboard=False, log_to_driver=False)
             else:
+                _check_reachable(address)
                 ray.init(address=address, log_to_driver=False)
             self._own_ray = True
         gpus = int(ray.cluster_resources().get("GPU", 0)) if self.config.device != "cpu" else 0
@@ -459,6 +462,23 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a ``--ray HOST:PORT`` (or ``ray://HOST:PORT``) where nothing listens, in seconds: Ray itself
+    retries an unreachable cluster for minutes before it gives up. Other forms (``auto``) go to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RequestError("ray", f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                                  "`ray start --head`, or give --ray alone for a local one") from None
 
 
 def ingest_file(prompts_file: str, uri: str, defaults: dict[str, Any], registry: str | None = None,
@@ -542,6 +562,11 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
     chunk size, so the same command resumes a killed job (committed chunks are skipped). Returns what
     a local calibration returns."""
     chunk_docs = chunk_docs or DEFAULT_CORPUS_CHUNK
+    if ray_address is not None:  # Ray there and its cluster answering, before the store is written
+        import ray  # noqa: F401  optional (the scale extra): a missing one is the CLI's one-line error
+
+        if ray_address != "local":
+            _check_reachable(ray_address)
     entry, source = loaders.entry(model_id), loaders.source(sae_id)
     card = loaders.card(entry)
     check_hooks(model_id, card.n_layers, hooks)

@@ -12,7 +12,7 @@ from msgspec import UNSET, Struct, UnsetType
 from sae_discover.request import DiscoverRequest
 
 NO_CALIBRATION = ("no calibration for this SAE: τ = 0 (active means act > 0) and scores are not normalized; "
-                  "run `python -m sae_discover calibrate` to fix both")
+                  "run `python -m sae_discover calibrate` (with --store URI for a store) to fix both")
 
 
 def context_notes(run: dict, context_length: int, continuation: str | None) -> list[str]:

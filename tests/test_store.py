@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -753,3 +754,79 @@ def test_a_store_written_before_lite_labels_had_a_calibration_reads_and_takes_th
         assert [r[0] for r in _rows(snapshot, "DESCRIBE labels")] == store.arrow_schema("labels").names
     finally:
         snapshot.close()
+
+
+def test_a_killed_worker_process_is_one_line_and_the_rerun_completes(plain_registry, tmp_path):
+    """SIGKILL of a --workers process (the kernel's out-of-memory killer, or a user): exit 1 with one line
+    saying what happened and how to resume (no BrokenProcessPool traceback); the same command completes."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"Revenue rose {i} percent at company {i}."}) + "\n"
+                               for i in range(120)))
+    cmd = [sys.executable, "-m", "sae_discover", "ingest", "--prompts_file", str(prompts), "--store",
+           str(tmp_path / "s"), "--registry", str(plain_registry), "--workers", "2", "--chunk_size", "2",
+           "--threads", "1", *CLI_OPTIONS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def workers() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().split()
+                line = Path(f"/proc/{pid}/cmdline").read_text()
+            except OSError:
+                continue
+            if stat[3] == str(proc.pid) and "spawn_main" in line:
+                found.append(int(pid))
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # the workers are loading or computing
+    os.kill(workers()[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("error: workers: a worker process died") and "Traceback" not in err, err[-2000:]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    snapshot = store.StoreCatalog(str(tmp_path / "s"))
+    try:
+        assert _rows(snapshot, "SELECT count(*), count(DISTINCT run_id) FROM runs") == [(120, 120)]
+    finally:
+        snapshot.close()
+
+
+@pytest.mark.parametrize("command", ["ingest", "calibrate"])
+def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(plain_registry, toy_demo, tmp_path, command):
+    """Ray itself retries an unreachable cluster for minutes; a --ray HOST:PORT where nothing listens is a
+    one-line error naming ray within seconds, before the store is written."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "Revenue rose."}) + "\n")
+    what = ["--prompts_file", str(prompts), *CLI_OPTIONS] if command == "ingest" else \
+        ["--model", "toy", "--sae", "toy", "--corpus", str(toy_demo / "calibration.jsonl"), "--device", "cpu"]
+    started = time.monotonic()
+    proc = run_cli(command, *what, "--store", str(tmp_path / "s"), "--registry", str(plain_registry),
+                   "--ray", f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: ray: no Ray cluster answers at 127.0.0.1:{port}"), \
+        proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_store_import_refusals_leave_no_local_file(calibrated, tmp_path):
+    uri, _ = calibrated
+    for store_arg, extra, field in ((str(tmp_path / "missing"), [], "store"),
+                                    (str(uri), ["--where", "nonsense_col = 1"], "where")):
+        db = tmp_path / f"{field}.duckdb"
+        proc = run_cli("store", "import", store_arg, "--db", str(db), *extra)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field}: "), proc.stderr
+        assert not db.exists()
+    db = tmp_path / "ok.duckdb"
+    done = run_cli("store", "import", str(uri), "--db", str(db), "--where", "mode = 'text'")
+    assert done.returncode == 0 and json.loads(done.stdout)["runs"] >= 1, done.stderr
