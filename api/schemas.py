@@ -367,6 +367,7 @@ class DriftResponse(Struct, kw_only=True):
     min_coverage_pct: float
     threshold_source: str
     normalization: str
+    calibration_ids: list[int]  # the calibrations that gave τ and normalization (empty: none)
     top_k: int
     thresholds: DriftThresholds
     overall: DriftOverall

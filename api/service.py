@@ -135,7 +135,10 @@ class ApiService:
                                   max_layers=s.max_layers)
         for name in ("base", "tuned"):
             if getattr(req, name) is not None:
-                self.registry.model(getattr(req, name), allow_paths=False)
+                try:
+                    self.registry.model(getattr(req, name), allow_paths=False)
+                except RequestError as exc:  # the registry names model_id; here the field is base or tuned
+                    raise RequestError(name, exc.message) from None
         if req.sae_id is not None:
             self.registry.sae(req.sae_id, allow_paths=False)
         self._at_most("gen_tokens", req.gen_tokens, s.max_gen_tokens)

@@ -78,6 +78,9 @@ class DriftOptions:
     min_rank_shift: int | None = field(default=None, metadata={
         "help": "shifted needs |rank_change| >= this (default: max(1, ceil(top_k / 5)))", "bounds": (1, 2**31 - 1)})
     attach_proto_labels: bool = field(default=True, metadata={"help": PROTO_LABELS_HELP})
+    calibration_id: int | None = field(default=None, metadata={
+        "help": "pin the calibration that gives both sides τ and normalization (default: the base model's newest "
+                "for each SAE); the report names the ones used", "bounds": (1, 2**31 - 1)})
 
     def rank_shift(self) -> int:
         return self.min_rank_shift if self.min_rank_shift is not None else max(1, math.ceil(self.top_k / 5))
@@ -358,7 +361,8 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         if opts.score_mode in ATTRIBUTION_MODES:
             require_attributions(con, [*base_run_keys, *tuned_run_keys])
         rank_opts = RankOptions(score_mode=opts.score_mode, min_coverage_pct=opts.min_coverage_pct, tau=opts.tau,
-                                tau_quantile=opts.tau_quantile, tau_basis=opts.tau_basis, model_key=shared)
+                                tau_quantile=opts.tau_quantile, tau_basis=opts.tau_basis, model_key=shared,
+                                calibration_id=opts.calibration_id)
         scoring = scored_sql(con, sae_keys, rank_opts, list(dict.fromkeys([*base_run_keys, *tuned_run_keys])))
         prefix = _prefix(scoring.relation())  # every run on the same calibrations: one provenance for all
         params = {**scoring.params, "base": [int(k) for k in base_run_keys], "tuned": [int(k) for k in tuned_run_keys],
@@ -387,6 +391,7 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
         "shifted": sorted((f for f in features if f["flag"] == "shifted"), key=lambda f: -abs(f["rank_change"])),
     }
     return {"threshold_source": next(iter(scoring.threshold_source.values())),
+            "calibration_ids": sorted({c for c in cals.values() if c is not None}),
             "normalization": next(iter(scoring.normalization.values())),
             "overall": {k: v for k, v in overall.items() if k not in ("mode", "content", "is_text", "base_run_ids",
                                                                      "tuned_run_ids", "scope")} | {"n_prompts": len(prompts)},

@@ -99,11 +99,15 @@ def test_drift_route_uses_the_cli_request_model(tmp_path, toy_registry):
         report = r.json()
         assert report["base"]["model_id"] == "toy" and report["tuned"]["model_id"] == "toy-finance"
         assert len(report["prompts"]) == 2 and 0 <= report["overall"]["jaccard"] <= 1
+        again = client.post("/v1/drift", json={"base_runs": report["base"]["run_ids"],
+                                               "tuned_runs": report["tuned"]["run_ids"], "top_k": 5})
+        assert again.status_code == 200, again.text
+        assert again.json()["overall"] == report["overall"]
         same = client.post("/v1/drift", json={"base_runs": report["base"]["run_ids"],
                                               "tuned_runs": report["base"]["run_ids"], "top_k": 5})
-        assert same.status_code == 200, same.text
-        assert same.json()["overall"]["jaccard"] == 1 and same.json()["overall"]["spearman"] == 1
-        for bad, field in [({**body, "base": "/etc/models"}, "model_id"), ({**body, "top_k": 0}, "top_k"),
+        assert same.status_code == 400 and same.json()["field"] == "tuned_runs", same.text  # a run on both sides
+        for bad, field in [({**body, "base": "/etc/models"}, "base"), ({**body, "tuned": "/tmp"}, "tuned"),
+                           ({**body, "top_k": 0}, "top_k"),
                            ({"base_runs": "model_id = 'toy'", "tuned_runs": ["ab12cd34"]}, "base_runs")]:
             r = client.post("/v1/drift", json=bad)
             assert r.status_code == 400 and r.json()["field"] == field, r.text

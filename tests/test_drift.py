@@ -162,6 +162,17 @@ def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
     expected = _recompute(con, report["base"]["run_ids"], report["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3)
     _check(report, expected)
     assert report["overall"]["spearman"] < 1.0  # the fine-tune moved something
+    # the calibrations that gave τ and normalization are named, and can be pinned
+    (base_cal,) = con.execute("SELECT max(c.calibration_id) FROM calibrations c JOIN models m USING (model_key) "
+                              "WHERE m.model_id = 'toy'").fetchone()
+    assert report["calibration_ids"] == [base_cal] and f"(calibration {base_cal})" in table(report)
+    pinned = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
+                          layers=LAYERS, calibration_id=base_cal, **opts)
+    assert pinned["overall"] == report["overall"] and pinned["calibration_ids"] == [base_cal]
+    with pytest.raises(RequestError) as err:
+        drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE, layers=LAYERS,
+                     calibration_id=base_cal + 1000, **opts)
+    assert err.value.field == "calibration_id"
     every = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
                          layers=LAYERS, tau_basis="all", **opts)  # the same stored runs, the all-token τ
     assert every["threshold_source"] == "calibration_p95_all"

@@ -38,6 +38,11 @@ def _grid(cols: list[str], rows: list[list[str]]) -> list[str]:
            ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def _calibrations(report: dict) -> str:
+    ids = report.get("calibration_ids") or []
+    return f" (calibration{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})" if ids else ""
+
+
 def table(report: dict, max_rows: int = 20) -> str:
     """A readable report for the terminal: summary, per-prompt figures, flagged features."""
     o, k = report["overall"], report["top_k"]
@@ -45,7 +50,7 @@ def table(report: dict, max_rows: int = 20) -> str:
     base = report["base"]["model_id"] or "/".join(report["base"]["model_ids"])
     tuned = report["tuned"]["model_id"] or "/".join(report["tuned"]["model_ids"])
     lines = [f"drift · base {base} → tuned {tuned} · SAE {report['sae_id']} ({hooks}) · score {report['score_mode']} · "
-             f"τ {report['threshold_source']} · K={k}",
+             f"τ {report['threshold_source']}{_calibrations(report)} · K={k}",
              f"overall, {o['n_prompts']} prompt(s): Jaccard@{k} {_num(o['jaccard'])} · Spearman (top-{k} union, "
              f"{o['n_top_union']} features) {_num(o['spearman'])} · Spearman (all {o['n_features_base']}→"
              f"{o['n_features_tuned']} features) {_num(o['spearman_all'])} · gained {o['n_gained']} · lost {o['n_lost']} · "
