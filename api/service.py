@@ -146,7 +146,10 @@ class ApiService:
             if int(item.get("gen_tokens") or 0) > s.max_gen_tokens:
                 raise RequestError("prompts", f"gen_tokens: expected at most {s.max_gen_tokens} on this server")
         with self._same_run.hold("drift"):  # drift ingests through the one discovery, one report at a time
-            return drift_report(self.discovery, req, allow_sql_filter=False)
+            try:
+                return drift_report(self.discovery, req, allow_sql_filter=False)
+            except UnknownRun as exc:  # as on every route that names stored runs
+                raise ApiError(404, exc.field, exc.message) from None
 
     # -- runs --------------------------------------------------------------------------------------
     def runs_page(self, limit: int, offset: int, model_id: str | None, sae_id: str | None,

@@ -100,8 +100,8 @@ def runs_by_ids(catalog: Catalog, run_ids: list[str], field: str) -> list[dict]:
     for run_id in run_ids:
         try:
             full.append(resolve_run_id(catalog, run_id))
-        except CatalogError as exc:
-            raise CatalogError(field, exc.message) from None
+        except CatalogError as exc:  # its kind kept (an unknown run is a 404 on the API)
+            raise type(exc)(field, exc.message) from None
     run_ids = full
     con = catalog.raw()
     try:

@@ -43,6 +43,7 @@ class LabelRow:
     score: float | None = None
     hook: tuple[int, str] | None = None
     sae: str | None = None  # the SAE a CSV row names (its ``sae`` column), checked against the import's SAE
+    where: str = ""  # where the row is: file:line, or a delphi file's name (for messages)
 
 
 def detect_format(path: Path) -> str:
@@ -189,7 +190,7 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
             first = obj["scores"][0]
             score = first.get("value") if isinstance(first, dict) else first
         rows.append(LabelRow(_feature(obj["index"], where), _label(obj["description"], where), "neuronpedia",
-                             _score(score, where), neuronpedia_hook(_sae_name(obj.get("layer"), where))))
+                             _score(score, where), neuronpedia_hook(_sae_name(obj.get("layer"), where)), where=where))
     return rows
 
 
@@ -208,7 +209,7 @@ def parse_delphi(path: Path) -> list[LabelRow]:
         if not isinstance(label, str) or not label.strip():
             raise CatalogError("file", f"{file.name}: expected an explanation string")
         rows.append(LabelRow(_feature(match.group("index"), file.name), _label(label, file.name), "delphi", None,
-                             delphi_hook(match.group("module"))))
+                             delphi_hook(match.group("module")), where=file.name))
     if not rows:
         raise CatalogError("file", f"no delphi explanation files (<module>_latent<N>.txt) in {path}")
     return rows
@@ -233,14 +234,18 @@ def _parse_csv(path: Path) -> list[LabelRow]:
         for number, rec in enumerate(reader, 2):
             where = f"{path.name}:{number}"
             hook = None
-            if rec.get("layer") not in (None, "") and rec.get("stream"):
+            has_layer, has_stream = rec.get("layer") not in (None, ""), bool(rec.get("stream"))
+            if has_layer != has_stream:
+                raise CatalogError("stream" if has_layer else "layer", f"{where}: give layer and stream together "
+                                                                       "(or neither: then --layer and --stream)")
+            if has_layer and has_stream:
                 layer_index = _index(rec["layer"], where, "layer", "a layer")
                 if rec["stream"] not in STREAMS:
                     raise CatalogError("stream", f"{where}: expected one of {', '.join(STREAMS)}, got {rec['stream']!r}")
                 hook = (layer_index, rec["stream"])
             rows.append(LabelRow(_feature(rec["feature_id"], where), _label(rec.get("label"), where),
                                  _source(rec.get("source"), where, "csv"), _score(rec.get("score"), where), hook,
-                                 (rec.get("sae") or "").strip() or None))
+                                 (rec.get("sae") or "").strip() or None, where))
     return rows
 
 

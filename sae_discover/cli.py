@@ -29,6 +29,7 @@ from typing import Any
 from catalog import runs, sandbox
 from catalog.db import Catalog
 from catalog.errors import CatalogWarning
+from ingest.options import STREAMS
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
 from sae_discover.drift import table as drift_table
@@ -278,7 +279,7 @@ def cmd_calibrate(argv: list[str]) -> int:
     p.add_argument("--sae", dest="sae_id", default="demo", help="SAE source (default: demo)")
     p.add_argument("--corpus", help="one document per line (text or JSONL with 'text'); default: the registry's")
     p.add_argument("--layers", nargs="+", type=int, help="only the SAEs of these layers (default: all)")
-    p.add_argument("--streams", nargs="+", help="only the SAEs of these streams (default: all)")
+    p.add_argument("--streams", nargs="+", choices=STREAMS, help="only the SAEs of these streams (default: all)")
     p.add_argument("--no_lite_labels", action="store_true", help="skip the lite proto-labels")
     p.add_argument("--store", type=store_location,
                    help="calibrate into this shared Delta store instead of --db: corpus chunks computed by --workers "
@@ -301,8 +302,10 @@ def cmd_calibrate(argv: list[str]) -> int:
     source = loaders.source(ns.sae_id)
     hooks = [h for h in sorted(source.hooks) if (ns.layers is None or h[0] in ns.layers)
              and (ns.streams is None or h[1] in ns.streams)]
-    if not hooks:
-        raise RequestError("layers", f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
+    if not hooks:  # the flag to change: the streams when the layers alone would match
+        layer_ok = ns.layers is None or any(layer in ns.layers for layer, _ in source.hooks)
+        field = "streams" if ns.streams is not None and layer_ok else "layers"
+        raise RequestError(field, f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
     if ns.layers is None and ns.streams is None:  # every SAE of the source: one deeper than the model says so
         from sae_discover.calibration import check_hooks  # loads torch (ingest): calibrate runs a model anyway
 
@@ -393,7 +396,8 @@ def cmd_runs(argv: list[str]) -> int:
     catalog = _catalog(ns)
     if ns.action == "list":
         fmt = out_format(ns.out, ns.format, ("json", "csv", "jsonl"))
-        limit, offset = (check_value(Option(n, "int", 0, "", (0, INT32_MAX)), getattr(ns, n)) for n in ("limit", "offset"))
+        limit, offset = (check_value(Option(n, "int", 0, "", (low, INT32_MAX)), getattr(ns, n))
+                         for n, low in (("limit", 1), ("offset", 0)))
         tags = [parse_tag_filter("tag", t, "=") for t in ns.tags or []]
         rows, total = runs.list_runs(catalog, limit, offset, model_id=ns.model_id, sae_id=ns.sae_id, mode=ns.mode,
                                      tags=tags)

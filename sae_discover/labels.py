@@ -67,12 +67,16 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
         if row.sae is not None and row.sae != sae_id:
             raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
                                       "(split the file, or import it once per SAE)")
-        hook = _row_hook(source, row.hook, layer, stream)
+        try:
+            hook = _row_hook(source, row.hook, layer, stream)
+        except RequestError as exc:  # name the row (file:line, or the delphi file)
+            raise RequestError(exc.field, f"{row.where}: {exc.message}" if row.where else exc.message) from None
         if hook is None:
             if len(source.hooks) != 1:
                 accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \
                     if row.source == "delphi" else ""
-                raise RequestError("layer", f"the file does not say which hook its labels belong to and "
+                at = f"{row.where}: " if row.where else ""
+                raise RequestError("layer", f"{at}the file does not say which hook its labels belong to and "
                                             f"{sae_id!r} has {len(source.hooks)} SAEs; give layer and stream (--layer, --stream)"
                                             f"{accepted}")
             hook = next(iter(source.hooks))

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from scipy.stats import spearmanr
 
 from catalog.db import Catalog
+from catalog.errors import UnknownRun
 from sae_discover.drift import build_drift_request, drift_report, table, to_csv, write_report
 from sae_discover.registry import Registry
 from sae_discover.request import RequestError
@@ -268,7 +269,7 @@ def test_bad_requests_name_the_field(body, field):
 
 
 def test_bad_run_selections(catalog):
-    with pytest.raises(RequestError, match="base_runs: no run 'feedface00'"):
+    with pytest.raises(UnknownRun, match="base_runs: no run 'feedface00'"):  # the API's 404
         drift_report(catalog, base_runs=["feedface00"], tuned_runs=["feedface00"])
     with pytest.raises(RequestError, match="base_runs: not a valid SQL filter"):
         drift_report(catalog, base_runs="true; DROP TABLE runs", tuned_runs="true", allow_sql_filter=True)

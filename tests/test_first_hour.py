@@ -289,8 +289,11 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "encoder_latent2.txt").write_text("unknown module")
-    with pytest.raises(RequestError, match=r"delphi file names read: layers\.N"):
+    with pytest.raises(RequestError, match=r"^layer: encoder_latent2\.txt: the file does not say .*delphi file names "
+                                           r"read: layers\.N"):
         toy_discovery.import_labels(odd, "toy")
+    with pytest.raises(RequestError, match=r"^layer: layers\.1_latent2\.txt: the file names layer 1 resid_post"):
+        toy_discovery.import_labels(other, "toy")  # the file named (the row's), not only its hook
     # layer/stream place a row whose file hook the source lacks; they never move one it has
     placed = toy_discovery.import_labels(other, "toy", layer=0, stream="resid_pre")
     assert placed["hooks"] == [[0, "resid_pre"]]
@@ -352,3 +355,15 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_whole_runs(toy_registry, tmp_p
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 800
+
+
+def test_listing_and_calibrate_selections_name_the_flag_to_change(toy_registry, tmp_path):
+    db = tmp_path / "c.duckdb"
+    for args, field in ((("runs", "list", "--limit", "0"), "limit"),
+                        (("calibrate", "--model", "toy", "--sae", "toy", "--layers", "0", "--streams", "mlp_out"),
+                         "streams"),  # layer 0 has an SAE, of another stream
+                        (("calibrate", "--model", "toy", "--sae", "toy", "--layers", "7"), "layers"),
+                        (("calibrate", "--model", "toy", "--sae", "toy", "--streams", "resid"), "streams")):
+        proc = run_cli(*args, "--db", str(db), "--registry", str(toy_registry)) if args[0] == "calibrate" \
+            else run_cli(*args, "--db", str(db))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field}: "), proc.stderr

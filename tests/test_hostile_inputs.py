@@ -427,6 +427,8 @@ def test_api_refuses_drift_filters_and_repeated_layers_make_one_run(server):
     detail = api_error(server.client.post("/v1/drift", json={"base_runs": [one["run_id"]],
                                                              "tuned_runs": "model_id = 'toy'"}), "tuned_runs")
     assert "SQL filters are disabled" in detail
+    unknown = server.client.post("/v1/drift", json={"base_runs": ["feedface00"], "tuned_runs": [one["run_id"]]})
+    assert unknown.status_code == 404 and api_error(unknown, "base_runs").startswith("base_runs: no run 'feedface00'")
 
 
 LABELS = "/v1/labels/import"

@@ -135,3 +135,12 @@ def test_lite_labels_belong_to_their_calibration(toy_discovery, toy_demo):
             assert [x["calibration_id"] for x in lite_of] == [cal]
             assert shown["proto_label"] == lite_of[0]["label"] == lite[cal][shown["feature_id"]]
             assert data["h"]["calibration_id"] == cal
+
+
+def test_a_csv_row_with_a_layer_and_no_stream_is_refused_naming_its_line(toy_discovery, tmp_path):
+    path = tmp_path / "half.csv"
+    path.write_text("feature_id,label,layer,stream\n1,ok,1,resid_pre\n2,half,1,\n")
+    with pytest.raises(CatalogError) as err:
+        toy_discovery.import_labels(path, "toy")
+    assert err.value.field == "stream" and err.value.message.startswith("half.csv:3: give layer and stream together")
+

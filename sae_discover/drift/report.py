@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from catalog import drift as catalog_drift
 from catalog.db import Catalog, CatalogError
-from catalog.errors import CatalogReadOnly
+from catalog.errors import CatalogReadOnly, UnknownRun
 from sae_discover.drift.request import DriftRequest, build_drift_request, discover_requests
 from sae_discover.errors import USER_ERRORS, RequestError
 from sae_discover.output import clip
@@ -57,8 +57,8 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
         opts = catalog_drift.DriftOptions(**{f.name: getattr(req, f.name) for f in fields(catalog_drift.DriftOptions)})
         out = catalog_drift.drift(catalog, [r["run_key"] for r in base_rows], [r["run_key"] for r in tuned_rows],
                                   [s["sae_key"] for s in saes], opts)
-    except CatalogReadOnly:  # not a bad request: the catalog cannot store the runs it needs
-        raise
+    except (CatalogReadOnly, UnknownRun):  # not a bad request: the catalog cannot store the runs it needs, or
+        raise  # has no such run (the API's 404)
     except CatalogError as exc:  # the catalog names the field; here it is a field of this request
         raise RequestError(exc.field, exc.message) from exc
     timings = {"drift_sql_s": time.perf_counter() - t_sql}
