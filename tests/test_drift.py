@@ -48,6 +48,11 @@ def test_identical_models_agree_and_reuse_runs(toy_discovery):
         assert (p["jaccard"], p["spearman"], p["n_gained"] + p["n_lost"] + p["n_shifted"]) == (1.0, 1.0, 0)
     assert all(f["rank_change"] == 0 and f["score_change"] == 0 for f in report["features"])
     assert "nothing flagged" in table(report)
+    assert not report["warnings"]
+    twice = drift_report(toy_discovery, base="toy", tuned="toy", sae_id="toy", layers=LAYERS, top_k=10,
+                         prompts=[{**FINANCE[0], "id": "x"}, {**FINANCE[0], "id": "y"}])
+    assert len(twice["prompts"]) == 1 and twice["warnings"] == [
+        "prompts: y makes the same runs as x (same text and run options); compared once"]
 
 
 def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):

@@ -45,6 +45,7 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
             if not hasattr(source, "discover"):
                 raise RequestError("prompts", "making runs needs a model: use base_runs/tuned_runs with a bare catalog")
             base_ids, tuned_ids, ingested, line_ids, layers, streams = _ingest(source, req, progress)
+            warnings += _repeated_prompts(req, base_ids)
             base_rows = catalog_drift.runs_by_ids(catalog, base_ids, "base")
             tuned_rows = catalog_drift.runs_by_ids(catalog, tuned_ids, "tuned")
         else:
@@ -143,6 +144,20 @@ def _ingest(discovery, req: DriftRequest, progress: bool):
             item = (req.prompts or [])[i]
             line_ids.setdefault(ids["base"][-1], str(item.get("id", i + 1)))
     return ids["base"], ids["tuned"], counts, line_ids, layers, streams
+
+
+def _repeated_prompts(req: DriftRequest, base_ids: list[str]) -> list[str]:
+    """A warning per prompt that makes the same runs as an earlier one (same text and run options): it is
+    compared once, under the first one's id."""
+    first: dict[str, str] = {}
+    notes = []
+    for i, (item, run_id) in enumerate(zip(req.prompts or [], base_ids, strict=True)):
+        name = str(item.get("id", i + 1))
+        if run_id in first:
+            notes.append(f"prompts: {name} makes the same runs as {first[run_id]} (same text and run options); "
+                         "compared once")
+        first.setdefault(run_id, name)
+    return notes
 
 
 def _prompt_json(p: dict, line_ids: dict[str, str]) -> dict:
