@@ -398,6 +398,7 @@ class FeatureCalibration(Struct, kw_only=True):
     activations there (buckets over (0, max]; ``zeros``: the calibration tokens where it was 0)."""
 
     calibration_id: int
+    model_id: str  # the model whose activations on the corpus gave these statistics
     corpus: str | None
     corpus_hash: str | None
     n_tokens: int | None

@@ -88,15 +88,17 @@ def _lite(labels: list[dict], calibration: dict | None) -> dict | None:
 
 def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int) -> dict | None:
     """The feature's statistics and histogram in the newest calibration of its SAE (by any model), with
-    that calibration's corpus; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
+    that calibration's corpus and model; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
     found = [h for key in keys if (h := histograms(con, calibration_for(con, key), key, [feature_id]).get(feature_id))]
     if not found:
         return None
     hist = max(found, key=lambda h: h["calibration_id"])
     info = calibration_info(con, {0: hist["calibration_id"]}) or {}
+    (model_id,) = con.execute("SELECT m.model_id FROM calibrations c JOIN models m USING (model_key) "
+                              "WHERE c.calibration_id = ?", [hist["calibration_id"]]).fetchone()
     width = hist["max"] / HIST_BINS
     buckets = [{"lo": i * width, "hi": (i + 1) * width, "count": n} for i, n in enumerate(hist["counts"])]
-    return {**info, **{k: hist[k] for k in ("density", "mean", "max", "p95", "p95_all", "zeros")},
+    return {**info, "model_id": model_id, **{k: hist[k] for k in ("density", "mean", "max", "p95", "p95_all", "zeros")},
             "buckets": buckets}
 
 

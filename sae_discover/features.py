@@ -72,7 +72,8 @@ def feature_text(view: dict) -> str:
     if cal is None:
         lines.append("calibration: none (python -m sae_discover calibrate)")
     else:
-        lines.append(f"calibration {cal['calibration_id']} ({cal['corpus']}, {cal['n_tokens']} tokens): "
+        lines.append(f"calibration {cal['calibration_id']} ({cal['model_id']} on {cal['corpus']}, {cal['n_tokens']} "
+                     "tokens): "
                      f"density {cal['density']:.4g}  mean {cal['mean']:.4g}  max {cal['max']:.4g}  "
                      f"p95 {cal['p95']:.4g}  p95_all {cal['p95_all']:.4g}")
         peak = max([b["count"] for b in cal["buckets"]] + [1])

@@ -111,6 +111,7 @@ def _check_against_views(db: Path, view: dict) -> None:
     # calibration: the stored statistics, and a histogram holding every calibration token
     cal = view["calibration"]
     assert stats is not None and cal is not None
+    assert cal["model_id"] == "toy"  # the model whose activations gave the statistics
     assert [cal[k] for k in ("p95", "p95_all", "mean", "max", "density")] == [pytest.approx(x) for x in stats[:5]]
     assert cal["zeros"] + sum(b["count"] for b in cal["buckets"]) == stats[5] == cal["n_tokens"]
     assert cal["buckets"][-1]["hi"] == pytest.approx(stats[3])
