@@ -222,14 +222,46 @@ def sql_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     return [sql]
 
 
+# JSON Schema constraint keywords and the attributes of Litestar's Schema that hold them
+CONSTRAINTS = {"minimum": "minimum", "maximum": "maximum", "exclusiveMinimum": "exclusive_minimum",
+               "exclusiveMaximum": "exclusive_maximum", "minLength": "min_length", "maxLength": "max_length",
+               "pattern": "pattern", "minItems": "min_items", "maxItems": "max_items",
+               "minProperties": "min_properties", "maxProperties": "max_properties"}
+
+
+def _complete(schema: Any, spec: dict) -> None:
+    """Add to Litestar's ``schema`` of a field the constraints msgspec's own JSON schema ``spec`` of it
+    states and Litestar drops: those of a nullable value (``tau >= 0 or null``), of list items
+    (``layers[i] <= 10000``), of tuple members and of an object's keys."""
+    if not isinstance(schema, Schema) or not isinstance(spec, dict):
+        return
+    for keyword, attr in CONSTRAINTS.items():
+        if keyword in spec and getattr(schema, attr) is None:
+            setattr(schema, attr, spec[keyword])
+    _complete(schema.items, spec.get("items"))
+    _complete(schema.property_names, spec.get("propertyNames"))
+    for mine, theirs in zip(schema.prefix_items or [], spec.get("prefixItems") or [], strict=False):
+        _complete(mine, theirs)
+    members = spec.get("anyOf") or []
+    for member in schema.one_of or schema.any_of or []:
+        kind = getattr(getattr(member, "type", None), "value", None)
+        _complete(member, next((m for m in members if m.get("type") == kind), {}))
+
+
 class StrictStructSchemaPlugin(StructSchemaPlugin):
     """Litestar's msgspec Struct schema, plus ``additionalProperties: false`` for a Struct that refuses
-    unknown fields (Litestar does not say so), so that the schema states what the server enforces."""
+    unknown fields (Litestar does not say so), and the constraints Litestar drops from nullable values,
+    list items and tuple members (:func:`_complete`), so that the schema states what the server enforces."""
 
     def to_openapi_schema(self, field_definition: Any, schema_creator: Any) -> Schema:
         schema = super().to_openapi_schema(field_definition, schema_creator)
-        if getattr(msgspec.inspect.type_info(field_definition.type_), "forbid_unknown_fields", False):
+        struct = field_definition.type_
+        if getattr(msgspec.inspect.type_info(struct), "forbid_unknown_fields", False):
             schema.additional_properties = False
+        (ref,), components = msgspec.json.schema_components([struct])
+        spec = components.get(ref.get("$ref", "").rsplit("/", 1)[-1], {}).get("properties", {})
+        for name, prop in (schema.properties or {}).items():
+            _complete(prop, spec.get(name, {}))
         return schema
 
 

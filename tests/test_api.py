@@ -22,7 +22,7 @@ import pytest
 
 from api.schemas import API_REFUSED
 from sae_discover.registry import DEMO_DIR
-from sae_discover.request import DiscoverRequest
+from sae_discover.request import MAX_LAYER, DiscoverRequest
 from tests.conftest import ROOT, run_cli
 
 LIMITS = {"max_gen_tokens": 32, "max_text_chars": 2000, "max_layers": 4, "max_return_top_x": 50,
@@ -277,6 +277,13 @@ def test_openapi_documents_the_request_model_and_limits(server):
     assert body["gen_tokens"]["maximum"] == LIMITS["max_gen_tokens"]
     assert body["prompt"]["maxLength"] == LIMITS["max_text_chars"]
     assert body["layers"]["maxItems"] == LIMITS["max_layers"]
+    # the constraints of nullable values, list items and tuple members (Litestar alone drops them)
+    layers = next(m for m in body["layers"]["oneOf"] if m["type"] == "array")
+    assert (layers["items"]["minimum"], layers["items"]["maximum"]) == (0, MAX_LAYER)
+    assert next(m for m in body["tau"]["oneOf"] if m["type"] == "number")["minimum"] == 0
+    assert body["restrict_features"]["items"]["minimum"] == 0
+    pair = next(m for m in body["hooks"]["oneOf"] if m["type"] == "array")["items"]
+    assert pair["prefixItems"][0]["maximum"] == MAX_LAYER and pair["minItems"] == pair["maxItems"] == 2
     health = server.client.get("/healthz").json()
     assert health["status"] == "ok" and {"demo", "toy"} <= set(health["models"])
     assert health["limits"]["max_gen_tokens"] == LIMITS["max_gen_tokens"]
