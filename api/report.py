@@ -16,6 +16,7 @@ from litestar.types import ControllerRouterHandler
 
 from api import schemas
 from api.service import ApiService
+from catalog.ranking import ATTRIBUTION_MODES
 from sae_discover.errors import RequestError
 from sae_discover.report import run_report
 from sae_discover.report.html import embed, page
@@ -32,8 +33,9 @@ UI_SCRIPT = r"""
   function load() {
     var q = new URLSearchParams({limit: LIMIT, offset: offset});
     ["model_id", "sae_id"].forEach(function (k) { var v = $("f-" + k).value.trim(); if (v) q.set(k, v); });
-    fetch("/v1/runs?" + q.toString()).then(function (r) { return r.json(); }).then(function (page) {
-      var body = $("runs-body"); body.textContent = "";
+    fetch("/v1/runs?" + q.toString()).then(answer).then(function (res) {
+      var page = res[1], body = $("runs-body"); body.textContent = "";
+      if (!res[0]) { $("runs-count").textContent = "error: " + page.detail; return; }
       (page.runs || []).forEach(function (run) {
         var tr = el("tr"), a = el("a", run.run_id.slice(0, 12)); a.href = reportUrl(run.run_id); a.className = "open";
         var td = el("td"); td.appendChild(a); tr.appendChild(td);
@@ -42,14 +44,18 @@ UI_SCRIPT = r"""
         body.appendChild(tr);
       });
       $("runs-count").textContent = (page.total ? (offset + 1) + "–" + (offset + page.runs.length) : "0") + " of " + page.total;
+      if (!page.runs.length) { var none = el("tr"), cell = el("td", page.total ? "no run on this page" :
+        "no stored run matches"); cell.colSpan = 7; none.appendChild(cell); body.appendChild(none); }
       $("prev").disabled = offset === 0; $("next").disabled = offset + LIMIT >= page.total;
-    });
+    }).catch(function (e) { $("runs-count").textContent = "the server did not answer (" + e.message + ")"; });
   }
+  // a response as [ok, its JSON]: errors carry the server's detail ("field: what was expected")
+  function answer(r) { return r.json().then(function (j) { return [r.ok, j]; }); }
   $("prev").addEventListener("click", function () { offset = Math.max(0, offset - LIMIT); load(); });
   $("next").addEventListener("click", function () { offset += LIMIT; load(); });
   $("filter").addEventListener("submit", function (ev) { ev.preventDefault(); offset = 0; load(); });
   function fill(select, values) { values.forEach(function (v) { var o = el("option", v); o.value = v; select.appendChild(o); }); }
-  fill($("d-score_mode"), conf.score_modes);
+  fill($("d-score_mode"), conf.score_modes); $("d-score_mode").value = conf.default_score_mode;
   fetch("/healthz").then(function (r) { return r.json(); }).then(function (h) {
     fill($("d-model_id"), h.models); fill($("d-sae_id"), h.saes);
   });
@@ -64,12 +70,12 @@ UI_SCRIPT = r"""
     $("d-status").textContent = "running…";
     fetch("/v1/sae/features/discover", {method: "POST", headers: {"content-type": "application/json"},
                                         body: JSON.stringify(body)})
-      .then(function (r) { return r.json().then(function (j) { return [r.ok, j]; }); })
+      .then(answer)
       .then(function (res) {
         if (!res[0]) { $("d-status").textContent = "error: " + res[1].detail; return; }
         var q = new URLSearchParams({score_mode: body.score_mode, return_top_x: body.return_top_x});
         window.location.href = reportUrl(res[1].run_id, "?" + q.toString());
-      });
+      }).catch(function (e) { $("d-status").textContent = "the server did not answer (" + e.message + ")"; });
   });
   load();
 })();
@@ -106,7 +112,9 @@ def index_page(svc: ApiService) -> str:
     body = (UI_BODY.replace("{top}", str(min(int(choices["return_top_x"].default), s.max_return_top_x)))
             .replace("{max_chars}", str(s.max_text_chars)).replace("{max_gen}", str(s.max_gen_tokens))
             .replace("{gen}", str(min(16, s.max_gen_tokens))))
-    conf = {"score_modes": list(choices["score_mode"].choices)}
+    # the form has no attribution target, so it offers the modes that need none; the request's default first
+    conf = {"score_modes": [m for m in choices["score_mode"].choices if m not in ATTRIBUTION_MODES],
+            "default_score_mode": choices["score_mode"].default}
     return page("sae-discover", body + f"<script type=\"application/json\" id=\"ui-conf\">{embed(conf)}</script>",
                 script=False, extra_script=UI_SCRIPT)
 

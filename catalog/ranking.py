@@ -10,7 +10,8 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
   its usual level the feature is active here (a ratio, so it needs no normalization)
 - score = the chosen mode on activations divided by the feature's calibration max
   (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
-  or on raw activations when the SAE has no calibration (``normalization: "none"``)
+  or on raw activations when the SAE has no calibration (``normalization: "none"``, as for the
+  attribution modes)
 - attribution = sum(attr): the first-order drop of the run's attribution target M were the feature removed
   at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes
   ``attribution`` (what pushed M up) and ``attribution_abs`` (|sum|: what mattered either way) rank by it
@@ -49,13 +50,19 @@ import duckdb
 
 from catalog.db import Catalog
 from catalog.errors import CatalogError
-from catalog.scoring import LIFT_PRIOR, NEEDS_BACKGROUND, NEEDS_CALIBRATION, SCORE_EXPR, macro_call  # noqa: F401 (LIFT_PRIOR: re-exported)
+from catalog.scoring import (  # noqa: F401 (LIFT_PRIOR, ATTRIBUTION_MODES: re-exported)
+    ATTRIBUTION_MODES,
+    LIFT_PRIOR,
+    NEEDS_BACKGROUND,
+    NEEDS_CALIBRATION,
+    SCORE_EXPR,
+    macro_call,
+)
 from catalog.stats import TAU_BASES, TauBasis
 
 ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs", "context"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 assert tuple(SCORE_EXPR) == SCORE_MODES, "catalog/scoring.py scores exactly the score modes"
-ATTRIBUTION_MODES = ("attribution", "attribution_abs")
 Background = Literal["calibration", "batch"]
 BACKGROUNDS: tuple[str, ...] = get_args(Background)
 SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
@@ -213,7 +220,8 @@ def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[
     if opts.score_mode in NEEDS_BACKGROUND:
         _require_background(opts, complete, per_model)
     return Scoring(params, cals,
-                   {k: "calibration_max" if complete.get(k) else "none" for k in run_keys},
+                   {k: "calibration_max" if complete.get(k) and opts.score_mode not in ATTRIBUTION_MODES else "none"
+                    for k in run_keys},
                    {k: _threshold_source(opts, any(c is not None for c in cals[k].values())) for k in run_keys},
                    _calibration_infos(run_keys, rows), calibration_changes(rows))
 

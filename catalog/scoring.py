@@ -43,6 +43,7 @@ SCORE_EXPR = {
     "context": "coalesce(cx.support, 0)",  # CONTEXT_CTES
 }
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
+ATTRIBUTION_MODES = ("attribution", "attribution_abs")  # scores in units of the target M: never normalized
 NEEDS_CALIBRATION = ("context",)  # the calibration's documents say how features are active together
 WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" for mode, expr in SCORE_EXPR.items()) \
@@ -285,7 +286,8 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                            || 'background_runs, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
-           CASE WHEN g.all_calibrated THEN 'calibration_max' ELSE 'none' END AS normalization
+           CASE WHEN g.all_calibrated AND score_mode NOT IN ({", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)})
+                THEN 'calibration_max' ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
 

@@ -254,10 +254,13 @@ def cmd_discover(argv: list[str]) -> int:
             raise RequestError("workers", f"expected an integer in [1, {MAX_WORKERS}], got {ns.workers}")
         out = ns.out or f"results/discover_batch.{'html' if ns.format == 'html' else 'jsonl'}"
         fmt = out_format(out, ns.format if ns.format != "json" else "jsonl", ("jsonl", "html"))
-        lines = read_lines(ns.prompts_file)
-        disc = _discovery(ns)
         # an HTML report of a batch is made from its JSONL, written next to it
         jsonl = Path(out).with_suffix(".jsonl") if fmt == "html" else out
+        if Path(jsonl).resolve() == Path(ns.prompts_file).resolve():  # the results would replace the prompts
+            raise RequestError("out", f"the results ({jsonl}{', written next to the HTML report' if fmt == 'html' else ''})"
+                                      f" would replace the prompts file {ns.prompts_file}; give --out another name")
+        lines = read_lines(ns.prompts_file)
+        disc = _discovery(ns)
         out_path, n_err = run_batch(disc, lines, fields, jsonl, workers=ns.workers)
         print(f"wrote {out_path} ({len(lines)} lines, {len(lines) - n_err} ok, {n_err} failed)")
         if fmt == "html":

@@ -174,7 +174,7 @@ def _feature_rows(features: list[dict], first: int, attributed: bool = False) ->
     return rows
 
 
-def _verification_lines(v: dict) -> list[str]:
+def verification_lines(v: dict) -> list[str]:
     """The verify_top summary under the table."""
     corr = lambda x: "n/a" if x is None else f"{x:+.3f}"  # noqa: E731
     return [f"verified ({v['target']}, M = {v['metric']:.4f}): {len(v['pairs'])} features ablated · "
@@ -215,7 +215,7 @@ def table(result: dict, by_hook: bool = False) -> str:
     if not rows:
         lines.append("(no feature passed the gates; lower --min_coverage_pct or raise --topk_tokens_per_seq)")
     if result.get("verification"):
-        lines += _verification_lines(result["verification"])
+        lines += verification_lines(result["verification"])
     for w in result.get("warnings", []):
         lines.append(f"note: {w}")
     return "\n".join(lines)

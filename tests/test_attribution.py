@@ -289,6 +289,8 @@ def test_catalog_attributions_equal_the_in_memory_run_and_rank_as_the_sum(toy_di
     assert [f["feature_id"] for f in by_abs["features"]] == sorted(sums, key=lambda f: (-abs(sums[f]), f))[:3]
     plain = toy_discovery.discover(toy_request())
     assert all("attribution" not in f["scores"] for f in plain["features"])
+    # attributions are scored raw (units of M), activity on the calibration's scale
+    assert (out["normalization"], by_abs["normalization"], plain["normalization"]) == ("none", "none", "calibration_max")
     with pytest.raises(CatalogError) as err:
         rerank(catalog, plain["run_id"], {"score_mode": "attribution"})
     assert err.value.field == "score_mode" and "has no attributions" in err.value.message

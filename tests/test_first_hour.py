@@ -367,3 +367,19 @@ def test_listing_and_calibrate_selections_name_the_flag_to_change(toy_registry, 
         proc = run_cli(*args, "--db", str(db), "--registry", str(toy_registry)) if args[0] == "calibrate" \
             else run_cli(*args, "--db", str(db))
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field}: "), proc.stderr
+
+
+@pytest.mark.parametrize("out", ["p.html", "p.jsonl", "./sub/../p.jsonl"])
+def test_batch_results_never_replace_the_prompts_file(tmp_path, out):
+    """--out x.html writes its JSONL next to it (x.jsonl): when that, or --out itself, is the prompts
+    file, the batch is refused before anything runs and the prompts stay as they were."""
+    prompts = tmp_path / "p.jsonl"
+    text = '{"id": "a", "text": "ACME revenue rose."}\n'
+    prompts.write_text(text)
+    (tmp_path / "sub").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "sae_discover", "--prompts_file", "p.jsonl", "--out", out,
+                           "--db", "c.duckdb"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: out: ") and "would replace the prompts file" \
+        in proc.stderr, proc.stderr
+    assert prompts.read_text() == text and not (tmp_path / "c.duckdb").exists()

@@ -120,9 +120,9 @@ def test_report_shows_every_token_feature_and_value_and_escapes_user_text(hostil
     assert [r["feature"] for r in page.rows] == [f["feature_id"] for f in result["features"]]
     for row, f in zip(page.rows, result["features"], strict=True):
         assert row["cells"][:9] == [str(page.rows.index(row) + 1), str(f["feature_id"]), str(f["layer"]), f["stream"],
-                                    f"{f['score']:.4f}", f"{f['scores']['mean']:.4f}", f"{f['scores']['coverage']:.3f}",
-                                    f"{f['scores']['max']:.3f}",
-                                    "-" if f["scores"]["selectivity"] is None else f"{f['scores']['selectivity']:.4f}"]
+                                    f"{f['score']:.4g}", f"{f['scores']['mean']:.4g}",
+                                    f"{100 * f['scores']['coverage']:.3g}", f"{f['scores']['max']:.4g}",
+                                    "-" if f["scores"]["selectivity"] is None else f"{f['scores']['selectivity']:.4g}"]
         assert f["proto_label"] is None or row["cells"][9].startswith(f["proto_label"])
     # the JSON response, embedded whole
     data = json.loads(page.json_blocks[0])
@@ -179,7 +179,9 @@ def test_cli_writes_html_for_discovery_rank_report_batch_and_drift(toy_registry,
     assert r.returncode == 1, r.stderr  # one line failed
     batch = (tmp_path / "batch.html").read_text()
     ids = [json.loads(x)["run_id"] for x in (tmp_path / "batch.jsonl").read_text().splitlines() if "run_id" in x]
-    assert len(ids) == 2 and all(f'href="#run-{i}"' in batch and f'id="run-{i}"' in batch for i in ids)
+    # each section anchored by its place on the page (two lines may share a run), its run id as data
+    assert len(ids) == 2 and all(f'href="#run-{n}"' in batch and f'id="run-{n}" data-run-id="{i}"' in batch
+                                 for n, i in enumerate(ids))
     assert "b&lt;i&gt;: score_mode" in batch and "<i>" not in batch
 
     good = tmp_path / "good.jsonl"
@@ -210,6 +212,21 @@ def console_errors(driver) -> list[dict]:
 def lit(driver) -> list[int]:
     return sorted(int(e) for e in driver.execute_script(
         "return Array.from(document.querySelectorAll('section.run .tok.on')).map(t => t.dataset.i)"))
+
+
+def test_an_empty_report_in_chromium_is_inert(browser, hostile_run, tmp_path):
+    """No feature passed the gates: the table's one row says so, and clicking it does nothing (no error)."""
+    from selenium.webdriver.common.by import By
+
+    cat, result, _ = hostile_run
+    path = tmp_path / "empty.html"
+    path.write_text(stored_report(cat, result["run_id"], {"min_coverage_pct": 100, "tau": 1e6}))
+    browser.get_log("browser")
+    browser.get(path.as_uri())
+    row = browser.find_element(By.CSS_SELECTOR, "table.feats tbody tr")
+    assert row.text == "no feature passed the gates"
+    row.click()
+    assert console_errors(browser) == []
 
 
 def test_report_in_chromium_click_sort_filter_offline(browser, hostile_run, tmp_path):
@@ -297,6 +314,14 @@ def test_api_ui_lists_runs_opens_reports_and_runs_a_discovery(browser, toy_regis
         _wait(lambda: len(Select(browser.find_element(By.ID, "d-model_id")).options) > 1)
         Select(browser.find_element(By.ID, "d-model_id")).select_by_value("toy")
         Select(browser.find_element(By.ID, "d-sae_id")).select_by_value("toy")
+        modes = Select(browser.find_element(By.ID, "d-score_mode"))
+        assert modes.first_selected_option.get_attribute("value") == "mean×coverage"  # the request's default
+        assert "attribution" not in [o.get_attribute("value") for o in modes.options]  # the form has no target
+        # a refused run-list filter shows the server's reason
+        browser.find_element(By.ID, "f-model_id").send_keys("m" * 300)
+        browser.find_element(By.CSS_SELECTOR, "#filter button").click()
+        _wait(lambda: browser.find_element(By.ID, "runs-count").text.startswith("error: model_id"))
+        browser.get_log("browser")  # that 400 is logged as a failed request: expected here
         Select(browser.find_element(By.ID, "d-score_mode")).select_by_value("max")
         browser.find_element(By.ID, "d-input").send_keys("The quarterly revenue grew")
         browser.find_element(By.CSS_SELECTOR, "#discover button").click()
@@ -402,7 +427,7 @@ def test_report_of_an_attribution_run_shows_each_tokens_attribution(attributed_r
     for row, f in zip(page.rows, feats, strict=True):
         stored = catalog_attr(cat, result["run_id"], f["layer"], f["stream"], f["feature_id"])
         assert float(row["cells"][9]) == pytest.approx(sum(a for _, _, a in stored if a is not None), abs=6e-5)
-        assert row["cells"][9] == f"{f['scores']['attribution']:.4f}"
+        assert row["cells"][9] == f"{f['scores']['attribution']:.4g}"
     # the heatmap data: per position, the stored attr (four significant digits)
     data = json.loads(page.json_blocks[0])
     nonzero = 0
@@ -505,3 +530,22 @@ def test_attribution_toggle_in_chromium_colours_tokens_by_the_runs_attr(browser,
     assert chips == data["features"][mixed]["s"] and chips
     assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
     assert console_errors(browser) == []
+
+
+def test_a_verified_run_shows_its_ablation_deltas_and_summary(toy_discovery):
+    """verify_top: the ablate Δ column holds each verified feature's measured change (blank for the
+    others), and the header says what M was and how the ablations bore the attributions out."""
+    from sae_discover.output import verification_lines
+
+    result = toy_discovery.discover(build_request({
+        "model_id": "toy", "sae_id": "toy", "text": "Revenue rose because the margins grew and the quarter closed",
+        "layers": [1], "attribution_target": "next_tokens", "score_mode": "attribution_abs", "verify_top": 2,
+        "min_coverage_pct": 0.0, "return_top_x": 6}))
+    text = run_report(toy_discovery.catalog, result)
+    page = Page(text)
+    heads = column_heads(text)
+    assert heads[9:11] == ["attribution", "ablate Δ"]
+    for row, f in zip(page.rows, result["features"], strict=True):
+        assert row["cells"][10] == (f"{f['ablation_delta']:.4g}" if "ablation_delta" in f else "-")
+    assert sum("ablation_delta" in f for f in result["features"]) == 2
+    assert verification_lines(result["verification"])[0] in page.dds

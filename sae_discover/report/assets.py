@@ -17,6 +17,7 @@ dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; 
 dl.meta dt { color: var(--mute); } dl.meta dd { margin: 0; }
 ul.warn { color: #8a5300; font-size: 13px; margin: 4px 0; padding-left: 18px; }
 .grid { display: grid; grid-template-columns: minmax(0, 1.15fr) minmax(0, 1fr); gap: 18px; align-items: start; }
+@media (max-width: 1100px) { .grid { grid-template-columns: minmax(0, 1fr); } }  /* narrow: the table below the tokens */
 .tokens { font: 13px/1.9 ui-monospace, "SFMono-Regular", Menlo, monospace; white-space: pre-wrap; word-break: break-word;
           border: 1px solid var(--line); border-radius: 6px; padding: 10px; max-height: 60vh; overflow: auto; }
 .tok { border-radius: 3px; padding: 1px 0; cursor: default; }
@@ -31,7 +32,7 @@ table.feats th, table.feats td { padding: 3px 6px; border-bottom: 1px solid var(
 table.feats th { cursor: pointer; user-select: none; position: sticky; top: 0; background: #fff; }
 table.feats th.sorted-desc::after { content: " ▾"; } table.feats th.sorted-asc::after { content: " ▴"; }
 table.feats td.lab, table.feats th.lab { text-align: left; white-space: normal; }
-table.feats td.lab > div { min-width: 18em; max-width: 28em; }
+table.feats td.lab > div { min-width: 12em; max-width: 28em; }
 table.feats tbody tr { cursor: pointer; } table.feats tbody tr:hover { background: #f3f6fa; }
 table.feats tbody tr.sel { background: #ffe9d6; }
 .tablewrap { max-height: 60vh; overflow: auto; border: 1px solid var(--line); border-radius: 6px; }
@@ -72,7 +73,7 @@ JS = r"""
     section.querySelectorAll(".tok").forEach(function (t) { toks[t.dataset.i] = t; });
     feats.forEach(function (f, fi) { for (var j = 0; j < f.p.length; j++) {
       (byPos[f.p[j]] = byPos[f.p[j]] || []).push([fi, f.a[j], f.t ? f.t[j] : null]); } });
-    var lit = [], rows = section.querySelectorAll("table.feats tbody tr"), mode = "act";
+    var lit = [], rows = section.querySelectorAll("table.feats tbody tr[data-f]"), mode = "act";
     var detail = section.querySelector(".detail"), current = -1;
 
     function color(v, scale) {

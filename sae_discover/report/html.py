@@ -11,10 +11,11 @@ import html
 import json
 from collections.abc import Sequence
 
+from sae_discover.output import verification_lines
 from sae_discover.report.assets import CSS, JS
 
 # the feature table's columns: heading, and the value of a response feature (None: not a number)
-COLUMNS = ("rank", "feature", "layer", "stream", "score", "mean", "coverage", "max", "selectivity")
+COLUMNS = ("rank", "feature", "layer", "stream", "score", "mean", "cover%", "max", "selectivity")
 
 
 def esc(value: object) -> str:
@@ -39,7 +40,8 @@ def page(title: str, body: str, script: bool = True, extra_script: str = "") -> 
 
 
 def _num(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    """``digits`` significant digits (a mean×coverage score is often ~1e-4: fixed decimals would show 0)."""
+    return "-" if value is None else f"{value:.{digits}g}"
 
 
 def _meta(pairs: Sequence[tuple[str, str]]) -> str:
@@ -54,7 +56,8 @@ def _header(section: dict) -> str:
     timings = r.get("timings") or run.get("timings") or {}
     pairs = [("model", r["model_id"]), ("SAEs", saes or r["sae_id"]), ("mode", a["mode"]),
              ("tokens", f"{a['tokens']} analyzed of {a['total_tokens']}"),
-             ("score mode", r["score_mode"]), ("τ source", r["threshold_source"]),
+             ("score mode", r["score_mode"]), ("background", r.get("background") or "-"),
+             ("τ source", r["threshold_source"]), ("calibration", str(r.get("calibration_id") or "none")),
              ("normalization", r["normalization"]), ("run", f"{r['run_id']} ({'cached' if r['cached'] else 'new run'}, "
                                                             f"stored {run.get('created_at')})")]
     if run.get("prompt") is not None:
@@ -65,6 +68,8 @@ def _header(section: dict) -> str:
     if timings:
         pairs.append(("timings", ", ".join(f"{k} {v:.3f}" for k, v in timings.items()
                                            if isinstance(v, int | float))))
+    if r.get("verification"):  # what the attributions are of (M), and how the ablations bore them out
+        pairs.append(("verification", verification_lines(r["verification"])[0]))
     warn = "".join(f"<li>{esc(w)}</li>" for w in r.get("warnings", []))
     return _meta(pairs) + (f"<ul class=\"warn\">{warn}</ul>" if warn else "")
 
@@ -91,10 +96,11 @@ def _label(f: dict, stored: list[dict]) -> tuple[str, str]:
     return (stored[0]["label"], stored[0]["source"]) if stored else ("", "")
 
 
-def _table(section: dict) -> str:
+def _table(section: dict, n: int) -> str:
     feats = section["response"]["features"]
     has_attr = any(_attribution(f) is not None for f in feats)
-    heads = [*COLUMNS, *(["attribution"] if has_attr else []), "label"]
+    has_delta = any("ablation_delta" in f for f in feats)
+    heads = [*COLUMNS, *(["attribution"] if has_attr else []), *(["ablate Δ"] if has_delta else []), "label"]
     th = "".join(f"<th data-k=\"{i}\"{' class=lab' if h == 'label' else ''}>{esc(h)}</th>" for i, h in enumerate(heads))
     rows = []
     for i, (f, extra) in enumerate(zip(feats, section["features"], strict=True)):
@@ -102,8 +108,9 @@ def _table(section: dict) -> str:
         nums = [(i + 1, str(i + 1)), (f["feature_id"], str(f["feature_id"])), (f["layer"], str(f["layer"]))]
         cells = [f"<td data-v=\"{v}\">{esc(t)}</td>" for v, t in nums]
         cells.append(f"<td>{esc(f['stream'])}</td>")
-        for value, digits in ((f["score"], 4), (s["mean"], 4), (s["coverage"], 3), (s["max"], 3),
-                              (s["selectivity"], 4), *([(_attribution(f), 4)] if has_attr else [])):
+        for value, digits in ((f["score"], 4), (s["mean"], 4), (100 * s["coverage"], 3), (s["max"], 4),
+                              (s["selectivity"], 4), *([(_attribution(f), 4)] if has_attr else []),
+                              *([(f.get("ablation_delta"), 4)] if has_delta else [])):
             cells.append(f"<td data-v=\"{'' if value is None else repr(float(value))}\">{_num(value, digits)}</td>")
         label, source = _label(f, extra["l"])
         cells.append(f"<td class=\"lab\"><div>{esc(label)}" + (f" <span class=\"src\">({esc(source)})</span>" if source
@@ -112,24 +119,26 @@ def _table(section: dict) -> str:
     body = "".join(rows) or f"<tr><td colspan=\"{len(heads)}\" class=\"empty\">no feature passed the gates</td></tr>"
     radios = ("<div class=\"legend\">color tokens by: <label><input type=radio name=\"color-{n}\" value=act checked> "
               "activation</label> <label><input type=radio name=\"color-{n}\" value=attr> attribution</label></div>"
-              .replace("{n}", esc(section["response"]["run_id"])) if has_attr else "")
+              .replace("{n}", str(n)) if has_attr else "")
     return (f"{radios}<input class=\"filter\" type=\"search\" placeholder=\"filter features (id, stream, label)\" "
             f"aria-label=\"filter features\"><div class=\"tablewrap\"><table class=\"feats\"><thead><tr>{th}</tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
 
 
-def run_html(section: dict) -> str:
-    """One run's section: header, tokens with the heatmap, feature table and the selected feature's detail."""
+def run_html(section: dict, n: int = 0) -> str:
+    """One run's section (the ``n``-th of the page: its anchor, as two batch lines may share a run):
+    header, tokens with the heatmap, feature table and the selected feature's detail."""
     r = section["response"]
     data = {"response": r, "features": section["features"]}
     colour = ("activation or attribution (click a row; toggle above the table; orange +, blue −)"
               if any(_attribution(f) is not None for f in r["features"]) else "activation (click a row)")
     legend = ("<div class=\"legend\"><span><u>underlined</u>: generated</span><span style=\"color:#a9b0b8\">grey: "
               f"special or not kept</span><span>colour: the selected feature's {colour}</span></div>")
-    return (f"<section class=\"run\" id=\"run-{esc(r['run_id'])}\"><h2>Run {esc(r['run_id'][:12])} · "
-            f"{esc(r['model_id'])} · {esc(r['sae_id'])}</h2>{_header(section)}"
+    line = f"{esc(r['id'])} · " if r.get("id") else ""
+    return (f"<section class=\"run\" id=\"run-{n}\" data-run-id=\"{esc(r['run_id'])}\"><h2>{line}Run "
+            f"{esc(r['run_id'][:12])} · {esc(r['model_id'])} · {esc(r['sae_id'])}</h2>{_header(section)}"
             f"<div class=\"grid\"><div><h3>Tokens</h3>{legend}{_tokens(section)}<div class=\"detail\"></div></div>"
-            f"<div><h3>Features ({len(r['features'])})</h3>{_table(section)}</div></div>"
+            f"<div><h3>Features ({len(r['features'])})</h3>{_table(section, n)}</div></div>"
             f"<script type=\"application/json\" class=\"data\">{embed(data)}</script></section>")
 
 
@@ -139,12 +148,12 @@ def run_page(sections: Sequence[dict], errors: Sequence[tuple[str, str]] = (), t
     if len(sections) == 1 and not errors:
         r = sections[0]["response"]
         return page(title or f"sae-discover · run {r['run_id'][:12]}", run_html(sections[0]))
-    items = [f"<li><a href=\"#run-{esc(s['response']['run_id'])}\">{esc(s['response'].get('id') or '')} "
+    items = [f"<li><a href=\"#run-{n}\">{esc(s['response'].get('id') or '')} "
              f"{esc(s['response']['run_id'][:12])}</a> — {esc(_clip(s['response']['analyzed'].get('text') or ''))}</li>"
-             for s in sections]
+             for n, s in enumerate(sections)]
     items += [f"<li class=\"err\">{esc(line_id)}: {esc(message)}</li>" for line_id, message in errors]
     index = f"<nav class=\"index\"><h2>Runs ({len(sections)} ok, {len(errors)} failed)</h2><ol>{''.join(items)}</ol></nav>"
-    return page(title or "sae-discover · batch", index + "".join(run_html(s) for s in sections))
+    return page(title or "sae-discover · batch", index + "".join(run_html(s, n) for n, s in enumerate(sections)))
 
 
 def _clip(text: str, width: int = 90) -> str:
