@@ -43,7 +43,7 @@ inclusive bounds are in its metadata and its choices in its type, for the reques
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import duckdb
@@ -354,7 +354,29 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
         out[f.pop("run_key")]["features"].append(f)
     if not opts.merge_across_layers:
         _say_empty_hooks(out, rows[:n_hooks], opts)
+    if opts.score_mode in ATTRIBUTION_MODES and opts.min_coverage_pct > 0:
+        _say_gated_attributions(con, run_keys, sae_keys, opts, out)
     return out
+
+
+def _say_gated_attributions(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions,
+                            out: dict[int, dict]) -> None:
+    """Attribution modes under a coverage gate: a warning per run whose top features by attribution
+    without the gate include some the gate left out. The gate asks for activations above τ (unusually
+    strong activity); a feature can matter to the target while firing weakly, and users ask what was used."""
+    ungated = replace(opts, min_coverage_pct=0.0, attach_proto_labels=False, attach_examples=False)
+    params = scoring_params(con, run_keys, sae_keys, ungated, ungated.model_key)
+    rows = _rows(con.execute(_ranked_sql(params, opts.merge_across_layers), {**params, "top": opts.return_top_x}))
+    for key, ranked in out.items():
+        kept = {(f["layer"], f["stream"], f["feature_id"]) for f in ranked["features"]}
+        left = [r for r in rows if r["run_key"] == key and r["feature_id"] is not None
+                and (r["layer"], r["stream"], r["feature_id"]) not in kept]
+        if left:
+            ranked["warnings"].append(
+                f"min_coverage_pct: {len(left)} of the top {opts.return_top_x} features by {opts.score_mode} were left "
+                f"out by the gate (their activations stayed below τ), e.g. feature {left[0]['feature_id']} of layer "
+                f"{left[0]['layer']} {left[0]['stream']} (attribution {left[0]['attribution']:+.4g}); "
+                "min_coverage_pct 0 ranks every active feature by what it did to the target")
 
 
 def _say_empty_hooks(out: dict[int, dict], hooks: list[dict], opts: RankOptions) -> None:

@@ -4,6 +4,8 @@ ablation deltas against an independent forward with the feature's contribution s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -17,6 +19,7 @@ from ingest.saes import saelens
 from ingest.saes.base import SAE, SAEConfig
 from ingest.tokens import pad_batch, special_mask
 from sae_discover.registry import DEMO_DIR
+from tests.conftest import run_cli
 from tests.test_families import D, build
 
 FAMILIES = ("gpt2", "llama", "gemma2")
@@ -424,3 +427,27 @@ def test_on_the_demo_used_beats_active_on_at_least_8_of_10_prompts(tmp_path):
         v = out["verification"]
         wins += v["mean_abs_delta"] > v["mean_abs_delta_top_mean"]
     assert wins >= 8
+
+
+def test_a_gate_that_hides_used_features_says_so(tmp_path):
+    """Attribution modes under the default coverage gate (the README's example on the demo): the features
+    of the ungated top by attribution that the gate left out are counted in a warning (the gate asks for
+    unusually strong activity, not use); with the gate at 0 there is nothing to say."""
+    base = ["--prompt", "Summarize Q2 earnings for ACME: revenue, EPS, guidance, and", "--layers", "2", "--gen_tokens",
+            "32", "--attribution_target", "continuation", "--score_mode", "attribution_abs", "--return_top_x", "6",
+            "--db", str(tmp_path / "c.duckdb"), "--threads", "1"]
+    results = {}
+    for gate in ("0.5", "0"):
+        out = tmp_path / f"r{gate}.json"
+        proc = run_cli(*base, "--min_coverage_pct", gate, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        results[gate] = json.loads(out.read_text())
+    key = lambda f: (f["layer"], f["stream"], f["feature_id"])  # noqa: E731
+    kept = {key(f) for f in results["0.5"]["features"]}
+    left = [f for f in results["0"]["features"] if key(f) not in kept]
+    assert left  # the README's example: most of the top 6 fire below their τ
+    said = [w for w in results["0.5"]["warnings"] if w.startswith("min_coverage_pct: ")]
+    assert len(said) == 1 and said[0].startswith(f"min_coverage_pct: {len(left)} of the top 6 features by "
+                                                 "attribution_abs were left out by the gate")
+    assert f"feature {left[0]['feature_id']} " in said[0]
+    assert not [w for w in results["0"]["warnings"] if w.startswith("min_coverage_pct: ")]
