@@ -42,10 +42,11 @@ Outcome = dict | Exception
 Progress = Callable[[int], object]  # told the number of requests that just got their run
 
 
-def line_timings(stages: dict[str, float], rank_s: float) -> dict[str, float]:
+def line_timings(stages: dict[str, float], rank_s: float, verify_s: float | None = None) -> dict[str, float]:
     """One run's own timings: its stages (a micro-batch's shared passes split evenly between its runs),
-    its share of the ranking, and ``total_s``, their sum — never the time of the whole batch."""
-    own = {**stages, "rank_s": rank_s}
+    its share of the ranking, its verify_top ablations, and ``total_s``, their sum — never the time of
+    the whole batch."""
+    own = {**stages, "rank_s": rank_s, **({"verify_s": verify_s} if verify_s is not None else {})}
     return {**own, "total_s": sum(own.values())}
 
 
@@ -242,17 +243,28 @@ class Discovery:
         background = self.background(req) if has_background else None
         ranked = rank_stored(self.catalog, [run["run_key"] for run in stored], first.saes, req, background)
         record_calibrations(self.catalog, {run["run_key"]: r["calibrations"] for run, r in zip(stored, ranked, strict=True)})
-        for p, run, r in zip(plans, stored, ranked, strict=True):
+        verify_s: dict[int, float] = {}
+        for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True)):
             if p.req.verify_top:
+                t_verify = time.perf_counter()
                 r["verification"] = self._verify(p, run, r, rank_options(p.req, background))
+                verify_s[n] = time.perf_counter() - t_verify
         texts = runs.run_texts(self.catalog, [run["run_key"] for run in stored])
-        rank_s = (time.perf_counter() - t_rank) / len(plans)
+        rank_s = (time.perf_counter() - t_rank - sum(verify_s.values())) / len(plans)
         return [discovery_response(p.req, p.run_id, run, p.layers, p.streams, r,
                                    [*(notes if n == 0 else []),  # a first-use calibration is reported once
                                     *p.bos_notes(), *context_notes(run, p.card.context_length,
-                                                                   (texts.get(run["run_key"]) or {}).get("continuation"))],
-                                   line_timings(run["timings"], rank_s), texts.get(run["run_key"]))
+                                                                   (texts.get(run["run_key"]) or {}).get("continuation")),
+                                    *self._precision_notes(p)],
+                                   line_timings(run["timings"], rank_s, verify_s.get(n)), texts.get(run["run_key"]))
                 for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True))]
+
+    def _precision_notes(self, plan: RunPlan) -> list[str]:
+        """verify_top in half precision: its measured deltas are about as small as the rounding of M."""
+        if not plan.req.verify_top or self.loaders.dtype == "float32":
+            return []
+        return [f"verify_top: the ablations ran in {self.loaders.dtype}, whose rounding of M is about as large as "
+                "small deltas (signs can flip); verify with --dtype float32"]
 
     def _verify(self, plan: RunPlan, run: dict, ranked: dict, opts) -> dict:
         """verify_top: the ablation forward passes on the stored run (sae_discover/verify.py)."""

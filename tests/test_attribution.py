@@ -309,6 +309,9 @@ def test_verify_top_measures_each_feature_and_compares_with_the_top_by_mean(toy_
     assert all("ablation_delta" in f for f in out["features"][:3])
     assert all("ablation_delta" not in f for f in out["features"][3:])
     assert v["mean_abs_delta"] == pytest.approx(np.mean([abs(p["ablation_delta"]) for p in v["pairs"]]))
+    t = out["timings"]  # the ablations have their own timing, inside the run's total
+    assert t["verify_s"] > 0 and t["total_s"] == pytest.approx(sum(v for k, v in t.items() if k != "total_s"), abs=1e-3)
+    assert not [w for w in out["warnings"] if w.startswith("verify_top:")]  # float32: no precision note
     assert (v["mean_abs_delta_top_mean"] >= 0 and v["pearson"] is None) or -1 <= v["pearson"] <= 1
     import msgspec
 
@@ -451,3 +454,14 @@ def test_a_gate_that_hides_used_features_says_so(tmp_path):
                                                  "attribution_abs were left out by the gate")
     assert f"feature {left[0]['feature_id']} " in said[0]
     assert not [w for w in results["0"]["warnings"] if w.startswith("min_coverage_pct: ")]
+
+
+def test_verifying_in_half_precision_says_so(toy_registry, catalog):
+    from sae_discover.registry import Registry
+    from sae_discover.service import Discovery
+
+    half = Discovery(catalog, Registry.load(toy_registry), device="cpu", dtype="bfloat16")
+    out = half.discover(toy_request(attribution_target="next_tokens", score_mode="attribution_abs", verify_top=2))
+    said = [w for w in out["warnings"] if w.startswith("verify_top:")]
+    assert len(said) == 1 and "ran in bfloat16" in said[0] and "--dtype float32" in said[0]
+
