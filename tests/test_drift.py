@@ -266,6 +266,10 @@ def test_planted_decoder_direction_is_flagged_gained(toy_demo, toy_discovery, tm
     ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "min_relative_change": -1}, "min_relative_change"),
     ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "frobnicate": 1}, "frobnicate"),
     ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "score_mode": "median"}, "score_mode"),
+    # an attribution mode over prompts made without a target: refused before any run is made
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x"}], "score_mode": "attribution"}, "attribution_target"),
+    ({"base": "toy", "tuned": "toy", "prompts": [{"text": "x", "attribution_target": "next_tokens"}, {"text": "y"}],
+      "score_mode": "attribution_abs"}, "attribution_target"),
 ])
 def test_bad_requests_name_the_field(body, field):
     with pytest.raises(RequestError) as info:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from catalog.drift import DriftOptions
+from catalog.ranking import ATTRIBUTION_MODES
 from ingest.options import RunOptions, Stream, TokenProxy
 from sae_discover.errors import RequestError
 from sae_discover.request import (
@@ -142,7 +143,21 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
     check_tau(req)
     if req.prompts is not None:  # each item must make a valid discovery request (checked before any model runs)
         list(discover_requests(req, req.base or "", req.layers or [0], req.streams, max_text_chars, max_layers))
+        _require_targets(req)
     return req
+
+
+def _require_targets(req: DriftRequest) -> None:
+    """An attribution score mode over prompts needs every prompt's runs made with a target: refused before
+    any run is made (a stored run without one would be found only after both models ran)."""
+    if req.score_mode not in ATTRIBUTION_MODES:
+        return
+    for i, item in enumerate(req.prompts or []):
+        if (item.get("attribution_target") or req.attribution_target or "none") == "none":
+            label = f"item {i}" + (f" (id {item['id']!r})" if "id" in item else "")
+            raise RequestError("attribution_target", f"score_mode {req.score_mode} compares what each model used for a "
+                                                     f"target, and prompts {label} has none: give attribution_target "
+                                                     "(e.g. next_tokens), for all prompts or per prompt")
 
 
 def discover_requests(req: DriftRequest, model_id: str, layers: list[int], streams: list[str] | None,
