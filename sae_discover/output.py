@@ -14,7 +14,7 @@ from pathlib import Path
 from sae_discover.errors import RequestError
 
 CSV_COLUMNS = ["feature_id", "layer", "stream", "score", "mean", "coverage", "max", "selectivity", "attribution",
-               "proto_label", "top_span_text"]
+               "ablation_delta", "proto_label", "top_span_text"]
 
 
 def csv_rows(result: dict) -> list[dict]:
@@ -25,6 +25,7 @@ def csv_rows(result: dict) -> list[dict]:
                      "mean": f["scores"]["mean"], "coverage": f["scores"]["coverage"], "max": f["scores"]["max"],
                      "selectivity": "" if f["scores"]["selectivity"] is None else f["scores"]["selectivity"],
                      "attribution": f["scores"].get("attribution", ""),
+                     "ablation_delta": f.get("ablation_delta", ""),  # verify_top: its measured change of M
                      "proto_label": f.get("proto_label") or "", "top_span_text": spans[0]["text"] if spans else ""})
     return rows
 

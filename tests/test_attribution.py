@@ -312,6 +312,14 @@ def test_verify_top_measures_each_feature_and_compares_with_the_top_by_mean(toy_
     t = out["timings"]  # the ablations have their own timing, inside the run's total
     assert t["verify_s"] > 0 and t["total_s"] == pytest.approx(sum(v for k, v in t.items() if k != "total_s"), abs=1e-3)
     assert not [w for w in out["warnings"] if w.startswith("verify_top:")]  # float32: no precision note
+    import csv
+    import io
+
+    from sae_discover.output import to_csv
+
+    rows = list(csv.DictReader(io.StringIO(to_csv(out))))  # the measured deltas travel in CSV too
+    assert [r["ablation_delta"] for r in rows] == [repr(f["ablation_delta"]) if "ablation_delta" in f else ""
+                                                   for f in out["features"]]
     assert (v["mean_abs_delta_top_mean"] >= 0 and v["pearson"] is None) or -1 <= v["pearson"] <= 1
     import msgspec
 

@@ -107,7 +107,8 @@ def test_csv_output_has_the_seed_columns(demo_runs, tmp_path):
                    "--layers", "2", "--return_top_x", "10", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
-    assert lines[0] == "feature_id,layer,stream,score,mean,coverage,max,selectivity,attribution,proto_label,top_span_text"
+    assert lines[0] == ("feature_id,layer,stream,score,mean,coverage,max,selectivity,attribution,ablation_delta,"
+                        "proto_label,top_span_text")
     assert len(lines) == 1 + len(demo_runs["first"]["features"])
 
 
