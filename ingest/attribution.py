@@ -155,15 +155,25 @@ class Ablation:
     codes: np.ndarray
 
 
+LOGITS_BUDGET = 1 << 28  # elements of a forward pass's [batch, width, vocab] logits (1 GiB in fp32)
+
+
+def vocab_size(loaded: LoadedModel) -> int:
+    """The model's vocabulary size (the logits' last dimension; 0 where the model has no config)."""
+    return loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
+
+
 def ablation_deltas(loaded: LoadedModel, token_ids: Sequence[int], n_prompt: int, metric: Metric,
                     ablations: Sequence[Ablation], batch_size: int = 16) -> tuple[float, list[float]]:
     """M of the unmodified sequence and, per ablation, M(ablated) − M: the forward pass rerun with
     x_t ← x_t − code(t, f)·∂x/∂code_f at the ablation's positions (the model downstream runs as usual).
-    Ablations are run ``batch_size`` rows per forward pass (the same sequence repeated)."""
+    Ablations are run up to ``batch_size`` rows per forward pass (the same sequence repeated), fewer where
+    their logits would pass :data:`LOGITS_BUDGET` (a long text over a large vocabulary: one row)."""
     n = len(token_ids)
     ids = torch.tensor([list(token_ids)], device=loaded.device)
     base = float(metric_values(_plain_logits(loaded, ids), ids, [n], [n_prompt], [metric])[0])
     deltas: list[float] = []
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET // max(n * vocab_size(loaded), 1)))
     for start in range(0, len(ablations), batch_size):
         group = ablations[start:start + batch_size]
         batch_ids = ids.expand(len(group), n)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ingest.attribution import Metric, attributions, capture_with_gradients, resolve_metric
+from ingest.attribution import LOGITS_BUDGET, Metric, attributions, capture_with_gradients, resolve_metric, vocab_size
 from ingest.generate import Sampling, capture_generation, generate_batch
 from ingest.models import LoadedModel, ModelError
 from ingest.options import RunOptions, resolve_token_proxy
@@ -38,7 +38,6 @@ from ingest.tokens import encode_ids, pad_batch, special_mask, token_pieces
 # group's runs, while the padded batch stays small enough to hold in memory and a failed group loses few runs.
 MICRO_BATCH = 16
 ENCODE_CHUNK = 4096
-LOGITS_BUDGET = 1 << 28  # elements of a micro-batch's [batch, width, vocab] logits (1 GiB in fp32)
 
 
 @dataclass
@@ -231,11 +230,6 @@ def run_many(loaded: LoadedModel, saes: Sequence[SAE], specs: Sequence[RunSpec],
     return runs.results  # type: ignore[return-value]
 
 
-def _vocab(loaded: LoadedModel) -> int:
-    """The model's vocabulary size (the logits' last dimension; 0 where the model has no config)."""
-    return loaded.model.config.get_text_config().vocab_size if hasattr(loaded.model, "config") else 0
-
-
 def _generate(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, prompts: list[list[int]],
               samplings: list[Sampling | None], capture: list[int], plain: list[int], prepend_bos: bool,
               batch_size: int, on_sequence: Callable[[int], object] | None) -> None:
@@ -243,7 +237,7 @@ def _generate(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, prompts: li
     ``capture`` are captured by the generation passes (:func:`~ingest.generate.capture_generation`) and
     analysed at once; those of ``plain`` (attribution runs, re-read later with a backward pass) only
     get their tokens. Each run's ``generate_s`` is its share of its micro-batch's time, by tokens."""
-    vocab = _vocab(loaded)
+    vocab = vocab_size(loaded)
     for capturing, indices in ((True, capture), (False, plain)):
         for chunk in _generation_batches(prompts, indices, vocab, batch_size):
             t0 = time.perf_counter()
@@ -278,7 +272,7 @@ def _reread(loaded: LoadedModel, saes: Sequence[SAE], runs: _Runs, rest: list[in
     groups = {i: (needs_logits(resolve_token_proxy(runs.specs[i], runs.specs[i].text is not None),
                                runs.specs[i].topk_tokens_per_seq, int((~runs.special[i]).sum()))
                   or metrics[i] is not None, metrics[i] is not None) for i in rest}
-    vocab = _vocab(loaded)
+    vocab = vocab_size(loaded)
     for group in ((False, False), (True, False), (True, True)):
         logits_group, attributing = group
         order = sorted((i for i in rest if groups[i] == group), key=lambda i: len(runs.seqs[i][0]))

@@ -241,6 +241,21 @@ def test_ablation_delta_equals_an_independent_forward_with_a_hand_written_hook(t
         assert delta == pytest.approx(expected, rel=1e-7, abs=1e-10)
     assert any(abs(d) > 1e-6 for d in deltas)
 
+    # under a logits budget smaller than two rows' logits: one row per forward pass, the same deltas
+    import ingest.attribution as attribution_module
+
+    rows = []
+    forward = loaded.forward_edited
+    loaded.forward_edited = lambda batch, edits: rows.append(len(batch)) or forward(batch, edits)
+    budget = attribution_module.LOGITS_BUDGET
+    attribution_module.LOGITS_BUDGET = len(ids) * attribution_module.vocab_size(loaded) + 1
+    try:
+        _, one_by_one = ablation_deltas(loaded, ids, n_prompt, metric, ablations, batch_size=4)
+    finally:
+        attribution_module.LOGITS_BUDGET = budget
+        loaded.forward_edited = forward
+    assert rows == [1] * len(ablations) and one_by_one == pytest.approx(deltas, rel=1e-9, abs=1e-12)
+
 
 def test_targets_that_cannot_be_attributed_are_refused_naming_the_field(tiny_dirs):
     loaded = load_model("tiny", tiny_dirs / "gpt2", device="cpu")
