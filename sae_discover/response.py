@@ -30,6 +30,16 @@ def context_notes(run: dict, context_length: int, continuation: str | None) -> l
     return [f"prompt: {where}; the prompt was cut there and its remaining tokens were not analyzed{extra}"]
 
 
+def attribution_notes(target: str, run: dict, continuation: str | None) -> list[str]:
+    """A warning for a run whose attribution target M has no terms (every attribution is then 0): a
+    continuation target where nothing was generated, next-token log-probabilities over a single token."""
+    empty = (target == "continuation" and not continuation) or (target == "next_tokens" and run["n_tokens"] < 2)
+    if not empty:
+        return []
+    what = "nothing was generated" if target == "continuation" else "the text has a single token: no next token"
+    return [f"attribution_target: {target} has nothing to score here ({what}), so every attribution is 0"]
+
+
 class Span(Struct, kw_only=True):
     """A window of tokens around one of the feature's highest activations, at word boundaries;
     ``position`` is [start, end), ``marked`` the text with the peak token in ``[[ ]]``."""

@@ -34,7 +34,7 @@ from sae_discover.loaders import Loaders
 from sae_discover.plan import RunPlan, plan_run
 from sae_discover.registry import Registry
 from sae_discover.request import MAX_TOPK, DiscoverRequest, build_request
-from sae_discover.response import context_notes, discovery_response
+from sae_discover.response import attribution_notes, context_notes, discovery_response
 from sae_discover.stored import rank_options, rank_stored
 from sae_discover.verify import verify
 
@@ -255,6 +255,8 @@ class Discovery:
                                    [*(notes if n == 0 else []),  # a first-use calibration is reported once
                                     *p.bos_notes(), *context_notes(run, p.card.context_length,
                                                                    (texts.get(run["run_key"]) or {}).get("continuation")),
+                                    *attribution_notes(p.req.attribution_target, run,
+                                                       (texts.get(run["run_key"]) or {}).get("continuation")),
                                     *self._precision_notes(p)],
                                    line_timings(run["timings"], rank_s, verify_s.get(n)), texts.get(run["run_key"]))
                 for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True))]

@@ -488,3 +488,18 @@ def test_verifying_in_half_precision_says_so(toy_registry, catalog):
     said = [w for w in out["warnings"] if w.startswith("verify_top:")]
     assert len(said) == 1 and "ran in bfloat16" in said[0] and "--dtype float32" in said[0]
 
+
+
+def test_a_target_with_nothing_to_score_says_so(toy_discovery):
+    """A prompt that fills the context leaves nothing generated: the continuation's M has no terms, every
+    attribution is 0, and the result says why (beside the context-length note)."""
+    long_prompt = " ".join(["Revenue rose as margins expanded."] * 40)
+    out = toy_discovery.discover(toy_request(prompt=long_prompt, attribution_target="continuation",
+                                             score_mode="attribution_abs"))
+    assert out["analyzed"]["continuation"] in ("", None)
+    assert all(f["scores"]["attribution"] == 0 for f in out["features"])
+    said = [w for w in out["warnings"] if w.startswith("attribution_target:")]
+    assert said == ["attribution_target: continuation has nothing to score here (nothing was generated), so every "
+                    "attribution is 0"]
+    normal = toy_discovery.discover(toy_request(attribution_target="continuation"))
+    assert not [w for w in normal["warnings"] if w.startswith("attribution_target:")]
