@@ -55,7 +55,7 @@ from catalog.ranking import (
 from catalog.runs import resolve_run_id
 from catalog.stats import TauBasis, calibration_for
 
-RUN_FIELDS = "run_key, run_id, model_id, sae_id, mode, prompt, text, n_kept, created_at"
+RUN_FIELDS = "run_key, run_id, model_id, sae_id, mode, prompt, text, n_kept, created_at, attribution_target"
 
 
 @dataclass

@@ -71,6 +71,8 @@ runs = sa.Table(
     sa.Column("n_kept", sa.Integer, nullable=False),
     sa.Column("timings", sa.String),  # JSON
     sa.Column("created_at", sa.DateTime, server_default=sa.func.now()),
+    # revision 0010: the target M of the run's attributions (none: no attributions; NULL: made before 0010)
+    sa.Column("attribution_target", sa.String),
 )
 
 run_saes = sa.Table(

@@ -67,7 +67,8 @@ class RunPlan:
                 "text": r.text, "generate": mode == "prompt+gen", "gen_tokens": r.gen_tokens if mode == "prompt+gen" else 0,
                 "seed": r.seed, "temperature": r.temperature, "top_p": r.top_p, "token_proxy": r.token_proxy,
                 "topk_tokens_per_seq": r.topk_tokens_per_seq, "layers": self.layers, "streams": self.streams,
-                "restrict_features": r.restrict_features, "n_tokens": n_tokens, "n_kept": n_kept, "timings": timings}
+                "restrict_features": r.restrict_features, "n_tokens": n_tokens, "n_kept": n_kept, "timings": timings,
+                "attribution_target": r.attribution_target}
 
 
 def sae_infos(source: SAESource, hooks: list[tuple[int, str]]) -> list[SAEInfo]:

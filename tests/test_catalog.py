@@ -279,6 +279,38 @@ def test_migration_0002_keeps_both_p95s_of_an_existing_calibration(tmp_path):
     np.testing.assert_array_equal(again, after)
 
 
+def test_migration_0010_records_run_targets_and_downgrades(tmp_path):
+    """Upgrading a 0009 catalog: a run without attributions gets target none, one with attributions
+    NULL (its target was never recorded); v_runs shows the column. Downgrade drops it and keeps the run
+    id's unique index."""
+    path = tmp_path / "old.duckdb"
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.upgrade(cfg, "0009")
+    old = Catalog(path, migrate=False)
+    try:
+        writes.write_run(old, _run("plain"), MODEL, [sae_info()], _tokens(), _acts([(1, 0, 2, 0.5)]))
+        with_attr = _acts([(1, 0, 3, 0.5)]).append_column("attr", pa.array([0.25], pa.float32()))
+        writes.write_run(old, _run("used"), MODEL, [sae_info()], _tokens(), with_attr)
+    finally:
+        old.close()
+    command.upgrade(cfg, "head")
+    con = duckdb.connect(str(path))
+    try:
+        assert con.execute("SELECT run_id, attribution_target FROM v_runs ORDER BY run_id").fetchall() == [
+            ("plain", "none"), ("used", None)]
+    finally:
+        con.close()
+    command.downgrade(cfg, "0009")
+    con = duckdb.connect(str(path))
+    try:
+        assert "attribution_target" not in view_columns(con, "v_runs")
+        assert "attribution_target" not in [d[0] for d in con.execute("SELECT * FROM runs LIMIT 0").description]
+        assert con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'runs'").fetchall() == [
+            ("ix_runs_run_id",)]
+    finally:
+        con.close()
+
+
 def test_migration_0009_gives_lite_labels_their_calibration(tmp_path):
     """Upgrading a 0008 catalog: the stored lite labels (one per feature, written by the SAE's newest
     calibration, every calibration replaced them) get that calibration's id, imported labels none;

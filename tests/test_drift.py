@@ -216,6 +216,18 @@ def test_attribution_drift_equals_numpy_scipy(toy_discovery):
     with pytest.raises(RequestError, match=r"score_mode: run .* has no attributions"):
         drift_report(toy_discovery.catalog, base_runs=plain["base"]["run_ids"], tuned_runs=plain["tuned"]["run_ids"],
                      layers=LAYERS, score_mode="attribution")
+    # runs store their target: attributions of another target (other units) are not compared
+    con = toy_discovery.catalog.raw()
+    targets = dict(con.execute("SELECT run_id, attribution_target FROM v_runs").fetchall())
+    con.close()
+    assert {targets[r] for r in report["base"]["run_ids"] + report["tuned"]["run_ids"]} == {"next_tokens"}
+    assert {targets[r] for r in plain["base"]["run_ids"]} == {"none"}
+    other = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE[:1],
+                         layers=LAYERS, score_mode="attribution", attribution_target="token: the", **opts)
+    with pytest.raises(RequestError, match=r"score_mode: the runs' attribution targets differ \(next_tokens, "
+                                           r"token: the\)"):
+        drift_report(toy_discovery.catalog, base_runs=report["base"]["run_ids"][:1],
+                     tuned_runs=other["tuned"]["run_ids"], layers=LAYERS, score_mode="attribution")
 
 
 # -- a planted change -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from catalog import drift as catalog_drift
 from catalog.db import Catalog, CatalogError
 from catalog.errors import CatalogReadOnly, UnknownRun
+from catalog.ranking import ATTRIBUTION_MODES
 from sae_discover.drift.request import DriftRequest, build_drift_request, discover_requests
 from sae_discover.errors import USER_ERRORS, RequestError
 from sae_discover.output import clip
@@ -53,6 +54,7 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
             base_rows = _select(catalog, "base_runs", req.base_runs, allow_sql_filter)
             tuned_rows = _select(catalog, "tuned_runs", req.tuned_runs, allow_sql_filter)
             _refuse_shared_runs(base_rows, tuned_rows)
+        warnings += _check_targets(req, base_rows + tuned_rows)
         saes = catalog_drift.common_saes(catalog, base_rows + tuned_rows, layers, streams, req.sae_id)
         t_sql = time.perf_counter()
         opts = catalog_drift.DriftOptions(**{f.name: getattr(req, f.name) for f in fields(catalog_drift.DriftOptions)})
@@ -92,6 +94,20 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
         "unpaired": [{"side": u["side"], "run_id": u["run_id"], "mode": u["mode"]} for u in out["unpaired"]],
         "ingested": ingested, "warnings": warnings, "timings": {k: round(v, 4) for k, v in timings.items()},
     }
+
+
+def _check_targets(req: DriftRequest, rows: list[dict]) -> list[str]:
+    """Attribution modes compare attributions, in units of each run's target M: runs of different targets
+    are refused; runs whose target was never recorded (made before it was) are named in a warning."""
+    if req.score_mode not in ATTRIBUTION_MODES:
+        return []
+    known = sorted({r["attribution_target"] for r in rows if r.get("attribution_target") is not None})
+    if len(known) > 1:
+        raise RequestError("score_mode", f"the runs' attribution targets differ ({', '.join(known)}): attributions "
+                                         "of different targets are in different units; compare runs of one target")
+    unknown = [r["run_id"] for r in rows if r.get("attribution_target") is None]
+    return [f"score_mode: {len(unknown)} run(s) were made before targets were recorded (e.g. {unknown[0]}); check "
+            "they share the others' target"] if unknown else []
 
 
 def _refuse_shared_runs(base_rows: list[dict], tuned_rows: list[dict]) -> None:
