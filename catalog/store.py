@@ -208,7 +208,7 @@ def reserve_keys(store: str, kind: str, count: int, job: str) -> int:
                          "job": [job], "token": [token]}, schema=arrow_schema(KEY_RANGES))
         append(store, KEY_RANGES, rows, metadata={"reservation": token})
         version = _commit_version(live_table(uri), token, seen)
-        if version == seen + 1:  # nothing committed between the version read and this reservation
+        if version == seen + 1 or version == 0:  # nothing committed between the version read and this one
             return first
         if not _overlaps(DeltaTable(uri, version=version - 1).to_pyarrow_table(), kind, first, count):
             return first

@@ -327,22 +327,30 @@ def test_store_and_ray_without_the_scale_extra_say_how_to_install_it(tmp_path, b
 def test_ctrl_c_in_a_batch_is_one_line_and_leaves_whole_runs(toy_registry, tmp_path):
     """SIGINT mid-batch: exit 130 with one line (no traceback); every stored run is whole (its tokens all
     there), and the same command then completes the batch from where it stopped."""
+    import re
     import signal
+    import threading
     import time
 
     import duckdb
 
     prompts, db, out = tmp_path / "p.jsonl", tmp_path / "c.duckdb", tmp_path / "o.jsonl"
     prompts.write_text("".join(json.dumps({"text": f"Revenue rose {i} percent at company {i}."}) + "\n"
-                               for i in range(800)))
+                               for i in range(2000)))
     cmd = [sys.executable, "-m", "sae_discover", "--registry", str(toy_registry), "--db", str(db), "--model", "toy",
            "--sae", "toy", "--layers", "1", "--prompts_file", str(prompts), "--out", str(out), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []  # stderr as it comes: the progress bar says when runs are being stored
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while not re.search(r"discover:\s+\d+%\|[^|]*\| [1-9]\d*/2000", "".join(seen)) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(seen)
     assert proc.returncode == 130, err[-2000:]
     assert err.rstrip().splitlines()[-1].startswith("error: interrupted;") and "Traceback" not in err
     con = duckdb.connect(str(db), read_only=True)
@@ -351,10 +359,10 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_whole_runs(toy_registry, tmp_p
                                     "WHERE t.run_key = r.run_key)) FROM runs r").fetchone()
     finally:
         con.close()
-    assert 0 < stored < 800 and whole == stored
+    assert 0 < stored < 2000 and whole == stored
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert len(out.read_text().splitlines()) == 800
+    assert len(out.read_text().splitlines()) == 2000
 
 
 def test_listing_and_calibrate_selections_name_the_flag_to_change(toy_registry, tmp_path):

@@ -229,7 +229,8 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
             assert f["attribution"] is None
     # invariants whatever the options: coverage is a fraction of the run's tokens, the mean at most the max
     assert all(0 <= f["coverage"] <= 1 and f["mean"] <= f["max"] + 1e-12 for f in got["features"])
-    assert got["normalization"] == ("calibration_max" if calibrated else "none")
+    # attribution scores are raw (units of M); the activity modes' are on the calibration's scale
+    assert got["normalization"] == ("calibration_max" if calibrated and mode not in ranking.ATTRIBUTION_MODES else "none")
     suffix = "" if basis == "active" else "_all"  # the default basis keeps the plain name
     assert got["threshold_source"] == {"global": "global",
                                        "default": f"calibration_p95{suffix}" if calibrated else "none",
