@@ -6,7 +6,7 @@ Definitions (every number below is computed in SQL; Python only shapes the rows)
   on it. Prompts with runs on one side only are left out of every figure and listed as ``unpaired``.
   Prompts are numbered by their first appearance in the base list, then the tuned list.
 - **Per-run score** s_r(f): the score of ``catalog.ranking.scored_sql`` — exactly what ``discover``
-  ranks by, with the same score_mode, τ, normalization by the calibration max and coverage gate.
+  ranks by, with the same score_mode, τ, normalization (by default the calibration max) and coverage gate.
 - **Per-prompt score** p(f) of a side: the mean of s_r(f) over that side's runs of the prompt (one
   run, unless the run lists hold several, e.g. seeds); a run where f is absent or gated out counts 0.
 - **Aggregate score** A(f) of a side: the mean of p(f) over the P paired prompts, a prompt where f is
@@ -41,11 +41,13 @@ from catalog.errors import CatalogError
 from catalog.ranking import (
     ATTRIBUTION_MODES,
     MIN_COVERAGE_HELP,
+    NORMALIZATION_HELP,
     PROTO_LABELS_HELP,
     SCORE_MODE_HELP,
     TAU_BASIS_HELP,
     TAU_HELP,
     TAU_QUANTILE_HELP,
+    Normalization,
     RankOptions,
     ScoreMode,
     best_labels_sql,
@@ -68,6 +70,7 @@ class DriftOptions:
     tau: float | None = field(default=None, metadata={"help": TAU_HELP, "bounds": (0.0, 1e30)})
     tau_quantile: float | None = field(default=None, metadata={"help": TAU_QUANTILE_HELP, "bounds": (0.0, 1.0)})
     tau_basis: TauBasis = field(default="active", metadata={"help": TAU_BASIS_HELP})
+    normalization: Normalization = field(default="calibration_max", metadata={"help": NORMALIZATION_HELP})
     top_k: int = field(default=50, metadata={
         "help": "size of each side's top-K feature set (Jaccard@K, Spearman, flags)", "bounds": (1, 100_000)})
     min_score_change: float = field(default=0.0, metadata={
@@ -362,7 +365,7 @@ def drift(catalog: Catalog, base_run_keys: list[int], tuned_run_keys: list[int],
             require_attributions(con, [*base_run_keys, *tuned_run_keys])
         rank_opts = RankOptions(score_mode=opts.score_mode, min_coverage_pct=opts.min_coverage_pct, tau=opts.tau,
                                 tau_quantile=opts.tau_quantile, tau_basis=opts.tau_basis, model_key=shared,
-                                calibration_id=opts.calibration_id)
+                                calibration_id=opts.calibration_id, normalization=opts.normalization)
         scoring = scored_sql(con, sae_keys, rank_opts, list(dict.fromkeys([*base_run_keys, *tuned_run_keys])))
         prefix = _prefix(scoring.relation())  # every run on the same calibrations: one provenance for all
         params = {**scoring.params, "base": [int(k) for k in base_run_keys], "tuned": [int(k) for k in tuned_run_keys],

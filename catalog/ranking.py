@@ -9,9 +9,12 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
 - lift = (mean + ε) / (background mean + ε), ε = ``LIFT_PRIOR`` × the calibration max: how many times
   its usual level the feature is active here (a ratio, so it needs no normalization)
 - score = the chosen mode on activations divided by the feature's calibration max
-  (``normalization: "calibration_max"``; 1 where the calibration never saw the feature fire),
-  or on raw activations when the SAE has no calibration (``normalization: "none"``, as for the
-  attribution modes)
+  (``normalization: "calibration_max"``, the default; 1 where the calibration never saw the feature
+  fire), or by one scale per SAE, the median of its features' calibration maxima
+  (``"sae_median_max"``: layers still compare, but a feature is no longer measured against its own
+  peak, which lifts weak, broad features over strong specific ones — see the README's Discovery
+  quality), or on raw activations (``"none"``, and always when the SAE has no calibration, as for
+  the attribution modes). lift and context are ratios: no normalization changes them
 - attribution = sum(attr): the first-order drop of the run's attribution target M were the feature removed
   at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes
   ``attribution`` (what pushed M up) and ``attribution_abs`` (|sum|: what mattered either way) rank by it
@@ -65,6 +68,8 @@ SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
 assert tuple(SCORE_EXPR) == SCORE_MODES, "catalog/scoring.py scores exactly the score modes"
 Background = Literal["calibration", "batch"]
 BACKGROUNDS: tuple[str, ...] = get_args(Background)
+Normalization = Literal["calibration_max", "sae_median_max", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 SOURCE_PRIORITY = "CASE l.source WHEN 'lite' THEN 9 WHEN 'csv' THEN 3 WHEN 'delphi' THEN 2 " \
                   "WHEN 'neuronpedia' THEN 1 ELSE 5 END"
 
@@ -77,6 +82,10 @@ TAU_QUANTILE_HELP = "another calibration quantile as threshold (on tau_basis)"
 TAU_BASIS_HELP = ("what the calibrated quantile is taken over: active = the feature's nonzero activations "
                   "(its firing distribution), all = every calibration token, zeros included")
 PROTO_LABELS_HELP = "attach the best catalog label"
+NORMALIZATION_HELP = ("what activity scores are divided by, where the SAE is calibrated: calibration_max = each "
+                      "feature's calibration max, sae_median_max = one scale per SAE (the median of its features' "
+                      "maxima: layers compare, features keep their own strength; README: Discovery quality), "
+                      "none = raw activations")
 BACKGROUND_HELP = ("what selectivity, lift and context's weights compare a run with: calibration = the "
                    "calibration's per-token mean (or background_text / background_file), batch = the other runs "
                    "ranked with it (a batch's other prompts, leave-one-out; at least two runs)")
@@ -104,6 +113,7 @@ class RankOptions:
         "help": "pin the calibration that gives τ, normalization and the background mean (default: the newest "
                 "of the run's model for each SAE); results name the one used", "bounds": (1, 2**31 - 1)})
     background: Background = field(default="calibration", metadata={"help": BACKGROUND_HELP})
+    normalization: Normalization = field(default="calibration_max", metadata={"help": NORMALIZATION_HELP})
     # selectivity's background: stored runs of background text (all tokens kept) instead of the
     # calibration mean (the macro divides their activations by their own stored token counts)
     background_runs: list[int] = field(default_factory=list, metadata={"internal": True})
@@ -135,7 +145,8 @@ class Scoring:
 
 def check_options(opts: RankOptions) -> None:
     """Refuse an unknown choice before any SQL, naming its field (the macros would fail less clearly)."""
-    for name, choices in (("score_mode", SCORE_MODES), ("tau_basis", TAU_BASES), ("background", BACKGROUNDS)):
+    for name, choices in (("score_mode", SCORE_MODES), ("tau_basis", TAU_BASES), ("background", BACKGROUNDS),
+                          ("normalization", NORMALIZATIONS)):
         if getattr(opts, name) not in choices:
             raise CatalogError(name, f"expected one of {', '.join(choices)}, got {getattr(opts, name)!r}")
     if opts.background == "batch" and opts.background_runs:
@@ -190,7 +201,7 @@ def scoring_params(con, run_keys: list[int], sae_keys: list[int], opts: RankOpti
             "min_coverage_pct": float(opts.min_coverage_pct), "tau": None if opts.tau is None else float(opts.tau),
             "tau_quantile": None if opts.tau_quantile is None else float(opts.tau_quantile),
             "tau_basis": opts.tau_basis, "calibration_id": opts.calibration_id, "background": opts.background,
-            "restrict_features": [int(f) for f in opts.restrict_features] or None,
+            "normalization": opts.normalization, "restrict_features": [int(f) for f in opts.restrict_features] or None,
             "background_runs": [ids[k] for k in opts.background_runs if k in ids] or None,
             "sae_keys": [int(k) for k in sae_keys], "calibration_model": calibration_model}
 
@@ -220,7 +231,7 @@ def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[
     if opts.score_mode in NEEDS_BACKGROUND:
         _require_background(opts, complete, per_model)
     return Scoring(params, cals,
-                   {k: "calibration_max" if complete.get(k) and opts.score_mode not in ATTRIBUTION_MODES else "none"
+                   {k: opts.normalization if complete.get(k) and opts.score_mode not in ATTRIBUTION_MODES else "none"
                     for k in run_keys},
                    {k: _threshold_source(opts, any(c is not None for c in cals[k].values())) for k in run_keys},
                    _calibration_infos(run_keys, rows), calibration_changes(rows))

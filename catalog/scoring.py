@@ -17,7 +17,8 @@ the catalog by migrations 0005–0008, so plain ``duckdb`` sees them too):
 
 Parameters (named, all optional but ``run_ids``, a list of run ids): ``score_mode``,
 ``min_coverage_pct``, ``tau``, ``tau_quantile``, ``tau_basis``, ``calibration_id``, ``background``
-(``calibration`` | ``batch``), ``restrict_features`` (feature ids), ``background_runs`` (run ids of
+(``calibration`` | ``batch``), ``normalization`` (``calibration_max`` | ``sae_median_max`` | ``none``),
+``restrict_features`` (feature ids), ``background_runs`` (run ids of
 stored background text); internal, for the Python layer: ``sae_keys`` (the SAEs to score, default
 each run's own) and ``calibration_model`` (whose calibrations: NULL = each run's model, 0 = any
 model, else that model_key). Macro parameters shadow unqualified column names of the same name, so
@@ -37,7 +38,7 @@ SCORE_EXPR = {
     "max": "g.max_n",
     "mean×coverage": "g.mean_n * g.coverage",
     "selectivity": "g.selectivity / g.divisor",
-    "lift": f"(g.mean + {LIFT_PRIOR} * g.divisor) / (g.bg_mean + {LIFT_PRIOR} * g.divisor)",
+    "lift": f"(g.mean + {LIFT_PRIOR} * g.fmax) / (g.bg_mean + {LIFT_PRIOR} * g.fmax)",
     "attribution": "g.attribution",
     "attribution_abs": "abs(g.attribution)",
     "context": "coalesce(cx.support, 0)",  # CONTEXT_CTES
@@ -52,9 +53,10 @@ SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" 
 
 SCORING_PARAMS = """score_mode := 'mean×coverage', min_coverage_pct := 0.5, tau := NULL,
                   tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
-                  restrict_features := NULL, background_runs := NULL, sae_keys := NULL, calibration_model := NULL"""
+                  normalization := 'calibration_max', restrict_features := NULL, background_runs := NULL,
+                  sae_keys := NULL, calibration_model := NULL"""
 PASSED = ("score_mode", "min_coverage_pct", "tau", "tau_quantile", "tau_basis", "calibration_id", "background",
-          "restrict_features", "background_runs", "sae_keys", "calibration_model")
+          "normalization", "restrict_features", "background_runs", "sae_keys", "calibration_model")
 PASS_PARAMS = ",\n                         ".join(", ".join(f"{p} := {p}" for p in PASSED[i:i + 2])
                                                  for i in range(0, len(PASSED), 2))
 
@@ -204,16 +206,25 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
         FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
                            calibration_model := calibration_model) h
-        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all') THEN true
+        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all')
+                        AND normalization IN ('calibration_max', 'sae_median_max', 'none') THEN true
                    WHEN background NOT IN ('calibration', 'batch')
                    THEN error('background: expected one of calibration, batch, got ' || background)
-                   ELSE error('tau_basis: expected one of active, all, got ' || tau_basis) END
+                   WHEN tau_basis NOT IN ('active', 'all')
+                   THEN error('tau_basis: expected one of active, all, got ' || tau_basis)
+                   ELSE error('normalization: expected one of calibration_max, sae_median_max, none, got '
+                              || normalization) END
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
     stats AS (
         SELECT f.calibration_id AS cal, f.sae_key, f.feature_id, f.mean, f.max,
                CASE tau_basis WHEN 'active' THEN f.p95 ELSE f.p95_all END AS p95
         FROM feature_stats f SEMI JOIN used u ON u.cal = f.calibration_id AND u.sae_key = f.sae_key
+    ),
+    sae_scales AS (  -- normalization 'sae_median_max': one divisor per SAE, the median of its features' maxima
+        SELECT s.cal, s.sae_key, median(s.max) FILTER (WHERE s.max > 0) AS scale FROM stats s
+        WHERE normalization = 'sae_median_max'
+        GROUP BY s.cal, s.sae_key
     ),
     quantile_of AS (  -- another quantile than the stored P95s: computed as writing the calibration computed those
         SELECT u.cal, u.sae_key, c.n_tokens AS n FROM used u JOIN calibrations c ON c.calibration_id = u.cal
@@ -245,7 +256,10 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                count(*) FILTER (WHERE a.act > coalesce(tau::DOUBLE, t.tau, 0)) / any_value(h.n) AS coverage,
                coalesce(tau::DOUBLE, any_value(t.tau), 0) AS tau,
                any_value(t.mean) AS cal_mean,
-               any_value(CASE WHEN h.all_calibrated THEN coalesce(nullif(t.max, 0), 1) ELSE 1 END) AS divisor,
+               any_value(CASE WHEN h.all_calibrated THEN coalesce(nullif(t.max, 0), 1) ELSE 1 END) AS fmax,
+               any_value(CASE WHEN NOT h.all_calibrated OR normalization = 'none' THEN 1
+                              WHEN normalization = 'sae_median_max' THEN coalesce(sc.scale, 1)
+                              ELSE coalesce(nullif(t.max, 0), 1) END) AS divisor,
                coalesce(any_value(bg.bg_mean), 0) AS runs_mean,
                sum(a.attr)::DOUBLE AS attribution,
                any_value(h.run_id) AS run_id, any_value(h.model_key) AS model_key, any_value(h.n) AS n,
@@ -255,6 +269,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
         JOIN hooks h ON h.run_key = a.run_key AND h.sae_key = a.sae_key
         LEFT JOIN thresholds t ON t.cal = h.calibration_id AND t.sae_key = a.sae_key AND t.feature_id = a.feature_id
         LEFT JOIN background_means bg ON bg.sae_key = a.sae_key AND bg.feature_id = a.feature_id
+        LEFT JOIN sae_scales sc ON sc.cal = h.calibration_id AND sc.sae_key = a.sae_key
         WHERE coalesce(len(restrict_features), 0) = 0 OR list_contains(restrict_features, a.feature_id)
         GROUP BY a.run_key, a.sae_key, a.feature_id
     ),
@@ -287,7 +302,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
            CASE WHEN g.all_calibrated AND score_mode NOT IN ({", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)})
-                THEN 'calibration_max' ELSE 'none' END AS normalization
+                THEN normalization ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
 

@@ -218,6 +218,7 @@ def test_bad_bodies_are_4xx_naming_the_field(server):
         ({**base, "generate": "perhaps"}, "generate"),
         ({**base, "tau": 1.0, "tau_quantile": 0.5}, "tau"),
         ({**base, "tau_basis": "zeros"}, "tau_basis"),
+        ({**base, "normalization": "zscore"}, "normalization"),
         ({**base, "span_window": 10**6}, "span_window"),
         ({**base, "surprise": 1}, "surprise"),
         ({**base, "prompt": "x" * 2001}, "prompt"),  # over max_text_chars
@@ -309,6 +310,10 @@ def test_runs_show_and_rerank(server):
     assert server.client.get("/v1/runs").json()["total"] == total  # re-ranking never makes a run
     every = server.client.post(f"/v1/runs/{run_id}/rank", json={"tau_basis": "all"}).json()
     assert every["threshold_source"] == "calibration_p95_all" and first["threshold_source"] == "calibration_p95"
+    raw = server.client.post(f"/v1/runs/{run_id}/rank", json={"normalization": "none", "score_mode": "max",
+                                                               "min_coverage_pct": 0}).json()
+    assert raw["normalization"] == "none" and first["normalization"] == "calibration_max"
+    assert all(f["score"] == pytest.approx(f["scores"]["max"]) for f in raw["features"])
 
     page = server.client.get("/v1/runs", params={"limit": 1, "offset": 1, "sae_id": "toy"}).json()
     assert len(page["runs"]) == 1 and page["limit"] == 1 and page["offset"] == 1

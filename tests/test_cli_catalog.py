@@ -68,6 +68,24 @@ def test_runs_rank_reranks_without_the_model(stored):
     assert sum(cover["all"].values()) > sum(cover["active"].values())
     bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--tau_basis", "zeros")
     assert bad.returncode == 2 and bad.stderr.startswith("error: tau_basis:")
+    # normalization: none ranks the raw mean × coverage; sae_median_max divides every feature of a hook alike
+    for norm in ("none", "sae_median_max"):
+        out = stored["tmp"] / f"rerank-{norm}.json"
+        proc = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--normalization", norm,
+                       "--min_coverage_pct", "0", "--return_top_x", "1000", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        r = read_json(out)
+        assert r["normalization"] == norm and r["features"]
+        ratios = {}
+        for f in r["features"]:
+            raw = f["scores"]["mean"] * f["scores"]["coverage"]
+            ratios.setdefault(f["layer"], set()).add(round(raw / f["score"], 6) if f["score"] else None)
+        # one divisor per hook: 1 for none, the hook's median calibration max for sae_median_max
+        assert all(len(v - {None}) == 1 for v in ratios.values()), ratios
+        if norm == "none":
+            assert all(v - {None} == {1.0} for v in ratios.values())
+    bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--normalization", "zscore")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: normalization:")
 
 
 def test_format_alone_prints_the_result_in_that_format(stored):

@@ -74,13 +74,20 @@ def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):
 # -- the recomputation oracle ---------------------------------------------------------------------
 
 def _recompute(con, base_ids: list[str], tuned_ids: list[str], k: int, min_cov: float, min_change: float,
-               min_rel: float, min_shift: int, tau_column: str = "p95", attribution: bool = False) -> dict:
+               min_rel: float, min_shift: int, tau_column: str = "p95", attribution: bool = False,
+               per_sae: bool = False) -> dict:
     """Every figure of the report from the stored rows, with numpy and scipy (no shared SQL); τ is the
     stored ``tau_column`` (p95: the default basis, p95_all: tau_basis all). The score is mean×coverage on
-    activations normalized by the calibration max, or with ``attribution`` the raw sum of the stored
-    attributions (score_mode attribution)."""
+    activations normalized by the calibration max (``per_sae``: by each SAE's median of them, normalization
+    sae_median_max), or with ``attribution`` the raw sum of the stored attributions (score_mode attribution)."""
     stats = {(layer, stream, f): (p95, mx) for layer, stream, f, p95, mx in con.execute(
         f"SELECT layer, stream, feature_id, {tau_column}, max FROM v_feature_stats WHERE sae_id = 'toy'").fetchall()}
+    if per_sae:
+        maxima: dict[tuple, list[float]] = {}
+        for (layer, stream, _), (_, mx) in stats.items():
+            maxima.setdefault((layer, stream), []).append(mx)
+        medians = {hook: float(np.median([m for m in v if m > 0])) for hook, v in maxima.items()}
+        stats = {key: (p95, medians[key[:2]]) for key, (p95, _) in stats.items()}
 
     def run_scores(run_id: str) -> dict:
         n = con.execute("SELECT count(*) FROM v_tokens WHERE run_id = ? AND kept", [run_id]).fetchone()[0]
@@ -185,6 +192,11 @@ def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
     _check(every, _recompute(con, every["base"]["run_ids"], every["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3,
                              tau_column="p95_all"))
     assert {f["feature_id"] for f in every["features"]} != {f["feature_id"] for f in report["features"]}
+    by_sae = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
+                          layers=LAYERS, normalization="sae_median_max", **opts)
+    assert by_sae["normalization"] == "sae_median_max" and by_sae["ingested"]["new_runs"] == 0
+    _check(by_sae, _recompute(con, by_sae["base"]["run_ids"], by_sae["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3,
+                              per_sae=True))
 
     # historical runs only (a bare catalog, no model): ids on one side, a SQL filter on the other → same figures
     again = drift_report(toy_discovery.catalog, base_runs=report["base"]["run_ids"],

@@ -29,6 +29,10 @@ BATCH_FLOORS = {"in": 0.55, "out": 0.25}
 # written; lift 0.65), and merged over layers 1-3 out of distribution against the batch (0.59; lift 0.33)
 CONTEXT = {"score_mode": "context", "min_coverage_pct": 0}
 CONTEXT_FLOORS = {"in": 0.8, "out": 0.5}
+# selectivity merged over layers 1-3 in distribution, no gate, one scale per SAE (normalization
+# sae_median_max): 0.73 when written (the per-feature calibration max: 0.55)
+SELECTIVITY = {"score_mode": "selectivity", "min_coverage_pct": 0, "return_top_x": 5}
+SELECTIVITY_FLOOR = 0.65
 README_PROMPT = {"prompt": "Summarize Q2 earnings for ACME: revenue, EPS, guidance, and margin drivers.",
                  "generate": True, "gen_tokens": 48, "layers": [LAYER], "streams": ["resid_pre"]}
 
@@ -104,3 +108,19 @@ def test_the_readme_example_prompt_tops_with_finance_features(oracle, tmp_path):
     for mode in ("mean×coverage", "lift", "context"):
         top = disc.discover(build_request({**README_PROMPT, "score_mode": mode, "return_top_x": 5}))["features"]
         assert sum(oracle.get((LAYER, f["feature_id"])) == "finance" for f in top) >= 4, mode
+
+
+def test_one_scale_per_sae_puts_the_prompts_domain_on_top_of_selectivity(oracle, tmp_path):
+    """``normalization sae_median_max`` divides every feature of an SAE by one scale instead of its own
+    calibration max, which favours weak, broad features: selectivity merged over layers 1-3 (no gate, in
+    distribution) is above its floor with it and above the per-feature normalization on the same runs."""
+    prompts = quality.in_distribution_prompts(2)
+    disc = Discovery(Catalog(tmp_path / "q.duckdb"), Registry.builtin(), device="cpu")
+    got = {}
+    for norm in ("calibration_max", "sae_median_max"):
+        results = disc.discover_many([build_request({"text": t, "layers": [1, LAYER, 3], **SELECTIVITY,
+                                                     "normalization": norm}) for _, t in prompts])
+        assert not [r for r in results if isinstance(r, Exception)]
+        assert {r["normalization"] for r in results} == {norm}
+        got[norm] = quality.precision_at(results, [d for d, _ in prompts], oracle, 5)
+    assert got["sae_median_max"] >= SELECTIVITY_FLOOR and got["sae_median_max"] > got["calibration_max"], got

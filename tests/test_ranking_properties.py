@@ -7,6 +7,7 @@ from dataclasses import replace
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -102,11 +103,17 @@ def oracle(run, cal, opts: ranking.RankOptions, attr=None):
         else:
             tau = np.zeros(d)
         cmax = c.max(0) if calibrated else np.ones(d)
-        div = np.where(cmax > 0, cmax, 1.0)
+        fmax = np.where(cmax > 0, cmax, 1.0)  # lift's prior: a share of the feature's own calibration max
+        if not calibrated or opts.normalization == "none":
+            div = np.ones(d)
+        elif opts.normalization == "sae_median_max":  # one scale per SAE: the median of the maxima that fired
+            div = np.full(d, np.median(cmax[cmax > 0]) if (cmax > 0).any() else 1.0)
+        else:
+            div = fmax
         bg = c.mean(0) if calibrated else np.full(d, np.nan)
         mean, mx, cov = a.sum(0) / n, a.max(0), (a > tau).sum(0) / n
         used = attr[h].astype(np.float32).astype(np.float64).sum(0) if attr is not None else np.full(d, np.nan)
-        lift = (mean + ranking.LIFT_PRIOR * div) / (bg + ranking.LIFT_PRIOR * div)
+        lift = (mean + ranking.LIFT_PRIOR * fmax) / (bg + ranking.LIFT_PRIOR * fmax)
         scored = (mx > 0) & (cov * 100 >= opts.min_coverage_pct)
         if opts.restrict_features:
             scored &= np.isin(np.arange(d), opts.restrict_features)
@@ -139,6 +146,8 @@ def feature_scores(cat: Catalog, run_ids: list[str], opts: ranking.RankOptions,
             "tau_quantile": opts.tau_quantile, "tau_basis": opts.tau_basis, "calibration_id": opts.calibration_id,
             "background": opts.background, "restrict_features": opts.restrict_features or None,
             "background_runs": background_runs}
+    if opts.normalization != "calibration_max":  # (a catalog downgraded below 0012 has no such parameter)
+        args["normalization"] = opts.normalization
     literal = ", ".join(f"{k} := {'NULL' if v is None else repr(v)}" for k, v in args.items())
     con = cat.raw()
     try:
@@ -174,13 +183,14 @@ def assert_macro_equals_oracle(rows: list[dict], expected: list[tuple]) -> None:
         assert [r["hook_rank"] for r in hook] == list(range(1, len(hook) + 1))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), d=st.integers(1, 20), density=st.floats(0.05, 0.9),
        calibrated=st.booleans(), mode=st.sampled_from(ranking.SCORE_MODES), min_cov=st.sampled_from([0, 0.5, 10, 50]),
        top=st.integers(1, 12), merge=st.booleans(), tau_kind=st.sampled_from(["default", "global", "quantile"]),
-       restrict=st.booleans(), basis=st.sampled_from(["active", "all"]), attributed=st.booleans())
+       restrict=st.booleans(), basis=st.sampled_from(["active", "all"]), attributed=st.booleans(),
+       normalization=st.sampled_from(ranking.NORMALIZATIONS))
 def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, calibrated, mode, min_cov, top,
-                                         merge, tau_kind, restrict, basis, attributed):
+                                         merge, tau_kind, restrict, basis, attributed, normalization):
     if mode in ranking.NEEDS_BACKGROUND and not calibrated:
         return  # refused with a message; tested below
     attributed = attributed or mode in ranking.ATTRIBUTION_MODES  # else refused; tested in test_attribution.py
@@ -193,7 +203,7 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
                                if restrict else [],
                                tau=0.7 if tau_kind == "global" else None,
                                tau_quantile=0.8 if tau_kind == "quantile" else None, tau_basis=basis,
-                               attach_examples=False, attach_proto_labels=False)
+                               normalization=normalization, attach_examples=False, attach_proto_labels=False)
     cat = Catalog(tmp_path_factory.mktemp("rank") / "c.duckdb")
     try:
         positions = np.arange(1, n + 1, dtype=np.int32)
@@ -230,7 +240,8 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
     # invariants whatever the options: coverage is a fraction of the run's tokens, the mean at most the max
     assert all(0 <= f["coverage"] <= 1 and f["mean"] <= f["max"] + 1e-12 for f in got["features"])
     # attribution scores are raw (units of M); the activity modes' are on the calibration's scale
-    assert got["normalization"] == ("calibration_max" if calibrated and mode not in ranking.ATTRIBUTION_MODES else "none")
+    assert got["normalization"] == (normalization if calibrated and mode not in ranking.ATTRIBUTION_MODES else "none")
+    assert {r["normalization"] for r in from_sql} <= {got["normalization"]}
     suffix = "" if basis == "active" else "_all"  # the default basis keeps the plain name
     assert got["threshold_source"] == {"global": "global",
                                        "default": f"calibration_p95{suffix}" if calibrated else "none",
@@ -482,6 +493,47 @@ def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp
     con = duckdb.connect(str(path))
     assert con.execute(query).fetchone() == (text_head,)
     con.close()
+
+
+def test_migration_0012_adds_normalization_and_its_downgrade_restores_0011(tmp_path):
+    """0012 recreates ``scored_features`` and ``feature_scores`` with ``normalization``: the default's
+    scores are 0011's; downgrading restores both macros exactly as a catalog migrated only to 0011
+    holds them (and the parameter is gone), upgrading again the code's."""
+    from alembic import command
+
+    from catalog.db import alembic_config
+
+    query = ("SELECT function_name, macro_definition FROM duckdb_functions() "
+             "WHERE function_name IN ('scored_features', 'feature_scores') ORDER BY 1")
+    only_0011 = tmp_path / "only_0011.duckdb"
+    command.upgrade(alembic_config(f"duckdb:///{only_0011}"), "0011")
+    con = duckdb.connect(str(only_0011))
+    texts_0011 = con.execute(query).fetchall()
+    con.close()
+
+    path = tmp_path / "c.duckdb"
+    cat = Catalog(path)
+    rng = np.random.default_rng(5)
+    _calibrate(cat, MODEL, rng, 8)
+    _stored_run(cat, "r", MODEL, [random_dense(rng, 12, 8, 0.5) for _ in HOOKS], 8)
+    option_sets = [ranking.RankOptions(score_mode=m, min_coverage_pct=0) for m in ("mean", "selectivity", "lift")]
+    at_head = [feature_scores(cat, ["r"], o) for o in option_sets]
+    by_sae = feature_scores(cat, ["r"], ranking.RankOptions(score_mode="mean", normalization="sae_median_max"))
+    assert all(at_head) and {r["normalization"] for r in by_sae} == {"sae_median_max"}
+    cat.close()
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.downgrade(cfg, "0011")
+    old = Catalog(path, migrate=False)
+    try:
+        con = old.raw()
+        assert con.execute(query).fetchall() == texts_0011
+        con.close()
+        assert [feature_scores(old, ["r"], o) for o in option_sets] == at_head
+        with pytest.raises(duckdb.BinderException):
+            feature_scores(old, ["r"], ranking.RankOptions(normalization="none"))
+    finally:
+        old.close()
+    command.upgrade(cfg, "head")
 
 
 def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(catalog):

@@ -1,6 +1,7 @@
 """Discovery quality benchmark — run on demand, never by the test command (pytest ignores tests/benchmarks):
 
     .venv/bin/python tests/benchmarks/bench_quality.py [--layers 1 2 3 4] [--per_domain 4] [--oracle_docs 600]
+                                                       [--normalization sae_median_max] [--prompt_seed 4242]
 
 precision@5 and @10 of every score mode on held-out prompts of the demo (in-distribution and
 out-of-distribution; see ``quality.py`` for the prompts and the independent oracle), per layer and for
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from catalog.db import Catalog  # noqa: E402
-from catalog.ranking import SCORE_MODES  # noqa: E402
+from catalog.ranking import NORMALIZATIONS, SCORE_MODES  # noqa: E402
 from sae_discover.registry import Registry  # noqa: E402
 from sae_discover.request import build_request  # noqa: E402
 from sae_discover.service import Discovery  # noqa: E402
@@ -51,13 +52,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--per_domain", type=int, default=4, help="in-distribution prompts per domain")
     parser.add_argument("--oracle_docs", type=int, default=600)
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default="calibration_max",
+                        help="what every column's activity scores are divided by")
+    parser.add_argument("--prompt_seed", type=int, default=quality.PROMPT_SEED,
+                        help="another seed: a second in-distribution prompt set")
     ns = parser.parse_args()
     t0 = time.perf_counter()
     oracle = quality.oracle_domains(ns.layers, ns.oracle_docs)
     print(f"oracle over {ns.oracle_docs} documents in {time.perf_counter() - t0:.0f} s; features with a domain: "
           + ", ".join(f"L{layer} {sum(v is not None for (lay, _), v in oracle.items() if lay == layer)}"
                       for layer in ns.layers), file=sys.stderr)
-    sets = {"in-distribution": quality.in_distribution_prompts(ns.per_domain),
+    sets = {"in-distribution": quality.in_distribution_prompts(ns.per_domain, ns.prompt_seed),
             "out-of-distribution": quality.out_of_distribution_prompts()}
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Catalog(Path(tmp) / "quality.duckdb")
@@ -68,7 +73,8 @@ def main() -> None:
         for name, prompts in sets.items():
             for layers in [[layer] for layer in ns.layers] + [ns.layers]:
                 for gate in GATES:
-                    cells = [evaluate(disc, prompts, layers, mode, oracle, {**options, "min_coverage_pct": gate})
+                    cells = [evaluate(disc, prompts, layers, mode, oracle, {**options, "min_coverage_pct": gate,
+                                                                          "normalization": ns.normalization})
                              for mode, options in COLUMNS]
                     label = "merged " + ",".join(map(str, layers)) if len(layers) > 1 else str(layers[0])
                     print(f"| {name} ({len(prompts)}) | {label} | {gate:g} | "
