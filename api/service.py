@@ -27,7 +27,7 @@ from api.errors import ApiError
 from api.settings import ApiSettings
 from catalog import runs, sandbox
 from catalog.db import Catalog, CatalogError
-from catalog.errors import UnknownFeature, UnknownRun
+from catalog.errors import LabelFileError, UnknownFeature, UnknownRun
 from catalog.labels import DELPHI_NAME
 from sae_discover.drift import build_drift_request, drift_report
 from sae_discover.errors import RequestError
@@ -236,9 +236,11 @@ class ApiService:
                 path.write_text(_utf8("content", content or ""), encoding="utf-8")
             try:
                 return self.discovery.import_labels(path, sae_id, fmt, layer, stream)
-            except CatalogError as exc:  # the parsers name the file; here it is the body field holding it
-                field = body_field if exc.field == "file" else exc.field
-                raise type(exc)(field, exc.message.replace(tmp, "<upload>")) from None  # its kind kept (its status)
+            except LabelFileError as exc:  # the file is the body field holding it; the column goes in the message
+                column = "" if exc.field == "file" else f"{exc.field}: "
+                raise RequestError(body_field, column + exc.message.replace(tmp, "<upload>")) from None
+            except CatalogError as exc:
+                raise type(exc)(exc.field, exc.message.replace(tmp, "<upload>")) from None  # its kind kept (its status)
 
     # -- SQL over HTTP ------------------------------------------------------------------------------
     def _lock_down(self) -> None:

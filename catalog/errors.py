@@ -34,6 +34,15 @@ class UnknownFeature(CatalogError):
         super().__init__(field, message)
 
 
+class LabelFileError(CatalogError):
+    """A label file's content is wrong: ``field`` is the column or field of the file (``file`` for the
+    file as a whole), the message says where (file and line). The CLI prints it as it is; the API, which
+    took the file as a body field, names that field and keeps the column in the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+
+
 class CatalogReadOnly(CatalogError):
     """The catalog is open read-only and the request needs to write (a new run, a calibration, labels):
     refused before any work is done. The CLI prints it like any bad input; the API answers 409."""

@@ -27,7 +27,7 @@ from typing import IO
 import pyarrow as pa
 
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, LabelFileError
 from catalog.writes import SAEInfo, append_rows, sae_keys, transaction
 
 FORMATS = ("neuronpedia", "delphi", "csv")
@@ -256,7 +256,12 @@ def parse(path: str | Path, fmt: str | None = None) -> list[LabelRow]:
     fmt = fmt or detect_format(file)
     if fmt not in FORMATS:
         raise CatalogError("format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    return {"neuronpedia": parse_neuronpedia, "delphi": parse_delphi, "csv": parse_csv}[fmt](file)
+    try:
+        return {"neuronpedia": parse_neuronpedia, "delphi": parse_delphi, "csv": parse_csv}[fmt](file)
+    except LabelFileError:
+        raise
+    except CatalogError as exc:  # every parser error is about the file's content
+        raise LabelFileError(exc.field, exc.message) from None
 
 
 def write_labels(catalog: Catalog, groups: Sequence[tuple[SAEInfo, pa.Table]], replace: Sequence[str] | None = None,

@@ -27,6 +27,22 @@ def encode_ids(loaded: LoadedModel, text: str, prepend_bos: bool) -> list[int]:
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token's text as :func:`_pieces` prints it; an id the tokenizer does not know (a model whose
+    embedding is padded past the tokenizer's vocabulary can generate one) prints as ``<id N>`` and is
+    left out of its neighbours' decoding context."""
+    ids = [int(i) for i in ids]
+    size = len(tokenizer)
+    pieces: list[str] = []
+    start = 0
+    for i in [*(i for i, t in enumerate(ids) if not 0 <= t < size), len(ids)]:
+        pieces += _pieces(tokenizer, ids[start:i])
+        if i < len(ids):
+            pieces.append(f"<id {ids[i]}>")
+        start = i + 1
+    return pieces
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
     """Each token's text as it appears in the decoded sequence (leading spaces kept, even for
     SentencePiece), so that the pieces join to the decoded text.
 
@@ -36,7 +52,6 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     get "". With a byte-level decoder a token of whole characters after another reads the same in
     any context: its piece is its own decode, kept per tokenizer (most tokens take that path).
     """
-    ids = [int(i) for i in ids]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
     solo = _solo_decodes(tokenizer, backend, ids) if fast else {}

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from catalog import labels
 from catalog.db import Catalog
+from catalog.errors import LabelFileError
 from ingest.saes.sources import SAESource
 from sae_discover.errors import RequestError
 from sae_discover.plan import sae_infos
@@ -65,8 +66,9 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:
         if row.sae is not None and row.sae != sae_id:
-            raise RequestError("sae", f"a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
-                                      "(split the file, or import it once per SAE)")
+            at = f"{row.where}: " if row.where else ""
+            raise LabelFileError("sae", f"{at}a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
+                                        "(split the file, or import it once per SAE)")
         try:
             hook = _row_hook(source, row.hook, layer, stream)
         except RequestError as exc:  # name the row (file:line, or the delphi file)
@@ -84,10 +86,11 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     batches = []
     for hook, group in sorted(groups.items()):
         (info,) = sae_infos(source, [hook])
-        too_big = [r.feature_id for r in group if r.feature_id >= info.d_sae]
+        too_big = [r for r in group if r.feature_id >= info.d_sae]
         if too_big:
-            raise RequestError("feature_id", f"{too_big[0]} is beyond the {info.d_sae} features of the SAE for "
-                                             f"layer {hook[0]} {hook[1]}")
+            at = f"{too_big[0].where}: " if too_big[0].where else ""
+            raise LabelFileError("feature_id", f"{at}{too_big[0].feature_id} is beyond the {info.d_sae} features of "
+                                               f"the SAE for layer {hook[0]} {hook[1]}")
         batches.append((info, pa.table({
             "feature_id": pa.array([r.feature_id for r in group], pa.int32()),
             "label": [r.label for r in group], "source": [r.source for r in group],

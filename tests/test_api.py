@@ -386,7 +386,7 @@ def test_labels_import_from_content(server):
         ({"sae_id": "toy", "format": "csv", "content": "feature,label\n1,x\n"}, "content"),
         ({"sae_id": "toy", "format": "neuronpedia", "content": "{not json"}, "content"),
         ({"sae_id": "toy", "format": "csv", "content": "feature_id,label\n999999,x\n", "layer": 1,
-          "stream": "resid_pre"}, "feature_id"),
+          "stream": "resid_pre"}, "content"),
         ({"sae_id": "toy", "format": "csv", "content": "feature_id,label\n1,x\n", "layer": 1}, "stream"),
         ({"sae_id": "toy", "format": "csv"}, "content"),
         ({"sae_id": "toy", "format": "delphi", "files": {"../../etc/x_latent1.txt": "x"}}, "files"),
@@ -396,6 +396,13 @@ def test_labels_import_from_content(server):
     ]
     for body, field in bad:
         assert_error(server.client.post("/v1/labels/import", json=body), 400, field)
+    # an error in the file's content names the body field that held it, and the column and line in its message
+    for content, column, line in (("feature_id,label\n1,x\nseven,x\n", "feature_id", 3),
+                                  ("feature_id,label,score\n1,x,high\n", "score", 2),
+                                  ("feature_id,label\n999999,x\n", "feature_id", 2)):
+        body = assert_error(server.client.post("/v1/labels/import", json={
+            "sae_id": "toy", "format": "csv", "content": content, "layer": 1, "stream": "resid_pre"}), 400, "content")
+        assert body["detail"].startswith(f"content: {column}: labels.csv:{line}: "), body
 
 
 # -- schema fuzzing -------------------------------------------------------------------------------

@@ -407,6 +407,23 @@ def test_token_pieces_with_sentencepiece_byte_fallback(text):
     assert cut[:-1] == got[: len(cut) - 1] and cut[-1] != ""
 
 
+def test_token_pieces_of_ids_past_the_tokenizers_vocabulary():
+    """A model whose embedding is padded past its tokenizer's vocabulary can generate an id the
+    tokenizer cannot decode: it prints as ``<id N>``, and the pieces around it are those of the known
+    ids alone (a character split around it is still printed whole by its own tokens)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import ROOT
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "ingest/demo/model")
+    size = len(tok)
+    left = [tok.bos_token_id, *tok("Shares rose", add_special_tokens=False)["input_ids"]]
+    right = tok(" naïve 🙂 ok", add_special_tokens=False)["input_ids"]
+    got = token_pieces(tok, [*left, size, *right, size + 7])
+    assert got == [*token_pieces(tok, left), f"<id {size}>", *token_pieces(tok, right), f"<id {size + 7}>"]
+    assert "".join(got) == tok.decode(left) + f"<id {size}>" + tok.decode(right) + f"<id {size + 7}>"
+
+
 def test_norm_proxy_per_row_against_numpy():
     rng = np.random.default_rng(1)
     xs = [rng.normal(size=(3, 12, 5)).astype(np.float32) * s for s in (1.0, 40.0)]  # two hooks, different scales

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, LabelFileError
 from sae_discover.registry import Registry
 from sae_discover.request import RequestError, build_request
 from sae_discover.service import Discovery
@@ -61,7 +61,8 @@ def test_precision_is_part_of_the_run_identity(toy_registry, tmp_path):
 def test_label_files_with_bad_rows_name_the_problem_and_reimports_replace(toy_discovery, tmp_path):
     bad = {"layer.csv": ("feature_id,label,layer,stream\n3,x,two,resid_pre\n", CatalogError, "layer: layer.csv:2"),
            "stream.csv": ("feature_id,label,layer,stream\n3,x,1,resid_mid\n", CatalogError, "stream: stream.csv:2"),
-           "other.csv": ("sae,feature_id,label\nsomeone-else,3,x\n", RequestError, "sae: a row of the file names SAE"),
+           "other.csv": ("sae,feature_id,label\nsomeone-else,3,x\n", LabelFileError,
+                         "sae: other.csv:2: a row of the file names SAE"),
            "rows.jsonl": ("5\n", CatalogError, "expected Neuronpedia fields"),
            "array.json": ("[1,2", CatalogError, "is not a JSON array")}
     for name, (content, error, message) in bad.items():

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from catalog import ranking
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, LabelFileError
 from sae_discover.request import RequestError, build_request
 
 
@@ -82,7 +82,7 @@ def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
         toy_discovery.import_labels(path, "toy", layer=0, stream="resid_pre")
     big = tmp_path / "big.csv"
     big.write_text("feature_id,label\n1,ok\n100000,too big\n")
-    with pytest.raises(RequestError, match="feature_id: 100000 is beyond"):
+    with pytest.raises(LabelFileError, match=r"feature_id: big\.csv:3: 100000 is beyond"):
         toy_discovery.import_labels(big, "toy", layer=0, stream="resid_pre")
     nohook = tmp_path / "nohook.csv"
     nohook.write_text("feature_id,label\n1,ok\n")
