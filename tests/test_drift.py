@@ -55,6 +55,20 @@ def test_identical_models_agree_and_reuse_runs(toy_discovery):
         "prompts: y makes the same runs as x (same text and run options); compared once"]
 
 
+def test_a_gate_nothing_passes_says_so_instead_of_agreement(toy_discovery):
+    """min_coverage_pct 100: no feature covers every token, so neither side has a feature; the report
+    says there is nothing to compare (a warning per side, and in the table) instead of "agree"."""
+    report = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE[:1],
+                          layers=LAYERS, min_coverage_pct=100)
+    o = report["overall"]
+    assert (o["n_features_base"], o["n_features_tuned"], report["features"]) == (0, 0, [])
+    assert [w.split(":")[0] for w in report["warnings"]] == ["base", "tuned"]
+    assert "min_coverage_pct 100" in report["warnings"][0]
+    text = table(report)
+    assert "nothing to compare: no feature passed the coverage gate on either side" in text
+    assert "agree" not in text
+
+
 def test_same_weights_under_another_id_agree(toy_demo, catalog, tmp_path):
     """Two model ids for one set of weights: distinct run ids, identical activations → nothing drifts."""
     reg = tmp_path / "reg.toml"

@@ -276,6 +276,12 @@ def test_report_in_chromium_click_sort_filter_offline(browser, hostile_run, tmp_
 
     ActionChains(browser).move_to_element(tok).perform()
     assert browser.find_element(By.ID, "tip").text.startswith("token ")
+    # with the pointer at the window's bottom-right corner the tooltip opens above and left of it: on screen
+    rect = browser.execute_script(
+        "arguments[0].dispatchEvent(new MouseEvent('mouseover', {bubbles: true, clientX: innerWidth - 4, "
+        "clientY: innerHeight - 4})); var r = document.getElementById('tip').getBoundingClientRect(); "
+        "return [r.left, r.top, r.right, r.bottom, innerWidth, innerHeight, r.height]", tok)
+    assert rect[6] > 0 and rect[0] >= 0 and rect[1] >= 0 and rect[2] <= rect[4] and rect[3] <= rect[5], rect
     # the markup in the prompt stayed text; nothing was fetched; the console is clean
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
     assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0

@@ -81,7 +81,9 @@ def table(report: dict, max_rows: int = 20) -> str:
                         "prompts b/t", "proto_label"], rows)
         if len(flagged) > max_rows:
             lines.append(f"  … {len(flagged) - max_rows} more (see --out)")
-    if not any(report["flagged"].values()):
+    if not o["n_features_base"] and not o["n_features_tuned"]:
+        lines.append("nothing to compare: no feature passed the coverage gate on either side")
+    elif not any(report["flagged"].values()):
         lines.append("nothing flagged: the two rankings agree within the thresholds")
     for w in report.get("warnings", []):
         lines.append(f"note: {w}")

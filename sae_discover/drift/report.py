@@ -67,6 +67,10 @@ def drift_report(source, request: DriftRequest | dict | None = None, *, progress
     timings = {"drift_sql_s": time.perf_counter() - t_sql}
     if out["threshold_source"] == "none":
         warnings.append(NO_CALIBRATION)
+    for side in ("base", "tuned"):
+        if out["overall"][f"n_features_{side}"] == 0:
+            warnings.append(f"{side}: no feature passed the coverage gate (min_coverage_pct {req.min_coverage_pct:g}) "
+                            "in any run, so there is nothing to compare on that side; lower min_coverage_pct")
     for u in out["unpaired"]:
         warnings.append(f"{u['side']} run {u['run_id']} has no counterpart on the other side "
                         f"({u['mode']} {clip(u['content'], 40)!r}); left out")

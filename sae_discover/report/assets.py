@@ -168,7 +168,11 @@ JS = r"""
                    (h[2] === null || h[2] === undefined ? "" : "  attr " + fmt(h[2], 4))); });
       if (!hits.length) lines.push("no shown feature fires here");
       tip.textContent = lines.join("\n"); tip.style.display = "block";
-      tip.style.left = Math.min(ev.clientX + 12, window.innerWidth - 350) + "px"; tip.style.top = (ev.clientY + 14) + "px";
+      // below-right of the pointer; above it near the bottom edge, left of it near the right: never off screen
+      var w = tip.offsetWidth, h = tip.offsetHeight;
+      var x = ev.clientX + 12 + w > window.innerWidth ? ev.clientX - 12 - w : ev.clientX + 12;
+      var y = ev.clientY + 14 + h > window.innerHeight ? ev.clientY - 8 - h : ev.clientY + 14;
+      tip.style.left = Math.max(0, x) + "px"; tip.style.top = Math.max(0, y) + "px";
     });
     section.querySelector(".tokens").addEventListener("mouseleave", function () { tip.style.display = "none"; });
     if (feats.length) select(0);
