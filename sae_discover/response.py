@@ -119,8 +119,9 @@ class Calibration(Struct, kw_only=True):
 
 
 class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
-    """The seed's response, plus run_id, cached, threshold_source, normalization, analyzed, timings and
-    the calibration used (``calibration_id`` null, and ``calibration`` null, when none was)."""
+    """The seed's response, plus run_id, cached, threshold_source, normalization, the gate and merge that
+    made the list, analyzed, timings and the calibration used (``calibration_id`` null, and ``calibration``
+    null, when none was)."""
 
     model_id: str
     sae_id: str
@@ -131,6 +132,8 @@ class DiscoverResponse(Struct, kw_only=True, omit_defaults=True):
     background: str  # what selectivity, lift and context compare with: calibration, batch or text
     threshold_source: str
     normalization: str
+    min_coverage_pct: float  # the coverage gate the features passed
+    merge_across_layers: bool  # false: the top return_top_x of each (layer, stream), grouped by hook
     features: list[Feature]
     warnings: list[str]
     calibration_id: int | None
@@ -182,7 +185,9 @@ def discovery_response(req: DiscoverRequest, run_id: str, run: dict, layers: lis
                         "continuation": analyzed["continuation"]},
            "score_mode": req.score_mode, "background": background_used(req),
            "threshold_source": ranked["threshold_source"],
-           "normalization": ranked["normalization"], "features": [feature_json(f, req) for f in ranked["features"]],
+           "normalization": ranked["normalization"], "min_coverage_pct": req.min_coverage_pct,
+           "merge_across_layers": req.merge_across_layers,
+           "features": [feature_json(f, req) for f in ranked["features"]],
            "warnings": warnings,
            "calibration_id": None if calibration is None else calibration["calibration_id"],
            "calibration": calibration}

@@ -33,7 +33,7 @@ SEED_BODY = {  # the seed's example body, with the demo's ids, layer and a short
     "score_mode": "mean×coverage", "min_coverage_pct": 0.5, "merge_across_layers": True, "attach_examples": True,
     "attach_proto_labels": True, "seed": 42}
 RESPONSE_KEYS = {"model_id", "sae_id", "run_id", "cached", "analyzed", "score_mode", "background", "threshold_source",
-                 "normalization",
+                 "normalization", "min_coverage_pct", "merge_across_layers",
                  "features", "warnings", "calibration_id", "calibration", "timings"}
 FEATURE_KEYS = {"feature_id", "layer", "stream", "score", "scores", "proto_label", "top_spans"}
 DISCOVER = "/v1/sae/features/discover"

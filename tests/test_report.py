@@ -149,6 +149,28 @@ def test_stored_report_is_the_reranked_run(hostile_run):
     assert ordered == sorted(ordered, reverse=True)
 
 
+def test_a_per_hook_report_ranks_within_each_hook_and_states_the_gate(toy_discovery):
+    """merge_across_layers false lists the top of each (layer, stream) one hook after another: the "#"
+    column is the rank within the hook (1, 2, … again at each hook), and the header says so and states
+    the coverage gate."""
+    result = toy_discovery.discover(build_request({"model_id": "toy", "sae_id": "toy", "text": "Shares rose 4% on Monday.",
+                                                   "layers": [0, 1], "return_top_x": 3, "min_coverage_pct": 0,
+                                                   "merge_across_layers": False}))
+    assert result["merge_across_layers"] is False and result["min_coverage_pct"] == 0
+    hooks = [(f["layer"], f["stream"]) for f in result["features"]]
+    assert len(set(hooks)) == 2 and hooks == sorted(hooks)  # grouped by hook
+    page = Page(run_report(toy_discovery.catalog, result))
+    expected = [hooks[:i + 1].count(h) for i, h in enumerate(hooks)]
+    assert [int(r["cells"][0]) for r in page.rows] == expected and expected.count(1) == 2
+    assert "coverage ≥ 0 % of analyzed tokens above τ" in page.dds
+    assert any(d.startswith("the top of each hook") for d in page.dds)
+    merged = toy_discovery.discover(build_request({"model_id": "toy", "sae_id": "toy", "text": "Shares rose 4% on Monday.",
+                                                   "layers": [0, 1], "return_top_x": 3}))
+    page = Page(run_report(toy_discovery.catalog, merged))
+    assert [int(r["cells"][0]) for r in page.rows] == list(range(1, len(merged["features"]) + 1))
+    assert "one over all hooks" in page.dds and "coverage ≥ 0.5 % of analyzed tokens above τ" in page.dds
+
+
 # -- the CLI writers (real subprocesses) ----------------------------------------------------------
 
 def test_cli_writes_html_for_discovery_rank_report_batch_and_drift(toy_registry, tmp_path):

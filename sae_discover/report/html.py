@@ -57,6 +57,9 @@ def _header(section: dict) -> str:
     pairs = [("model", r["model_id"]), ("SAEs", saes or r["sae_id"]), ("mode", a["mode"]),
              ("tokens", f"{a['tokens']} analyzed of {a['total_tokens']}"),
              ("score mode", r["score_mode"]), ("background", r.get("background") or "-"),
+             ("gate", f"coverage ≥ {r['min_coverage_pct']:g} % of analyzed tokens above τ"),
+             ("ranking", "one over all hooks" if r["merge_across_layers"] else "the top of each hook (# is the rank "
+                                                                             "within its hook)"),
              ("τ source", r["threshold_source"]), ("calibration", str(r.get("calibration_id") or "none")),
              ("normalization", r["normalization"]), ("run", f"{r['run_id']} ({'cached' if r['cached'] else 'new run'}, "
                                                             f"stored {run.get('created_at')})")]
@@ -96,6 +99,20 @@ def _label(f: dict, stored: list[dict]) -> tuple[str, str]:
     return (stored[0]["label"], stored[0]["source"]) if stored else ("", "")
 
 
+def _ranks(feats: list[dict], merged: bool) -> list[int]:
+    """Each feature's rank as listed: over the whole list when ranked across hooks, else within its
+    (layer, stream) — those lists come grouped by hook, each in its own order."""
+    if merged:
+        return list(range(1, len(feats) + 1))
+    seen: dict[tuple, int] = {}
+    out = []
+    for f in feats:
+        hook = (f["layer"], f["stream"])
+        seen[hook] = seen.get(hook, 0) + 1
+        out.append(seen[hook])
+    return out
+
+
 def _table(section: dict, n: int) -> str:
     feats = section["response"]["features"]
     has_attr = any(_attribution(f) is not None for f in feats)
@@ -103,9 +120,10 @@ def _table(section: dict, n: int) -> str:
     heads = [*COLUMNS, *(["attribution"] if has_attr else []), *(["ablate Δ"] if has_delta else []), "label"]
     th = "".join(f"<th data-k=\"{i}\"{' class=lab' if h == 'label' else ''}>{esc(h)}</th>" for i, h in enumerate(heads))
     rows = []
-    for i, (f, extra) in enumerate(zip(feats, section["features"], strict=True)):
+    ranks = _ranks(feats, section["response"]["merge_across_layers"])
+    for i, (f, extra, rank) in enumerate(zip(feats, section["features"], ranks, strict=True)):
         s = f["scores"]
-        nums = [(i + 1, str(i + 1)), (f["feature_id"], str(f["feature_id"])), (f["layer"], str(f["layer"]))]
+        nums = [(rank, str(rank)), (f["feature_id"], str(f["feature_id"])), (f["layer"], str(f["layer"]))]
         cells = [f"<td data-v=\"{v}\">{esc(t)}</td>" for v, t in nums]
         cells.append(f"<td>{esc(f['stream'])}</td>")
         for value, digits in ((f["score"], 4), (s["mean"], 4), (100 * s["coverage"], 3), (s["max"], 4),

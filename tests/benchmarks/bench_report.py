@@ -57,6 +57,7 @@ def section(n_tokens: int = 2000, n_features: int = 500, seed: int = 0) -> dict:
                 "analyzed": {"mode": "text", "tokens": n_tokens - 1, "layers": [8], "streams": ["resid_pre"],
                              "total_tokens": n_tokens, "text": text, "continuation": None},
                 "score_mode": "mean×coverage", "threshold_source": "calibration_p95", "normalization": "calibration_max",
+                "min_coverage_pct": 0.5, "merge_across_layers": True,
                 "features": features, "warnings": []}
     return {"response": response, "run": {"prompt": None, "generate": False, "created_at": "2026-01-01",
                                           "timings": {"total_s": 1.0}},
