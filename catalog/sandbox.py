@@ -259,9 +259,9 @@ def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int 
     rows: list[tuple] = []
     size = 0
     try:
-        while True:
-            want = FETCH_CHUNK if max_rows is None else min(FETCH_CHUNK, max_rows + 1 - len(rows))
-            chunk = con.fetchall() if max_rows is None and max_bytes is None else con.fetchmany(want)
+        if max_rows is None and max_bytes is None:
+            return QueryResult(columns, types, con.fetchall())
+        while chunk := con.fetchmany(FETCH_CHUNK if max_rows is None else min(FETCH_CHUNK, max_rows + 1 - len(rows))):
             for row in chunk:
                 if max_rows is not None and len(rows) == max_rows:
                     return QueryResult(columns, types, rows, "rows")
@@ -273,8 +273,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int 
                                                     f"(e.g. left(column, n))")
                     return QueryResult(columns, types, rows, "bytes")
                 rows.append(row)
-            if len(chunk) < want or (max_rows is None and max_bytes is None):
-                return QueryResult(columns, types, rows)
+        return QueryResult(columns, types, rows)
     except (duckdb.InterruptException, duckdb.OutOfMemoryException):
         raise
     except duckdb.Error as exc:
