@@ -14,7 +14,9 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import sqlalchemy as sa
@@ -129,10 +131,11 @@ def cannot_write(path: str) -> str | None:
     return None
 
 
-def schema_behind(conn: sa.Connection) -> tuple[str | None, str] | None:
-    """``(the catalog's schema revision, head)`` when they differ (a read-only open cannot upgrade it), else None."""
-    known = conn.exec_driver_sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'alembic_version'").scalar()
-    current = conn.exec_driver_sql("SELECT max(version_num) FROM alembic_version").scalar() if known else None
+def schema_behind(scalar: Callable[[str], Any]) -> tuple[str | None, str] | None:
+    """``(the catalog's schema revision, head)`` when they differ (a read-only open cannot upgrade it), else
+    None; ``scalar(sql)``: the first value of a query on the catalog (SQLAlchemy's or a raw connection's)."""
+    known = scalar("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'alembic_version'")
+    current = scalar("SELECT max(version_num) FROM alembic_version") if known else None
     head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
     return None if current == head else (current, head or "")
 
@@ -220,7 +223,7 @@ class Catalog:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
                     conn.commit()
-                elif migrate and (behind := schema_behind(conn)) is not None:
+                elif migrate and (behind := schema_behind(lambda q: conn.exec_driver_sql(q).scalar())) is not None:
                     raise CatalogError("db", f"{self.path} has catalog schema {behind[0] or 'none'}, this version "
                                              f"uses {behind[1]}; a read-only catalog ({self.read_only_reason}) is "
                                              "not upgraded: open it once with write access")

@@ -11,9 +11,9 @@ For one run, over its kept (analysed) tokens, n of them, and each feature f with
 - score = the chosen mode on activations divided by the feature's calibration max
   (``normalization: "calibration_max"``, the default; 1 where the calibration never saw the feature
   fire), or by one scale per SAE, the median of its features' calibration maxima
-  (``"sae_median_max"``: layers still compare, but a feature is no longer measured against its own
-  peak, which lifts weak, broad features over strong specific ones — see the README's Discovery
-  quality), or on raw activations (``"none"``, and always when the SAE has no calibration, as for
+  (``"sae_median_max"``: layers still compare, and a feature is no longer measured against its own
+  peak — the per-feature rule lifts weak, broad features over strong, specific ones; see the README's
+  Discovery quality), or on raw activations (``"none"``, and always when the SAE has no calibration, as for
   the attribution modes). lift and context are ratios: no normalization changes them
 - attribution = sum(attr): the first-order drop of the run's attribution target M were the feature removed
   at every analysed token (``ingest/attribution.py``), null for runs without a target; score modes

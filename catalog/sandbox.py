@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from catalog.db import default_path, open_error
+from catalog.db import default_path, open_error, schema_behind
 from catalog.errors import CatalogError
 
 DEFAULT_MEMORY_LIMIT = "2GB"
@@ -319,9 +319,24 @@ def run_user_sql(path: str | Path | None, query: str, limits: Limits | None = No
         cap_process_memory(limits)
     try:
         result = run_query(con, query, limits)
+    except CatalogError as exc:
+        raise CatalogError(exc.field, exc.message + _older_schema(con)) from exc
     finally:
         con.close()
     return result.columns, result.rows
+
+
+def _older_schema(con: duckdb.DuckDBPyConnection) -> str:
+    """A note for a failed query on a catalog of an older schema (``sql`` opens it read-only, never
+    upgrading it): a view, column or macro argument the README names may not be there yet."""
+    try:
+        behind = schema_behind(lambda q: con.execute(q).fetchone()[0])
+    except duckdb.Error:
+        return ""
+    if behind is None:
+        return ""
+    return (f" (this catalog has schema {behind[0] or 'none'}, this version uses {behind[1]}: open it once with "
+            "write access, e.g. python -m sae_discover runs list, to upgrade it)")
 
 
 def json_value(value: Any) -> Any:

@@ -51,6 +51,8 @@ SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" 
     + f"                     ELSE error('score_mode: expected one of {', '.join(list(SCORE_EXPR)[:4])}, '\n" \
     + f"                                || '{', '.join(list(SCORE_EXPR)[4:])}, got ' || score_mode) END"
 
+KNOWN_MODES = "[" + ", ".join(f"'{m}'" for m in list(SCORE_EXPR)[:4]) + ",\n" + " " * 24 \
+    + ", ".join(f"'{m}'" for m in list(SCORE_EXPR)[4:]) + "]"  # a list literal over two lines of the macro text
 SCORING_PARAMS = """score_mode := 'mean×coverage', min_coverage_pct := 0.5, tau := NULL,
                   tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
                   normalization := 'calibration_max', restrict_features := NULL, background_runs := NULL,
@@ -206,14 +208,17 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
         FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
                            calibration_model := calibration_model) h
-        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all')
-                        AND normalization IN ('calibration_max', 'sae_median_max', 'none') THEN true
-                   WHEN background NOT IN ('calibration', 'batch')
-                   THEN error('background: expected one of calibration, batch, got ' || background)
-                   WHEN tau_basis NOT IN ('active', 'all')
-                   THEN error('tau_basis: expected one of active, all, got ' || tau_basis)
-                   ELSE error('normalization: expected one of calibration_max, sae_median_max, none, got '
-                              || normalization) END
+        WHERE CASE WHEN NOT coalesce(list_contains({KNOWN_MODES}, score_mode), false)
+                   THEN error('score_mode: expected one of {", ".join(list(SCORE_EXPR)[:4])}, '
+                              || '{", ".join(list(SCORE_EXPR)[4:])}, got ' || coalesce(score_mode, 'NULL'))
+                   WHEN coalesce(background NOT IN ('calibration', 'batch'), true)
+                   THEN error('background: expected one of calibration, batch, got ' || coalesce(background, 'NULL'))
+                   WHEN coalesce(tau_basis NOT IN ('active', 'all'), true)
+                   THEN error('tau_basis: expected one of active, all, got ' || coalesce(tau_basis, 'NULL'))
+                   WHEN coalesce(normalization NOT IN ('calibration_max', 'sae_median_max', 'none'), true)
+                   THEN error('normalization: expected one of calibration_max, sae_median_max, none, got '
+                              || coalesce(normalization, 'NULL'))
+                   ELSE true END  -- each choice checked whatever columns are selected
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
     stats AS (

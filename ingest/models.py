@@ -297,6 +297,10 @@ def read_card(source: str) -> ModelCard:
     d_model = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
     local = Path(source) if Path(source).is_dir() else None
     cfg_dict = config.to_dict()
+    # what the weights are, not where they lie or which library reads them: the same model in two
+    # checkouts (or after a transformers upgrade) keeps its fingerprint, so its runs and their ids
+    for key in ("_name_or_path", "transformers_version"):
+        cfg_dict.pop(key, None)
     cfg_dict["_commit_hash"] = getattr(config, "_commit_hash", None)
     n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
     if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx: two fewer usable slots

@@ -184,13 +184,20 @@ def verification_lines(v: dict) -> list[str]:
             f"{len(v['pairs'])} by mean activation"]
 
 
+def normalization_note(result: dict) -> str:
+    """The header's note on what the scores were divided by, unless it is the default per-feature
+    calibration max: a per-SAE or raw score reads on another scale."""
+    norm = result.get("normalization")
+    return "" if norm in (None, "calibration_max") else f" (normalization {norm})"
+
+
 def table(result: dict, by_hook: bool = False) -> str:
     """A plain aligned table of the ranked features, for stdout, under a header saying what was
     analyzed. ``by_hook`` (``merge_across_layers false``): one block per (layer, stream), each with
     its heading. Coverage is a percent, as ``min_coverage_pct`` is."""
     a = result["analyzed"]
     lines = [f"{result['model_id']} · {result['sae_id']} · {a['mode']} · {a['tokens']} analyzed tokens "
-             f"(of {a['total_tokens']}) · layers {a['layers']} · score {result['score_mode']} · "
+             f"(of {a['total_tokens']}) · layers {a['layers']} · score {result['score_mode']}{normalization_note(result)} · "
              f"τ {result['threshold_source']} · {'cached' if result['cached'] else 'new run'} {result['run_id']}"]
     if a.get("text"):
         lines.append(f"analyzed: {clip(json.dumps(a['text'], ensure_ascii=False), 160)}")

@@ -110,19 +110,29 @@ class Discovery:
         results, plans, stored = self.stored_runs(reqs, batch_size, workers, progress)
         self._tag(plans, stored)
         groups: dict[tuple, list[int]] = {}  # runs ranked together: same model, SAEs and ranking options
+        peers: dict[tuple, list[int]] = {}  # what a batch background contrasts with: same model, SAEs, restrict set
         for i, p in plans.items():
             if results[i] is None:
                 alone = p.req.background_text is not None or p.req.background_file is not None
                 # per model id: calibration (on first use) and τ belong to the registry entry, not its path
-                key = ("alone", i) if alone else (p.entry.id, p.entry.source, tuple(p.saes), repr(rank_options(p.req)))
+                runs_like = (p.entry.id, p.entry.source, tuple(p.saes))
+                key = ("alone", i) if alone else (*runs_like, repr(rank_options(p.req)))
                 groups.setdefault(key, []).append(i)
+                peers.setdefault((*runs_like, tuple(sorted(p.req.restrict_features))), []).append(i)
         for members in groups.values():
-            # a batch background contrasts each run with the rest of its group: the group is ranked whole
-            step = len(members) if plans[members[0]].req.background == "batch" else batch_size
+            # a batch background contrasts each run with the other runs of the batch like it, whatever ranking
+            # options their lines override (none changes a run's activations): the group is ranked whole, with them
+            first = plans[members[0]]
+            batch = first.req.background == "batch"
+            step = len(members) if batch else batch_size
+            contrast = [stored[i] for i in peers[(first.entry.id, first.entry.source, tuple(first.saes),
+                                                  tuple(sorted(first.req.restrict_features)))]
+                        if i not in members] if batch else []
             for start in range(0, len(members), step):
                 part = members[start:start + step]
                 try:
-                    answers: list[Outcome] = self._respond([plans[i] for i in part], [stored[i] for i in part])
+                    answers: list[Outcome] = self._respond([plans[i] for i in part], [stored[i] for i in part],
+                                                           contrast)
                 except USER_ERRORS as exc:
                     answers = [exc] * len(part)
                 for i, answer in zip(part, answers, strict=True):
@@ -228,9 +238,10 @@ class Discovery:
                                 for i, p in plans.items() if i in stored])
 
     # -- steps 5-6: rank in SQL and answer ------------------------------------------------------------
-    def _respond(self, plans: list[RunPlan], stored: list[dict]) -> list[dict]:
+    def _respond(self, plans: list[RunPlan], stored: list[dict], contrast: list[dict] | None = None) -> list[dict]:
         """Rank stored runs that share model, SAEs and ranking options (one set of statements for all)
-        and shape each one's response as the seed does."""
+        and shape each one's response as the seed does. ``contrast``: more stored runs ranked with them
+        for a batch background only (their own rankings are dropped)."""
         first = plans[0]
         t_cal = time.perf_counter()
         notes = self.calibrator.ensure(first.entry, first.source, first.hooks)
@@ -241,7 +252,8 @@ class Discovery:
         req = first.req
         has_background = req.background_text is not None or req.background_file is not None
         background = self.background(req) if has_background else None
-        ranked = rank_stored(self.catalog, [run["run_key"] for run in stored], first.saes, req, background)
+        ranked = rank_stored(self.catalog, [run["run_key"] for run in [*stored, *(contrast or [])]], first.saes, req,
+                             background)[:len(stored)]
         record_calibrations(self.catalog, {run["run_key"]: r["calibrations"] for run, r in zip(stored, ranked, strict=True)})
         verify_s: dict[int, float] = {}
         for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True)):

@@ -75,12 +75,14 @@ def test_a_batch_ranks_repeats_and_aliased_models_as_single_requests_would(toy_d
 def test_a_batch_background_contrasts_each_line_with_the_whole_files_other_lines(toy_registry, tmp_path):
     """``background: batch`` ranks the whole file as one group (not chunk by chunk): each line's
     selectivity is its mean minus the mean over every other line's analysed tokens (leave-one-out),
-    computed here with numpy from the stored codes."""
+    computed here with numpy from the stored codes — also for lines that override a ranking option
+    (ranked apart, as their options differ, but contrasted with the whole file all the same)."""
     import numpy as np
 
     from sae_discover.batch import run_batch
 
-    lines = [(n, {"id": str(n), "text": LINES[i]["text"]}) for n, i in enumerate([0, 2, 4])]
+    overrides = [{}, {"normalization": "none"}, {"return_top_x": 999}]
+    lines = [(n, {"id": str(n), "text": LINES[i]["text"], **overrides[n]}) for n, i in enumerate([0, 2, 4])]
     defaults = {"model_id": "toy", "sae_id": "toy", "layers": [1], "score_mode": "selectivity", "background": "batch",
                 "min_coverage_pct": 0, "return_top_x": 1000, "attach_examples": False}
     cat = Catalog(tmp_path / "c.duckdb")
@@ -97,6 +99,7 @@ def test_a_batch_background_contrasts_each_line_with_the_whole_files_other_lines
     for row in rows:
         run = row["run_id"]
         assert row["background"] == "batch"  # the result says what selectivity compared with
+        assert row["normalization"] == ("none" if row["id"] == "1" else "calibration_max")
         others = [r for r in n_kept if r != run]
         background = sum(sums[r] for r in others) / sum(n_kept[r] for r in others)
         mean = sums[run] / n_kept[run]

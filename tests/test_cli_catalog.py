@@ -84,6 +84,8 @@ def test_runs_rank_reranks_without_the_model(stored):
         assert all(len(v - {None}) == 1 for v in ratios.values()), ratios
         if norm == "none":
             assert all(v - {None} == {1.0} for v in ratios.values())
+    shown = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--normalization", "none")
+    assert shown.returncode == 0 and " score mean×coverage (normalization none) · τ " in shown.stdout.splitlines()[0]
     bad = run_cli("runs", "rank", stored["result"]["run_id"], "--db", str(stored["db"]), "--normalization", "zscore")
     assert bad.returncode == 2 and bad.stderr.startswith("error: normalization:")
 
@@ -117,6 +119,28 @@ def test_sql_is_read_only(stored):
     bad = run_cli("sql", "DELETE FROM runs", "--db", str(stored["db"]))
     assert bad.returncode == 2 and "read-only" in bad.stderr
     assert duckdb.connect(str(stored["db"]), read_only=True).execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+
+
+def test_sql_on_a_catalog_of_an_older_schema_says_how_to_upgrade_it(tmp_path):
+    """``sql`` opens read-only and never upgrades: a query that needs the newer schema fails with the
+    catalog's and this version's revisions and the way to upgrade; after that it answers."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from catalog.db import MIGRATIONS_DIR, alembic_config
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    db = tmp_path / "old.duckdb"
+    command.upgrade(alembic_config(f"duckdb:///{db}"), "0011")
+    query = "SELECT count(*) AS n FROM feature_scores(['x'], normalization := 'none')"
+    old = run_cli("sql", query, "--db", str(db))
+    assert old.returncode == 2 and old.stderr.startswith("error: query: ") and len(old.stderr.splitlines()) == 1
+    assert f"this catalog has schema 0011, this version uses {head}" in old.stderr and "runs list" in old.stderr
+    assert run_cli("runs", "list", "--db", str(db)).returncode == 0  # opened with write access: upgraded
+    new = run_cli("sql", query, "--db", str(db), "--format", "json")
+    assert new.returncode == 0 and json.loads(new.stdout) == [{"n": 0}], new.stderr
+    wrong = run_cli("sql", "SELECT nope FROM v_runs", "--db", str(db))  # at head: no note
+    assert wrong.returncode == 2 and "schema" not in wrong.stderr
 
 
 def test_a_catalog_held_by_another_process_gets_a_clear_message(stored, tmp_path):

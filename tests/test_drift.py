@@ -209,6 +209,8 @@ def test_demo_vs_finance_tune_equals_numpy_scipy(toy_discovery, tmp_path):
     by_sae = drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", prompts=FINANCE,
                           layers=LAYERS, normalization="sae_median_max", **opts)
     assert by_sae["normalization"] == "sae_median_max" and by_sae["ingested"]["new_runs"] == 0
+    assert "score mean×coverage (normalization sae_median_max) · τ" in table(by_sae).splitlines()[0]
+    assert "normalization" not in table(report).splitlines()[0]  # the default divisor goes unsaid
     _check(by_sae, _recompute(con, by_sae["base"]["run_ids"], by_sae["tuned"]["run_ids"], 12, 0.5, 0.0, 0.3, 3,
                               per_sae=True))
 

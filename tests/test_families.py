@@ -243,6 +243,21 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     assert set(CONFIGS) - {"gpt_neox-sequential"} <= set(FAMILIES)
 
 
+def test_the_fingerprint_is_the_weights_not_their_folder(family_dirs, tmp_path):
+    """A model copied to another folder (another checkout) keeps its fingerprint, so its runs keep their
+    ids; other weights in the same folder shape do not."""
+    import shutil
+
+    copy = shutil.copytree(family_dirs / "llama", tmp_path / "elsewhere" / "llama-copy")
+    card = read_card(str(family_dirs / "llama"))
+    assert read_card(str(copy)).fingerprint == card.fingerprint
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    assert read_card(str(copy)).fingerprint != card.fingerprint
+
+
 def test_bad_layers_and_streams_name_the_field(family_dirs):
     loaded = load_model("llama", family_dirs / "llama", device="cpu")
     ids = torch.tensor([[1, 5, 6]])

@@ -653,3 +653,20 @@ def test_context_over_several_runs_of_two_models_equals_the_oracle(catalog):
         np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-9, atol=1e-12)
         checked += sum(v > 0 for v in expected.values())
     assert checked > 20  # supports that are not 0: the pairs active together were counted
+
+
+def test_the_macro_refuses_each_bad_choice_by_its_name_whatever_is_selected(catalog):
+    """An unknown or NULL score_mode, background, tau_basis or normalization is an error naming that
+    argument, also when the query selects no column the choice feeds (count(*))."""
+    rng = np.random.default_rng(9)
+    _calibrate(catalog, MODEL, rng, 8)
+    _stored_run(catalog, "r", MODEL, [random_dense(rng, 6, 8, 0.5) for _ in HOOKS], 8)
+    con = catalog.raw()
+    try:
+        assert con.execute("SELECT count(*) FROM feature_scores(['r'], min_coverage_pct := 0)").fetchone()[0] > 0
+        for name in ("score_mode", "background", "tau_basis", "normalization"):
+            for value, shown in (("'bogus'", "bogus"), ("NULL", "NULL")):
+                with pytest.raises(duckdb.InvalidInputException, match=rf"{name}: expected one of .*, got {shown}"):
+                    con.execute(f"SELECT count(*) FROM feature_scores(['r'], {name} := {value})").fetchall()
+    finally:
+        con.close()

@@ -2,7 +2,10 @@
 scores are divided by on a calibrated SAE — ``calibration_max`` (each feature's calibration max, as
 before and still the default), ``sae_median_max`` (one scale per SAE: the median of its features'
 calibration maxima) or ``none`` (raw). lift keeps its prior on the feature's own calibration max; the
-``normalization`` column says the one used. Results with the default are unchanged.
+``normalization`` column says the one used. Results with the default are unchanged. Each choice
+(``score_mode``, ``background``, ``tau_basis``, ``normalization``) is now checked on its own, NULL
+included, whatever columns are selected: an unknown ``score_mode`` was refused only when ``score`` was
+selected, and a NULL could pass or be blamed on another argument.
 
 Revision ID: 0012
 Revises: 0011
@@ -31,14 +34,18 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
         FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
                            calibration_model := calibration_model) h
-        WHERE CASE WHEN background IN ('calibration', 'batch') AND tau_basis IN ('active', 'all')
-                        AND normalization IN ('calibration_max', 'sae_median_max', 'none') THEN true
-                   WHEN background NOT IN ('calibration', 'batch')
-                   THEN error('background: expected one of calibration, batch, got ' || background)
-                   WHEN tau_basis NOT IN ('active', 'all')
-                   THEN error('tau_basis: expected one of active, all, got ' || tau_basis)
-                   ELSE error('normalization: expected one of calibration_max, sae_median_max, none, got '
-                              || normalization) END
+        WHERE CASE WHEN NOT coalesce(list_contains(['mean', 'max', 'mean×coverage', 'selectivity',
+                        'lift', 'attribution', 'attribution_abs', 'context'], score_mode), false)
+                   THEN error('score_mode: expected one of mean, max, mean×coverage, selectivity, '
+                              || 'lift, attribution, attribution_abs, context, got ' || coalesce(score_mode, 'NULL'))
+                   WHEN coalesce(background NOT IN ('calibration', 'batch'), true)
+                   THEN error('background: expected one of calibration, batch, got ' || coalesce(background, 'NULL'))
+                   WHEN coalesce(tau_basis NOT IN ('active', 'all'), true)
+                   THEN error('tau_basis: expected one of active, all, got ' || coalesce(tau_basis, 'NULL'))
+                   WHEN coalesce(normalization NOT IN ('calibration_max', 'sae_median_max', 'none'), true)
+                   THEN error('normalization: expected one of calibration_max, sae_median_max, none, got '
+                              || coalesce(normalization, 'NULL'))
+                   ELSE true END  -- each choice checked whatever columns are selected
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
     stats AS (

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from sae_discover.output import clip, write_file
+from sae_discover.output import clip, normalization_note, write_file
 
 CSV_COLUMNS = ["feature_id", "layer", "stream", "flag", "score_base", "score_tuned", "score_change", "rank_base",
                "rank_tuned", "rank_change", "in_top_k_base", "in_top_k_tuned", "prompts_base", "prompts_tuned",
@@ -49,7 +49,8 @@ def table(report: dict, max_rows: int = 20) -> str:
     hooks = ", ".join(f"L{layer} {stream}" for layer, stream in report["hooks"])
     base = report["base"]["model_id"] or "/".join(report["base"]["model_ids"])
     tuned = report["tuned"]["model_id"] or "/".join(report["tuned"]["model_ids"])
-    lines = [f"drift · base {base} → tuned {tuned} · SAE {report['sae_id']} ({hooks}) · score {report['score_mode']} · "
+    lines = [f"drift · base {base} → tuned {tuned} · SAE {report['sae_id']} ({hooks}) · score {report['score_mode']}"
+             f"{normalization_note(report)} · "
              f"τ {report['threshold_source']}{_calibrations(report)} · K={k}",
              f"overall, {o['n_prompts']} prompt(s): Jaccard@{k} {_num(o['jaccard'])} · Spearman (top-{k} union, "
              f"{o['n_top_union']} features) {_num(o['spearman'])} · Spearman (all {o['n_features_base']}→"
