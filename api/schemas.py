@@ -238,6 +238,7 @@ class RunSummary(Struct, kw_only=True):
     n_kept: int
     layers: list[int]
     streams: list[str]
+    attribution_target: str | None = None  # none for runs without attributions; null where never recorded
     batch_id: str | None = None  # the id of the batch line / body that last asked for the run
     tags: dict[str, str] = {}  # merged over every request for the run (not part of its id)
 

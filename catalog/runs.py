@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # writes imports this module (its model look-up); the type al
 
 # what a run listing returns per run (GET /runs shows these; the CLI prints a few of them)
 LIST_COLUMNS = ("run_id", "model_id", "sae_id", "mode", "prompt", "text", "generate", "gen_tokens", "seed",
-                "created_at", "n_tokens", "n_kept", "layers", "streams", "batch_id", "tags")
+                "created_at", "n_tokens", "n_kept", "layers", "streams", "attribution_target", "batch_id", "tags")
 # columns stored as JSON text, and what an empty one reads as
 JSON_COLUMNS = {"layers": "[]", "streams": "[]", "restrict_features": "[]", "timings": "{}"}
 RUN_MODES = ("prompt+gen", "prompt", "text")

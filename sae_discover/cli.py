@@ -28,7 +28,7 @@ from typing import Any
 
 from catalog import runs, sandbox
 from catalog.db import Catalog
-from catalog.errors import CatalogWarning
+from catalog.errors import CatalogWarning, UnknownRun
 from ingest.options import STREAMS
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
@@ -385,7 +385,11 @@ def cmd_rank(catalog: Catalog, ns: argparse.Namespace) -> int:
     selection = {"tags": [parse_tag_filter("tag", t, "=") for t in ns.tags or []], "batch_ids": ns.batch_ids or [],
                  "model_id": ns.model_id, "sae_id": ns.sae_id, "mode": ns.mode}
     if len(ns.run_ids) == 1 and not any(selection.values()):
-        return _show(rerank(catalog, ns.run_ids[0], options), ns, functools.partial(table, by_hook=by_hook),
+        try:
+            result = rerank(catalog, ns.run_ids[0], options)
+        except UnknownRun as exc:  # the argument is run_ids, one id or several
+            raise UnknownRun("run_ids", exc.message) from None
+        return _show(result, ns, functools.partial(table, by_hook=by_hook),
                      _html_writer(catalog, write_result, run_report, to_csv))
     results = rerank_runs(catalog, select_runs(catalog, ns.run_ids, **selection), options)
     return _show(results, ns, functools.partial(tables, by_hook=by_hook),

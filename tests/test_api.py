@@ -317,6 +317,7 @@ def test_runs_show_and_rerank(server):
 
     page = server.client.get("/v1/runs", params={"limit": 1, "offset": 1, "sae_id": "toy"}).json()
     assert len(page["runs"]) == 1 and page["limit"] == 1 and page["offset"] == 1
+    assert page["runs"][0]["attribution_target"] == "none" and detail["attribution_target"] == "none"
     assert server.client.get("/v1/runs", params={"model_id": "nobody"}).json() == {
         "runs": [], "total": 0, "limit": 50, "offset": 0}
 

@@ -128,6 +128,7 @@ def test_one_run_id_alone_is_ranked_as_before(stored):
 
 @pytest.mark.parametrize(("args", "field"), [
     (["ffffff0000", "{a}"], "run_ids"),  # an unknown id among several
+    (["ffffff0000"], "run_ids"),  # an unknown id alone (re-ranked as one run)
     (["{a}", "xyz"], "run_ids"),  # not a run id at all
     ([], "run_ids"),  # nothing to rank
     (["--tag", "domain=chess"], "tag"),  # a selection of no run
