@@ -466,7 +466,9 @@ def test_api_refuses_unparseable_bodies(server, path, raw, field):
     ({"format": "csv", "content": "feature_id,label,source\n1,x,lite\n", "layer": 1, "stream": "resid_pre"}, "source"),
 ])
 def test_api_label_imports_refuse_bad_fields(server, body, field):
-    api_error(server.client.post(LABELS, json={"sae_id": "toy", **body}), field)
+    """The body field holding the file (content) is named; the file's column, when it is one, opens the message."""
+    detail = api_error(server.client.post(LABELS, json={"sae_id": "toy", **body}), "content")
+    assert detail.startswith("content: " if field == "content" else f"content: {field}: "), detail
 
 
 HUGE = "9" * 5000  # a 5,000-digit integer, spliced into a JSON body (Python's int() refuses it as text)
