@@ -140,6 +140,17 @@ def schema_behind(scalar: Callable[[str], Any]) -> tuple[str | None, str] | None
     return None if current == head else (current, head or "")
 
 
+def schema_upgradable(scalar: Callable[[str], Any]) -> tuple[str, str] | None:
+    """``(the catalog's schema revision, head)`` when the catalog is at an older revision this version
+    knows (a write-access open would upgrade it); None at head, for a newer catalog or for a file that is
+    no catalog (no revision)."""
+    behind = schema_behind(scalar)
+    if behind is None or behind[0] is None:
+        return None
+    known = {r.revision for r in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
+    return (behind[0], behind[1]) if behind[0] in known else None
+
+
 def open_error(path: str, read_only: bool, exc: BaseException, locked_message: str) -> Exception | None:
     """The catalog's error for DuckDB failing to open ``path`` (``exc``, possibly wrapped by SQLAlchemy):
     :class:`CatalogLocked` (with ``locked_message``) when another process holds the file,

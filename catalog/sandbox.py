@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import re
+import shlex
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from catalog.db import default_path, open_error, schema_behind
+from catalog.db import default_path, open_error, schema_upgradable
 from catalog.errors import CatalogError
 
 DEFAULT_MEMORY_LIMIT = "2GB"
@@ -314,29 +315,32 @@ def run_user_sql(path: str | Path | None, query: str, limits: Limits | None = No
     held in memory), locked down here. ``cap_memory``: :func:`cap_process_memory` once it is open (a
     process that does nothing else)."""
     limits = limits or Limits()
+    from_file = con is None
     con = lock_down(con, limits) if con is not None else open_user_sql(path, limits)
     if cap_memory:
         cap_process_memory(limits)
     try:
         result = run_query(con, query, limits)
     except CatalogError as exc:
-        raise CatalogError(exc.field, exc.message + _older_schema(con)) from exc
+        note = _older_schema(con, str(path or default_path())) if from_file else ""
+        raise CatalogError(exc.field, exc.message + note) from exc
     finally:
         con.close()
     return result.columns, result.rows
 
 
-def _older_schema(con: duckdb.DuckDBPyConnection) -> str:
-    """A note for a failed query on a catalog of an older schema (``sql`` opens it read-only, never
-    upgrading it): a view, column or macro argument the README names may not be there yet."""
+def _older_schema(con: duckdb.DuckDBPyConnection, path: str) -> str:
+    """A note for a failed query on a catalog of an older schema this version can upgrade (``sql`` opens
+    it read-only, never upgrading it): a view, column or macro argument the README names may not be there
+    yet. Nothing for a catalog at head or newer, or a file that is no catalog."""
     try:
-        behind = schema_behind(lambda q: con.execute(q).fetchone()[0])
+        older = schema_upgradable(lambda q: con.execute(q).fetchone()[0])
     except duckdb.Error:
         return ""
-    if behind is None:
+    if older is None:
         return ""
-    return (f" (this catalog has schema {behind[0] or 'none'}, this version uses {behind[1]}: open it once with "
-            "write access, e.g. python -m sae_discover runs list, to upgrade it)")
+    return (f" (this catalog has schema {older[0]}, this version uses {older[1]}: open it once with write access "
+            f"to upgrade it, e.g. python -m sae_discover runs list --db {shlex.quote(path)})")
 
 
 def json_value(value: Any) -> Any:

@@ -96,6 +96,23 @@ def model_key_of(con: duckdb.DuckDBPyConnection, model: ModelInfo, catalog: Cata
     return key
 
 
+def adopt_fingerprint(catalog: Catalog, model_id: str, fingerprint: str, legacy: str) -> bool:
+    """A catalog that knows ``model_id`` only by the fingerprint earlier versions computed (``legacy``: it
+    hashed the model folder's path and the transformers version) gives that row the new ``fingerprint``,
+    so the model keeps its key: its calibrations, labels and batch backgrounds carry over, and its stored
+    runs keep their ids (a request makes its run again once, under a path-free id). Nothing on a
+    read-only catalog, or when the new fingerprint is already known; True when a row was re-keyed."""
+    if not legacy or legacy == fingerprint or catalog.read_only:
+        return False
+    if model_key(catalog, model_id, fingerprint) is not None or model_key(catalog, model_id, legacy) is None:
+        return False
+    with transaction(catalog, "adopting a model fingerprint") as con:
+        con.execute("UPDATE models SET fingerprint = ? WHERE model_key = (SELECT min(model_key) FROM models "
+                    "WHERE model_id = ? AND fingerprint = ?) AND NOT EXISTS (SELECT 1 FROM models "
+                    "WHERE model_id = ? AND fingerprint = ?)", [fingerprint, model_id, legacy, model_id, fingerprint])
+    return True
+
+
 def sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo], catalog: Catalog | None = None) -> list[int]:
     """The catalog key of each SAE (same id, hook and weights fingerprint → same key), created if new.
     Inside a write transaction pass ``catalog``: keys committed before are then read from memory."""

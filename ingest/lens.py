@@ -22,10 +22,12 @@ def decoder_tokens(loaded: LoadedModel, sae: SAE, top: int = 5, chunk: int = 204
     promotes: dict[int, list[str]] = {}
     suppresses: dict[int, list[str]] = {}
     tok = loaded.tokenizer
+    size = len(tok)
     for start in range(0, sae.cfg.d_sae, chunk):
         logits = sae.W_dec[start:start + chunk].to(unembed.device) @ unembed.T
         k = min(top, logits.shape[-1])
         for out, ends in ((promotes, logits), (suppresses, -logits)):
             for offset, ids in enumerate(torch.topk(ends, k, dim=-1).indices.cpu().tolist()):
-                out[start + offset] = [tok.decode([i]) for i in ids]
+                # an id past the tokenizer's vocabulary (a padded embedding) prints as token_pieces prints it
+                out[start + offset] = [tok.decode([i]) if i < size else f"<id {i}>" for i in ids]
     return promotes, suppresses

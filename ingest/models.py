@@ -235,18 +235,25 @@ class LoadedModel:
                 handle.remove()
 
 
-def _fingerprint(path: Path | None, config: dict) -> str:
-    """Weights fingerprint without reading a 7B model whole: config + each weight file's size and ends."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+def _fingerprints(path: Path | None, *configs: dict) -> list[str]:
+    """Weights fingerprints without reading a 7B model whole: a config + each weight file's size and
+    ends (read once for every config given)."""
+    parts: list[bytes] = []
     if path is not None and path.is_dir():
         for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
             size = file.stat().st_size
-            h.update(f"{file.name}:{size}".encode())
+            parts.append(f"{file.name}:{size}".encode())
             with file.open("rb") as fh:
-                h.update(fh.read(1 << 20))
+                parts.append(fh.read(1 << 20))
                 fh.seek(max(0, size - (1 << 20)))
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+                parts.append(fh.read(1 << 20))
+    out = []
+    for config in configs:
+        h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        for part in parts:
+            h.update(part)
+        out.append(h.hexdigest()[:16])
+    return out
 
 
 def quiet_transformers() -> None:
@@ -279,6 +286,9 @@ class ModelCard:
     config: object
     d_model: int  # the residual width, from the config (what the catalog records with the model)
     context_length: int  # the longest sequence it reads (what a run's tokens are truncated at)
+    # the fingerprint as earlier versions computed it (config path and transformers version included):
+    # a catalog that knows the model by it adopts the new one (catalog.runs.adopt_fingerprint)
+    legacy_fingerprint: str = ""
 
 
 def read_card(source: str) -> ModelCard:
@@ -296,16 +306,15 @@ def read_card(source: str) -> ModelCard:
     n_layers = getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer
     d_model = getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd
     local = Path(source) if Path(source).is_dir() else None
-    cfg_dict = config.to_dict()
+    legacy_cfg = {**config.to_dict(), "_commit_hash": getattr(config, "_commit_hash", None)}
     # what the weights are, not where they lie or which library reads them: the same model in two
     # checkouts (or after a transformers upgrade) keeps its fingerprint, so its runs and their ids
-    for key in ("_name_or_path", "transformers_version"):
-        cfg_dict.pop(key, None)
-    cfg_dict["_commit_hash"] = getattr(config, "_commit_hash", None)
+    cfg_dict = {k: v for k, v in legacy_cfg.items() if k not in ("_name_or_path", "transformers_version")}
+    fingerprint, legacy = _fingerprints(local, cfg_dict, legacy_cfg)
     n_ctx = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", 2048)
     if family in ("roberta", "xlm-roberta"):  # positions start after padding_idx: two fewer usable slots
         n_ctx -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
-    return ModelCard(source, family, _fingerprint(local, cfg_dict), int(n_layers), config, int(d_model), int(n_ctx))
+    return ModelCard(source, family, fingerprint, int(n_layers), config, int(d_model), int(n_ctx), legacy)
 
 
 def load_model(model_id: str, path: str | Path | None = None, device: str = "auto", dtype: str = "float32") -> LoadedModel:

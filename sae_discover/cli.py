@@ -28,7 +28,7 @@ from typing import Any
 
 from catalog import runs, sandbox
 from catalog.db import Catalog
-from catalog.errors import CatalogWarning, UnknownRun
+from catalog.errors import CatalogError, CatalogWarning
 from ingest.options import STREAMS
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
@@ -387,8 +387,8 @@ def cmd_rank(catalog: Catalog, ns: argparse.Namespace) -> int:
     if len(ns.run_ids) == 1 and not any(selection.values()):
         try:
             result = rerank(catalog, ns.run_ids[0], options)
-        except UnknownRun as exc:  # the argument is run_ids, one id or several
-            raise UnknownRun("run_ids", exc.message) from None
+        except CatalogError as exc:  # the argument is run_ids, one id or several (an unknown or ambiguous id)
+            raise type(exc)("run_ids" if exc.field == "run_id" else exc.field, exc.message) from None
         return _show(result, ns, functools.partial(table, by_hook=by_hook),
                      _html_writer(catalog, write_result, run_report, to_csv))
     results = rerank_runs(catalog, select_runs(catalog, ns.run_ids, **selection), options)

@@ -71,8 +71,8 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
                                         "(split the file, or import it once per SAE)")
         try:
             hook = _row_hook(source, row.hook, layer, stream)
-        except RequestError as exc:  # name the row (file:line, or the delphi file)
-            raise RequestError(exc.field, f"{row.where}: {exc.message}" if row.where else exc.message) from None
+        except RequestError as exc:  # about a row of the file: name the row (file:line, or the delphi file)
+            raise LabelFileError(exc.field, f"{row.where}: {exc.message}" if row.where else exc.message) from None
         if hook is None:
             if len(source.hooks) != 1:
                 accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \

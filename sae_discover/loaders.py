@@ -7,6 +7,7 @@ models stay loaded (least recently used dropped first; a run still using one kee
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ class Loaders:
         self._sources: dict[str, SAESource] = {}
         self._lock = threading.RLock()
         self._sized_for: str | None = None  # the model the torch thread count was last chosen for
+        # told of each model card once, when first read (Discovery: a catalog adopts its new fingerprint)
+        self.on_card: Callable[[ModelEntry, ModelCard], object] | None = None
 
     def entry(self, model_id: str) -> ModelEntry:
         return self.registry.model(model_id, self.allow_paths)
@@ -45,7 +48,10 @@ class Loaders:
         """The model's config facts (family, layers, weights fingerprint) without loading its weights."""
         with self._lock:
             if entry.source not in self._cards:
-                self._cards[entry.source] = read_card(entry.source)
+                card = read_card(entry.source)
+                if self.on_card is not None:
+                    self.on_card(entry, card)
+                self._cards[entry.source] = card
             return self._cards[entry.source]
 
     def model(self, entry: ModelEntry) -> LoadedModel:
@@ -80,8 +86,20 @@ class Loaders:
         return [self.dtype, resolve_device(self.device).type]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# tokenizers without those (WordPiece, SentencePiece under another name): their files instead of the
+# folder's path, which would make run ids depend on where the model lies
+OTHER_TOKENIZER_FILES = ("vocab.txt", "spiece.model", "sentencepiece.bpe.model", "merges.txt", "tokenizer_config.json",
+                         "special_tokens_map.json")
+
+
 def tokenizer_fingerprint(source: str) -> str:
     """A hash of the tokenizer files of a local model (the hub id itself for remote ones)."""
     path = Path(source)
-    files = [p for p in (path / "tokenizer.json", path / "tokenizer.model", path / "vocab.json") if p.exists()]
-    return file_fingerprint(*files) if files else source
+    if not path.is_dir():
+        return source
+    for names in (TOKENIZER_FILES, OTHER_TOKENIZER_FILES):
+        files = [path / name for name in names if (path / name).exists()]
+        if files:
+            return file_fingerprint(*files)
+    return file_fingerprint()

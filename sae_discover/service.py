@@ -23,7 +23,7 @@ from catalog import runs
 from catalog.db import Catalog
 from catalog.errors import CatalogReadOnly
 from catalog.ranking import ATTRIBUTION_MODES, NEEDS_BACKGROUND, NEEDS_CALIBRATION
-from catalog.writes import RunRows, RunTags, record_calibrations, tag_runs, write_runs
+from catalog.writes import RunRows, RunTags, adopt_fingerprint, record_calibrations, tag_runs, write_runs
 from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
 from sae_discover.calibration import Calibrator
@@ -58,6 +58,8 @@ class Discovery:
                  notify: Callable[[str], None] | None = None, threads: int | None = None) -> None:
         self.catalog = catalog
         self.loaders = Loaders(registry or Registry.load(), device, dtype, allow_paths, max_models, threads)
+        self.loaders.on_card = lambda entry, card: adopt_fingerprint(catalog, entry.id, card.fingerprint,
+                                                                     card.legacy_fingerprint)
         self._forward_lock = threading.Lock()
         self.calibrator = Calibrator(catalog, self.loaders, self._forward_lock, notify)
         self.model_calls = 0  # forward runs done by this process (tests check caching with it)

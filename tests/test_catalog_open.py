@@ -208,3 +208,28 @@ def test_an_unusable_catalog_path_is_one_line_naming_it(tmp_path, content, words
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "held by" not in proc.stderr
         assert proc.stderr.startswith(f"error: db: {path}") and words in proc.stderr, proc.stderr
+
+
+def test_a_catalog_that_knows_a_model_by_its_old_fingerprint_keeps_its_key_and_calibration(toy_registry, tmp_path):
+    """Earlier versions hashed the model folder's path (and the transformers version) into the weights
+    fingerprint. A catalog holding the model under that fingerprint adopts the new one on first use: the
+    same model key, its calibration reused (no second first-use calibration), one row per model."""
+    from sae_discover.registry import Registry
+    from sae_discover.request import build_request
+    from sae_discover.service import Discovery
+
+    req = {"model_id": "toy", "sae_id": "toy", "text": "Shares rose 4% on Monday.", "layers": [1]}
+    cat = Catalog(tmp_path / "c.duckdb")
+    first = Discovery(cat, Registry.load(toy_registry), device="cpu")
+    assert any("calibrated" in w for w in first.discover(build_request(req))["warnings"])
+    card = first.loaders.card(first.loaders.entry("toy"))
+    assert card.legacy_fingerprint and card.legacy_fingerprint != card.fingerprint
+    with cat.raw() as con:  # the catalog as an earlier version left it
+        ((key,),) = con.execute("SELECT model_key FROM models WHERE model_id = 'toy'").fetchall()
+        con.execute("UPDATE models SET fingerprint = ? WHERE model_key = ?", [card.legacy_fingerprint, key])
+    again = Discovery(cat, Registry.load(toy_registry), device="cpu").discover(build_request(req))
+    assert not any("calibrated" in w for w in again["warnings"]) and again["threshold_source"] == "calibration_p95"
+    with cat.raw() as con:
+        assert con.execute("SELECT model_key, fingerprint FROM models WHERE model_id = 'toy'").fetchall() == [
+            (key, card.fingerprint)]
+    cat.close()

@@ -135,12 +135,22 @@ def test_sql_on_a_catalog_of_an_older_schema_says_how_to_upgrade_it(tmp_path):
     query = "SELECT count(*) AS n FROM feature_scores(['x'], normalization := 'none')"
     old = run_cli("sql", query, "--db", str(db))
     assert old.returncode == 2 and old.stderr.startswith("error: query: ") and len(old.stderr.splitlines()) == 1
-    assert f"this catalog has schema 0011, this version uses {head}" in old.stderr and "runs list" in old.stderr
+    assert f"this catalog has schema 0011, this version uses {head}" in old.stderr
+    assert old.stderr.rstrip().endswith(f"python -m sae_discover runs list --db {db})")
     assert run_cli("runs", "list", "--db", str(db)).returncode == 0  # opened with write access: upgraded
     new = run_cli("sql", query, "--db", str(db), "--format", "json")
     assert new.returncode == 0 and json.loads(new.stdout) == [{"n": 0}], new.stderr
     wrong = run_cli("sql", "SELECT nope FROM v_runs", "--db", str(db))  # at head: no note
     assert wrong.returncode == 2 and "schema" not in wrong.stderr
+    # no note for a catalog newer than this version (it cannot upgrade it) or a file that is no catalog
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE alembic_version SET version_num = '9999'")
+    newer = run_cli("sql", "SELECT nope FROM v_runs", "--db", str(db))
+    assert newer.returncode == 2 and "schema" not in newer.stderr
+    plain = tmp_path / "plain.duckdb"
+    duckdb.connect(str(plain)).close()
+    other = run_cli("sql", "SELECT nope", "--db", str(plain))
+    assert other.returncode == 2 and "schema" not in other.stderr
 
 
 def test_a_catalog_held_by_another_process_gets_a_clear_message(stored, tmp_path):

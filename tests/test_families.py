@@ -256,6 +256,18 @@ def test_the_fingerprint_is_the_weights_not_their_folder(family_dirs, tmp_path):
     data[-1] ^= 0xFF  # the last byte of the last tensor
     weights.write_bytes(bytes(data))
     assert read_card(str(copy)).fingerprint != card.fingerprint
+    # the tokenizer's part of a run id: its files, never the folder's path, also for a WordPiece tokenizer
+    # that has only vocab.txt
+    from sae_discover.loaders import tokenizer_fingerprint
+
+    wordpiece = [tmp_path / "a" / "bert", tmp_path / "b" / "bert"]
+    for folder in wordpiece:
+        folder.mkdir(parents=True)
+        (folder / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    assert tokenizer_fingerprint(str(wordpiece[0])) == tokenizer_fingerprint(str(wordpiece[1]))
+    (wordpiece[1] / "vocab.txt").write_text("[PAD]\n[UNK]\nworld\n")
+    assert tokenizer_fingerprint(str(wordpiece[0])) != tokenizer_fingerprint(str(wordpiece[1]))
+    assert tokenizer_fingerprint(str(copy)) == tokenizer_fingerprint(str(family_dirs / "llama"))
 
 
 def test_bad_layers_and_streams_name_the_field(family_dirs):
