@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from catalog.errors import LabelFileError
 from catalog.ranking import word_window
 from sae_discover.output import table
 from sae_discover.request import RERANK_FIELDS, RequestError, build_request, options
@@ -283,7 +284,7 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     other = tmp_path / "other"
     other.mkdir()
     (other / "layers.1_latent2.txt").write_text("block 1 output: no SAE reads it")
-    with pytest.raises(RequestError) as exc:
+    with pytest.raises(LabelFileError) as exc:
         toy_discovery.import_labels(other, "toy")
     assert exc.value.field == "layer" and "layers.N.mlp" in exc.value.message and "blocks.N.hook_" in exc.value.message
     odd = tmp_path / "odd"
@@ -292,12 +293,12 @@ def test_delphi_names_map_to_the_sae_that_reads_them_or_are_refused(toy_discover
     with pytest.raises(RequestError, match=r"^layer: encoder_latent2\.txt: the file does not say .*delphi file names "
                                            r"read: layers\.N"):
         toy_discovery.import_labels(odd, "toy")
-    with pytest.raises(RequestError, match=r"^layer: layers\.1_latent2\.txt: the file names layer 1 resid_post"):
+    with pytest.raises(LabelFileError, match=r"^layer: layers\.1_latent2\.txt: the file names layer 1 resid_post"):
         toy_discovery.import_labels(other, "toy")  # the file named (the row's), not only its hook
     # layer/stream place a row whose file hook the source lacks; they never move one it has
     placed = toy_discovery.import_labels(other, "toy", layer=0, stream="resid_pre")
     assert placed["hooks"] == [[0, "resid_pre"]]
-    with pytest.raises(RequestError) as exc:
+    with pytest.raises(LabelFileError) as exc:
         toy_discovery.import_labels(folder, "toy", layer=0, stream="resid_pre")
     assert exc.value.field == "layer" and "and layer/stream say layer 0 resid_pre" in exc.value.message
     again = toy_discovery.import_labels(folder, "toy")  # the same file again: its labels replace the earlier ones
