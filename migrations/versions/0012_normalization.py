@@ -215,8 +215,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
                      WHEN 'attribution' THEN g.attribution
                      WHEN 'attribution_abs' THEN abs(g.attribution)
                      WHEN 'context' THEN coalesce(cx.support, 0)
-                     ELSE error('score_mode: expected one of mean, max, mean×coverage, selectivity, '
-                                || 'lift, attribution, attribution_abs, context, got ' || score_mode) END END AS score,
+                   END END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
            CASE WHEN g.all_calibrated AND score_mode NOT IN ('attribution', 'attribution_abs')
                 THEN normalization ELSE 'none' END AS normalization
