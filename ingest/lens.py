@@ -6,6 +6,7 @@ import torch
 
 from ingest.models import LoadedModel
 from ingest.saes.base import SAE
+from ingest.tokens import unknown_piece
 
 
 @torch.inference_mode()
@@ -28,6 +29,5 @@ def decoder_tokens(loaded: LoadedModel, sae: SAE, top: int = 5, chunk: int = 204
         k = min(top, logits.shape[-1])
         for out, ends in ((promotes, logits), (suppresses, -logits)):
             for offset, ids in enumerate(torch.topk(ends, k, dim=-1).indices.cpu().tolist()):
-                # an id past the tokenizer's vocabulary (a padded embedding) prints as token_pieces prints it
-                out[start + offset] = [tok.decode([i]) if i < size else f"<id {i}>" for i in ids]
+                out[start + offset] = [tok.decode([i]) if i < size else unknown_piece(i) for i in ids]
     return promotes, suppresses

@@ -26,10 +26,15 @@ def encode_ids(loaded: LoadedModel, text: str, prepend_bos: bool) -> list[int]:
     return ids
 
 
+def unknown_piece(token_id: int) -> str:
+    """What an id the tokenizer does not know prints as (a model whose embedding is padded past the
+    tokenizer's vocabulary can generate or promote one)."""
+    return f"<id {token_id}>"
+
+
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token's text as :func:`_pieces` prints it; an id the tokenizer does not know (a model whose
-    embedding is padded past the tokenizer's vocabulary can generate one) prints as ``<id N>`` and is
-    left out of its neighbours' decoding context."""
+    """Each token's text as :func:`_pieces` prints it; an id the tokenizer does not know prints as
+    :func:`unknown_piece` and is left out of its neighbours' decoding context."""
     ids = [int(i) for i in ids]
     size = len(tokenizer)
     pieces: list[str] = []
@@ -37,7 +42,7 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     for i in [*(i for i, t in enumerate(ids) if not 0 <= t < size), len(ids)]:
         pieces += _pieces(tokenizer, ids[start:i])
         if i < len(ids):
-            pieces.append(f"<id {ids[i]}>")
+            pieces.append(unknown_piece(ids[i]))
         start = i + 1
     return pieces
 

@@ -55,6 +55,11 @@ def _row_hook(source: SAESource, named: tuple[int, str] | None, layer: int | Non
     return resolved
 
 
+def _at(row: labels.LabelRow) -> str:
+    """The prefix naming a row of the file in an error (``file:line: ``, or the delphi file), if known."""
+    return f"{row.where}: " if row.where else ""
+
+
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
                   layer: int | None = None, stream: str | None = None) -> dict:
     """Import an AutoInterp label file for the SAEs of ``source``."""
@@ -66,19 +71,17 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:
         if row.sae is not None and row.sae != sae_id:
-            at = f"{row.where}: " if row.where else ""
-            raise LabelFileError("sae", f"{at}a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
+            raise LabelFileError("sae", f"{_at(row)}a row of the file names SAE {row.sae!r}; this import is for {sae_id!r} "
                                         "(split the file, or import it once per SAE)")
         try:
             hook = _row_hook(source, row.hook, layer, stream)
         except RequestError as exc:  # about a row of the file: name the row (file:line, or the delphi file)
-            raise LabelFileError(exc.field, f"{row.where}: {exc.message}" if row.where else exc.message) from None
+            raise LabelFileError(exc.field, f"{_at(row)}{exc.message}") from None
         if hook is None:
             if len(source.hooks) != 1:
                 accepted = f"; delphi file names read: {'; '.join(labels.DELPHI_MODULES)}" \
                     if row.source == "delphi" else ""
-                at = f"{row.where}: " if row.where else ""
-                raise RequestError("layer", f"{at}the file does not say which hook its labels belong to and "
+                raise RequestError("layer", f"{_at(row)}the file does not say which hook its labels belong to and "
                                             f"{sae_id!r} has {len(source.hooks)} SAEs; give layer and stream (--layer, --stream)"
                                             f"{accepted}")
             hook = next(iter(source.hooks))
@@ -88,8 +91,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
         (info,) = sae_infos(source, [hook])
         too_big = [r for r in group if r.feature_id >= info.d_sae]
         if too_big:
-            at = f"{too_big[0].where}: " if too_big[0].where else ""
-            raise LabelFileError("feature_id", f"{at}{too_big[0].feature_id} is beyond the {info.d_sae} features of "
+            raise LabelFileError("feature_id", f"{_at(too_big[0])}{too_big[0].feature_id} is beyond the {info.d_sae} features of "
                                                f"the SAE for layer {hook[0]} {hook[1]}")
         batches.append((info, pa.table({
             "feature_id": pa.array([r.feature_id for r in group], pa.int32()),

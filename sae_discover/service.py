@@ -113,6 +113,7 @@ class Discovery:
         self._tag(plans, stored)
         groups: dict[tuple, list[int]] = {}  # runs ranked together: same model, SAEs and ranking options
         peers: dict[tuple, list[int]] = {}  # what a batch background contrasts with: same model, SAEs, restrict set
+        peer_key: dict[int, tuple] = {}
         for i, p in plans.items():
             if results[i] is None:
                 alone = p.req.background_text is not None or p.req.background_file is not None
@@ -120,16 +121,14 @@ class Discovery:
                 runs_like = (p.entry.id, p.entry.source, tuple(p.saes))
                 key = ("alone", i) if alone else (*runs_like, repr(rank_options(p.req)))
                 groups.setdefault(key, []).append(i)
-                peers.setdefault((*runs_like, tuple(sorted(p.req.restrict_features))), []).append(i)
+                peer_key[i] = (*runs_like, tuple(sorted(p.req.restrict_features)))
+                peers.setdefault(peer_key[i], []).append(i)
         for members in groups.values():
             # a batch background contrasts each run with the other runs of the batch like it, whatever ranking
             # options their lines override (none changes a run's activations): the group is ranked whole, with them
-            first = plans[members[0]]
-            batch = first.req.background == "batch"
+            batch = plans[members[0]].req.background == "batch"
             step = len(members) if batch else batch_size
-            contrast = [stored[i] for i in peers[(first.entry.id, first.entry.source, tuple(first.saes),
-                                                  tuple(sorted(first.req.restrict_features)))]
-                        if i not in members] if batch else []
+            contrast = [stored[i] for i in peers[peer_key[members[0]]] if i not in members] if batch else []
             for start in range(0, len(members), step):
                 part = members[start:start + step]
                 try:
@@ -265,15 +264,15 @@ class Discovery:
                 verify_s[n] = time.perf_counter() - t_verify
         texts = runs.run_texts(self.catalog, [run["run_key"] for run in stored])
         rank_s = (time.perf_counter() - t_rank - sum(verify_s.values())) / len(plans)
-        return [discovery_response(p.req, p.run_id, run, p.layers, p.streams, r,
-                                   [*(notes if n == 0 else []),  # a first-use calibration is reported once
-                                    *p.bos_notes(), *context_notes(run, p.card.context_length,
-                                                                   (texts.get(run["run_key"]) or {}).get("continuation")),
-                                    *attribution_notes(p.req.attribution_target, run,
-                                                       (texts.get(run["run_key"]) or {}).get("continuation")),
-                                    *self._precision_notes(p)],
-                                   line_timings(run["timings"], rank_s, verify_s.get(n)), texts.get(run["run_key"]))
-                for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True))]
+        out = []
+        for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True)):
+            continuation = (texts.get(run["run_key"]) or {}).get("continuation")
+            notes_n = [*(notes if n == 0 else []),  # a first-use calibration is reported once
+                       *p.bos_notes(), *context_notes(run, p.card.context_length, continuation),
+                       *attribution_notes(p.req.attribution_target, run, continuation), *self._precision_notes(p)]
+            out.append(discovery_response(p.req, p.run_id, run, p.layers, p.streams, r, notes_n,
+                                          line_timings(run["timings"], rank_s, verify_s.get(n)), texts.get(run["run_key"])))
+        return out
 
     def _precision_notes(self, plan: RunPlan) -> list[str]:
         """verify_top in half precision: its measured deltas are about as small as the rounding of M."""
