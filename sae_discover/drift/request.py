@@ -147,6 +147,11 @@ def build_drift_request(data: dict[str, Any], max_prompts: int = 1000, max_text_
     return req
 
 
+def _item(i: int, item: dict) -> str:
+    """A prompts item as an error names it: its place, and its id when it has one."""
+    return f"item {i}" + (f" (id {item['id']!r})" if "id" in item else "")
+
+
 def _require_targets(req: DriftRequest) -> None:
     """An attribution score mode over prompts needs every prompt's runs made with a target: refused before
     any run is made (a stored run without one would be found only after both models ran)."""
@@ -154,9 +159,8 @@ def _require_targets(req: DriftRequest) -> None:
         return
     for i, item in enumerate(req.prompts or []):
         if (item.get("attribution_target") or req.attribution_target or "none") == "none":
-            label = f"item {i}" + (f" (id {item['id']!r})" if "id" in item else "")
             raise RequestError("attribution_target", f"score_mode {req.score_mode} compares what each model used for a "
-                                                     f"target, and prompts {label} has none: give attribution_target "
+                                                     f"target, and prompts {_item(i, item)} has none: give attribution_target "
                                                      "(e.g. next_tokens), for all prompts or per prompt")
 
 
@@ -174,6 +178,5 @@ def discover_requests(req: DriftRequest, model_id: str, layers: list[int], strea
         try:
             out.append(build_request(fields_, max_text_chars, max_layers))
         except RequestError as exc:
-            label = f"item {i}" + (f" (id {item['id']!r})" if "id" in item else "")
-            raise RequestError("prompts", f"{label}: {exc}") from exc
+            raise RequestError("prompts", f"{_item(i, item)}: {exc}") from exc
     return out
