@@ -7,15 +7,18 @@ The UI page holds no data of its own: its script reads the JSON routes (``/v1/ru
 never markup. Same rules as the JSON routes: registry ids only, the server's limits.
 """
 
-from typing import Annotated
+from typing import Annotated, Any
 
+import msgspec
 from litestar import MediaType, Request, Response, get
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.params import Parameter
 from litestar.types import ControllerRouterHandler
 
 from api import schemas
 from api.service import ApiService
+from api.settings import ApiSettings
 from catalog.ranking import ATTRIBUTION_MODES
 from sae_discover.errors import RequestError
 from sae_discover.report import run_report
@@ -126,6 +129,41 @@ REPORT_ERRORS = {code: ResponseSpec(data_container=schemas.ErrorBody, descriptio
                                     (500, "Unexpected server error (details in the server log only)"))}
 
 
+def report_query_parameters(settings: ApiSettings) -> list[dict[str, Any]]:
+    """The report route's query parameters as OpenAPI states them: the ranking options, each with the
+    schema (choices, bounds, default) of the same field in ``POST /v1/runs/{run_id}/rank``'s body under
+    this server's limits. A query value is never null, and a list is comma-separated
+    (``restrict_features=3,7``: form style, not exploded), as the route reads them."""
+    (ref,), components = msgspec.json.schema_components([schemas.rank_body(settings)])
+    fields = components[ref["$ref"].rsplit("/", 1)[-1]]["properties"]
+    params = []
+    for name in RERANK_FIELDS:
+        spec = dict(fields[name])
+        value = next((m for m in spec.pop("anyOf", []) if m.get("type") != "null"), {})
+        spec = {**value, **spec}
+        if spec.get("default", 0) is None:
+            del spec["default"]
+        param = {"name": name, "in": "query", "required": False, "description": spec.pop("description", ""),
+                 "schema": spec}
+        if spec.get("type") == "array":
+            param.update(style="form", explode=False)
+        params.append(param)
+    return params
+
+
+def _operation_with(params: list[dict[str, Any]]) -> type[Operation]:
+    """An OpenAPI operation that also lists ``params``: the report route reads its query string itself
+    (to refuse an option that is not a ranking option), so Litestar cannot derive them from its signature."""
+
+    class QueryOperation(Operation):
+        def to_schema(self) -> dict[str, Any]:
+            out = super().to_schema()
+            out["parameters"] = [*out.get("parameters", []), *params]
+            return out
+
+    return QueryOperation
+
+
 def html_response(text: str) -> Response:
     return Response(content=text, media_type=MediaType.HTML)
 
@@ -135,7 +173,7 @@ def report_routes(svc: ApiService) -> list[ControllerRouterHandler]:
                                      min_length=1, max_length=64)]
 
     @get("/v1/runs/{run_id:str}/report", sync_to_thread=True, tags=["runs"], media_type=MediaType.HTML,
-         responses=REPORT_ERRORS,
+         responses=REPORT_ERRORS, operation_class=_operation_with(report_query_parameters(svc.settings)),
          summary="A stored run as a self-contained HTML report (the CLI's `runs report`)")
     def run_report_html(run_id: RunId, request: Request) -> Response:
         """Ranked with the ranking options given as query parameters (score_mode, return_top_x, ...)."""

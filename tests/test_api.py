@@ -22,7 +22,7 @@ import pytest
 
 from api.schemas import API_REFUSED
 from sae_discover.registry import DEMO_DIR
-from sae_discover.request import MAX_LAYER, DiscoverRequest
+from sae_discover.request import MAX_LAYER, RERANK_FIELDS, DiscoverRequest
 from tests.conftest import ROOT, run_cli
 
 LIMITS = {"max_gen_tokens": 32, "max_text_chars": 2000, "max_layers": 4, "max_return_top_x": 50,
@@ -285,6 +285,15 @@ def test_openapi_documents_the_request_model_and_limits(server):
     assert body["restrict_features"]["items"]["minimum"] == 0
     pair = next(m for m in body["hooks"]["oneOf"] if m["type"] == "array")["items"]
     assert pair["prefixItems"][0]["maximum"] == MAX_LAYER and pair["minItems"] == pair["maxItems"] == 2
+    # the report route reads its query string itself; its parameters are still stated: the ranking
+    # options, with the rank body's constraints under this server's limits, lists comma-separated
+    report = {p["name"]: p for p in spec["paths"]["/v1/runs/{run_id}/report"]["get"]["parameters"] if p["in"] == "query"}
+    assert set(report) == set(RERANK_FIELDS) and not any(p["required"] for p in report.values())
+    assert report["return_top_x"]["schema"]["maximum"] == LIMITS["max_return_top_x"]
+    assert {"context", "mean×coverage"} <= set(report["score_mode"]["schema"]["enum"])
+    assert report["tau"]["schema"] == {"type": "number", "minimum": 0, "maximum": 1e30}  # never null in a query
+    assert report["restrict_features"]["schema"]["items"]["minimum"] == 0
+    assert (report["restrict_features"]["style"], report["restrict_features"]["explode"]) == ("form", False)
     health = server.client.get("/healthz").json()
     assert health["status"] == "ok" and {"demo", "toy"} <= set(health["models"])
     assert health["limits"]["max_gen_tokens"] == LIMITS["max_gen_tokens"]

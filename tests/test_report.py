@@ -325,6 +325,11 @@ def test_api_ui_lists_runs_opens_reports_and_runs_a_discovery(browser, toy_regis
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert json.loads(Page(r.text).json_blocks[0])["response"]["score_mode"] == "max"
         assert "<img src=x" not in r.text
+        # a list option, comma-separated as the route's OpenAPI parameters state it
+        ids = [f["feature_id"] for f in made.json()["features"][:2]]
+        r = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"restrict_features": ",".join(map(str, ids))})
+        assert r.status_code == 200, r.text
+        assert {f["feature_id"] for f in json.loads(Page(r.text).json_blocks[0])["response"]["features"]} == set(ids)
         bad = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"tau": "-1"})
         assert bad.status_code == 400 and bad.json()["field"] == "tau"
         assert srv.client.get("/v1/runs/abcdef01/report").status_code == 404

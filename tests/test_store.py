@@ -638,6 +638,14 @@ def test_drift_over_a_store_equals_the_local_catalog(toy_demo, tmp_path):
     assert _close(json.loads(out.read_text())["overall"], reports[0]["overall"])
 
 
+def _held(snapshot: store.StoreCatalog, visible: dict, expected: dict) -> str:
+    """What a snapshot held, for a failure's message: which run differs, and the keys behind it."""
+    return (f"visible {visible}, expected {expected}, versions {snapshot.versions}, runs "
+            f"{_rows(snapshot, 'SELECT run_key, run_id, model_key FROM runs ORDER BY ALL')}, saes "
+            f"{_rows(snapshot, 'SELECT sae_key, layer FROM saes ORDER BY ALL')}, stored activations per key "
+            f"{_rows(snapshot, 'SELECT run_key, sae_key, count(*) FROM _store_activations GROUP BY ALL ORDER BY ALL')}")
+
+
 def test_a_reader_sees_only_committed_whole_runs_while_two_jobs_write(plain_registry, local_batch, tmp_path):
     """Two drivers (separate processes, separate jobs, racing for keys and tables) write one store while
     this process reads it: every snapshot holds only whole runs, and runs never disappear."""
@@ -663,8 +671,8 @@ def test_a_reader_sees_only_committed_whole_runs_while_two_jobs_write(plain_regi
             snapshot = store.StoreCatalog(str(tmp_path / "s"))
             try:
                 visible = dict(_rows(snapshot, per_run))
-                assert all(expected[rid] == n for rid, n in visible.items())
-                assert all(n_tokens == n for _, n_tokens, n in _rows(snapshot, tokens))
+                assert all(expected[rid] == n for rid, n in visible.items()), _held(snapshot, visible, expected)
+                assert all(n_tokens == n for _, n_tokens, n in _rows(snapshot, tokens)), _held(snapshot, visible, expected)
                 assert len(visible) >= seen  # a committed run stays visible
                 seen, snapshots = len(visible), snapshots + 1
             finally:
