@@ -176,7 +176,7 @@ def health_routes(svc: ApiService) -> list[ControllerRouterHandler]:
 def drift_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     body_type = schemas.drift_body(svc.settings)
 
-    @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **READ_ONLY, **TIMEOUT},
+    @post("/v1/drift", status_code=200, tags=["drift"], responses={**ERRORS, **NOT_FOUND, **READ_ONLY, **TIMEOUT},
           summary="Cross-model drift: which features a fine-tune gained, lost or reweighted")
     async def drift(data: JSONBody[body_type]) -> schemas.DriftResponse:  # type: ignore[valid-type]
         """The CLI's drift request (`python -m sae_discover drift`): base and tuned model ids, sae_id, prompts

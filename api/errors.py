@@ -108,20 +108,27 @@ def on_http(request: Request, exc: HTTPException) -> Response:
     return error_response(exc.status_code, str(exc.detail), headers={"Allow": allow} if allow else None)
 
 
-def on_api_error(_: Request, exc: ApiError) -> Response:
-    return error_response(exc.status_code, str(exc), exc.field)
+def _said(request: Request, exc: Exception) -> str:
+    """An error's message as a client reads it: without the server's paths (the catalog file, the
+    registry's folders and corpora: ``ApiService.redact``)."""
+    service = getattr(request.app.state, "service", None)
+    return service.redact(str(exc)) if service is not None else str(exc)
 
 
-def on_user_error(_: Request, exc: Exception) -> Response:
+def on_api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc.status_code, _said(request, exc), exc.field)
+
+
+def on_user_error(request: Request, exc: Exception) -> Response:
     """Any user error: it carries its field (``exc.field``) and says what was expected."""
     field = getattr(exc, "field", None)
-    return error_response(400, str(exc), _top_level(field) if field else None)
+    return error_response(400, _said(request, exc), _top_level(field) if field else None)
 
 
-def on_read_only(_: Request, exc: CatalogReadOnly) -> Response:
+def on_read_only(request: Request, exc: CatalogReadOnly) -> Response:
     """A request that would write to a read-only catalog (``serve --read_only``): 409, the server's state
     conflicts with it; the same request is answered by a server that can write."""
-    return error_response(409, str(exc), exc.field)
+    return error_response(409, _said(request, exc), exc.field)
 
 
 def on_locked(_: Request, exc: CatalogLocked) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tempfile
 import threading
 import time
@@ -67,6 +68,30 @@ class KeyedLocks:
             return sum(count for _, count in self._locks.values())
 
 
+def server_paths(catalog_path: str | Path | None, store: str | None, registry: Registry) -> list[tuple[str, str]]:
+    """The paths of this server that a client is not told, each with what an answer says instead: the
+    catalog file (or store), and the folders and files the registry names, by their ids or file names.
+    Each as given, absolute and with links resolved; longest first, so a path inside another is
+    replaced whole."""
+    pairs: set[tuple[str, str]] = set()
+
+    def add(path: str | Path, public: str) -> None:
+        pairs.update((form, public) for form in {str(path), os.path.abspath(path), os.path.realpath(path)})
+
+    if store is not None:
+        add(store, "the store")
+    elif catalog_path is not None:
+        add(catalog_path, "the catalog")
+    for model in registry.models.values():
+        if Path(model.source).exists():  # a local folder, not a hub id
+            add(model.source, model.id)
+        if model.calibration_corpus:
+            add(model.calibration_corpus, Path(model.calibration_corpus).name)
+    for sae in registry.saes.values():
+        add(sae.path, sae.id)
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
 def _utf8(field: str, text: str) -> str:
     """``text`` if it can be written as UTF-8 (a JSON ``\\ud800`` escape decodes to a lone surrogate, which cannot)."""
     try:
@@ -90,6 +115,31 @@ class ApiService:
         self.discovery = Discovery(self.catalog, self.registry, device=settings.device, dtype=settings.dtype,
                                    allow_paths=False, max_models=settings.max_models, threads=settings.threads)
         self._same_run = KeyedLocks()
+        self._hidden = server_paths(catalog_path, store, self.registry)
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error's message, a warning) without this server's paths (:func:`server_paths`)."""
+        for path, public in self._hidden:
+            text = text.replace(path, public)
+        return text
+
+    def public(self, answer: Any) -> Any:
+        """An answer as a client gets it: warnings redacted (:meth:`redact`), a calibration's corpus by its
+        file name (it may be any file the server's user calibrated on; ``corpus_hash`` says which)."""
+        if isinstance(answer, list):
+            return [self.public(item) for item in answer]
+        if not isinstance(answer, dict):
+            return answer
+        calibration = "calibration_id" in answer and isinstance(answer.get("corpus"), str)  # not a tag named corpus
+        out = {}
+        for key, value in answer.items():
+            if key == "corpus" and calibration:
+                out[key] = Path(value).name
+            elif key == "warnings" and isinstance(value, list):
+                out[key] = [self.redact(w) if isinstance(w, str) else w for w in value]
+            else:
+                out[key] = self.public(value)
+        return out
 
     def in_flight(self) -> int:
         """Discoveries running or waiting (a timed-out one keeps running until its run is stored)."""
@@ -124,7 +174,7 @@ class ApiService:
         key = json.dumps({k: v for k, v in req.to_dict().items() if k not in RANKING_FIELDS and k not in ("id", "tags")},
                          sort_keys=True, default=str)
         with self._same_run.hold(key):
-            return self.discovery.discover(req)
+            return self.public(self.discovery.discover(req))
 
     # -- drift -------------------------------------------------------------------------------------
     def drift(self, body: dict[str, Any]) -> dict:
@@ -147,7 +197,7 @@ class ApiService:
                 raise RequestError("prompts", f"gen_tokens: expected at most {s.max_gen_tokens} on this server")
         with self._same_run.hold("drift"):  # drift ingests through the one discovery, one report at a time
             try:
-                return drift_report(self.discovery, req, allow_sql_filter=False)
+                return self.public(drift_report(self.discovery, req, allow_sql_filter=False))
             except UnknownRun as exc:  # as on every route that names stored runs
                 raise ApiError(404, exc.field, exc.message) from None
 
@@ -171,7 +221,7 @@ class ApiService:
 
     def rank(self, run_id: str, options: dict[str, Any]) -> dict:
         full_id = self.resolve(run_id)
-        return rerank(self.catalog, full_id, self._rank_options(options))
+        return self.public(rerank(self.catalog, full_id, self._rank_options(options)))
 
     def rank_runs(self, body: dict[str, Any]) -> list[dict]:
         """Several stored runs ranked together (``POST /v1/runs/rank``): ``run_ids`` and/or the filters of
@@ -186,7 +236,7 @@ class ApiService:
             raise ApiError(404, exc.field, exc.message) from None
         self._at_most(next((k for k in RANK_SELECTION if pick[k]), "run_ids"), len(chosen), self.settings.max_page,
                       " runs in one ranking")
-        return rerank_runs(self.catalog, chosen, options)
+        return self.public(rerank_runs(self.catalog, chosen, options))
 
     def _rank_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Ranking options given (None: the default), under this server's limits."""
@@ -202,8 +252,8 @@ class ApiService:
         does not hold (the SAE, its hook, or the feature id)."""
         self.registry.sae(sae_id, allow_paths=False)
         try:
-            return show_feature(self.catalog, {"sae_id": sae_id, "layer": layer, "stream": stream,
-                                               "feature_id": feature_id, "limit": limit})
+            return self.public(show_feature(self.catalog, {"sae_id": sae_id, "layer": layer, "stream": stream,
+                                                           "feature_id": feature_id, "limit": limit}))
         except UnknownFeature as exc:
             raise ApiError(404, exc.field, exc.message) from None
 

@@ -275,7 +275,7 @@ def _fetch(con: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int 
                     return QueryResult(columns, types, rows, "bytes")
                 rows.append(row)
         return QueryResult(columns, types, rows)
-    except (duckdb.InterruptException, duckdb.OutOfMemoryException):
+    except (duckdb.InterruptException, duckdb.OutOfMemoryException, CatalogError):  # CatalogError: said above
         raise
     except duckdb.Error as exc:
         raise CatalogError("query", _reason(exc)) from exc

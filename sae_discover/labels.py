@@ -67,6 +67,10 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     sae_id = source.sae_id
     if (layer is None) != (stream is None):
         raise RequestError("layer" if layer is None else "stream", "give layer and stream together (--layer, --stream)")
+    if layer is not None and (layer, stream) not in source.hooks:  # named as given, before the file is read
+        missing = "stream" if any(lyr == layer for lyr, _ in source.hooks) else "layer"
+        raise RequestError(missing, f"{sae_id!r} has no SAE for layer {layer} {stream}; it has "
+                                    f"{', '.join(f'layer {lyr} {s}' for lyr, s in sorted(source.hooks))}")
     rows = labels.parse(path, fmt)
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:

@@ -138,6 +138,12 @@ def test_seed_body_on_the_demo_then_cached(server):
             assert set(span) == {"text", "position", "act", "marked"} and span["position"][0] < span["position"][1]
     scores = [f["score"] for f in first["features"]]
     assert scores == sorted(scores, reverse=True)
+    # the server's paths stay on it: the corpus by its file name, the first-use note without its folder
+    assert first["calibration"]["corpus"] == "calibration.jsonl" and first["calibration"]["corpus_hash"]
+    assert any(w.endswith("on calibration.jsonl (first use)") for w in first["warnings"]), first["warnings"]
+    assert str(server.db.parent) not in r.text and str(DEMO_DIR) not in r.text
+    missing = assert_error(server.client.post("/v1/runs/rank", json={"run_ids": ["ffffff"]}), 404, "run_ids")
+    assert "no run 'ffffff' in the catalog" in missing["detail"] and str(server.db) not in missing["detail"]
 
     runs_before = server.client.get("/healthz").json()["forward_runs"]
     t0 = time.perf_counter()

@@ -88,6 +88,11 @@ def test_bad_label_files_write_nothing(toy_discovery, tmp_path):
     nohook.write_text("feature_id,label\n1,ok\n")
     with pytest.raises(RequestError, match=r"give layer and stream \(--layer, --stream\)"):
         toy_discovery.import_labels(nohook, "toy")
+    # a hook the SAE lacks, given as layer and stream, names the one of the two that is wrong
+    for layer, stream, field in ((0, "mlp_out", "stream"), (99, "resid_pre", "layer")):
+        with pytest.raises(RequestError, match=rf"no SAE for layer {layer} {stream}; it has layer 0 resid_pre") as exc:
+            toy_discovery.import_labels(nohook, "toy", layer=layer, stream=stream)
+        assert exc.value.field == field
     assert toy_discovery.catalog.raw().execute("SELECT count(*) FROM labels").fetchone()[0] == 0
 
 

@@ -215,6 +215,7 @@ def test_a_read_only_server_answers_reads_and_refuses_writes_with_409(stored, tm
             r = c.post(path, json=payload)
             assert r.status_code == 409, (path, r.status_code, r.text)
             assert r.json()["field"] == "db" and words in r.json()["detail"], r.text
+            assert r.json()["detail"].startswith("db: the catalog is read-only") and str(tmp_path) not in r.text
         assert c.get("/healthz").json()["forward_runs"] == 0
         spec = c.get("/schema/openapi.json").json()
         assert "409" in spec["paths"]["/v1/sae/features/discover"]["post"]["responses"]
