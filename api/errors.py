@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.utils.scope.state import ScopeState  # the request's cached body; pinned in constraints.txt
@@ -45,7 +46,30 @@ def _top_level(key: str) -> str:
     return re.split(r"[\[.]", key, maxsplit=1)[0] or key
 
 
-def on_validation(_: Request, exc: ValidationException) -> Response:
+def _literal_values(kind: msgspec.inspect.Type) -> tuple | None:
+    """The values of the first ``Literal`` in a type (through Optional, lists and constraints)."""
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return kind.values
+    inner = getattr(kind, "type", None) or getattr(kind, "item_type", None)  # Metadata, list/set items
+    members = [inner] if inner is not None else list(getattr(kind, "types", ()) or ())  # Union, tuple
+    return next((v for v in map(_literal_values, members) if v), None)
+
+
+def _choices(request: Request, name: str) -> tuple | None:
+    """The values body field or query parameter ``name`` of this route takes, where it has a fixed set:
+    what a refused value's error lists (msgspec's own message names only the value)."""
+    params = request.route_handler.parsed_fn_signature.parameters
+    body = params.get("data")
+    info = msgspec.inspect.type_info(body.annotation) if body is not None else None
+    field = next((f for f in getattr(info, "fields", ()) if f.name == name), None)
+    if field is not None:
+        return _literal_values(field.type)
+    if name in params:
+        return _literal_values(msgspec.inspect.type_info(params[name].annotation))
+    return None
+
+
+def on_validation(request: Request, exc: ValidationException) -> Response:
     """Litestar's body/query/path validation (first error, as Litestar reports it) in our shape."""
     extra = exc.extra if isinstance(exc.extra, list) else []
     first = extra[0] if extra and isinstance(extra[0], dict) else {}
@@ -57,6 +81,8 @@ def on_validation(_: Request, exc: ValidationException) -> Response:
         message = API_REFUSED.get(key, "unknown field; the request schema is at /schema/openapi.json")
     elif key in API_TYPE_HINTS and message.endswith(f"got `{API_TYPE_HINTS[key][0]}`"):
         message = API_TYPE_HINTS[key][1]
+    elif message.startswith("Invalid enum value ") and (choices := _choices(request, _top_level(key))):
+        message = f"expected one of {', '.join(map(str, choices))}, got {message.removeprefix('Invalid enum value ')}"
     if not key or key == "data":
         key = "body"
     return error_response(400, f"{key}: {message}", _top_level(key))

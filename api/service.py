@@ -210,7 +210,11 @@ class ApiService:
         return {"runs": rows, "total": total, "limit": limit, "offset": offset}
 
     def resolve(self, run_id: str) -> str:
-        """The full id of a run id or unique prefix; 404 when the catalog has no such run."""
+        """The full id of a run id or unique prefix; 404 when the catalog has no such run (the path names
+        no resource, whether or not it could be a run id: then it says what one looks like)."""
+        if runs.run_id_form(run_id) is None:
+            raise ApiError(404, "run_id", f"no run {run_id!r}: a run id, or a unique prefix of it, has at least "
+                                          f"{runs.MIN_PREFIX} hex characters")
         try:
             return runs.resolve_run_id(self.catalog, run_id)
         except UnknownRun:

@@ -65,13 +65,20 @@ def run_saes(catalog: Catalog, run_key: int) -> list[dict]:
         con.close()
 
 
+def run_id_form(prefix: str) -> str | None:
+    """``prefix`` as run ids are stored (lower-case hex), or None when it cannot be a run id or a prefix
+    of one (fewer than :data:`MIN_PREFIX` characters, or not hex)."""
+    value = str(prefix).strip().lower()
+    return value if len(value) >= MIN_PREFIX and set(value) <= HEX else None
+
+
 def resolve_run_id(catalog: Catalog, prefix: str) -> str:
     """The full id of the one stored run whose id starts with ``prefix`` (a whole id, or at least
-    :data:`MIN_PREFIX` hex characters), so users can paste the short ids they see. No such run (or
-    no run id at all): :class:`UnknownRun`; a prefix of several runs: :class:`CatalogError`."""
-    value = str(prefix).strip().lower()
-    if len(value) < MIN_PREFIX or not set(value) <= HEX:
-        raise UnknownRun("run_id", f"expected a run id or a unique prefix of at least {MIN_PREFIX} hex characters, "
+    :data:`MIN_PREFIX` hex characters), so users can paste the short ids they see. No such run:
+    :class:`UnknownRun`; no run id at all, or a prefix of several runs: :class:`CatalogError`."""
+    value = run_id_form(prefix)
+    if value is None:  # not a run id at all: a bad request, not a missing run
+        raise CatalogError("run_id", f"expected a run id or a unique prefix of at least {MIN_PREFIX} hex characters, "
                                      f"got {prefix!r}")
     con = catalog.raw()
     try:

@@ -30,11 +30,14 @@ P95_COLUMN = {"active": "p95", "all": "p95_all"}
 
 
 def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo], corpus: str, corpus_hash: str,
-                      n_docs: int, tokens: pa.Table, acts: pa.Table, q: float = 0.95) -> int:
+                      n_docs: int, tokens: pa.Table, acts: pa.Table, q: float = 0.95, extend: int | None = None) -> int:
     """Store a calibration and compute each feature's p95 (both bases)/mean/max/density in SQL, in one transaction.
 
     ``tokens``: doc int32, position int32, token_id int32, token string — every analysed token.
     ``acts``: doc, position, sae_index, feature_id, act — nonzero codes of those tokens.
+    ``extend``: add these SAEs to that calibration (:func:`calibration_to_extend`: the same model and
+    corpus, so the same tokens, stored once) instead of making a new one, when it holds as many
+    documents and tokens as this pass; the id written to is returned.
     """
     n_tokens = tokens.num_rows
     if n_tokens == 0:
@@ -42,11 +45,18 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
     with transaction(catalog, "a calibration") as con:
         model_key = model_key_of(con, model)
         keys = sae_keys(con, saes)
-        cal_id = int(con.execute(
-            "INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES (?, ?, ?, ?, ?) "
-            "RETURNING calibration_id", [model_key, corpus, corpus_hash, n_docs, n_tokens]).fetchone()[0])
+        if extend is not None and con.execute(
+                "SELECT model_key, corpus_hash, n_docs, n_tokens FROM calibrations WHERE calibration_id = ?",
+                [extend]).fetchone() != (model_key, corpus_hash, n_docs, n_tokens):
+            extend = None  # not the same pass over the same tokens: a calibration of its own
+        if extend is None:
+            cal_id = int(con.execute(
+                "INSERT INTO calibrations (model_key, corpus, corpus_hash, n_docs, n_tokens) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING calibration_id", [model_key, corpus, corpus_hash, n_docs, n_tokens]).fetchone()[0])
+            append_rows(con, "calibration_tokens", tokens, calibration_id=cal_id)
+        else:
+            cal_id = extend
         con.execute("INSERT INTO calibration_saes SELECT ?, unnest(?::INTEGER[])", [cal_id, keys])
-        append_rows(con, "calibration_tokens", tokens, calibration_id=cal_id)
         append_rows(con, "calibration_activations", with_sae_keys(acts, [np.asarray(keys)], [acts.num_rows]),
                     calibration_id=cal_id)
         for sae, key in zip(saes, keys, strict=True):
@@ -89,6 +99,20 @@ def calibration_for(con: duckdb.DuckDBPyConnection, sae_key: int, model_key: int
     else:
         row = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
                           "WHERE f.sae_key = ? AND c.model_key = ?", [sae_key, model_key]).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def calibration_to_extend(catalog: Catalog, model_id: str, fingerprint: str, corpus_hash: str) -> int | None:
+    """The newest calibration of this model (id and weights fingerprint) on a corpus of this hash: a
+    first-use calibration of more SAEs adds them to it (:func:`write_calibration`'s ``extend``), so that
+    one calibration covers every SAE a ranking uses and ``calibration_id`` can pin it."""
+    con = catalog.raw()
+    try:
+        row = con.execute("SELECT max(c.calibration_id) FROM calibrations c JOIN models m USING (model_key) "
+                          "WHERE m.model_id = ? AND m.fingerprint = ? AND c.corpus_hash = ?",
+                          [model_id, fingerprint, corpus_hash]).fetchone()
+    finally:
+        con.close()
     return None if row is None or row[0] is None else int(row[0])
 
 

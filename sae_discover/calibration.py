@@ -59,12 +59,15 @@ class Calibrator:
                 self.notify(f"calibrating {len(missing)} SAE(s) of {source.sae_id!r} for {entry.id!r} on "
                             f"{entry.calibration_corpus} (first use; once per model and SAE)")
             self.calibrate(entry.id, source.sae_id, entry.calibration_corpus, missing,
-                           progress=self.notify is not None)
+                           progress=self.notify is not None, extend=True)
         return [f"calibrated {len(missing)} SAE(s) on {entry.calibration_corpus} (first use)"]
 
     def calibrate(self, model_id: str, sae_id: str, corpus: str | Path, hooks: list[tuple[int, str]] | None = None,
-                  lite_labels: bool = True, progress: bool = False) -> dict:
-        """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels)."""
+                  lite_labels: bool = True, progress: bool = False, extend: bool = False) -> dict:
+        """Run every token of ``corpus`` through model + SAEs; store per-feature stats (and lite labels).
+        ``extend`` (first use): add the SAEs to the model's newest calibration on this corpus, if any,
+        rather than make another one — a ranking over SAEs calibrated one first use at a time then rests
+        on one calibration, which ``calibration_id`` can pin."""
         self.catalog.require_writable("a calibration")  # refused before the model runs
         entry = self.loaders.entry(model_id)
         source = self.loaders.source(sae_id)
@@ -80,8 +83,10 @@ class Calibrator:
             tokens, acts = calibration_batches(loaded, sae_objs, hooks, docs, on_batch=bar.update)
         infos = sae_infos(source, hooks)
         model_info = ModelInfo(model_id, card.fingerprint, card.family, card.n_layers, loaded.d_model)
-        cal_id = stats.write_calibration(self.catalog, model_info, infos, str(corpus), file_fingerprint(Path(corpus)),
-                                         len(docs), tokens, acts)
+        corpus_hash = file_fingerprint(Path(corpus))
+        into = stats.calibration_to_extend(self.catalog, model_id, card.fingerprint, corpus_hash) if extend else None
+        cal_id = stats.write_calibration(self.catalog, model_info, infos, str(corpus), corpus_hash, len(docs), tokens,
+                                         acts, extend=into)
         if lite_labels:
             for info, sae in zip(infos, sae_objs, strict=True):
                 stats.write_lite_labels(self.catalog, cal_id, info, *decoder_tokens(loaded, sae))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog import runs, sandbox
-from catalog.db import Catalog
+from catalog.db import Catalog, default_path
 from catalog.errors import CatalogError, CatalogWarning
 from ingest.options import STREAMS
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
@@ -82,6 +82,10 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         match = ARGPARSE_FLAG.match(message)
         line = f"{match.group(1)}: {match.group(2)}" if match else message
+        stray = message.removeprefix("unrecognized arguments: ").split()
+        if message.startswith("unrecognized arguments: ") and stray[0] in SUBCOMMANDS:  # `--db X runs list`
+            line = (f"{stray[0]}: a subcommand comes first, its flags after it: python -m sae_discover "
+                    f"{' '.join(stray)} <flags>")
         self.exit(2, f"error: {line} (see {self.prog} --help)\n")
 
 
@@ -207,14 +211,30 @@ def _show(result: dict, ns: argparse.Namespace, as_table: Any, write: Any) -> in
     return 0
 
 
-def _catalog(ns: argparse.Namespace) -> Catalog:
+def _catalog(ns: argparse.Namespace, existing: bool = False) -> Catalog:
     """The catalog of ``--db``: read-only with ``--read_only``, else read-only only when it is not writable;
-    with ``--store``, a pinned snapshot of that Delta store under the same relation names."""
+    with ``--store``, a pinned snapshot of that Delta store under the same relation names. ``existing``:
+    for commands that only read stored runs, a file that is not there is an error naming ``db`` (a
+    mistyped path would otherwise be created and read as an empty catalog)."""
     if getattr(ns, "store", None):
         from catalog.store import StoreCatalog  # deltalake (the scale extra): only --store imports it
 
         return StoreCatalog(ns.store)
+    path = ns.db or default_path()
+    if existing and path != ":memory:" and not Path(path).exists():
+        raise CatalogError("db", f"{path} does not exist; a discovery or `calibrate` creates the catalog")
     return Catalog(ns.db, read_only=True if ns.read_only else None)
+
+
+def port_number(value: str) -> int:
+    """A ``--port`` value (argparse ``type``): a TCP port, refused before the server starts."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value!r}")
+    return port
 
 
 # the optional dependencies of --store and --ray (pyproject's `scale` extra), imported only by them
@@ -253,6 +273,9 @@ def cmd_discover(argv: list[str]) -> int:
         if not 1 <= ns.workers <= MAX_WORKERS:
             raise RequestError("workers", f"expected an integer in [1, {MAX_WORKERS}], got {ns.workers}")
         out = ns.out or f"results/discover_batch.{'html' if ns.format == 'html' else 'jsonl'}"
+        if ns.format == "csv" or (ns.format == "json" and Path(out).suffix.lower() == ".html"):  # named as typed
+            raise RequestError("format", f"a batch writes json (JSON Lines, .jsonl) or html; got {ns.format!r}"
+                                         f"{' with --out ' + repr(out) if ns.format == 'json' else ''}")
         fmt = out_format(out, ns.format if ns.format != "json" else "jsonl", ("jsonl", "html"))
         # an HTML report of a batch is made from its JSONL, written next to it
         jsonl = Path(out).with_suffix(".jsonl") if fmt == "html" else out
@@ -400,7 +423,7 @@ def cmd_runs(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["list", *argv]  # ``runs`` alone lists
     ns = runs_parser().parse_args(argv)
-    catalog = _catalog(ns)
+    catalog = _catalog(ns, existing=True)
     if ns.action == "list":
         fmt = out_format(ns.out, ns.format, ("json", "csv", "jsonl"))
         limit, offset = (check_value(Option(n, "int", 0, "", (low, INT32_MAX)), getattr(ns, n))
@@ -470,7 +493,7 @@ def cmd_feature(argv: list[str]) -> int:
     _common(p, model=False)
     p.add_argument("--store", type=store_location, help=STORE_HELP)
     ns = p.parse_args(argv)
-    view = show_feature(_catalog(ns), _fields(ns, tuple(o.name for o in FEATURE_OPTIONS)))
+    view = show_feature(_catalog(ns, existing=True), _fields(ns, tuple(o.name for o in FEATURE_OPTIONS)))
     sys.stdout.write(json.dumps(view, ensure_ascii=False) + "\n" if ns.format == "json" else feature_text(view))
     return 0
 
@@ -541,7 +564,7 @@ def cmd_drift(argv: list[str]) -> int:
     ns = drift_parser().parse_args(argv)
     fields = drift_fields(ns)
     out_format(ns.out, ns.format, OUT_FORMATS)
-    source = _discovery(ns) if "prompts" in fields else _catalog(ns)  # stored runs only: no model, no torch
+    source = _discovery(ns) if "prompts" in fields else _catalog(ns, existing=True)  # stored runs: no model, no torch
     return _show(drift_report(source, fields, progress=True, allow_sql_filter=True), ns, drift_table,
                  _html_writer(getattr(source, "catalog", source), write_report, lambda _, report: drift_page(report),
                               drift_csv))
@@ -554,7 +577,7 @@ def cmd_serve(argv: list[str]) -> int:
                                 description="The HTTP API (Litestar + uvicorn, one worker process: it holds the catalog). "
                                             "Limits default to $SAE_DISCOVER_API_<NAME>, else api/settings.py.")
     p.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     limits = ApiSettings.limit_types()
     for name, kind in limits.items():

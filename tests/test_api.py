@@ -250,6 +250,16 @@ def test_bad_bodies_are_4xx_naming_the_field(server):
     for body, field in cases:
         assert_error(server.client.post(DISCOVER, json=body), 400, field)
     assert "expected int, got str" in server.client.post(DISCOVER, json={**base, "gen_tokens": "16"}).json()["detail"]
+    # a value outside a fixed set is answered with the set, from the route's own types (body and query)
+    for r, field, choices, got in (
+            (server.client.post(DISCOVER, json={**base, "normalization": "zscore"}), "normalization",
+             "calibration_max, none, sae_median_max", "zscore"),
+            (server.client.post(DISCOVER, json={**base, "streams": ["resid_mid"]}), "streams",
+             "attn_out, mlp_out, resid_post, resid_pre", "resid_mid"),
+            (server.client.get("/v1/runs", params={"mode": "chat"}), "mode", "prompt, prompt+gen, text", "chat"),
+            (server.client.post("/v1/labels/import", json={"sae_id": "toy", "format": "tsv", "content": "x"}),
+             "format", "csv, delphi, neuronpedia", "tsv")):
+        assert assert_error(r, 400, field)["detail"].endswith(f"expected one of {choices}, got '{got}'")
     # a body not sent as JSON is refused before anything runs: a web page's text/plain POST (no CORS preflight)
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
         r = server.client.post(DISCOVER, content=json.dumps(base).encode(), headers=headers)
@@ -376,7 +386,8 @@ def test_hooks_pairs_analyzed_text_prefixes_mode_filter_and_restricted_rerank(se
     got = ranked.json()
     assert got["run_id"] == run_id and {f["feature_id"] for f in got["features"]} <= set(keep)
     assert {f["feature_id"] for f in got["features"]} >= set(keep)
-    assert_error(server.client.get("/v1/runs/abc"), 404, "run_id")
+    short = assert_error(server.client.get("/v1/runs/abc"), 404, "run_id")  # no such resource, and why
+    assert short["detail"] == "run_id: no run 'abc': a run id, or a unique prefix of it, has at least 6 hex characters"
 
 
 def test_labels_import_from_content(server):

@@ -429,6 +429,11 @@ def test_api_refuses_drift_filters_and_repeated_layers_make_one_run(server):
     assert "SQL filters are disabled" in detail
     unknown = server.client.post("/v1/drift", json={"base_runs": ["feedface00"], "tuned_runs": [one["run_id"]]})
     assert unknown.status_code == 404 and api_error(unknown, "base_runs").startswith("base_runs: no run 'feedface00'")
+    # a filter inside the list is not a run id at all: a bad request (400) saying what an id looks like, not a 404
+    for path, body, field in (("/v1/drift", {"base_runs": ["model_id = 'toy'"], "tuned_runs": [one["run_id"]]}, "base_runs"),
+                              ("/v1/runs/rank", {"run_ids": ["not-a-run"]}, "run_ids")):
+        r = server.client.post(path, json=body)
+        assert r.status_code == 400 and "a unique prefix of at least 6 hex characters" in api_error(r, field), r.text
 
 
 LABELS = "/v1/labels/import"

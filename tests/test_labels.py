@@ -6,11 +6,16 @@ import csv
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from catalog import ranking
+from catalog.db import Catalog
 from catalog.errors import CatalogError, LabelFileError
+from sae_discover.registry import Registry
 from sae_discover.request import RequestError, build_request
+from sae_discover.service import Discovery
+from sae_discover.stored import rerank
 
 
 def _labels(discovery) -> dict:
@@ -149,3 +154,41 @@ def test_a_csv_row_with_a_layer_and_no_stream_is_refused_naming_its_line(toy_dis
         toy_discovery.import_labels(path, "toy")
     assert err.value.field == "stream" and err.value.message.startswith("half.csv:3: give layer and stream together")
 
+
+
+def test_first_use_adds_more_saes_to_the_models_calibration_on_that_corpus(toy_discovery, toy_registry, tmp_path):
+    """Layer 0 first, then layers 0 and 1: the second first use adds layer 1 to calibration 1 (the same
+    model and corpus: the same tokens, stored once) instead of making a calibration 2, so one calibration
+    covers the ranking and ``calibration_id`` pins it; layer 1's statistics equal those of a calibration
+    of both layers at once in another catalog."""
+    text = {"model_id": "toy", "sae_id": "toy", "text": "Revenue rose as margins widened."}
+    first = toy_discovery.discover(build_request({**text, "layers": [0]}))
+    both = toy_discovery.discover(build_request({**text, "layers": [0, 1], "min_coverage_pct": 0}))
+    assert first["calibration_id"] == both["calibration_id"] == 1
+    con = toy_discovery.catalog.raw()
+    try:
+        (n_cal,), (n_saes,) = (con.execute(q).fetchone() for q in (
+            "SELECT count(*) FROM calibrations", "SELECT count(*) FROM calibration_saes WHERE calibration_id = 1"))
+        (n_tokens, stored_tokens) = con.execute("SELECT n_tokens, (SELECT count(*) FROM calibration_tokens) "
+                                                "FROM calibrations").fetchone()
+        mine = con.execute("SELECT f.feature_id, f.p95, f.p95_all, f.mean, f.max, f.density FROM feature_stats f "
+                           "JOIN saes s USING (sae_key) WHERE s.layer = 1 ORDER BY 1").fetchall()
+    finally:
+        con.close()
+    assert (n_cal, n_saes) == (1, 2) and stored_tokens == n_tokens  # the corpus' tokens once
+    pinned = rerank(toy_discovery.catalog, both["run_id"], {"calibration_id": 1, "min_coverage_pct": 0})
+    assert [(f["layer"], f["feature_id"], f["score"]) for f in pinned["features"]] == \
+        [(f["layer"], f["feature_id"], f["score"]) for f in both["features"]]
+    other = Catalog(tmp_path / "other.duckdb")
+    try:
+        corpus = Registry.load(toy_registry).models["toy"].calibration_corpus
+        Discovery(other, Registry.load(toy_registry), device="cpu").calibrator.calibrate(
+            "toy", "toy", corpus, [(0, "resid_pre"), (1, "resid_pre")])
+        con = other.raw()
+        at_once = con.execute("SELECT f.feature_id, f.p95, f.p95_all, f.mean, f.max, f.density FROM feature_stats f "
+                              "JOIN saes s USING (sae_key) WHERE s.layer = 1 ORDER BY 1").fetchall()
+        con.close()
+    finally:
+        other.close()
+    assert len(mine) == len(at_once) > 0
+    assert np.allclose(np.array(mine, float), np.array(at_once, float), rtol=1e-5, atol=1e-6)
