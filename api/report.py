@@ -7,6 +7,7 @@ The UI page holds no data of its own: its script reads the JSON routes (``/v1/ru
 never markup. Same rules as the JSON routes: registry ids only, the server's limits.
 """
 
+import dataclasses
 from typing import Annotated, Any
 
 import msgspec
@@ -181,8 +182,13 @@ def report_routes(svc: ApiService) -> list[ControllerRouterHandler]:
         bad = sorted(set(query) - set(RERANK_FIELDS))
         if bad:
             raise RequestError(bad[0], f"not a ranking option; a report can be ranked with {', '.join(RERANK_FIELDS)}")
+        # this server's limits, as the route's OpenAPI parameters state them; an empty list is no filter
         known = {o.name: o for o in options(DiscoverRequest)}
-        opts = {k: check_value(known[k], v.split(",") if known[k].kind.endswith("list") else v) for k, v in query.items()}
+        low, high = known["return_top_x"].bounds  # type: ignore[misc]
+        known["return_top_x"] = dataclasses.replace(known["return_top_x"],
+                                                    bounds=(low, min(high, svc.settings.max_return_top_x)))
+        opts = {k: check_value(known[k], [x for x in v.split(",") if x.strip()] if known[k].kind.endswith("list") else v)
+                for k, v in query.items()}
         result = svc.rank(run_id, {"attach_examples": True, "attach_proto_labels": True, **opts})
         return html_response(run_report(svc.catalog, result))
 

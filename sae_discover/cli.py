@@ -423,14 +423,13 @@ def cmd_runs(argv: list[str]) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["list", *argv]  # ``runs`` alone lists
     ns = runs_parser().parse_args(argv)
-    catalog = _catalog(ns, existing=True)
-    if ns.action == "list":
+    if ns.action == "list":  # the options checked first, then the catalog opened (each action below alike)
         fmt = out_format(ns.out, ns.format, ("json", "csv", "jsonl"))
         limit, offset = (check_value(Option(n, "int", 0, "", (low, INT32_MAX)), getattr(ns, n))
                          for n, low in (("limit", 1), ("offset", 0)))
         tags = [parse_tag_filter("tag", t, "=") for t in ns.tags or []]
-        rows, total = runs.list_runs(catalog, limit, offset, model_id=ns.model_id, sae_id=ns.sae_id, mode=ns.mode,
-                                     tags=tags)
+        rows, total = runs.list_runs(_catalog(ns, existing=True), limit, offset, model_id=ns.model_id,
+                                     sae_id=ns.sae_id, mode=ns.mode, tags=tags)
         page = {"runs": rows, "total": total, "limit": limit, "offset": offset}
         if ns.out:
             print(f"wrote {write_runs(page, ns.out, fmt)}")
@@ -439,7 +438,7 @@ def cmd_runs(argv: list[str]) -> int:
         return 0
     if ns.action == "show":
         out_format(ns.out, None, ("json",))
-        text = json.dumps(show_run(catalog, ns.run_id), indent=2, ensure_ascii=False, default=str)
+        text = json.dumps(show_run(_catalog(ns, existing=True), ns.run_id), indent=2, ensure_ascii=False, default=str)
         print(text)
         if ns.out:
             Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -448,9 +447,9 @@ def cmd_runs(argv: list[str]) -> int:
         return 0
     if ns.action == "report":
         out_format(ns.out, None, ("html",))
-        print(f"wrote {write_html(stored_report(catalog, ns.run_id, _fields(ns, RERANK_FIELDS)), ns.out)}")
+        print(f"wrote {write_html(stored_report(_catalog(ns, existing=True), ns.run_id, _fields(ns, RERANK_FIELDS)), ns.out)}")
         return 0
-    return cmd_rank(catalog, ns)
+    return cmd_rank(_catalog(ns, existing=True), ns)
 
 
 def cmd_sql(argv: list[str]) -> int:

@@ -18,7 +18,11 @@ NO_CALIBRATION = ("no calibration for this SAE: τ = 0 (active means act > 0) an
 def context_notes(run: dict, context_length: int, continuation: str | None) -> list[str]:
     """Warnings for a run whose sequence reached the model's context length (``run``: its catalog row):
     a text or prompt cut there (the rest was not analyzed), or a generation that stopped there — the
-    run's tokens say so whenever it is answered, made now or stored."""
+    run's tokens say so whenever it is answered, made now or stored; and a run with no token analyzed
+    at all (an input of special tokens only, which are never analyzed), whose empty list is not a ranking."""
+    if run["n_kept"] == 0:
+        field = "text" if run["mode"] == "text" else "prompt"
+        return [f"{field}: no token was analyzed (special tokens such as <|endoftext|> never are), so no feature ranks"]
     if run["n_tokens"] < context_length:
         return []
     where = f"the model reads at most {context_length} tokens"

@@ -301,10 +301,14 @@ def test_other_commands_refuse_bad_values_in_one_line(stored, tmp_path):
     before = snapshot(stored["db"])
     assert_refused(run_cli("runs", "list", "--limit", "-1", "--db", str(stored["db"])), "limit")
     assert_refused(run_cli("--db", "/proc/x/cat.duckdb", "--text", "hi"), "db", "cannot be made")
-    for args in (("runs", "list"), ("drift", "--base_runs", "abcdef12", "--tuned_runs", "abcdef12"),
-                 ("labels", "import", str(tmp_path / "l.csv"), "--sae", "demo")):
-        assert_refused(run_cli(*args, "--db", "/proc/x/cat.duckdb"), "db", "/proc/x/cat.duckdb: its folder cannot be made")
-    assert_refused(run_cli("sql", "SELECT 1", "--db", "/proc/x/cat.duckdb"), "db", "/proc/x/cat.duckdb does not exist")
+    assert_refused(run_cli("labels", "import", str(tmp_path / "l.csv"), "--sae", "demo", "--db", "/proc/x/cat.duckdb"),
+                   "db", "/proc/x/cat.duckdb: its folder cannot be made")
+    # commands that only read stored runs do not make a catalog where none is (a mistyped --db)
+    for args in (("runs", "list"), ("runs", "show", "abcdef12"), ("runs", "rank", "abcdef12"),
+                 ("drift", "--base_runs", "abcdef12", "--tuned_runs", "abcdef12"), ("sql", "SELECT 1"),
+                 ("feature", "show", "--sae", "demo", "--layer", "2", "--feature", "1")):
+        assert_refused(run_cli(*args, "--db", str(tmp_path / "typo.duckdb")), "db", "typo.duckdb does not exist")
+    assert not (tmp_path / "typo.duckdb").exists()
     assert snapshot(stored["db"]) == before
     assert not (tmp_path / "x").exists()
     proc = run_cli("runs", "lst", "--db", str(stored["db"]))
@@ -420,6 +424,11 @@ def api_error(r: httpx.Response, field: str) -> str:
 
 def test_api_refuses_drift_filters_and_repeated_layers_make_one_run(server):
     body = {"model_id": "toy", "sae_id": "toy", "text": TEXT, "layers": [1]}
+    # special tokens only: nothing is analyzed, and the answer says so instead of an empty ranking alone
+    special = server.client.post("/v1/sae/features/discover", json={**body, "text": "<|endoftext|><|endoftext|>"})
+    assert special.status_code == 200 and special.json()["analyzed"]["tokens"] == 0 and not special.json()["features"]
+    assert "text: no token was analyzed (special tokens such as <|endoftext|> never are), so no feature ranks" \
+        in special.json()["warnings"], special.text
     one = server.client.post("/v1/sae/features/discover", json=body).json()
     again = server.client.post("/v1/sae/features/discover", json={**body, "layers": [1, 1, 1]}).json()
     assert again["cached"] and again["run_id"] == one["run_id"]

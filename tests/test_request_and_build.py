@@ -44,6 +44,8 @@ def test_cli_strings_are_parsed():
     ({"prompt": "a", "layers": []}, "layers", "at least one layer"),
     ({"prompt": "a", "restrict_features": [-1]}, "restrict_features", "in [0,"),
     ({"prompt": "a", "tau": 0.1, "tau_quantile": 0.9}, "tau", "either tau or tau_quantile"),
+    ({"text": "a", "background_text": "b", "background_file": "c.txt"}, "background_file",
+     "either background_text or background_file"),
     ({"prompt": "a", "bogus": 1}, "bogus", "unknown field"),
     ({"prompt": "a" * 300_001}, "prompt", "at most"),
 ])
