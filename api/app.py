@@ -102,10 +102,14 @@ def run_routes(svc: ApiService) -> list[ControllerRouterHandler]:
                   model_id: Filter = None, sae_id: Filter = None,
                   mode: Annotated[Literal[RUN_MODES] | None, Parameter()] = None,  # type: ignore[valid-type]
                   tag: Annotated[list[str] | None, Parameter(
-                      description="only runs tagged KEY:VALUE (repeat: all of them)", max_items=64)] = None
+                      description="only runs tagged KEY:VALUE (repeat: all of them)", max_items=64)] = None,
+                  batch_id: Annotated[list[str] | None, Parameter(
+                      description="only runs whose batch_id (a batch line's or a body's id) is one of these (repeat: "
+                                  "any of them)", max_items=64)] = None
                   ) -> schemas.RunPage:
-        """Rows of the public `v_runs` view, filtered by model_id, sae_id, mode and/or tags."""
-        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id, mode, tag or []), schemas.RunPage)
+        """Rows of the public `v_runs` view, filtered by model_id, sae_id, mode, tags and/or batch ids."""
+        return msgspec.convert(svc.runs_page(limit, offset, model_id, sae_id, mode, tag or [], batch_id or []),
+                               schemas.RunPage)
 
     @get("/v1/runs/{run_id:str}", sync_to_thread=True, tags=["runs"], responses={**ERRORS, **NOT_FOUND},
          summary="One stored run with its options and SAEs")

@@ -203,10 +203,10 @@ class ApiService:
 
     # -- runs --------------------------------------------------------------------------------------
     def runs_page(self, limit: int, offset: int, model_id: str | None, sae_id: str | None,
-                  mode: str | None = None, tags: list[str] | None = None) -> dict:
+                  mode: str | None = None, tags: list[str] | None = None, batch_ids: list[str] | None = None) -> dict:
         pairs = [parse_tag_filter("tag", t, ":") for t in tags or []]
         rows, total = runs.list_runs(self.catalog, limit, offset, model_id=model_id, sae_id=sae_id, mode=mode,
-                                     tags=pairs)
+                                     tags=pairs, batch_ids=batch_ids or [])
         return {"runs": rows, "total": total, "limit": limit, "offset": offset}
 
     def resolve(self, run_id: str) -> str:

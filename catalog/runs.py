@@ -149,16 +149,16 @@ def select_run_ids(catalog: Catalog, model_id: str | None = None, sae_id: str | 
 
 def list_runs(catalog: Catalog, limit: int, offset: int = 0, model_id: str | None = None,
               sae_id: str | None = None, mode: str | None = None,
-              tags: Sequence[tuple[str, str]] = ()) -> tuple[list[dict], int]:
+              tags: Sequence[tuple[str, str]] = (), batch_ids: Sequence[str] = ()) -> tuple[list[dict], int]:
     """One page of stored runs, newest first (ties: the later run first), and the number of runs that
-    match the filters (``tags``: (key, value) pairs the run must all carry). Each row holds
+    match the filters (``tags``: (key, value) pairs the run must all carry; ``batch_ids``: any). Each row holds
     :data:`LIST_COLUMNS`; ``created_at`` names its time zone (the column is stored as a local
     TIMESTAMP), ``layers`` and ``streams`` are lists, ``tags`` a dict."""
     if limit < 0:
         raise CatalogError("limit", f"expected a non-negative integer, got {limit}")
     if offset < 0:
         raise CatalogError("offset", f"expected a non-negative integer, got {offset}")
-    clause, params = _run_filter(model_id, sae_id, mode, tags)
+    clause, params = _run_filter(model_id, sae_id, mode, tags, batch_ids)
     cols = ", ".join("created_at::TIMESTAMPTZ AS created_at" if c == "created_at" else c for c in LIST_COLUMNS)
     con = catalog.raw()
     try:

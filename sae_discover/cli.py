@@ -374,8 +374,6 @@ def runs_parser() -> argparse.ArgumentParser:
     rank.add_argument("run_ids", nargs="*", metavar="RUN_ID",
                       help="run ids or unique prefixes (at least 6 hex characters)")
     _run_filters(rank, "also rank")
-    rank.add_argument("--batch_id", dest="batch_ids", nargs="+", action="extend", metavar="ID",
-                      help="also rank the runs whose batch_id (a batch line's or API body's id) is one of these")
     add_options(rank, RERANK_OPTIONS)
     _output_flags(rank)
     report = sub.add_parser("report", help="a stored run as a self-contained HTML report (no model)",
@@ -398,6 +396,8 @@ def _run_filters(parser: argparse.ArgumentParser, verb: str = "only") -> None:
     parser.add_argument("--mode", choices=runs.RUN_MODES, help=f"{verb} runs of this mode (default: all)")
     parser.add_argument("--tag", dest="tags", action="append", metavar="KEY=VALUE",
                         help=f"{verb} runs tagged KEY=VALUE (repeat: all of them; default: any)")
+    parser.add_argument("--batch_id", dest="batch_ids", nargs="+", action="extend", metavar="ID",
+                        help=f"{verb} runs whose batch_id (a batch line's or API body's id) is one of these")
 
 
 def cmd_rank(catalog: Catalog, ns: argparse.Namespace) -> int:
@@ -429,7 +429,7 @@ def cmd_runs(argv: list[str]) -> int:
                          for n, low in (("limit", 1), ("offset", 0)))
         tags = [parse_tag_filter("tag", t, "=") for t in ns.tags or []]
         rows, total = runs.list_runs(_catalog(ns, existing=True), limit, offset, model_id=ns.model_id,
-                                     sae_id=ns.sae_id, mode=ns.mode, tags=tags)
+                                     sae_id=ns.sae_id, mode=ns.mode, tags=tags, batch_ids=ns.batch_ids or [])
         page = {"runs": rows, "total": total, "limit": limit, "offset": offset}
         if ns.out:
             print(f"wrote {write_runs(page, ns.out, fmt)}")

@@ -79,6 +79,9 @@ def read_lines(path: str | Path, field: str = "prompts_file") -> list[tuple[int,
             out.append((number, obj if isinstance(obj, dict) else f"line {number}: expected a JSON object"))
         except (ValueError, RecursionError) as exc:
             out.append((number, f"line {number}: not JSON ({json_reason(exc)})"))
+    if not out:  # nothing to run: refused before anything is written (a batch would replace its results file)
+        raise RequestError(field, f"{path} holds no lines; expected one JSON object per line (prompt or text, "
+                                  "plus per-line options)")
     return out
 
 

@@ -494,6 +494,9 @@ def test_tags_and_id_are_stored_merged_and_filterable(server):
     assert [r["run_id"] for r in page["runs"]] == [run_id] and page["total"] == 1
     assert page["runs"][0]["tags"] == {"domain": "finance", "n": "3", "gold": "true", "split": "test"}
     assert page["runs"][0]["batch_id"] == "req-8"
+    by_id = c.get("/v1/runs", params=[("batch_id", "req-8"), ("batch_id", "no-such-id")]).json()  # any of them
+    assert [r["run_id"] for r in by_id["runs"]] == [run_id] and by_id["total"] == 1
+    assert c.get("/v1/runs", params={"batch_id": "req-7"}).json()["total"] == 0  # the newer id replaced it
     assert c.get("/v1/runs", params={"tag": "domain:sports"}).json()["total"] == 0
     assert c.get(f"/v1/runs/{run_id}").json()["tags"]["domain"] == "finance"
     assert_error(c.get("/v1/runs", params={"tag": "domain"}), 400, "tag")

@@ -130,6 +130,14 @@ def test_batch_cli_keeps_order_reports_bad_lines_and_goes_on(toy_registry, tmp_p
     assert "features" in rows[0] and "features" in rows[3]
     assert rows[1]["error"].startswith("prompts_file: line 2: not JSON")
     assert rows[2]["error"].startswith("layers: layer 9 is out of range")
+    # a file of blank lines is refused before anything runs: the results of the run above stay
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    before = out.read_text()
+    proc = subprocess.run(_batch_cmd(toy_registry, tmp_path / "c.duckdb", blank, out), capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: prompts_file: {blank} holds no lines"), proc.stderr
+    assert out.read_text() == before
 
 
 def test_sigkill_mid_batch_leaves_only_whole_runs_and_the_rerun_completes(toy_registry, tmp_path):

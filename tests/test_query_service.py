@@ -104,6 +104,9 @@ def test_tags_round_trip_through_the_cli_batch_and_the_readme_query(toy_registry
     page = json.loads(listed.stdout)
     assert page["total"] == len(SPORTS) and {r["batch_id"] for r in page["runs"]} == {"s0", "s1"}
     assert all(r["tags"]["domain"] == "sports" for r in page["runs"])
+    by_id = run_cli("runs", "list", "--batch_id", "s1", "nope", "--format", "json", "--db", str(db))  # any of them
+    assert by_id.returncode == 0, by_id.stderr
+    assert [r["batch_id"] for r in json.loads(by_id.stdout)["runs"]] == ["s1"]
     bad = run_cli("runs", "list", "--tag", "domain", "--db", str(db))
     assert bad.returncode == 2 and bad.stderr.startswith("error: tag: expected KEY=VALUE"), bad.stderr
 
