@@ -31,7 +31,7 @@ from litestar.types import ControllerRouterHandler
 
 from api import schemas
 from api.body import check_body
-from api.errors import EXCEPTION_HANDLERS, ApiError
+from api.errors import EXCEPTION_HANDLERS, ApiError, refuse_repeated_query
 from api.report import report_routes
 from api.service import ApiService, sql_csv, sql_json
 from api.settings import ApiSettings
@@ -276,10 +276,12 @@ def refuse_unknown_query(request: Request) -> None:
     params = request.route_handler.parsed_fn_signature.parameters
     if not request.query_params or "request" in params:
         return
-    declared = {getattr(f.kwarg_definition, "query", None) or name for name, f in params.items()}
-    unknown = sorted(set(request.query_params) - declared)
+    declared = {getattr(f.kwarg_definition, "query", None) or name: f for name, f in params.items()}
+    unknown = sorted(set(request.query_params) - set(declared))
     if unknown:
         raise ApiError(400, unknown[0], "unknown query parameter; the request schema is at /schema/openapi.json")
+    refuse_repeated_query(request, [name for name, f in declared.items() if not f.is_non_string_sequence])
+
 
 
 async def check_request(request: Request) -> None:

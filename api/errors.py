@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -34,6 +35,14 @@ class ApiError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
         self.status_code = status_code
         self.field = field
+
+
+def refuse_repeated_query(request: Request, single: Iterable[str]) -> None:
+    """A query parameter that takes one value given twice (``?limit=5&limit=1``) is a 400 naming it,
+    rather than one of the two silently winning."""
+    repeated = sorted(name for name in single if len(request.query_params.getall(name, [])) > 1)
+    if repeated:
+        raise ApiError(400, repeated[0], "given more than once; it takes one value")
 
 
 def error_response(status_code: int, detail: str, field: str | None = None,

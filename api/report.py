@@ -18,6 +18,7 @@ from litestar.params import Parameter
 from litestar.types import ControllerRouterHandler
 
 from api import schemas
+from api.errors import refuse_repeated_query
 from api.service import ApiService
 from api.settings import ApiSettings
 from catalog.ranking import ATTRIBUTION_MODES
@@ -182,6 +183,7 @@ def report_routes(svc: ApiService) -> list[ControllerRouterHandler]:
         bad = sorted(set(query) - set(RERANK_FIELDS))
         if bad:
             raise RequestError(bad[0], f"not a ranking option; a report can be ranked with {', '.join(RERANK_FIELDS)}")
+        refuse_repeated_query(request, RERANK_FIELDS)  # a list option is one comma-separated value too
         # this server's limits, as the route's OpenAPI parameters state them; an empty list is no filter
         known = {o.name: o for o in options(DiscoverRequest)}
         low, high = known["return_top_x"].bounds  # type: ignore[misc]

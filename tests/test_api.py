@@ -497,6 +497,10 @@ def test_tags_and_id_are_stored_merged_and_filterable(server):
     by_id = c.get("/v1/runs", params=[("batch_id", "req-8"), ("batch_id", "no-such-id")]).json()  # any of them
     assert [r["run_id"] for r in by_id["runs"]] == [run_id] and by_id["total"] == 1
     assert c.get("/v1/runs", params={"batch_id": "req-7"}).json()["total"] == 0  # the newer id replaced it
+    twice = assert_error(c.get("/v1/runs", params=[("limit", "5"), ("limit", "1")]), 400, "limit")  # not "last wins"
+    assert twice["detail"] == "limit: given more than once; it takes one value"
+    twice = assert_error(c.get(f"/v1/runs/{run_id}/report", params=[("score_mode", "max"), ("score_mode", "mean")]),
+                         400, "score_mode")
     assert c.get("/v1/runs", params={"tag": "domain:sports"}).json()["total"] == 0
     assert c.get(f"/v1/runs/{run_id}").json()["tags"]["domain"] == "finance"
     assert_error(c.get("/v1/runs", params={"tag": "domain"}), 400, "tag")
