@@ -51,6 +51,7 @@ from tqdm import tqdm
 from catalog import stats, store
 from catalog.writes import with_sae_keys
 from ingest.lens import decoder_tokens
+from ingest.models import ModelCard
 from ingest.run import calibration_batches, run_many
 from ingest.saes.sources import file_fingerprint
 from sae_discover.batch import line_request
@@ -141,10 +142,7 @@ def prepare(uri: str, job: Job, plans: list[RunPlan]) -> list[str]:
     the tags and batch ids this job gives them are added by :func:`label_stored_runs` (its warnings
     returned)."""
     store.create_tables(uri)
-    models = {(p.req.model_id, p.card.fingerprint): p for p in plans}
-    job.model_keys = _register(uri, job.job_id, "model", "models", ("model_id", "fingerprint"), {
-        ident: {"model_id": p.req.model_id, "fingerprint": p.card.fingerprint, "family": p.card.family,
-                "n_layers": p.card.n_layers, "d_model": p.card.d_model} for ident, p in models.items()})
+    job.model_keys = _register_models(uri, job.job_id, {p.req.model_id: p.card for p in plans})
     saes = {(s.sae_id, s.layer, s.stream, s.fingerprint): s for p in plans for s in p.saes}
     job.sae_keys = _register(uri, job.job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"), {
         ident: {"sae_id": s.sae_id, "layer": s.layer, "stream": s.stream, "hook_name": s.hook_name,
@@ -195,10 +193,26 @@ def label_stored_runs(uri: str, job_id: str, runs: list[tuple[int, RunPlan]]) ->
     return warnings
 
 
-def _register(uri: str, job_id: str, kind: str, table: str, match: tuple[str, ...], rows: dict[tuple, dict]
-              ) -> dict[tuple, int]:
-    """Keys of these models/SAEs in the store; those not there get reserved keys and their rows."""
+def _register_models(uri: str, job_id: str, cards: dict[str, ModelCard]) -> dict[tuple, int]:
+    """Keys of these models (by id) in the store, by (model_id, fingerprint). A model the store knows
+    only by the path-dependent fingerprint of earlier versions (``legacy_fingerprint``) keeps that key —
+    its calibrations, labels and runs carry over, as a local catalog adopts it — rather than a second one."""
+    rows = {(mid, card.fingerprint): {"model_id": mid, "fingerprint": card.fingerprint, "family": card.family,
+                                      "n_layers": card.n_layers, "d_model": card.d_model} for mid, card in cards.items()}
+    aliases = {(mid, card.fingerprint): (mid, card.legacy_fingerprint) for mid, card in cards.items()
+               if card.legacy_fingerprint}
+    return _register(uri, job_id, "model", "models", ("model_id", "fingerprint"), rows, aliases)
+
+
+def _register(uri: str, job_id: str, kind: str, table: str, match: tuple[str, ...], rows: dict[tuple, dict],
+              aliases: dict[tuple, tuple] | None = None) -> dict[tuple, int]:
+    """Keys of these models/SAEs in the store; those not there get reserved keys and their rows.
+    ``aliases``: another identity of a row, whose key it keeps where the store holds only that one."""
     keys = store.find_keys(uri, table, f"{kind}_key", match, rows)
+    missing = {ident: aliases[ident] for ident in rows if ident not in keys and ident in (aliases or {})}
+    if missing:
+        held = store.find_keys(uri, table, f"{kind}_key", match, missing.values())
+        keys.update({ident: held[alias] for ident, alias in missing.items() if alias in held})
     new = [ident for ident in rows if ident not in keys]
     if new:
         first = store.reserve_keys(uri, kind, len(new), job_id)
@@ -575,9 +589,7 @@ def calibrate_store(uri: str, loaders: Loaders, model_id: str, sae_id: str, corp
     job_id = "calibration-" + hashlib.sha256(json.dumps(
         [model_id, card.fingerprint, [i.fingerprint for i in infos], hooks, corpus_hash, chunk_docs]).encode()).hexdigest()[:16]
     store.create_tables(uri)
-    model_keys = _register(uri, job_id, "model", "models", ("model_id", "fingerprint"), {
-        (model_id, card.fingerprint): {"model_id": model_id, "fingerprint": card.fingerprint, "family": card.family,
-                                       "n_layers": card.n_layers, "d_model": card.d_model}})
+    model_keys = _register_models(uri, job_id, {model_id: card})
     sae_keys = _register(uri, job_id, "sae", "saes", ("sae_id", "layer", "stream", "fingerprint"),
                          {(i.sae_id, i.layer, i.stream, i.fingerprint): asdict(i) for i in infos})
     keys = tuple(sae_keys[(i.sae_id, i.layer, i.stream, i.fingerprint)] for i in infos)

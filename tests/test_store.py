@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ pytest.importorskip("deltalake")  # the scale extra: skipped without it (.ci/run
 
 from catalog import store
 from catalog.db import Catalog
+from ingest.models import read_card
 from sae_discover import distributed
 from sae_discover.drift import drift_report
 from sae_discover.loaders import Loaders
@@ -838,3 +840,27 @@ def test_store_import_refusals_leave_no_local_file(calibrated, tmp_path):
     db = tmp_path / "ok.duckdb"
     done = run_cli("store", "import", str(uri), "--db", str(db), "--where", "mode = 'text'")
     assert done.returncode == 0 and json.loads(done.stdout)["runs"] >= 1, done.stderr
+
+
+def test_a_store_that_knows_a_model_by_its_old_fingerprint_keeps_its_key(plain_registry, toy_demo, tmp_path):
+    """Earlier versions hashed the model folder's path into its fingerprint: a store whose ``models`` row
+    holds that one (as such a version wrote it) gives new runs the same model key — its calibrations and
+    the batch background's "same model" carry over — and gains no second row for the model."""
+    card = read_card(str(toy_demo / "model"))
+    assert card.legacy_fingerprint and card.legacy_fingerprint != card.fingerprint
+    uri = str(tmp_path / "store")
+    store.create_tables(uri)
+    store.append(uri, "models", pa.Table.from_pylist([{
+        "model_key": 7, "model_id": "toy", "fingerprint": card.legacy_fingerprint, "family": card.family,
+        "n_layers": card.n_layers, "d_model": card.d_model, "created_at": datetime.now()}]))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "Shares rose 4% on Monday."}) + "\n")
+    done = run_cli("ingest", "--prompts_file", str(prompts), "--store", uri, "--registry", str(plain_registry),
+                   *CLI_OPTIONS)
+    assert done.returncode == 0, done.stderr
+    snapshot = store.StoreCatalog(uri)
+    try:
+        assert _rows(snapshot, "SELECT model_key, fingerprint FROM models") == [(7, card.legacy_fingerprint)]
+        assert _rows(snapshot, "SELECT model_key FROM runs") == [(7,)]
+    finally:
+        snapshot.close()
