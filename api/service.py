@@ -115,7 +115,7 @@ class ApiService:
         self.discovery = Discovery(self.catalog, self.registry, device=settings.device, dtype=settings.dtype,
                                    allow_paths=False, max_models=settings.max_models, threads=settings.threads)
         self._same_run = KeyedLocks()
-        self._hidden = server_paths(catalog_path, store, self.registry)
+        self._hidden = server_paths(None if store else self.catalog.path, store, self.registry)  # $SAE_DISCOVER_DB too
 
     def redact(self, text: str) -> str:
         """``text`` (an error's message, a warning) without this server's paths (:func:`server_paths`)."""
@@ -130,11 +130,10 @@ class ApiService:
             return [self.public(item) for item in answer]
         if not isinstance(answer, dict):
             return answer
-        calibration = "calibration_id" in answer and isinstance(answer.get("corpus"), str)  # not a tag named corpus
         out = {}
         for key, value in answer.items():
-            if key == "corpus" and calibration:
-                out[key] = Path(value).name
+            if key == "calibration" and isinstance(value, dict) and isinstance(value.get("corpus"), str):
+                out[key] = {**value, "corpus": Path(value["corpus"]).name}  # a response's or a feature's calibration
             elif key == "warnings" and isinstance(value, list):
                 out[key] = [self.redact(w) if isinstance(w, str) else w for w in value]
             else:

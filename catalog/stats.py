@@ -21,7 +21,7 @@ from catalog.db import Catalog
 from catalog.errors import CatalogError
 from catalog.labels import write_labels
 from catalog.scoring import QUANTILES_CTES
-from catalog.writes import ModelInfo, SAEInfo, append_rows, model_key_of, sae_keys, transaction, with_sae_keys
+from catalog.writes import ModelInfo, SAEInfo, append_rows, model_key_of, sae_keys, scanned, transaction, with_sae_keys
 
 TauBasis = Literal["active", "all"]
 TAU_BASES: tuple[str, ...] = get_args(TauBasis)
@@ -45,9 +45,7 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
     with transaction(catalog, "a calibration") as con:
         model_key = model_key_of(con, model)
         keys = sae_keys(con, saes)
-        if extend is not None and con.execute(
-                "SELECT model_key, corpus_hash, n_docs, n_tokens FROM calibrations WHERE calibration_id = ?",
-                [extend]).fetchone() != (model_key, corpus_hash, n_docs, n_tokens):
+        if extend is not None and not _same_pass(con, extend, model_key, corpus_hash, n_docs, tokens):
             extend = None  # not the same pass over the same tokens: a calibration of its own
         if extend is None:
             cal_id = int(con.execute(
@@ -62,6 +60,22 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
         for sae, key in zip(saes, keys, strict=True):
             con.execute(FEATURE_STATS_SQL, feature_stats_params(cal_id, key, n_tokens, sae.d_sae, q))
         return cal_id
+
+
+def _same_pass(con: duckdb.DuckDBPyConnection, calibration_id: int, model_key: int, corpus_hash: str, n_docs: int,
+               tokens: pa.Table) -> bool:
+    """Whether calibration ``calibration_id`` is of this model and corpus and holds exactly these tokens
+    at these (doc, position)s — not only as many: SAEs that differ in ``prepend_bos`` shift every
+    position by one, and a calibration's activations join its tokens by position."""
+    held = con.execute("SELECT model_key, corpus_hash, n_docs FROM calibrations WHERE calibration_id = ?",
+                       [calibration_id]).fetchall()  # fetched whole: DuckDB refuses new work beside an open result
+    if held != [(model_key, corpus_hash, n_docs)]:
+        return False
+    digest = "SELECT count(*), sum(hash(doc, position, token_id)) FROM {}"
+    with scanned(con, _offered_tokens=tokens):
+        offered = con.execute(digest.format("_offered_tokens")).fetchall()
+    stored = con.execute(digest.format("calibration_tokens WHERE calibration_id = ?"), [calibration_id]).fetchall()
+    return offered == stored
 
 
 # one SAE's feature_stats rows of a calibration (also run over a Delta store: catalog.store); its

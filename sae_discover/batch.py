@@ -59,11 +59,16 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
     return out_path, n_err
 
 
+BACKGROUNDS = ("background_text", "background_file")
+
+
 def line_request(base: dict, obj: dict | str) -> DiscoverRequest:
     """The request of one prompts-file line (``base``: the command line's options, without prompt/text);
     a line that is not an object raises :class:`RequestError` naming ``prompts_file``."""
     if isinstance(obj, str):
         raise RequestError("prompts_file", obj)
+    # a line's background text or file replaces the command line's (either one: one background mean)
+    base = {k: v for k, v in base.items() if not (k in BACKGROUNDS and any(b in obj for b in BACKGROUNDS))}
     # only an id the line gives is stored with its run (the line number stands in for the echo)
     return build_request({**base, **obj, **({"id": str(obj["id"])} if "id" in obj else {}), **_merged_tags(base, obj)})
 

@@ -83,7 +83,7 @@ class Parser(argparse.ArgumentParser):
         match = ARGPARSE_FLAG.match(message)
         line = f"{match.group(1)}: {match.group(2)}" if match else message
         stray = message.removeprefix("unrecognized arguments: ").split()
-        if message.startswith("unrecognized arguments: ") and stray[0] in SUBCOMMANDS:  # `--db X runs list`
+        if message.startswith("unrecognized arguments: ") and stray and stray[0] in SUBCOMMANDS:  # `--db X runs list`
             line = (f"{stray[0]}: a subcommand comes first, its flags after it: python -m sae_discover "
                     f"{' '.join(stray)} <flags>")
         self.exit(2, f"error: {line} (see {self.prog} --help)\n")

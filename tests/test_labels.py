@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -192,3 +193,38 @@ def test_first_use_adds_more_saes_to_the_models_calibration_on_that_corpus(toy_d
         other.close()
     assert len(mine) == len(at_once) > 0
     assert np.allclose(np.array(mine, float), np.array(at_once, float), rtol=1e-5, atol=1e-6)
+
+
+def test_first_use_makes_its_own_calibration_when_its_tokens_differ(toy_demo, tmp_path):
+    """An SAE that prepends no BOS sees the same documents at positions shifted by one: as many tokens
+    (no document reaches the context length here), other (doc, position)s. It gets a calibration of its
+    own, whose activations all sit on its own tokens — not the first SAE's calibration."""
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "Revenue grew and margins widened.", "The striker scored twice.", "Bake the pie for an hour.",
+        "The patient had a fever.", "Rain is expected tomorrow.", "The function returns a list.") * 3))
+    no_bos = tmp_path / "saes-no-bos" / "blocks.0.hook_resid_pre"
+    shutil.copytree(toy_demo / "saes" / "blocks.0.hook_resid_pre", no_bos)
+    cfg = json.loads((no_bos / "cfg.json").read_text())
+    cfg["metadata"]["prepend_bos"] = False
+    (no_bos / "cfg.json").write_text(json.dumps(cfg))
+    registry = tmp_path / "reg.toml"
+    registry.write_text(f'[models.toy]\npath = "{toy_demo / "model"}"\ncalibration_corpus = "{corpus}"\n'
+                        f'[saes.toy]\npath = "{toy_demo / "saes"}"\n[saes.nobos]\npath = "{no_bos.parent}"\n')
+    disc = Discovery(Catalog(tmp_path / "c.duckdb"), Registry.load(registry), device="cpu")
+    try:
+        ids = [disc.discover(build_request({"model_id": "toy", "sae_id": sae, "text": "Revenue grew.", "layers": [0]}))[
+            "calibration_id"] for sae in ("toy", "nobos")]
+        con = disc.catalog.raw()
+        try:
+            counts = con.execute("SELECT calibration_id, n_tokens, (SELECT count(*) FROM calibration_tokens t "
+                                 "WHERE t.calibration_id = c.calibration_id) FROM calibrations c ORDER BY 1").fetchall()
+            (orphans,) = con.execute("SELECT count(*) FROM calibration_activations a ANTI JOIN calibration_tokens t "
+                                     "USING (calibration_id, doc, position)").fetchone()
+        finally:
+            con.close()
+    finally:
+        disc.catalog.close()
+    assert ids == [1, 2]
+    assert counts[0][1] == counts[1][1]  # as many tokens: a count alone would not tell the two apart
+    assert all(n == stored for _, n, stored in counts) and orphans == 0

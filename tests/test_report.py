@@ -331,7 +331,11 @@ def test_api_ui_lists_runs_opens_reports_and_runs_a_discovery(browser, toy_regis
         assert r.status_code == 200, r.text
         assert {f["feature_id"] for f in json.loads(Page(r.text).json_blocks[0])["response"]["features"]} == set(ids)
         unfiltered = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"restrict_features": ""})  # as JSON's []
-        assert unfiltered.status_code == 200, unfiltered.text
+        plain = srv.client.get(f"/v1/runs/{run_id[:8]}/report")
+        assert unfiltered.status_code == plain.status_code == 200, unfiltered.text
+        assert len(json.loads(Page(plain.text).json_blocks[0])["response"]["features"]) >= len(ids)
+        assert json.loads(Page(unfiltered.text).json_blocks[0])["response"]["features"] == \
+            json.loads(Page(plain.text).json_blocks[0])["response"]["features"]
         over = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"return_top_x": "51"})  # this server's limit
         assert over.status_code == 400 and over.json()["detail"].startswith("return_top_x: expected an integer in [1, 50]")
         bad = srv.client.get(f"/v1/runs/{run_id[:8]}/report", params={"tau": "-1"})

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ingest.saes.sources import open_source
+from sae_discover.batch import line_request
 from sae_discover.request import DiscoverRequest, RequestError, build_request
 
 
@@ -86,3 +87,16 @@ def test_shipped_demo_meets_its_targets():
     assert size <= 30 * 2**20
     # the finance fine-tune is better on finance and worse elsewhere: a real drift to report
     assert figures["finance_heldout_loss"]["finance"] < figures["heldout_loss"]["finance"]
+
+
+def test_a_batch_lines_background_replaces_the_command_lines():
+    """A line's background text or file takes the place of the command line's (one background mean):
+    giving both is refused only within one line."""
+    req = line_request({"background_file": "bg.txt"}, {"text": "x", "background_text": "y"})
+    assert (req.background_text, req.background_file) == ("y", None)
+    req = line_request({"background_text": "y"}, {"text": "x", "background_file": "bg.txt"})
+    assert (req.background_text, req.background_file) == (None, "bg.txt")
+    assert line_request({"background_file": "bg.txt"}, {"text": "x"}).background_file == "bg.txt"
+    with pytest.raises(RequestError) as err:
+        line_request({}, {"text": "x", "background_text": "y", "background_file": "bg.txt"})
+    assert err.value.field == "background_file"
