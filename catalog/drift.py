@@ -182,7 +182,8 @@ def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, st
     if not selected:
         have = sorted(set.union(*(set(h) for h in hooks.values())))
         among = " among the selected layers/streams" if layers or streams else ""
-        raise CatalogError("layers", f"the runs share no SAE hook{among}; they have {have}")
+        field = "streams" if streams and not layers else "layers"  # the selection that left nothing
+        raise CatalogError(field, f"the runs share no SAE hook{among}; they have {have}")
     out = []
     for hook in sorted(selected):
         keys = {}

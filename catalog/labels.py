@@ -228,7 +228,8 @@ def _parse_csv(path: Path) -> list[LabelRow]:
     with path.open(newline="", encoding="utf-8-sig") as fh:  # a byte-order mark (Excel writes one) dropped
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
-            raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source]; "
+            raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source,sae,layer,"
+                                       "stream]; "
                                f"got {reader.fieldnames}")
         rows = []
         for number, rec in enumerate(reader, 2):

@@ -109,14 +109,15 @@ def _run_sae_infos(catalog: Catalog, run_key: int) -> tuple[SAEInfo, ...]:
 def _say_lone_runs(stored: list[dict], groups: list[tuple[tuple, list[int]]]) -> None:
     """``background: batch`` over runs that fall into several groups (another model, other SAEs or
     another restrict set): a run alone in its group has nothing to be contrasted with; name it and why."""
-    largest_key, _ = max(groups, key=lambda g: len(g[1]))
     for key, members in groups:
-        if len(members) == 1:
-            what = [name for name, mine, theirs in zip(("model", "SAEs", "restrict set"), key, largest_key, strict=True)
+        if len(members) == 1:  # compared with the largest other group (every group may be a single run)
+            other_key, others = max((g for g in groups if g[0] != key), key=lambda g: len(g[1]))
+            what = [name for name, mine, theirs in zip(("model", "SAEs", "restrict set"), key, other_key, strict=True)
                     if mine != theirs]
+            whom = "the others" if len(others) > 1 else f"run {stored[others[0]]['run_id']}"
             raise RequestError("background", f"batch contrasts runs of the same model, SAEs and restrict set; run "
                                              f"{stored[members[0]]['run_id']} was made with another "
-                                             f"{' and '.join(what)} than the others and is alone in its group — "
+                                             f"{' and '.join(what)} than {whom} and is alone in its group — "
                                              "leave it out or rank it with background calibration")
 
 

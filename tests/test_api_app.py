@@ -111,3 +111,14 @@ def test_drift_route_uses_the_cli_request_model(tmp_path, toy_registry):
                            ({"base_runs": "model_id = 'toy'", "tuned_runs": ["ab12cd34"]}, "base_runs")]:
             r = client.post("/v1/drift", json=bad)
             assert r.status_code == 400 and r.json()["field"] == field, r.text
+
+
+def test_a_catalog_named_by_the_environment_is_hidden_from_clients(tmp_path, toy_registry, monkeypatch):
+    """serve without --db opens $SAE_DISCOVER_DB: that path is the server's too, and an unknown run's
+    404 says "the catalog" instead (as with --db)."""
+    db = tmp_path / "from-env.duckdb"
+    monkeypatch.setenv("SAE_DISCOVER_DB", str(db))
+    with TestClient(create_app(None, toy_registry, ApiSettings())) as client:
+        r = client.post("/v1/runs/rank", json={"run_ids": ["abcdef12"]})
+    assert r.status_code == 404 and r.json()["detail"] == "run_ids: no run 'abcdef12' in the catalog", r.text
+    assert db.exists() and str(tmp_path) not in r.text

@@ -244,6 +244,11 @@ def test_attribution_drift_equals_numpy_scipy(toy_discovery):
     with pytest.raises(RequestError, match=r"score_mode: run .* has no attributions"):
         drift_report(toy_discovery.catalog, base_runs=plain["base"]["run_ids"], tuned_runs=plain["tuned"]["run_ids"],
                      layers=LAYERS, score_mode="attribution")
+    # a selection that leaves no shared hook names the option that made it: streams alone, or layers
+    for selection, field in (({"streams": ["mlp_out"]}, "streams"), ({"layers": [5]}, "layers")):
+        with pytest.raises(RequestError, match=rf"^{field}: the runs share no SAE hook among the selected"):
+            drift_report(toy_discovery.catalog, base_runs=plain["base"]["run_ids"], tuned_runs=plain["tuned"]["run_ids"],
+                         **selection)
     # runs store their target: attributions of another target (other units) are not compared
     con = toy_discovery.catalog.raw()
     targets = dict(con.execute("SELECT run_id, attribution_target FROM v_runs").fetchall())
