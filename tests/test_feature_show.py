@@ -208,6 +208,9 @@ def test_api_feature_route(stored, toy_registry, tmp_path):
     try:
         r = srv.client.get(f"/v1/features/toy/{LAYER}/{STREAM}/{fid}", params={"limit": 3})
         assert r.status_code == 200, r.text
+        # as the library answers, but for the calibration corpus: its file name (the server's path stays there)
+        assert r.json()["calibration"]["corpus"] == Path(expected["calibration"]["corpus"]).name
+        expected["calibration"]["corpus"] = r.json()["calibration"]["corpus"]
         assert r.json() == json.loads(json.dumps(expected))
         assert r.json()["top_contexts"][0]["act"] == max(c["act"] for c in expected["top_contexts"])
         whole = srv.client.get(f"/v1/features/toy/{LAYER}/{STREAM}/{fid}").json()  # default limit: 10
