@@ -159,11 +159,15 @@ def feature_routes(svc: ApiService) -> list[ControllerRouterHandler]:
                      feature_id: Annotated[int, Parameter(ge=0, le=INT32_MAX)],
                      limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="top contexts and top runs "
                                                                                      "listed")] = 10,
+                     model_id: Annotated[str | None, Parameter(
+                         min_length=1, max_length=schemas.ID_MAX,
+                         description="whose calibration gives the statistics (default: the SAE's newest, by any "
+                                     "model)")] = None,
                      ) -> schemas.FeatureView:
         """Its labels (all sources), calibration statistics and histogram, its top contexts over the stored runs
         (its peak in each run, the peak token in `[[ ]]`), the runs where its mean was among the top 10 features
         of its SAE, and the tokens its decoder promotes and suppresses (from its lite label)."""
-        return msgspec.convert(svc.feature(sae_id, layer, stream, feature_id, limit), schemas.FeatureView)
+        return msgspec.convert(svc.feature(sae_id, layer, stream, feature_id, limit, model_id), schemas.FeatureView)
 
     return [show_feature]
 

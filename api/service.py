@@ -250,13 +250,15 @@ class ApiService:
         return options
 
     # -- features ----------------------------------------------------------------------------------
-    def feature(self, sae_id: str, layer: int, stream: str, feature_id: int, limit: int) -> dict:
+    def feature(self, sae_id: str, layer: int, stream: str, feature_id: int, limit: int,
+                model_id: str | None = None) -> dict:
         """One feature across the stored runs; registry SAE ids only, 404 naming the field the catalog
-        does not hold (the SAE, its hook, or the feature id)."""
+        does not hold (the SAE, its hook, the feature id, or a calibration of ``model_id``)."""
         self.registry.sae(sae_id, allow_paths=False)
         try:
             return self.public(show_feature(self.catalog, {"sae_id": sae_id, "layer": layer, "stream": stream,
-                                                           "feature_id": feature_id, "limit": limit}))
+                                                           "feature_id": feature_id, "limit": limit,
+                                                           "model_id": model_id}))
         except UnknownFeature as exc:
             raise ApiError(404, exc.field, exc.message) from None
 

@@ -86,10 +86,26 @@ def _lite(labels: list[dict], calibration: dict | None) -> dict | None:
     return None if chosen is None else lite_parts(chosen["label"])
 
 
-def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int) -> dict | None:
-    """The feature's statistics and histogram in the newest calibration of its SAE (by any model), with
-    that calibration's corpus and model; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
-    found = [h for key in keys if (h := histograms(con, calibration_for(con, key), key, [feature_id]).get(feature_id))]
+def _newest_calibration(con: duckdb.DuckDBPyConnection, sae_key: int, model_id: str | None) -> int | None:
+    """The newest calibration with statistics for this SAE, by any model, or by ``model_id`` (any of its
+    weight fingerprints) when given."""
+    if model_id is None:
+        return calibration_for(con, sae_key)
+    rows = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
+                       "JOIN models m USING (model_key) WHERE f.sae_key = ? AND m.model_id = ?",
+                       [sae_key, model_id]).fetchall()
+    return None if rows[0][0] is None else int(rows[0][0])
+
+
+def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int, model_id: str | None = None
+                 ) -> dict | None:
+    """The feature's statistics and histogram in the newest calibration of its SAE (by any model, or by
+    ``model_id``: a fine-tune's calibration need not be the one shown), with that calibration's corpus
+    and model; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
+    calibrations = {key: _newest_calibration(con, key, model_id) for key in keys}
+    if model_id is not None and all(cal is None for cal in calibrations.values()):
+        raise UnknownFeature("model_id", f"no calibration of {model_id!r} holds statistics for this SAE")
+    found = [h for key, cal in calibrations.items() if (h := histograms(con, cal, key, [feature_id]).get(feature_id))]
     if not found:
         return None
     hist = max(found, key=lambda h: h["calibration_id"])
@@ -130,16 +146,17 @@ def _top_runs(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int, 
 
 
 def feature_view(catalog: Catalog, sae_id: str, layer: int, stream: str, feature_id: int, limit: int = 10,
-                 window: int = CONTEXT_WINDOW) -> dict:
+                 window: int = CONTEXT_WINDOW, model_id: str | None = None) -> dict:
     """Everything the catalog knows about one feature (module docstring); ``limit`` caps the contexts
-    and the top runs listed (``n_top_runs`` counts them all)."""
+    and the top runs listed (``n_top_runs`` counts them all); ``model_id`` picks whose calibration
+    gives its statistics (default: the newest, by any model)."""
     con = catalog.raw()
     try:
         keys = sae_keys_for(con, sae_id, layer, stream, feature_id)
         (n_runs,) = con.execute("SELECT count(DISTINCT run_key) FROM activations WHERE list_contains(?, sae_key) "
                                 "AND feature_id = ?", [keys, feature_id]).fetchone()
         labels = [label for found in feature_labels(con, [(k, feature_id) for k in keys]).values() for label in found]
-        calibration = _calibration(con, keys, feature_id)
+        calibration = _calibration(con, keys, feature_id, model_id)
         contexts = _contexts(con, sae_id, layer, stream, feature_id, limit, window)
         top_runs, n_top_runs = _top_runs(con, keys, feature_id, limit)
     finally:

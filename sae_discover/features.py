@@ -27,9 +27,13 @@ class FeatureQuery:
     feature_id: int | None = field(default=None, metadata={"help": "the feature id, required", "flag": "--feature",
                                                            "bounds": (0, INT32_MAX)})
     limit: int = field(default=10, metadata={"help": "top contexts and top runs listed", "bounds": (1, MAX_LIMIT)})
+    model_id: str | None = field(default=None, metadata={
+        "help": "whose calibration gives the statistics, histogram and lite label (default: the SAE's newest "
+                "calibration, by any model — after a drift, perhaps the fine-tune's)", "flag": "--model"})
 
 
 FEATURE_OPTIONS = options(FeatureQuery)
+REQUIRED = ("layer", "feature_id")
 
 
 def feature_query(values: dict[str, Any]) -> FeatureQuery:
@@ -38,9 +42,10 @@ def feature_query(values: dict[str, Any]) -> FeatureQuery:
     for opt in FEATURE_OPTIONS:
         value = values.get(opt.name)
         if value is None:
-            if opt.default is None:
+            if opt.name in REQUIRED:
                 raise RequestError(opt.name, f"required ({opt.flag})")
-            value = opt.default
+            out[opt.name] = opt.default
+            continue
         if opt.kind == "id":
             if not isinstance(value, str) or not value or len(value) > ID_MAX_CHARS:
                 raise RequestError(opt.name, f"expected an id of 1 to {ID_MAX_CHARS} characters, got {value!r}")
@@ -53,7 +58,8 @@ def feature_query(values: dict[str, Any]) -> FeatureQuery:
 def show_feature(catalog: Catalog, values: dict[str, Any]) -> dict:
     """The feature view (:func:`catalog.features.feature_view`) of a checked query."""
     q = feature_query(values)
-    return feature_view(catalog, q.sae_id, q.layer, q.stream, q.feature_id, limit=q.limit)  # type: ignore[arg-type]
+    return feature_view(catalog, q.sae_id, q.layer, q.stream, q.feature_id, limit=q.limit,  # type: ignore[arg-type]
+                        model_id=q.model_id)
 
 
 def _tokens(tokens: list[str] | None) -> str:

@@ -213,6 +213,8 @@ def test_api_feature_route(stored, toy_registry, tmp_path):
         expected["calibration"]["corpus"] = r.json()["calibration"]["corpus"]
         assert r.json() == json.loads(json.dumps(expected))
         assert r.json()["top_contexts"][0]["act"] == max(c["act"] for c in expected["top_contexts"])
+        mine = srv.client.get(f"/v1/features/toy/{LAYER}/{STREAM}/{fid}", params={"limit": 3, "model_id": "toy"})
+        assert mine.json() == r.json()  # the one calibration there is toy's
         whole = srv.client.get(f"/v1/features/toy/{LAYER}/{STREAM}/{fid}").json()  # default limit: 10
         assert whole["top_contexts"][:3] == r.json()["top_contexts"]
         assert len(whole["top_contexts"]) == min(10, whole["n_runs"])
@@ -224,6 +226,7 @@ def test_api_feature_route(stored, toy_registry, tmp_path):
                  (f"/v1/features/toy/{LAYER}/{STREAM}/100000", 404, "feature_id"),
                  (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?limit=0", 400, "limit"),
                  (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?limt=3", 400, "limt"),
+                 (f"/v1/features/toy/{LAYER}/{STREAM}/{fid}?model_id=nope", 404, "model_id"),  # no such calibration
                  (f"/v1/features/toy/{LAYER}/{STREAM}/abc", 400, "feature_id"),  # not a bare 404: the field named
                  (f"/v1/features/toy/one/{STREAM}/{fid}", 400, "layer"),
                  (f"/v1/features/toy/{LAYER}/{STREAM}/-1", 400, "feature_id")]
@@ -243,3 +246,30 @@ def test_feature_route_on_a_catalog_without_runs(toy_registry, tmp_path):
         assert_error(srv.client.get("/v1/features/toy/1/resid_pre/3"), 404, "sae_id")
     finally:
         srv.stop()
+
+
+def test_feature_show_picks_a_models_calibration(stored, toy_registry, tmp_path):
+    """After a fine-tune calibrated the SAE too (as drift does), the newest calibration is the
+    fine-tune's; ``--model`` shows the base model's statistics instead, equal to its feature_stats row."""
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(stored, db)
+    fid = _busiest_feature(db)
+    corpus = Registry.load(toy_registry).models["toy"].calibration_corpus
+    common = ["--db", str(db), "--registry", str(toy_registry)]
+    done = run_cli("calibrate", "--model", "toy-finance", "--sae", "toy", "--layers", str(LAYER), "--streams", STREAM,
+                   "--corpus", str(corpus), *common)
+    assert done.returncode == 0, done.stderr
+    show = ["feature", "show", "--sae", "toy", "--layer", str(LAYER), "--feature", str(fid), "--format", "json", *common]
+    newest, base = (json.loads(run_cli(*show, *extra).stdout)["calibration"] for extra in ([], ["--model", "toy"]))
+    assert (newest["model_id"], base["model_id"]) == ("toy-finance", "toy")
+    with _read(db) as con:
+        row = con.execute("SELECT f.calibration_id, f.mean, f.max, f.p95, f.density FROM feature_stats f "
+                          "JOIN calibrations c USING (calibration_id) JOIN models m USING (model_key) "
+                          "JOIN saes s ON s.sae_key = f.sae_key WHERE m.model_id = 'toy' AND s.layer = ? "
+                          "AND f.feature_id = ?", [LAYER, fid]).fetchall()
+    assert [(base["calibration_id"], base["mean"], base["max"], base["p95"], base["density"])] == \
+        [tuple(pytest.approx(v) for v in r) for r in row]
+    assert newest["calibration_id"] > base["calibration_id"]
+    unknown = run_cli(*show, "--model", "nope")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: model_id: no calibration of 'nope'"), \
+        unknown.stderr
