@@ -287,7 +287,6 @@ def refuse_unknown_query(request: Request) -> None:
     refuse_repeated_query(request, [name for name, f in declared.items() if not f.is_non_string_sequence])
 
 
-
 async def check_request(request: Request) -> None:
     """Before every API route: its query string (:func:`refuse_unknown_query`), then its body, if it
     takes one (:func:`api.body.check_body`)."""

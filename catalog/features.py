@@ -86,23 +86,12 @@ def _lite(labels: list[dict], calibration: dict | None) -> dict | None:
     return None if chosen is None else lite_parts(chosen["label"])
 
 
-def _newest_calibration(con: duckdb.DuckDBPyConnection, sae_key: int, model_id: str | None) -> int | None:
-    """The newest calibration with statistics for this SAE, by any model, or by ``model_id`` (any of its
-    weight fingerprints) when given."""
-    if model_id is None:
-        return calibration_for(con, sae_key)
-    rows = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
-                       "JOIN models m USING (model_key) WHERE f.sae_key = ? AND m.model_id = ?",
-                       [sae_key, model_id]).fetchall()
-    return None if rows[0][0] is None else int(rows[0][0])
-
-
 def _calibration(con: duckdb.DuckDBPyConnection, keys: list[int], feature_id: int, model_id: str | None = None
                  ) -> dict | None:
     """The feature's statistics and histogram in the newest calibration of its SAE (by any model, or by
     ``model_id``: a fine-tune's calibration need not be the one shown), with that calibration's corpus
     and model; ``buckets`` are the histogram's bins over (0, max], zeros counted apart."""
-    calibrations = {key: _newest_calibration(con, key, model_id) for key in keys}
+    calibrations = {key: calibration_for(con, key, model_id=model_id) for key in keys}
     if model_id is not None and all(cal is None for cal in calibrations.values()):
         raise UnknownFeature("model_id", f"no calibration of {model_id!r} holds statistics for this SAE")
     found = [h for key, cal in calibrations.items() if (h := histograms(con, cal, key, [feature_id]).get(feature_id))]

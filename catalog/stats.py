@@ -36,8 +36,8 @@ def write_calibration(catalog: Catalog, model: ModelInfo, saes: Sequence[SAEInfo
     ``tokens``: doc int32, position int32, token_id int32, token string — every analysed token.
     ``acts``: doc, position, sae_index, feature_id, act — nonzero codes of those tokens.
     ``extend``: add these SAEs to that calibration (:func:`calibration_to_extend`: the same model and
-    corpus, so the same tokens, stored once) instead of making a new one, when it holds as many
-    documents and tokens as this pass; the id written to is returned.
+    corpus, so the same tokens, stored once) instead of making a new one, when it holds exactly these
+    tokens at these (doc, position)s (:func:`_same_pass`); the id written to is returned.
     """
     n_tokens = tokens.num_rows
     if n_tokens == 0:
@@ -105,14 +105,18 @@ def feature_stats_params(calibration_id: int, sae_key: int, n_tokens: int, d_sae
     return {"cal": calibration_id, "sae": sae_key, "n": n_tokens, "d_sae": d_sae, "q": q}
 
 
-def calibration_for(con: duckdb.DuckDBPyConnection, sae_key: int, model_key: int | None = None) -> int | None:
+def calibration_for(con: duckdb.DuckDBPyConnection, sae_key: int, model_key: int | None = None,
+                    model_id: str | None = None) -> int | None:
     """The newest calibration with statistics for this SAE — of this model when ``model_key`` is given
-    (a run's τ and normalization come from its own model's activations), else of any model."""
-    if model_key is None:
+    (a run's τ and normalization come from its own model's activations), of any model with id
+    ``model_id`` (any of its weight fingerprints: ``feature show --model``), else of any model."""
+    if model_key is None and model_id is None:
         row = con.execute("SELECT max(calibration_id) FROM feature_stats WHERE sae_key = ?", [sae_key]).fetchone()
     else:
         row = con.execute("SELECT max(f.calibration_id) FROM feature_stats f JOIN calibrations c USING (calibration_id) "
-                          "WHERE f.sae_key = ? AND c.model_key = ?", [sae_key, model_key]).fetchone()
+                          "JOIN models m USING (model_key) WHERE f.sae_key = $sae AND coalesce(c.model_key = $key, true) "
+                          "AND coalesce(m.model_id = $id, true)", {"sae": sae_key, "key": model_key, "id": model_id}
+                          ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
 
 
