@@ -36,7 +36,7 @@ every feature (most fire on a few % of tokens), so the gate would not gate; else
 (``threshold_source: "none"``). A feature that never fired in calibration has τ = 0.
 
 These rules are implemented once, as the DuckDB table macros of :mod:`catalog.scoring` (stored in the
-catalog by migrations 0005–0008, public as ``feature_scores``): this module checks the options, calls them,
+catalog by migrations 0005–0008 and 0011–0013, public as ``feature_scores``): this module checks the options, calls them,
 cuts the top ``return_top_x`` and attaches labels and spans.
 
 :class:`RankOptions` is the one definition of the ranking options: each field's help text and

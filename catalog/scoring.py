@@ -1,7 +1,7 @@
 """The scoring rules of ``catalog/ranking.py`` as DuckDB table macros: the one implementation of scoring.
 
 Discovery's ranking, ``runs rank``, drift and a user's ``sql`` query all run these macros (stored in
-the catalog by migrations 0005–0008, so plain ``duckdb`` sees them too):
+the catalog by migrations 0005–0008 and 0011–0013, so plain ``duckdb`` sees them too):
 
 - ``scoring_hooks(run_ids, calibration_id, sae_keys, calibration_model)``: one row per (run, SAE) to
   score, with the run's analysed-token count ``n`` (n_kept, at least 1), the calibration that gives τ,
@@ -24,6 +24,11 @@ each run's own) and ``calibration_model`` (whose calibrations: NULL = each run's
 model, else that model_key). Macro parameters shadow unqualified column names of the same name, so
 every column below is qualified.
 
+The macros refuse, with ``error('<argument>: …')``, what they cannot score — an unknown choice, a number
+out of range, an attribution mode over a run without attributions, a batch background over a model's
+lone run — in filters, not in the score column, so the refusal does not depend on the columns a query
+selects (the Python layer checks the same first, with its own messages).
+
 Migration texts are frozen: changing :data:`MACROS` needs a new migration that recreates the macros
 with the new text (``tests/test_ranking_properties.py`` compares it with a freshly migrated catalog's).
 """
@@ -45,6 +50,7 @@ SCORE_EXPR = {
 }
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
 ATTRIBUTION_MODES = ("attribution", "attribution_abs")  # scores in units of the target M: never normalized
+ATTRIBUTION_LIST = ", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)  # as an SQL list's items
 NEEDS_CALIBRATION = ("context",)  # the calibration's documents say how features are active together
 WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 # (an unknown score_mode never gets here: scored_features' first CTE refuses it, whatever is selected)
@@ -77,7 +83,8 @@ QUANTILES_CTES = """
     quantile_pairs AS (
         SELECT x.cal, x.sae_key, x.n, floor(x.h)::BIGINT AS lo, least(floor(x.h)::BIGINT + 1, x.n - 1) AS hi,
                x.h - floor(x.h)::BIGINT AS frac
-        FROM (SELECT o.cal, o.sae_key, o.n, (o.n - 1) * {q} AS h FROM quantile_of o) x
+        FROM (SELECT o.cal, o.sae_key, o.n, (o.n - 1) * {q} AS h
+              FROM quantile_of o) x
     ),
     quantile_ranked AS (
         SELECT a.calibration_id AS cal, a.sae_key, a.feature_id, a.act,
@@ -110,6 +117,10 @@ QUANTILES_CTES = """
 # positional or stray one (a word used in another sense than the corpus uses it) gets little support.
 # Documents where one of the two is silent add 0 to Σx_f·x_g, so only pairs active in a same document
 # are joined; every CTE is empty in the other modes.
+# the quantile scored_features computes: clamped to [0, 1], as quantile_cont refuses others while binding
+# the statement, before the hooks' check could name tau_quantile (which refuses them first)
+CHECKED_QUANTILE = "least(greatest(coalesce(tau_quantile, 0.95)::DOUBLE, 0), 1)"
+
 CONTEXT_CTES = f"""
     context_features AS (
         SELECT DISTINCT g.cal, g.sae_key, g.feature_id FROM gated g WHERE score_mode = 'context'
@@ -218,7 +229,21 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                    WHEN coalesce(normalization NOT IN ('calibration_max', 'sae_median_max', 'none'), true)
                    THEN error('normalization: expected one of calibration_max, sae_median_max, none, got '
                               || coalesce(normalization, 'NULL'))
-                   ELSE true END  -- each choice checked whatever columns are selected
+                   WHEN coalesce(NOT (min_coverage_pct::DOUBLE BETWEEN 0 AND 100), true)
+                   THEN error('min_coverage_pct: expected a number in [0, 100], got '
+                              || coalesce(min_coverage_pct::VARCHAR, 'NULL'))
+                   WHEN coalesce(NOT (tau_quantile::DOUBLE BETWEEN 0 AND 1), false)
+                   THEN error('tau_quantile: expected a number in [0, 1] or NULL, got ' || tau_quantile::VARCHAR)
+                   WHEN coalesce(NOT (tau::DOUBLE >= 0), false)
+                   THEN error('tau: expected a number >= 0 or NULL, got ' || tau::VARCHAR)
+                   WHEN background = 'batch' AND coalesce(len(background_runs), 0) > 0
+                   THEN error('background: batch contrasts the runs ranked together; give it or background_runs, '
+                              || 'not both')
+                   WHEN background = 'batch' AND h.batch_n = h.n
+                   THEN error('background: batch contrasts each run with the other runs ranked with it (of the '
+                              || 'same model); run ' || h.run_id || ' is its model''s only run in run_ids — list '
+                              || 'more runs of that model, or use background ''calibration''')
+                   ELSE true END  -- each argument checked whatever columns are selected
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
     stats AS (
@@ -234,7 +259,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
     quantile_of AS (  -- another quantile than the stored P95s: computed as writing the calibration computed those
         SELECT u.cal, u.sae_key, c.n_tokens AS n FROM used u JOIN calibrations c ON c.calibration_id = u.cal
         WHERE tau IS NULL AND coalesce(tau_quantile, 0.95)::DOUBLE <> 0.95
-    ),{QUANTILES_CTES.format(q="coalesce(tau_quantile, 0.95)::DOUBLE")},
+    ),{QUANTILES_CTES.format(q=CHECKED_QUANTILE)},
     quantile_taus AS (
         SELECT q.cal, q.sae_key, q.feature_id, CASE tau_basis WHEN 'active' THEN q.q_active ELSE q.q_all END AS tau
         FROM quantiles q
@@ -290,12 +315,17 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                     ELSE g.cal_mean END AS bg_mean
         FROM agg g LEFT JOIN batch_totals b
              ON b.model_key = g.model_key AND b.sae_key = g.sae_key AND b.feature_id = g.feature_id
+        WHERE CASE WHEN score_mode IN ({ATTRIBUTION_LIST}) AND g.attribution IS NULL
+                   THEN error('score_mode: run ' || g.run_id || ' has no attributions (it was made with '
+                              || 'attribution_target=none); rank it by another score_mode, or run it again with an '
+                              || 'attribution_target')
+                   ELSE true END
     ),
     gated AS (
         SELECT m.*, m.mean / m.divisor AS mean_n, m.max / m.divisor AS max_n,
                CASE WHEN m.has_bg THEN m.mean - m.bg_mean END AS selectivity
         FROM measured m
-        WHERE m.coverage * 100 >= min_coverage_pct::DOUBLE
+        WHERE m.coverage * 100 >= coalesce(min_coverage_pct::DOUBLE, 0)  -- (NULL: refused above; a NULL here would prune it)
     ),{CONTEXT_CTES}
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
            CASE WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
@@ -306,7 +336,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                            || 'background_runs, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
-           CASE WHEN g.all_calibrated AND score_mode NOT IN ({", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)})
+           CASE WHEN g.all_calibrated AND score_mode NOT IN ({ATTRIBUTION_LIST})
                 THEN normalization ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""

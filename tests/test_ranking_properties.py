@@ -277,9 +277,10 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
     assert spans == [{"text": "bc", "position": [0, 3], "act": 1.0, "marked": "[[b]]c"}]  # BOS text left out, ±8 clipped
 
 
-def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.ndarray], d: int) -> int:
+def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.ndarray], d: int,
+                attributed: bool = True) -> int:
     """A text run of ``len(dense[0])`` analysed tokens after a special token, with these dense codes per
-    hook and signed attributions on its nonzero codes; returns its run key."""
+    hook and (``attributed``) signed attributions on its nonzero codes; returns its run key."""
     n = len(dense[0])
     tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
                        "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
@@ -290,7 +291,7 @@ def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.nd
             "generate": False, "n_tokens": n + 1, "n_kept": n}
     attr = [np.where(x > 0, np.linspace(-1, 1, x.size).reshape(x.shape), 0.0) for x in dense]
     key, _ = writes.write_run(catalog, meta, model, infos(d), tokens,
-                              sparse(dense, np.arange(1, n + 1, dtype=np.int32), attr_by_hook=attr))
+                              sparse(dense, np.arange(1, n + 1, dtype=np.int32), attr_by_hook=attr if attributed else None))
     return key
 
 
@@ -535,6 +536,91 @@ def test_migration_0012_adds_normalization_and_its_downgrade_restores_0011(tmp_p
         old.close()
     command.upgrade(cfg, "head")
 
+
+
+def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_0012(tmp_path):
+    """Called directly (as a user's SQL does), ``feature_scores`` refuses, naming the argument, a
+    coverage gate outside [0, 100] or NULL, a quantile outside [0, 1], a negative τ, a batch background
+    with background runs or over a model's lone run, and an attribution mode over a run without
+    attributions — also when the query selects no score (``count(*)``) — and accepts every bound
+    itself. Downgrading to 0012 restores its text, under which the same calls ran (NULL scores or
+    nothing), and upgrading again the code's."""
+    from alembic import command
+
+    from catalog.db import alembic_config
+
+    path = tmp_path / "c.duckdb"
+    cat = Catalog(path)
+    rng = np.random.default_rng(13)
+    _calibrate(cat, MODEL, rng, 6)
+    for name in ("r0", "r1"):
+        _stored_run(cat, name, MODEL, [random_dense(rng, 5, 6, 0.5) for _ in HOOKS], 6)
+    _stored_run(cat, "plain", writes.ModelInfo("m2", "fp2", "gpt2", 4, 8),
+                [random_dense(rng, 5, 6, 0.5) for _ in HOOKS], 6, attributed=False)
+    refused = [
+        ("['r0']", "min_coverage_pct := 150", r"min_coverage_pct: expected a number in \[0, 100\], got 150"),
+        ("['r0']", "min_coverage_pct := -1", r"min_coverage_pct: expected a number in \[0, 100\], got -1"),
+        ("['r0']", "min_coverage_pct := NULL", r"min_coverage_pct: expected a number in \[0, 100\], got NULL"),
+        ("['r0']", "tau_quantile := 1.5", r"tau_quantile: expected a number in \[0, 1\] or NULL, got 1.5"),
+        ("['r0']", "tau := -0.1", r"tau: expected a number >= 0 or NULL, got -0.1"),
+        ("['r0', 'r1']", "background := 'batch', background_runs := ['plain']", r"background: .* not both"),
+        ("['r0', 'plain']", "background := 'batch', score_mode := 'lift'",
+         r"background: batch contrasts each run .* run plain is its model's only run in run_ids"),
+        ("['r0', 'plain']", "score_mode := 'attribution_abs'", r"score_mode: run plain has no attributions"),
+    ]
+    accepted = [("['r0']", f"min_coverage_pct := {p}") for p in (0, 100)] + [
+        ("['r0']", f"tau_quantile := {q}") for q in (0, 1)] + [
+        ("['r0']", "tau := 0"), ("['r0', 'r1']", "background := 'batch', score_mode := 'lift'"),
+        ("['r0', 'r1']", "score_mode := 'attribution'")]
+
+    def count(runs: str, args: str) -> int:
+        con = cat.raw()
+        try:
+            return con.execute(f"SELECT count(*) FROM feature_scores({runs}, {args})").fetchone()[0]
+        finally:
+            con.close()
+
+    def scores(runs: str, args: str) -> list:
+        con = cat.raw()
+        try:
+            return [s for (s,) in con.execute(f"SELECT score FROM feature_scores({runs}, {args})").fetchall()]
+        finally:
+            con.close()
+
+    for runs, args, message in refused:
+        for query in (count, scores):
+            with pytest.raises(duckdb.InvalidInputException, match=message):
+                query(runs, args)
+    for runs, args in accepted:
+        got = scores(runs, args)
+        assert all(s is not None and np.isfinite(s) for s in got), (runs, args)
+    assert scores("['r0']", "min_coverage_pct := 0") and not scores("['r0']", "min_coverage_pct := 100")
+    at_head = scores("['r0', 'r1']", "score_mode := 'lift', min_coverage_pct := 0")
+    cat.close()
+
+    query = "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'scored_features'"
+    only_0012 = tmp_path / "only_0012.duckdb"
+    command.upgrade(alembic_config(f"duckdb:///{only_0012}"), "0012")
+    con = duckdb.connect(str(only_0012))
+    (text_0012,) = con.execute(query).fetchone()
+    con.close()
+    cfg = alembic_config(f"duckdb:///{path}")
+    command.downgrade(cfg, "0012")
+    old = Catalog(path, migrate=False)
+    try:
+        con = old.raw()
+        assert con.execute(query).fetchone() == (text_0012,)
+        con.close()
+        cat = old
+        assert scores("['r0', 'r1']", "score_mode := 'lift', min_coverage_pct := 0") == at_head
+        assert scores("['r0', 'plain']", "background := 'batch', score_mode := 'lift'").count(None) > 0
+        assert count("['r0']", "min_coverage_pct := 150") == 0
+    finally:
+        old.close()
+    command.upgrade(cfg, "head")
+    con = duckdb.connect(str(path))
+    assert con.execute(query).fetchone() != (text_0012,)
+    con.close()
 
 def test_context_ranks_the_features_that_fire_with_the_prompts_other_features(catalog):
     """A hand-made case of score mode ``context``: in calibration, features 0-2 fire together in the
