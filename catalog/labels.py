@@ -178,6 +178,8 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if text.lstrip().startswith("["):  # a JSON array export
         lines = [json.dumps(o) for o in _json(text, path.name, "a JSON array")]
+    elif _one_object(text):  # one object over several lines (pretty-printed), not JSONL
+        lines = [json.dumps(json.loads(text))]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -192,6 +194,18 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
         rows.append(LabelRow(_feature(obj["index"], where), _label(obj["description"], where), "neuronpedia",
                              _score(score, where), neuronpedia_hook(_sae_name(obj.get("layer"), where)), where=where))
     return rows
+
+
+def _one_object(text: str) -> bool:
+    """Whether a Neuronpedia file's whole text is one JSON object written over several lines (a
+    pretty-printed explanation): read line by line as JSONL, its first line alone is "not JSON"."""
+    body = text.strip()
+    if not body.startswith("{") or "\n" not in body:
+        return False
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):  # JSONL (several objects), or broken: the line reader says where
+        return False
 
 
 def parse_delphi(path: Path) -> list[LabelRow]:

@@ -38,6 +38,26 @@ def test_neuronpedia_jsonl_gz(toy_discovery, tmp_path):
                                       (1, "resid_pre", 7, "neuronpedia"): ("sports scores", None)}
 
 
+def test_a_pretty_printed_neuronpedia_object_and_array_are_read_whole(toy_discovery, tmp_path):
+    """A ``.json`` file holding one explanation object written over several lines (``json.dump(...,
+    indent=2)``) is one label, not a "line 1 is not JSON" error; an indented array gives one label per
+    object; a broken object still names the line where reading stopped."""
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"modelId": "toy", "layer": "1-res-jb", "index": 5, "description": "kitchen verbs",
+                               "score": 0.4}, indent=2))
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([{"modelId": "toy", "layer": "1-res-jb", "index": i, "description": f"label {i}"}
+                                for i in (8, 9)], indent=2))
+    assert toy_discovery.import_labels(one, "toy")["imported"] == 1
+    assert _labels(toy_discovery) == {(1, "resid_pre", 5, "neuronpedia"): ("kitchen verbs", 0.4)}
+    assert toy_discovery.import_labels(many, "toy")["imported"] == 2  # (an import replaces the hook's labels)
+    assert _labels(toy_discovery) == {(1, "resid_pre", 8, "neuronpedia"): ("label 8", None),
+                                      (1, "resid_pre", 9, "neuronpedia"): ("label 9", None)}
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "index": 5,\n  "description": "x"\n')
+    with pytest.raises(CatalogError, match=r"broken.json:1 is not JSON"):
+        toy_discovery.import_labels(broken, "toy")
+
 def test_delphi_folder(toy_discovery, tmp_path):
     folder = tmp_path / "explanations"
     folder.mkdir()
