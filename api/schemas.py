@@ -477,7 +477,7 @@ class SqlResult(Struct, kw_only=True):
 
 
 class StoreSnapshot(Struct, kw_only=True):
-    uri: str  # the Delta store served (serve --store)
+    name: str  # the Delta store served (serve --store), by its URI's last part: the server's paths are not told
     runs_version: int  # the version of its runs table pinned when the server started
 
 

@@ -330,7 +330,13 @@ class ApiService:
         return {"status": "ok", "models": sorted(self.registry.models), "saes": sorted(self.registry.saes),
                 "models_loaded": self.discovery.loaded_models(), "forward_runs": self.discovery.model_calls,
                 "in_flight": self.in_flight(), "read_only": self.catalog.read_only, "limits": self.settings.public(),
-                "store": {"uri": self.catalog.path, "runs_version": versions["runs"]} if versions else None}
+                "store": {"name": store_name(self.catalog.path), "runs_version": versions["runs"]} if versions else None}
+
+
+def store_name(uri: str) -> str:
+    """A store's public name: its URI's last part (``s3://bucket/stores/demo`` → ``demo``), as a
+    calibration's corpus is told by its file name."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
 
 
 def open_catalog(path: str | Path | None, read_only: bool | None, store: str | None) -> Catalog:

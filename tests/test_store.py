@@ -568,7 +568,7 @@ def test_feature_show_and_the_server_over_a_store_answer_as_the_local_catalog(ca
     try:
         c = srv.client
         health = c.get("/healthz").json()
-        assert health["read_only"] and health["store"] == {"uri": str(uri), "runs_version":
+        assert health["read_only"] and health["store"] == {"name": uri.name, "runs_version":
                                                            store.open_table(str(uri), "runs").version()}
         page = c.get("/v1/runs", params={"limit": 100}).json()
         assert sorted(r["run_id"] for r in page["runs"]) == run_ids and page["total"] == 6
