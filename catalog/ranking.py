@@ -59,6 +59,7 @@ from catalog.scoring import (  # noqa: F401 (LIFT_PRIOR, ATTRIBUTION_MODES: re-e
     NEEDS_BACKGROUND,
     NEEDS_CALIBRATION,
     SCORE_EXPR,
+    UNNORMALIZED_MODES,
     macro_call,
 )
 from catalog.stats import TAU_BASES, TauBasis
@@ -231,7 +232,7 @@ def provenance(run_keys: list[int], opts: RankOptions, params: dict, rows: list[
     if opts.score_mode in NEEDS_BACKGROUND:
         _require_background(opts, complete, per_model)
     return Scoring(params, cals,
-                   {k: opts.normalization if complete.get(k) and opts.score_mode not in ATTRIBUTION_MODES else "none"
+                   {k: opts.normalization if complete.get(k) and opts.score_mode not in UNNORMALIZED_MODES else "none"
                     for k in run_keys},
                    {k: _threshold_source(opts, any(c is not None for c in cals[k].values())) for k in run_keys},
                    _calibration_infos(run_keys, rows), calibration_changes(rows))

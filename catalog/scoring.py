@@ -51,6 +51,9 @@ SCORE_EXPR = {
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
 ATTRIBUTION_MODES = ("attribution", "attribution_abs")  # scores in units of the target M: never normalized
 ATTRIBUTION_LIST = ", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)  # as an SQL list's items
+# scores no divisor changes: attributions (units of M) and the ratios (lift's prior is a share of the
+# feature's own calibration max whatever the normalization): their rows say normalization 'none'
+UNNORMALIZED_MODES = (*ATTRIBUTION_MODES, "lift", "context")
 NEEDS_CALIBRATION = ("context",)  # the calibration's documents say how features are active together
 WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 # (an unknown score_mode never gets here: scored_features' first CTE refuses it, whatever is selected)
@@ -336,7 +339,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                            || 'background_runs, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
-           CASE WHEN g.all_calibrated AND score_mode NOT IN ({ATTRIBUTION_LIST})
+           CASE WHEN g.all_calibrated AND score_mode NOT IN ({", ".join(f"'{m}'" for m in UNNORMALIZED_MODES)})
                 THEN normalization ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""

@@ -239,8 +239,9 @@ def test_ranking_equals_the_numpy_oracle(tmp_path_factory, seed, n, d, density, 
             assert f["attribution"] is None
     # invariants whatever the options: coverage is a fraction of the run's tokens, the mean at most the max
     assert all(0 <= f["coverage"] <= 1 and f["mean"] <= f["max"] + 1e-12 for f in got["features"])
-    # attribution scores are raw (units of M); the activity modes' are on the calibration's scale
-    assert got["normalization"] == (normalization if calibrated and mode not in ranking.ATTRIBUTION_MODES else "none")
+    # attribution scores are raw (units of M), lift and context ratios; the activity modes' on the calibration's scale
+    assert got["normalization"] == (normalization if calibrated and mode not in ("attribution", "attribution_abs", "lift",
+                                                                                 "context") else "none")
     assert {r["normalization"] for r in from_sql} <= {got["normalization"]}
     suffix = "" if basis == "active" else "_all"  # the default basis keeps the plain name
     assert got["threshold_source"] == {"global": "global",
@@ -521,6 +522,8 @@ def test_migration_0012_adds_normalization_and_its_downgrade_restores_0011(tmp_p
     at_head = [feature_scores(cat, ["r"], o) for o in option_sets]
     by_sae = feature_scores(cat, ["r"], ranking.RankOptions(score_mode="mean", normalization="sae_median_max"))
     assert all(at_head) and {r["normalization"] for r in by_sae} == {"sae_median_max"}
+    assert {r["normalization"] for r in at_head[2]} == {"none"}  # lift, a ratio, since 0013 (0011: the asked one)
+    at_head[2] = [{**r, "normalization": "calibration_max"} for r in at_head[2]]
     cat.close()
     cfg = alembic_config(f"duckdb:///{path}")
     command.downgrade(cfg, "0011")

@@ -3,7 +3,8 @@
 ``background := 'batch'`` together with ``background_runs`` or over a model's lone run (its
 leave-one-out background had no tokens: NULL scores), and an attribution score mode over a run stored
 without attributions (NULL scores). The checks are filters, so they hold whatever columns a query
-selects. Every accepted call returns what 0012 returned.
+selects. The ``normalization`` column says ``none`` for lift and context too (as for the attribution
+modes): no divisor changes their scores. Every accepted call returns 0012's scores.
 
 Revision ID: 0013
 Revises: 0012
@@ -234,7 +235,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
                      WHEN 'context' THEN coalesce(cx.support, 0)
                    END END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
-           CASE WHEN g.all_calibrated AND score_mode NOT IN ('attribution', 'attribution_abs')
+           CASE WHEN g.all_calibrated AND score_mode NOT IN ('attribution', 'attribution_abs', 'lift', 'context')
                 THEN normalization ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""
