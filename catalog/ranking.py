@@ -46,6 +46,7 @@ inclusive bounds are in its metadata and its choices in its type, for the reques
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
@@ -323,15 +324,19 @@ def rank_run(catalog: Catalog, run_key: int, sae_keys: list[int], opts: RankOpti
     return rank_runs(catalog, [run_key], sae_keys, opts)[0]
 
 
-def rank_runs(catalog: Catalog, run_keys: list[int], sae_keys: list[int], opts: RankOptions) -> list[dict]:
+def rank_runs(catalog: Catalog, run_keys: list[int], sae_keys: list[int], opts: RankOptions,
+              contrast: Sequence[int] = ()) -> list[dict]:
     """Rank several stored runs (their run keys) with the same options and SAEs, as ``rank_run`` would
     one by one, in a handful of statements for all of them (batch mode ranks a group at once). Each run
     is scored by the ``feature_scores`` macro over its stored ``n_kept`` tokens (the macro reads them:
-    callers pass no counts), on its own model's calibrations (``opts.model_key`` pins another model's)."""
+    callers pass no counts), on its own model's calibrations (``opts.model_key`` pins another model's).
+    ``contrast``: more runs scored with them, for a batch background only, and not returned (no spans
+    or labels are read for them)."""
     con = catalog.raw()
     try:
         unique = list(dict.fromkeys(run_keys))  # a run listed twice is scored once
-        ranked = _rank_unique_runs(con, unique, sae_keys, opts)
+        extra = [k for k in dict.fromkeys(contrast) if k not in set(unique)] if opts.background == "batch" else []
+        ranked = _rank_unique_runs(con, unique, sae_keys, opts, extra)
         seen: set[int] = set()
         out = []
         for run_key in run_keys:  # a repeated run gets its own copy: callers reshape their results in place
@@ -342,18 +347,21 @@ def rank_runs(catalog: Catalog, run_keys: list[int], sae_keys: list[int], opts: 
         con.close()
 
 
-def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions) -> dict[int, dict]:
-    """``rank_runs`` for distinct runs: run_key → ranked result."""
+def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankOptions,
+                      contrast: list[int]) -> dict[int, dict]:
+    """``rank_runs`` for distinct runs (and distinct ``contrast`` runs, scored but not returned): run_key →
+    ranked result."""
+    scored_keys = [*run_keys, *contrast]
     if opts.score_mode in ATTRIBUTION_MODES:
-        require_attributions(con, run_keys)
-    params = scoring_params(con, run_keys, sae_keys, opts, opts.model_key)
+        require_attributions(con, scored_keys)
+    params = scoring_params(con, scored_keys, sae_keys, opts, opts.model_key)
     try:  # one statement: the provenance rows (feature_id NULL) first, then the top features
-        rows = _rows(con.execute(_ranked_sql(params, opts.merge_across_layers), {**params, "top": opts.return_top_x}))
+        rows = _ranked_rows(con, params, opts, run_keys)
     except duckdb.InvalidInputException:  # a macro's refusal: say it as the Python checks do (field and advice)
-        scoring(con, run_keys, sae_keys, opts, opts.model_key)
+        scoring(con, scored_keys, sae_keys, opts, opts.model_key)
         raise
     n_hooks = next((i for i, r in enumerate(rows) if r["feature_id"] is not None), len(rows))
-    scored = provenance(run_keys, opts, params, rows[:n_hooks])
+    scored = provenance(scored_keys, opts, params, rows[:n_hooks])
     features = [{c: r[c] for c in FEATURE_COLUMNS} for r in rows[n_hooks:]]
     if opts.attach_proto_labels:
         _attach_labels(con, features, [r["calibration_id"] for r in rows[n_hooks:]])
@@ -378,7 +386,7 @@ def _say_gated_attributions(con, run_keys: list[int], sae_keys: list[int], opts:
     strong activity); a feature can matter to the target while firing weakly, and users ask what was used."""
     ungated = replace(opts, min_coverage_pct=0.0, attach_proto_labels=False, attach_examples=False)
     params = scoring_params(con, run_keys, sae_keys, ungated, ungated.model_key)
-    rows = _rows(con.execute(_ranked_sql(params, opts.merge_across_layers), {**params, "top": opts.return_top_x}))
+    rows = _ranked_rows(con, params, opts, run_keys)
     for key, ranked in out.items():
         kept = {(f["layer"], f["stream"], f["feature_id"]) for f in ranked["features"]}
         left = [r for r in rows if r["run_key"] == key and r["feature_id"] is not None
@@ -395,8 +403,9 @@ def _say_empty_hooks(out: dict[int, dict], hooks: list[dict], opts: RankOptions)
     """Per-hook rankings: a warning for each hook of a run where no feature passed the gates (its block
     would be missing without a word)."""
     for row in hooks:
-        ranked = out[row["run_key"]]
-        if not any(f["layer"] == row["layer"] and f["stream"] == row["stream"] for f in ranked["features"]):
+        ranked = out.get(row["run_key"])  # (a batch background's contrast runs are not returned)
+        if ranked is not None and not any(f["layer"] == row["layer"] and f["stream"] == row["stream"]
+                                          for f in ranked["features"]):
             ranked["warnings"].append(
                 f"min_coverage_pct: no feature of layer {row['layer']} {row['stream']} passed the gates (active, "
                 f"above its τ on at least {opts.min_coverage_pct:g}% of the analyzed tokens); lower min_coverage_pct "
@@ -412,16 +421,24 @@ STREAM_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 STREAM_POSITION = f"list_position({list(STREAM_ORDER)!r}, stream)"
 
 
+def _ranked_rows(con, params: dict, opts: RankOptions, returned: list[int]) -> list[dict]:
+    """The rows of :func:`_ranked_sql` for the runs of ``params`` and ``opts``' merge mode and top,
+    features for the ``returned`` runs only."""
+    return _rows(con.execute(_ranked_sql(params, opts.merge_across_layers),
+                             {**params, "top": opts.return_top_x, "returned": returned}))
+
+
 def _ranked_sql(params: dict, merge: bool) -> str:
-    """A ranking's one statement: the rows of :data:`PROVENANCE_SQL`, then each run's top ``$top``
-    features of ``feature_scores`` (over all its hooks when ``merge``, else per hook, the hooks in the
-    model's order) in ranking order."""
+    """A ranking's one statement: the rows of :data:`PROVENANCE_SQL`, then the top ``$top`` features of
+    ``feature_scores`` of each run in ``$returned`` (over all its hooks when ``merge``, else per hook, the
+    hooks in the model's order) in ranking order."""
     rank, order = ("rank", f"score DESC, layer, {STREAM_POSITION}, feature_id") if merge \
         else ("hook_rank", f"layer, {STREAM_POSITION}, score DESC, feature_id")
     return f"""
         WITH hooks AS ({provenance_sql(params)}),
         ranked AS (SELECT {', '.join(FEATURE_COLUMNS)}, calibration_id
-                   FROM {macro_call('feature_scores', params)} WHERE {rank} <= $top)
+                   FROM {macro_call('feature_scores', params)}
+                   WHERE {rank} <= $top AND list_contains($returned, run_key))
         SELECT * FROM hooks UNION ALL BY NAME SELECT * FROM ranked
         ORDER BY feature_id IS NOT NULL, run_key, {order}"""
 

@@ -241,8 +241,8 @@ class Discovery:
     # -- steps 5-6: rank in SQL and answer ------------------------------------------------------------
     def _respond(self, plans: list[RunPlan], stored: list[dict], contrast: list[dict] | None = None) -> list[dict]:
         """Rank stored runs that share model, SAEs and ranking options (one set of statements for all)
-        and shape each one's response as the seed does. ``contrast``: more stored runs ranked with them
-        for a batch background only (their own rankings are dropped)."""
+        and shape each one's response as the seed does. ``contrast``: more stored runs a batch background
+        contrasts them with (scored with them, not returned)."""
         first = plans[0]
         t_cal = time.perf_counter()
         notes = self.calibrator.ensure(first.entry, first.source, first.hooks)
@@ -253,8 +253,8 @@ class Discovery:
         req = first.req
         has_background = req.background_text is not None or req.background_file is not None
         background = self.background(req) if has_background else None
-        ranked = rank_stored(self.catalog, [run["run_key"] for run in [*stored, *(contrast or [])]], first.saes, req,
-                             background)[:len(stored)]
+        ranked = rank_stored(self.catalog, [run["run_key"] for run in stored], first.saes, req, background,
+                             [run["run_key"] for run in contrast or []])
         record_calibrations(self.catalog, {run["run_key"]: r["calibrations"] for run, r in zip(stored, ranked, strict=True)})
         verify_s: dict[int, float] = {}
         for n, (p, run, r) in enumerate(zip(plans, stored, ranked, strict=True)):

@@ -28,10 +28,11 @@ def rank_options(req: DiscoverRequest, background: list[int] | None = None) -> R
 
 
 def rank_stored(catalog: Catalog, run_keys: list[int], saes: list[SAEInfo], req: DiscoverRequest,
-                background: list[int] | None = None) -> list[dict]:
+                background: list[int] | None = None, contrast: Sequence[int] = ()) -> list[dict]:
     """Rank stored runs (their run keys) in SQL, all with ``req``'s ranking options: one dict per run
-    with its ranked feature rows, ``threshold_source`` and ``normalization``."""
-    return rank_runs(catalog, run_keys, runs.sae_keys_of(catalog, saes), rank_options(req, background))
+    with its ranked feature rows, ``threshold_source`` and ``normalization``. ``contrast``: more runs a
+    batch background contrasts them with (scored, not returned)."""
+    return rank_runs(catalog, run_keys, runs.sae_keys_of(catalog, saes), rank_options(req, background), contrast)
 
 
 def stored_run(catalog: Catalog, run_id: str) -> dict:

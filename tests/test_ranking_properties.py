@@ -362,6 +362,10 @@ def test_a_batch_background_is_the_other_runs_mean_leave_one_out(catalog):
                 want_score, want_sel = expected[(f["layer"], f["stream"], f["feature_id"])]
                 assert f["score"] == pytest.approx(want_score, rel=1e-5, abs=1e-6)
                 assert f["selectivity"] == pytest.approx(want_sel, rel=1e-5, abs=1e-6)
+        # the others as contrast only: the first run's ranking as above, the contrast runs' not returned
+        with_spans = replace(opts, attach_examples=True, return_top_x=3)
+        assert ranking.rank_runs(catalog, runs[:1], keys, with_spans, contrast=runs[1:]) == \
+            ranking.rank_runs(catalog, runs, keys, with_spans)[:1]
         with pytest.raises(CatalogError, match="batch contrasts each run with the other runs"):
             ranking.rank_runs(catalog, runs[:1], keys, opts)
     with pytest.raises(CatalogError, match="background: expected one of calibration, batch"):
