@@ -140,7 +140,8 @@ def label_routes(svc: ApiService) -> list[ControllerRouterHandler]:
           summary="Import an AutoInterp label table (file content in the body)")
     def import_labels(data: JSONBody[labels_type]) -> schemas.LabelsImported:  # type: ignore[valid-type]
         """One transaction for the whole table; the hook of each label comes from layer/stream, else the file."""
-        result = svc.import_labels(data.sae_id, data.format, data.content, data.files, data.layer, data.stream)
+        result = svc.import_labels(data.sae_id, data.format, data.content, data.files, data.layer, data.stream,
+                                   data.score_type)
         return msgspec.convert(result, schemas.LabelsImported)
 
     return [import_labels]

@@ -174,7 +174,8 @@ def labels_body(settings: ApiSettings) -> type[Struct]:
     struct = msgspec.defstruct("LabelsImportBody", [
         ("sae_id", Annotated[str, Meta(min_length=1, max_length=ID_MAX, description=API_HELP["sae_id"])]),
         ("format", Annotated[Literal["neuronpedia", "csv", "delphi"],
-                             Meta(description="neuronpedia: JSONL export (modelId, layer, index, description); "
+                             Meta(description="neuronpedia: JSONL export (modelId, layer, index, and description "
+                                              "or explanations); "
                                               "csv: header feature_id,label[,score,source,layer,stream]; "
                                               "delphi: explanation files, in files")]),
         ("content", content | None, None),
@@ -184,6 +185,9 @@ def labels_body(settings: ApiSettings) -> type[Struct]:
         ("layer", Annotated[int, Meta(ge=0, le=MAX_LAYER, description="the hook the labels belong to (with stream); "
                                                                      "default: from the file")] | None, None),
         ("stream", StreamName | None, None),
+        ("score_type", Annotated[str, Meta(min_length=1, max_length=ID_MAX, description=(
+            "neuronpedia: the score type (explanationScoreTypeName, e.g. eleuther_fuzz) whose values are a "
+            "label's score; needed when explanations carry several"))] | None, None),
     ], kw_only=True, forbid_unknown_fields=True, module=__name__)
     struct.__doc__ = "An AutoInterp label table, as content (never a server path)."
     return struct

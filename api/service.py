@@ -264,7 +264,7 @@ class ApiService:
 
     # -- labels ------------------------------------------------------------------------------------
     def import_labels(self, sae_id: str, fmt: str, content: str | None, files: dict[str, str] | None,
-                      layer: int | None, stream: str | None) -> dict:
+                      layer: int | None, stream: str | None, score_type: str | None = None) -> dict:
         if (layer is None) != (stream is None):
             raise RequestError("layer" if layer is None else "stream", "give layer and stream together")
         self.registry.sae(sae_id, allow_paths=False)
@@ -290,10 +290,13 @@ class ApiService:
                 path = Path(tmp) / ("labels.csv" if fmt == "csv" else "labels.jsonl")
                 path.write_text(_utf8("content", content or ""), encoding="utf-8")
             try:
-                return self.discovery.import_labels(path, sae_id, fmt, layer, stream)
+                return self.discovery.import_labels(path, sae_id, fmt, layer, stream, score_type)
             except LabelFileError as exc:  # the file is the body field holding it; the column goes in the message
+                message = exc.message.replace(tmp, "<upload>")
+                if exc.field == "score_type":  # the file's scores need the body's score_type: name it
+                    raise RequestError("score_type", message) from None
                 column = "" if exc.field == "file" else f"{exc.field}: "
-                raise RequestError(body_field, column + exc.message.replace(tmp, "<upload>")) from None
+                raise RequestError(body_field, column + message) from None
             except CatalogError as exc:
                 raise type(exc)(exc.field, exc.message.replace(tmp, "<upload>")) from None  # its kind kept (its status)
 

@@ -1,8 +1,13 @@
 """AutoInterp label tables → rows for the ``labels`` table (imported, never hand-typed), and their write.
 
 Formats:
-- Neuronpedia explanation exports: JSONL or JSONL.gz objects with ``modelId``, ``layer`` (the SAE id,
-  e.g. ``"6-res-jb"``), ``index`` (feature id) and ``description`` (optional ``score``/``scores``).
+- Neuronpedia explanation exports: JSONL or JSONL.gz (or a JSON array, or one pretty-printed object) of
+  objects with ``modelId``, ``layer`` (the SAE id, e.g. ``"6-res-jb"``), ``index`` (feature id) and either
+  ``description`` (one explanation) or ``explanations`` (a feature's list of them, each with its
+  ``description``: one label each, the best-scored one shown). An explanation's score: its ``score``, or
+  the mean ``value`` of its ``scores`` entries (``{explanationScoreTypeName, value}`` objects or numbers) —
+  of the entries of ``score_type`` when given, which a list of several score types needs (a fuzz score and
+  a recall score are not on one scale).
 - delphi explanation files: a folder (or one file) of ``<module>_latent<N>.txt`` files whose content is
   the explanation (a JSON string or plain text), e.g. ``layers.6_latent123.txt``.
 - CSV with a header: ``feature_id,label`` (+ optional ``score``, ``source``, ``sae``, ``layer``, ``stream``).
@@ -171,7 +176,7 @@ def _read(path: Path, opener: Callable[..., IO[str]] = open) -> str:
         raise CatalogError("file", f"{path.name} cannot be read ({exc})") from None
 
 
-def parse_neuronpedia(path: Path) -> list[LabelRow]:
+def parse_neuronpedia(path: Path, score_type: str | None = None) -> list[LabelRow]:
     rows = []
     text = _read(path, gzip.open if path.name.endswith(".gz") else open)
     # newlines only: JSON writes U+2028 and other line breaks str.splitlines knows raw inside strings
@@ -185,15 +190,39 @@ def parse_neuronpedia(path: Path) -> list[LabelRow]:
             continue
         where = f"{path.name}:{number}"
         obj = _json(line, where, "JSON")
-        if not isinstance(obj, dict) or "index" not in obj or not isinstance(obj.get("description"), str):
-            raise CatalogError("file", f"{where}: expected Neuronpedia fields index and description")
-        score = obj.get("score")
-        if score is None and isinstance(obj.get("scores"), list) and obj["scores"]:
-            first = obj["scores"][0]
-            score = first.get("value") if isinstance(first, dict) else first
-        rows.append(LabelRow(_feature(obj["index"], where), _label(obj["description"], where), "neuronpedia",
-                             _score(score, where), neuronpedia_hook(_sae_name(obj.get("layer"), where)), where=where))
+        explanations = [obj] if isinstance(obj, dict) and "description" in obj else \
+            obj.get("explanations") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or "index" not in obj or not isinstance(explanations, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("description"), str) for e in explanations):
+            raise CatalogError("file", f"{where}: expected Neuronpedia fields index and description (an "
+                                       "explanation), or index and explanations (a feature's list of them)")
+        feature, hook = _feature(obj["index"], where), neuronpedia_hook(_sae_name(obj.get("layer"), where))
+        rows.extend(LabelRow(feature, _label(e["description"], where), "neuronpedia",
+                             _explanation_score(e, where, score_type), hook, where=where) for e in explanations)
     return rows
+
+
+SCORE_TYPE_KEY = "explanationScoreTypeName"  # a Neuronpedia score entry's scorer (eleuther_fuzz, recall_alt, …)
+
+
+def _explanation_score(explanation: dict, where: str, score_type: str | None) -> float | None:
+    """A Neuronpedia explanation's score: its ``score``, else the mean value of its ``scores`` entries —
+    only those of ``score_type`` when given (None when it has none). Entries of several types without
+    ``score_type`` are refused, naming the types: averaging scorers of other scales means nothing."""
+    if score_type is None and explanation.get("score") not in (None, ""):
+        return _score(explanation["score"], where)
+    entries = explanation.get("scores")
+    if not isinstance(entries, list):
+        return None
+    typed = [(e.get(SCORE_TYPE_KEY), e.get("value")) if isinstance(e, dict) else (None, e) for e in entries]
+    if score_type is not None:
+        typed = [(t, v) for t, v in typed if t == score_type]
+    elif len({t for t, _ in typed}) > 1:
+        names = ", ".join(sorted({str(t) for t, _ in typed if t is not None}))
+        raise CatalogError("score_type", f"{where}: scores of several types ({names}); choose the one a label's "
+                                         "score is read from with score_type")
+    values = [s for s in (_score(v, where) for _, v in typed) if s is not None]
+    return math.fsum(values) / len(values) if values else None
 
 
 def _one_object(text: str) -> bool:
@@ -264,15 +293,19 @@ def _parse_csv(path: Path) -> list[LabelRow]:
     return rows
 
 
-def parse(path: str | Path, fmt: str | None = None) -> list[LabelRow]:
+def parse(path: str | Path, fmt: str | None = None, score_type: str | None = None) -> list[LabelRow]:
     file = Path(path)
     if not file.exists():
         raise CatalogError("file", f"{file} does not exist")
     fmt = fmt or detect_format(file)
     if fmt not in FORMATS:
         raise CatalogError("format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if score_type is not None and fmt != "neuronpedia":
+        raise CatalogError("score_type", f"only Neuronpedia files have typed scores; a {fmt} file's score is its own")
     try:
-        return {"neuronpedia": parse_neuronpedia, "delphi": parse_delphi, "csv": parse_csv}[fmt](file)
+        if fmt == "neuronpedia":
+            return parse_neuronpedia(file, score_type)
+        return {"delphi": parse_delphi, "csv": parse_csv}[fmt](file)
     except LabelFileError:
         raise
     except CatalogError as exc:  # every parser error is about the file's content

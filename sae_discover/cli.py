@@ -506,13 +506,15 @@ def cmd_labels(argv: list[str]) -> int:
     p.add_argument("--format", choices=["neuronpedia", "delphi", "csv"], help="default: from the file name")
     p.add_argument("--layer", type=int, help="the hook the labels belong to (default: from the file)")
     p.add_argument("--stream", help="with --layer")
+    p.add_argument("--score_type", help="Neuronpedia: the score type (explanationScoreTypeName, e.g. eleuther_fuzz) "
+                                        "whose values are a label's score; needed when explanations carry several")
     _common(p, model=False)
     ns = p.parse_args(argv)
     from sae_discover.labels import import_labels  # reads SAE configs (ingest loads torch)
     from sae_discover.loaders import Loaders
 
     source = Loaders(Registry.load(ns.registry)).source(ns.sae_id)
-    print(json.dumps(import_labels(_catalog(ns), source, ns.file, ns.format, ns.layer, ns.stream)))
+    print(json.dumps(import_labels(_catalog(ns), source, ns.file, ns.format, ns.layer, ns.stream, ns.score_type)))
     return 0
 
 

@@ -61,8 +61,9 @@ def _at(row: labels.LabelRow) -> str:
 
 
 def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: str | None = None,
-                  layer: int | None = None, stream: str | None = None) -> dict:
-    """Import an AutoInterp label file for the SAEs of ``source``."""
+                  layer: int | None = None, stream: str | None = None, score_type: str | None = None) -> dict:
+    """Import an AutoInterp label file for the SAEs of ``source`` (``score_type``: which of a Neuronpedia
+    explanation's typed scores is its label's score, :mod:`catalog.labels`)."""
     catalog.require_writable("importing labels")  # before the file is read
     sae_id = source.sae_id
     if (layer is None) != (stream is None):
@@ -71,7 +72,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
         missing = "stream" if any(lyr == layer for lyr, _ in source.hooks) else "layer"
         raise RequestError(missing, f"{sae_id!r} has no SAE for layer {layer} {stream}; it has "
                                     f"{', '.join(f'layer {lyr} {s}' for lyr, s in sorted(source.hooks))}")
-    rows = labels.parse(path, fmt)
+    rows = labels.parse(path, fmt, score_type)
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:
         if row.sae is not None and row.sae != sae_id:

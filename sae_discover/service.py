@@ -314,8 +314,8 @@ class Discovery:
         return self.calibrator.calibrate(model_id, sae_id, corpus, hooks, lite_labels, progress)
 
     def import_labels(self, path: str | Path, sae_id: str, fmt: str | None = None, layer: int | None = None,
-                      stream: str | None = None) -> dict:
-        return import_labels(self.catalog, self.loaders.source(sae_id), path, fmt, layer, stream)
+                      stream: str | None = None, score_type: str | None = None) -> dict:
+        return import_labels(self.catalog, self.loaders.source(sae_id), path, fmt, layer, stream, score_type)
 
     def loaded_models(self) -> list[str]:
         return self.loaders.loaded_models()

@@ -420,6 +420,12 @@ def test_labels_import_from_content(server):
         ({"sae_id": "toy", "format": "xml", "content": "<a/>"}, "format"),
         ({"sae_id": "/tmp", "format": "csv", "content": "feature_id,label\n1,x\n"}, "sae_id"),
         ({"sae_id": "toy", "format": "csv", "path": "/etc/passwd"}, "path"),
+        ({"sae_id": "toy", "format": "neuronpedia", "content": json.dumps(
+            {"layer": "1-res-jb", "index": 2, "description": "x", "scores": [
+                {"explanationScoreTypeName": "eleuther_fuzz", "value": 0.5},
+                {"explanationScoreTypeName": "recall_alt", "value": 0.7}]})}, "score_type"),
+        ({"sae_id": "toy", "format": "csv", "content": "feature_id,label\n1,x\n", "layer": 1,
+          "stream": "resid_pre", "score_type": "recall_alt"}, "score_type"),
     ]
     for body, field in bad:
         assert_error(server.client.post("/v1/labels/import", json=body), 400, field)

@@ -58,6 +58,54 @@ def test_a_pretty_printed_neuronpedia_object_and_array_are_read_whole(toy_discov
     with pytest.raises(CatalogError, match=r"broken.json:1 is not JSON"):
         toy_discovery.import_labels(broken, "toy")
 
+def test_neuronpedia_feature_records_and_typed_scores(toy_discovery, tmp_path):
+    """The explanation-scores export (one line per feature, its ``explanations`` each with ``scores`` of
+    typed entries): one label per explanation, scored by the mean value of the chosen ``score_type``'s
+    entries (two scorer models of one type here); entries of several types
+    without ``score_type`` are refused naming it and the types; a plain ``score`` still reads as before."""
+    def entry(kind, model, value):
+        return {"explanationScoreTypeName": kind, "explanationScoreModelName": model, "value": value}
+
+    records = [
+        {"modelId": "toy", "layer": "1-res-jb", "index": "4", "explanations": [
+            {"description": "currency symbols", "explanationModelName": "gpt-4o",
+             "scores": [entry("eleuther_fuzz", "a", 0.6), entry("eleuther_fuzz", "b", 0.8),
+                        entry("recall_alt", "a", 0.1)]},
+            {"description": "money words", "scores": [entry("eleuther_fuzz", "a", 0.9), entry("recall_alt", "a", 0.95)]},
+            {"description": "unscored guess", "scores": []}]},
+        {"modelId": "toy", "layer": "1-res-jb", "index": 6, "explanations": []},  # a feature not explained yet
+        {"modelId": "toy", "layer": "1-res-jb", "index": 7, "description": "plain", "score": 0.3}]
+    path = tmp_path / "explanation-scores.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with pytest.raises(LabelFileError, match=r"score_type: .*explanation-scores.jsonl:1: scores of several types "
+                                             r"\(eleuther_fuzz, recall_alt\); choose .* with score_type") as refused:
+        toy_discovery.import_labels(path, "toy")
+    assert refused.value.field == "score_type"
+    assert _labels(toy_discovery) == {}  # nothing written
+    assert toy_discovery.import_labels(path, "toy", score_type="eleuther_fuzz")["imported"] == 4
+    def stored():
+        con = toy_discovery.catalog.raw()
+        try:
+            return sorted(con.execute("SELECT feature_id, label, score FROM v_labels WHERE source = 'neuronpedia'")
+                          .fetchall(), key=lambda r: (r[0], r[1]))
+        finally:
+            con.close()
+
+    assert stored() == [(4, "currency symbols", pytest.approx(0.7)), (4, "money words", pytest.approx(0.9)),
+                        (4, "unscored guess", None), (7, "plain", None)]  # a plain score has no type: not chosen
+    assert toy_discovery.import_labels(path, "toy", score_type="recall_alt")["replaced"] == 4
+    assert stored() == [(4, "currency symbols", pytest.approx(0.1)), (4, "money words", pytest.approx(0.95)),
+                        (4, "unscored guess", None), (7, "plain", None)]
+    one_type = tmp_path / "one-type.jsonl"  # entries of one type need no score_type: their mean
+    one_type.write_text(json.dumps({"layer": "1-res-jb", "index": 2, "description": "d", "scores": [
+        entry("eleuther_fuzz", "a", 0.2), entry("eleuther_fuzz", "b", 0.5)]}) + "\n")
+    toy_discovery.import_labels(one_type, "toy")
+    assert stored() == [(2, "d", pytest.approx(0.35))]
+    with pytest.raises(CatalogError, match="score_type: only Neuronpedia files"):
+        csv_file = tmp_path / "l.csv"
+        csv_file.write_text("feature_id,label\n1,x\n")
+        toy_discovery.import_labels(csv_file, "toy", layer=1, stream="resid_pre", score_type="recall_alt")
+
 def test_delphi_folder(toy_discovery, tmp_path):
     folder = tmp_path / "explanations"
     folder.mkdir()
