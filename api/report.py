@@ -7,7 +7,6 @@ The UI page holds no data of its own: its script reads the JSON routes (``/v1/ru
 never markup. Same rules as the JSON routes: registry ids only, the server's limits.
 """
 
-import dataclasses
 from typing import Annotated, Any
 
 import msgspec
@@ -185,10 +184,7 @@ def report_routes(svc: ApiService) -> list[ControllerRouterHandler]:
             raise RequestError(bad[0], f"not a ranking option; a report can be ranked with {', '.join(RERANK_FIELDS)}")
         refuse_repeated_query(request, RERANK_FIELDS)  # a list option is one comma-separated value too
         # this server's limits, as the route's OpenAPI parameters state them; an empty list is no filter
-        known = {o.name: o for o in options(DiscoverRequest)}
-        low, high = known["return_top_x"].bounds  # type: ignore[misc]
-        known["return_top_x"] = dataclasses.replace(known["return_top_x"],
-                                                    bounds=(low, min(high, svc.settings.max_return_top_x)))
+        known = {o.name: schemas.capped(o, svc.settings) for o in options(DiscoverRequest)}
         opts = {k: check_value(known[k], [x for x in v.split(",") if x.strip()] if known[k].kind.endswith("list") else v)
                 for k, v in query.items()}
         result = svc.rank(run_id, {"attach_examples": True, "attach_proto_labels": True, **opts})

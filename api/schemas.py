@@ -10,6 +10,7 @@ tau_quantile), so CLI, batch and API validate alike. The discovery response is
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_type_hints
 
@@ -50,16 +51,30 @@ STREAM_NAMES = next(o.choices for o in options(DiscoverRequest) if o.name == "st
 StreamName = Literal[STREAM_NAMES]  # type: ignore[valid-type]
 
 
+def server_caps(settings: ApiSettings) -> dict[str, int]:
+    """The request options this server caps below their own bounds (its limits), by name."""
+    return {"gen_tokens": settings.max_gen_tokens, "return_top_x": settings.max_return_top_x}
+
+
+def capped(opt: Option, settings: ApiSettings) -> Option:
+    """``opt`` with its upper bound lowered to this server's limit, where it has one: the bound every
+    route that reads the option checks (bodies through their schema, the report route's query itself)."""
+    cap = server_caps(settings).get(opt.name)
+    if cap is None or opt.bounds is None:
+        return opt
+    return dataclasses.replace(opt, bounds=(opt.bounds[0], min(opt.bounds[1], cap)))
+
+
 def _field_type(opt: Option, settings: ApiSettings) -> Any:
     """The msgspec type (bounds and description included) of one request option, under this server's limits."""
     doc = API_HELP.get(opt.name, opt.help)
-    caps = {"gen_tokens": settings.max_gen_tokens, "return_top_x": settings.max_return_top_x}
+    opt = capped(opt, settings)
     if opt.kind == "bool":
         kind: Any = Annotated[bool, Meta(description=doc)]
     elif opt.kind in ("int", "float"):
         low, high = opt.bounds  # type: ignore[misc]
         number = int if opt.kind == "int" else float
-        kind = Annotated[number, Meta(ge=low, le=min(high, caps.get(opt.name, high)), description=doc)]
+        kind = Annotated[number, Meta(ge=low, le=high, description=doc)]
     elif opt.kind == "choice":
         names = tuple(SCORE_MODE_ALIASES) if opt.name == "score_mode" else opt.choices
         kind = Annotated[Literal[names], Meta(description=doc)]  # type: ignore[valid-type]
@@ -91,7 +106,7 @@ def _struct(name: str, opts: list[Option], settings: ApiSettings, doc: str, type
             extra: tuple = (), omit_defaults: bool = False) -> type[Struct]:
     """A body struct of request options (``types`` gives the type of options whose kind has no generic
     JSON form, e.g. lists of objects; ``extra`` adds (name, type, default) fields). Unknown fields are refused."""
-    caps = {"gen_tokens": settings.max_gen_tokens, "return_top_x": settings.max_return_top_x}
+    caps = server_caps(settings)
     types = types or {}
     specs = []
     for opt in opts:

@@ -59,6 +59,7 @@ from catalog.scoring import (  # noqa: F401 (LIFT_PRIOR, ATTRIBUTION_MODES: re-e
     LIFT_PRIOR,
     NEEDS_BACKGROUND,
     NEEDS_CALIBRATION,
+    PASSED,
     SCORE_EXPR,
     UNNORMALIZED_MODES,
     macro_call,
@@ -357,9 +358,12 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
     params = scoring_params(con, scored_keys, sae_keys, opts, opts.model_key)
     try:  # one statement: the provenance rows (feature_id NULL) first, then the top features
         rows = _ranked_rows(con, params, opts, run_keys)
-    except duckdb.InvalidInputException:  # a macro's refusal: say it as the Python checks do (field and advice)
+    except duckdb.InvalidInputException as exc:  # a macro's refusal: said as the Python checks do, where they do
         scoring(con, scored_keys, sae_keys, opts, opts.model_key)
-        raise
+        refusal = macro_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
     n_hooks = next((i for i, r in enumerate(rows) if r["feature_id"] is not None), len(rows))
     scored = provenance(scored_keys, opts, params, rows[:n_hooks])
     features = [{c: r[c] for c in FEATURE_COLUMNS} for r in rows[n_hooks:]]
@@ -419,6 +423,13 @@ FEATURE_COLUMNS = ("run_key", "sae_key", "feature_id", "mean", "max", "coverage"
 # the streams of a block in the order the model computes them: per-hook rankings list a layer's hooks so
 STREAM_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 STREAM_POSITION = f"list_position({list(STREAM_ORDER)!r}, stream)"
+
+
+def macro_refusal(exc: duckdb.InvalidInputException) -> CatalogError | None:
+    """A scoring macro's ``error('<argument>: …')`` as the catalog error naming that argument (a request
+    field of the same name), None for another failure."""
+    field, sep, message = str(exc).removeprefix("Invalid Input Error: ").partition(": ")
+    return CatalogError(field, message) if sep and field in PASSED else None
 
 
 def _ranked_rows(con, params: dict, opts: RankOptions, returned: list[int]) -> list[dict]:

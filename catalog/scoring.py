@@ -218,10 +218,11 @@ AS TABLE
 
 SCORED_FEATURES = f"""
 CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
-    WITH hooks AS (
+    WITH hooks AS (  -- a batch background is over the scored runs of the model that have the SAE
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
-        FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
-                           calibration_model := calibration_model) h
+        FROM (SELECT s.* REPLACE (sum(s.n) OVER (PARTITION BY s.model_key, s.sae_key) AS batch_n)
+              FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
+                                 calibration_model := calibration_model) s) h
         WHERE CASE WHEN NOT coalesce(list_contains({KNOWN_MODES}, score_mode), false)
                    THEN error('score_mode: expected one of {", ".join(list(SCORE_EXPR)[:4])}, '
                               || '{", ".join(list(SCORE_EXPR)[4:])}, got ' || coalesce(score_mode, 'NULL'))
@@ -242,10 +243,11 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                    WHEN background = 'batch' AND coalesce(len(background_runs), 0) > 0
                    THEN error('background: batch contrasts the runs ranked together; give it or background_runs, '
                               || 'not both')
-                   WHEN background = 'batch' AND h.batch_n = h.n
+                   WHEN background = 'batch' AND h.batch_n = h.n AND score_mode IN {NEEDS_BACKGROUND}
                    THEN error('background: batch contrasts each run with the other runs ranked with it (of the '
-                              || 'same model); run ' || h.run_id || ' is its model''s only run in run_ids — list '
-                              || 'more runs of that model, or use background ''calibration''')
+                              || 'same model, with the same SAE); run ' || h.run_id || ' is the only one in run_ids '
+                              || 'with sae_key ' || h.sae_key || ' — list more runs like it, or use background '
+                              || '''calibration''')
                    ELSE true END  -- each argument checked whatever columns are selected
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),

@@ -281,7 +281,8 @@ def test_selectivity_without_a_background_is_refused_with_advice(catalog):
 def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.ndarray], d: int,
                 attributed: bool = True) -> int:
     """A text run of ``len(dense[0])`` analysed tokens after a special token, with these dense codes per
-    hook and (``attributed``) signed attributions on its nonzero codes; returns its run key."""
+    hook (the first ``len(dense)`` of HOOKS) and (``attributed``) signed attributions on its nonzero codes;
+    returns its run key."""
     n = len(dense[0])
     tokens = pa.table({"position": pa.array(np.arange(n + 1, dtype=np.int32)),
                        "token_id": pa.array(np.arange(n + 1, dtype=np.int32)),
@@ -291,7 +292,7 @@ def _stored_run(catalog, run_id: str, model: writes.ModelInfo, dense: list[np.nd
     meta = {"run_id": run_id, "model_id": model.model_id, "sae_id": "s", "mode": "text", "text": run_id,
             "generate": False, "n_tokens": n + 1, "n_kept": n}
     attr = [np.where(x > 0, np.linspace(-1, 1, x.size).reshape(x.shape), 0.0) for x in dense]
-    key, _ = writes.write_run(catalog, meta, model, infos(d), tokens,
+    key, _ = writes.write_run(catalog, meta, model, infos(d)[:len(dense)], tokens,
                               sparse(dense, np.arange(1, n + 1, dtype=np.int32), attr_by_hook=attr if attributed else None))
     return key
 
@@ -572,7 +573,7 @@ def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_001
         ("['r0']", "tau := -0.1", r"tau: expected a number >= 0 or NULL, got -0.1"),
         ("['r0', 'r1']", "background := 'batch', background_runs := ['plain']", r"background: .* not both"),
         ("['r0', 'plain']", "background := 'batch', score_mode := 'lift'",
-         r"background: batch contrasts each run .* run plain is its model's only run in run_ids"),
+         r"background: batch contrasts each run .* run (r0|plain) is the only one in run_ids with sae_key \d"),
         ("['r0', 'plain']", "score_mode := 'attribution_abs'", r"score_mode: run plain has no attributions"),
     ]
     accepted = [("['r0']", f"min_coverage_pct := {p}") for p in (0, 100)] + [
@@ -596,12 +597,39 @@ def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_001
 
     for runs, args, message in refused:
         for query in (count, scores):
-            with pytest.raises(duckdb.InvalidInputException, match=message):
+            with pytest.raises(duckdb.InvalidInputException, match=message) as raised:
                 query(runs, args)
+        refusal = ranking.macro_refusal(raised.value)  # what the service says: the argument as the field
+        assert refusal is not None and f"{refusal.field}: {refusal.message}" in str(raised.value), message
+        assert refusal.field == message.split(":")[0]
     for runs, args in accepted:
         got = scores(runs, args)
         assert all(s is not None and np.isfinite(s) for s in got), (runs, args)
     assert scores("['r0']", "min_coverage_pct := 0") and not scores("['r0']", "min_coverage_pct := 100")
+    # a batch background is per SAE: over the runs that have it (one_hook lacks the second hook's SAE)
+    one_hook_dense = [random_dense(rng, 7, 6, 0.5)]
+    _stored_run(cat, "one_hook", MODEL, one_hook_dense, 6)
+    with pytest.raises(duckdb.InvalidInputException, match="run r0 is the only one in run_ids with sae_key 2"):
+        count("['r0', 'one_hook']", "background := 'batch', score_mode := 'selectivity'")
+    con = cat.raw()
+    try:
+        dense_r0 = {}
+        for layer, f, act in con.execute("SELECT layer, feature_id, act FROM v_activations WHERE run_id = 'r0'").fetchall():
+            dense_r0[(layer, f)] = dense_r0.get((layer, f), 0.0) + act
+        rows = con.execute("SELECT layer, feature_id, mean, selectivity FROM feature_scores(['r0', 'one_hook'], "
+                           "background := 'batch', score_mode := 'mean', min_coverage_pct := 0) "
+                           "WHERE run_id = 'r0'").fetchall()
+    finally:
+        con.close()
+    first_layer = HOOKS[0][0]
+    other = one_hook_dense[0].astype(np.float64).sum(0) / 7
+    assert {(layer, f) for layer, f, _, _ in rows} == set(dense_r0)
+    for layer, f, mean, selectivity in rows:
+        assert mean == pytest.approx(dense_r0[(layer, f)] / 5, rel=1e-6)
+        if layer == first_layer:  # against one_hook's tokens only
+            assert selectivity == pytest.approx(mean - other[f], rel=1e-5, abs=1e-6)
+        else:  # no other run with that SAE: no batch background (the activity modes still rank)
+            assert selectivity is None
     at_head = scores("['r0', 'r1']", "score_mode := 'lift', min_coverage_pct := 0")
     cat.close()
 

@@ -1,9 +1,11 @@
 """``scored_features`` recreated to refuse, naming the argument, what it returned NULL or nothing for: a
 ``min_coverage_pct`` outside [0, 100] (or NULL), a ``tau_quantile`` outside [0, 1], a negative ``tau``,
-``background := 'batch'`` together with ``background_runs`` or over a model's lone run (its
-leave-one-out background had no tokens: NULL scores), and an attribution score mode over a run stored
-without attributions (NULL scores). The checks are filters, so they hold whatever columns a query
-selects. The ``normalization`` column says ``none`` for lift and context too (as for the attribution
+``background := 'batch'`` together with ``background_runs``, or for a score mode that uses it over a
+run no other listed run shares the SAE with (its leave-one-out background had no tokens: NULL scores),
+and an attribution score mode over a run stored without attributions (NULL scores). The checks are
+filters, so they hold whatever columns a query selects. A batch background is now over the listed runs
+of the model that have the SAE (0012 counted the tokens of a run without it, as if none of its
+features had fired). The ``normalization`` column says ``none`` for lift and context too (as for the attribution
 modes): no divisor changes their scores. Every accepted call returns 0012's scores.
 
 Revision ID: 0013
@@ -28,10 +30,11 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
                   tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
                   normalization := 'calibration_max', restrict_features := NULL, background_runs := NULL,
                   sae_keys := NULL, calibration_model := NULL) AS TABLE
-    WITH hooks AS (
+    WITH hooks AS (  -- a batch background is over the scored runs of the model that have the SAE
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
-        FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
-                           calibration_model := calibration_model) h
+        FROM (SELECT s.* REPLACE (sum(s.n) OVER (PARTITION BY s.model_key, s.sae_key) AS batch_n)
+              FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
+                                 calibration_model := calibration_model) s) h
         WHERE CASE WHEN NOT coalesce(list_contains(['mean', 'max', 'mean×coverage', 'selectivity',
                         'lift', 'attribution', 'attribution_abs', 'context'], score_mode), false)
                    THEN error('score_mode: expected one of mean, max, mean×coverage, selectivity, '
@@ -53,10 +56,11 @@ CREATE OR REPLACE MACRO scored_features(run_ids, score_mode := 'mean×coverage',
                    WHEN background = 'batch' AND coalesce(len(background_runs), 0) > 0
                    THEN error('background: batch contrasts the runs ranked together; give it or background_runs, '
                               || 'not both')
-                   WHEN background = 'batch' AND h.batch_n = h.n
+                   WHEN background = 'batch' AND h.batch_n = h.n AND score_mode IN ('selectivity', 'lift', 'context')
                    THEN error('background: batch contrasts each run with the other runs ranked with it (of the '
-                              || 'same model); run ' || h.run_id || ' is its model''s only run in run_ids — list '
-                              || 'more runs of that model, or use background ''calibration''')
+                              || 'same model, with the same SAE); run ' || h.run_id || ' is the only one in run_ids '
+                              || 'with sae_key ' || h.sae_key || ' — list more runs like it, or use background '
+                              || '''calibration''')
                    ELSE true END  -- each argument checked whatever columns are selected
     ),
     used AS (SELECT DISTINCT h.calibration_id AS cal, h.sae_key FROM hooks h WHERE h.calibration_id IS NOT NULL),
