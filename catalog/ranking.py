@@ -65,6 +65,7 @@ from catalog.scoring import (  # noqa: F401 (LIFT_PRIOR, ATTRIBUTION_MODES: re-e
     macro_call,
 )
 from catalog.stats import TAU_BASES, TauBasis
+from catalog.writes import SAEInfo
 
 ScoreMode = Literal["mean", "max", "mean×coverage", "selectivity", "lift", "attribution", "attribution_abs", "context"]
 SCORE_MODES: tuple[str, ...] = get_args(ScoreMode)
@@ -158,8 +159,12 @@ def check_options(opts: RankOptions) -> None:
 
 
 def check_pinned(con, sae_keys: list[int], calibration_id: int) -> None:
-    """Refuse a pinned ``calibration_id`` that holds no statistics for one of the SAEs, naming the
-    calibrations that do."""
+    """Refuse a pinned ``calibration_id`` that does not exist, or holds no statistics for one of the SAEs,
+    naming the calibrations that do."""
+    if not con.execute("SELECT 1 FROM calibrations WHERE calibration_id = ?", [calibration_id]).fetchall():
+        ids = [str(c) for (c,) in con.execute("SELECT calibration_id FROM calibrations ORDER BY 1").fetchall()]
+        raise CatalogError("calibration_id", f"no calibration {calibration_id} in the catalog; its calibrations: "
+                                             f"{', '.join(ids[:20]) + (' …' if len(ids) > 20 else '') or 'none'}")
     held = {int(k) for (k,) in con.execute("SELECT DISTINCT sae_key FROM feature_stats WHERE calibration_id = ? "
                                            "AND list_contains(?, sae_key)", [calibration_id, list(sae_keys)])
             .fetchall()}
@@ -169,6 +174,26 @@ def check_pinned(con, sae_keys: list[int], calibration_id: int) -> None:
         raise CatalogError("calibration_id", f"calibration {calibration_id} has no statistics for the SAE of "
                                              f"layer {hooks[0]} {hooks[1]}; calibrations that do: "
                                              f"{calibrations_of(con, missing[0]) or 'none'}")
+
+
+def check_pinned_saes(catalog: Catalog, saes: Sequence[SAEInfo], calibration_id: int) -> None:
+    """:func:`check_pinned` for a request whose run is not made yet (refused before any model runs): the
+    SAEs by their identity (id, hook, weights fingerprint); one the catalog has never stored has no
+    statistics in any calibration."""
+    con = catalog.raw()
+    try:
+        keys = []
+        for sae in saes:
+            row = con.execute("SELECT min(sae_key) FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? "
+                              "AND fingerprint = ?", [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchone()
+            if row[0] is None:
+                check_pinned(con, [], calibration_id)  # (a calibration that does not exist is said first)
+                raise CatalogError("calibration_id", f"calibration {calibration_id} has no statistics for the SAE "
+                                                     f"of layer {sae.layer} {sae.stream}; calibrations that do: none")
+            keys.append(int(row[0]))
+        check_pinned(con, keys, calibration_id)
+    finally:
+        con.close()
 
 
 def _threshold_source(opts: RankOptions, calibrated: bool) -> str:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from catalog import runs
 from catalog.db import Catalog
 from catalog.errors import CatalogReadOnly
-from catalog.ranking import ATTRIBUTION_MODES, NEEDS_BACKGROUND, NEEDS_CALIBRATION
+from catalog.ranking import ATTRIBUTION_MODES, NEEDS_BACKGROUND, NEEDS_CALIBRATION, check_pinned_saes
 from catalog.writes import RunRows, RunTags, adopt_fingerprint, record_calibrations, tag_runs, write_runs
 from ingest.pool import pool_runs
 from ingest.run import MICRO_BATCH, RunBatch, run_many
@@ -48,6 +49,27 @@ def line_timings(stages: dict[str, float], rank_s: float, verify_s: float | None
     the whole batch."""
     own = {**stages, "rank_s": rank_s, **({"verify_s": verify_s} if verify_s is not None else {})}
     return {**own, "total_s": sum(own.values())}
+
+
+def _peers(plan: RunPlan) -> tuple:
+    """What a batch background contrasts a request's run with: the requests of the same model, SAEs and
+    restrict set (whatever ranking options their lines override: none changes a run's activations)."""
+    return plan.entry.id, plan.entry.source, tuple(plan.saes), tuple(sorted(plan.req.restrict_features))
+
+
+def _refuse_lone_contrasts(results: list[Outcome | None], plans: dict[int, RunPlan]) -> None:
+    """A request ranked against a batch background (a score mode that uses it) that shares its model,
+    SAEs and restrict set with no other request has nothing to be contrasted with: refused in place
+    before any model runs, so that its run is neither made, stored nor tagged for a ranking that
+    cannot be made."""
+    counts = Counter(_peers(p) for p in plans.values())
+    for i, p in list(plans.items()):
+        if p.req.background == "batch" and p.req.score_mode in NEEDS_BACKGROUND and counts[_peers(p)] < 2:
+            results[i] = RequestError("background", "batch contrasts each prompt with the other prompts sent with it "
+                                                    "(same model, SAEs and restrict set), and this one has none: send "
+                                                    "it with others (a prompts file), rank stored runs together (runs "
+                                                    "rank --background batch), or use background calibration")
+            del plans[i]
 
 
 class Discovery:
@@ -79,6 +101,8 @@ class Discovery:
         if req.score_mode in ATTRIBUTION_MODES and req.attribution_target == "none":
             raise RequestError("score_mode", f"{req.score_mode} ranks by attributions, and this run has none: "
                                              "give attribution_target (e.g. continuation or next_tokens)")
+        if req.calibration_id is not None:  # a pinned calibration that cannot rank it: before its run is made
+            check_pinned_saes(self.catalog, plan.saes, req.calibration_id)
         if req.background_file is not None:  # before any run is made for this request
             self._background_docs(req.background_file)
         no_background = req.background_text is None and req.background_file is None and req.background != "batch"
@@ -121,7 +145,7 @@ class Discovery:
                 runs_like = (p.entry.id, p.entry.source, tuple(p.saes))
                 key = ("alone", i) if alone else (*runs_like, repr(rank_options(p.req)))
                 groups.setdefault(key, []).append(i)
-                peer_key[i] = (*runs_like, tuple(sorted(p.req.restrict_features)))
+                peer_key[i] = _peers(p)
                 peers.setdefault(peer_key[i], []).append(i)
         for members in groups.values():
             # a batch background contrasts each run with the other runs of the batch like it, whatever ranking
@@ -153,6 +177,7 @@ class Discovery:
                 plans[i] = self.prepare(req)
             except USER_ERRORS as exc:
                 results[i] = exc
+        _refuse_lone_contrasts(results, plans)
         found = runs.find_runs(self.catalog, [p.run_id for p in plans.values()])
         stored = {i: {**found[p.run_id], "cached": True, "timings": {}} for i, p in plans.items() if p.run_id in found}
         tell(len(reqs) - len(plans) + len(stored))  # refused and cached requests are done already

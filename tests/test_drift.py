@@ -261,6 +261,16 @@ def test_attribution_drift_equals_numpy_scipy(toy_discovery):
                                            r"token: the\)"):
         drift_report(toy_discovery.catalog, base_runs=report["base"]["run_ids"][:1],
                      tuned_runs=other["tuned"]["run_ids"], layers=LAYERS, score_mode="attribution")
+    # prompts of different targets: refused from the request, before any run is made
+    n_runs = len(targets)
+    with pytest.raises(RequestError, match=r"score_mode: the runs' attribution targets differ \(next_tokens, "
+                                           r"token: the\)"):
+        drift_report(toy_discovery, base="toy", tuned="toy-finance", sae_id="toy", layers=LAYERS,
+                     score_mode="attribution", prompts=[{"text": "Fresh words one.", "attribution_target": "next_tokens"},
+                                                        {"text": "Fresh words two.", "attribution_target": "token: the"}])
+    con = toy_discovery.catalog.raw()
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs + 2  # (other's two runs)
+    con.close()
 
 
 # -- a planted change -----------------------------------------------------------------------------

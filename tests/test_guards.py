@@ -40,6 +40,38 @@ def test_selectivity_without_any_background_is_refused_before_the_model_runs(toy
     cat.close()
 
 
+def test_a_lone_batch_background_or_an_unusable_pinned_calibration_is_refused_before_the_model_runs(toy_discovery):
+    """A single prompt ranked against a batch background has no other prompt to be contrasted with, and a
+    pinned calibration that does not exist (or lacks the hook) cannot rank it: both refused naming their
+    field before any run is made, stored or tagged — also when the run is stored already (its tags and
+    batch id stay). In a batch, two prompts of the same model and SAEs contrast each other; a mean ranking
+    (which does not use the background) of one prompt is not refused."""
+    body = {"model_id": "toy", "sae_id": "toy", "layers": [1]}
+    refused = [
+        ({**body, "text": "Revenue rose.", "background": "batch", "score_mode": "lift"},
+         "background: batch contrasts each prompt with the other prompts sent with it"),
+        ({**body, "text": "Revenue rose.", "calibration_id": 99}, "calibration_id: no calibration 99 in the catalog"),
+        ({**body, "text": "Revenue rose.", "layers": [0], "calibration_id": 1},
+         "calibration_id: calibration 1 has no statistics for the SAE of layer 0 resid_pre"),
+    ]
+    first = toy_discovery.discover(build_request({**body, "text": "Stocks fell."}))  # calibrates layer 1: id 1
+    assert first["calibration_id"] == 1 and toy_discovery.model_calls == 1
+    for request, message in refused:
+        for text in ("Revenue rose.", "Stocks fell."):  # a new run, and a stored one
+            with pytest.raises((RequestError, CatalogError), match=message):
+                toy_discovery.discover(build_request({**request, "text": text, "tags": {"refused": "yes"},
+                                                      "id": "nope"}))
+    con = toy_discovery.catalog.raw()
+    assert con.execute("SELECT count(*), count(batch_id), count(*) FILTER (WHERE len(map_keys(tags)) > 0) "
+                       "FROM v_runs").fetchone() == (1, 0, 0)
+    con.close()
+    assert toy_discovery.model_calls == 1
+    assert toy_discovery.discover(build_request({**body, "text": "Revenue rose.", "background": "batch",
+                                                 "score_mode": "mean"}))["features"]
+    pair = toy_discovery.discover_many([build_request({**body, "text": t, "background": "batch", "score_mode": "lift"})
+                                        for t in ("Revenue rose.", "The striker scored.")])
+    assert all(isinstance(r, dict) and r["features"] for r in pair)
+
 def test_calibrations_belong_to_their_model(toy_discovery):
     body = {"sae_id": "toy", "text": "Shares of Hooli fell.", "layers": [1]}
     calibrated = toy_discovery.discover(build_request({**body, "model_id": "toy"}))

@@ -105,13 +105,18 @@ def _check_targets(req: DriftRequest, rows: list[dict]) -> list[str]:
     are refused; runs whose target was never recorded (made before it was) are named in a warning."""
     if req.score_mode not in ATTRIBUTION_MODES:
         return []
-    known = sorted({r["attribution_target"] for r in rows if r.get("attribution_target") is not None})
-    if len(known) > 1:
-        raise RequestError("score_mode", f"the runs' attribution targets differ ({', '.join(known)}): attributions "
-                                         "of different targets are in different units; compare runs of one target")
+    _refuse_mixed_targets([r["attribution_target"] for r in rows if r.get("attribution_target") is not None])
     unknown = [r["run_id"] for r in rows if r.get("attribution_target") is None]
     return [f"score_mode: {len(unknown)} run(s) were made before targets were recorded (e.g. {unknown[0]}); check "
             "they share the others' target"] if unknown else []
+
+
+def _refuse_mixed_targets(targets: list[str]) -> None:
+    """Attributions of different targets are in different units: one drift compares runs of one target."""
+    known = sorted(set(targets))
+    if len(known) > 1:
+        raise RequestError("score_mode", f"the runs' attribution targets differ ({', '.join(known)}): attributions "
+                                         "of different targets are in different units; compare runs of one target")
 
 
 def _refuse_shared_runs(base_rows: list[dict], tuned_rows: list[dict]) -> None:
@@ -143,6 +148,8 @@ def _ingest(discovery, req: DriftRequest, progress: bool):
     streams = req.streams or ["resid_pre"]
     plans = {side: discover_requests(req, model, layers, streams)
              for side, model in (("base", req.base), ("tuned", req.tuned))}
+    if req.score_mode in ATTRIBUTION_MODES:  # the prompts' targets are known: before any run is made
+        _refuse_mixed_targets([r.attribution_target for r in plans["base"]])
     for side in ("base", "tuned"):  # both models' configs, SAEs and hooks before any run is stored
         try:
             discovery.prepare(plans[side][0])
