@@ -177,7 +177,8 @@ def _read(path: Path, opener: Callable[..., IO[str]] = open) -> str:
 
 
 def parse_neuronpedia(path: Path, score_type: str | None = None) -> list[LabelRow]:
-    rows = []
+    rows: list[LabelRow] = []
+    types: set[str] = set()
     text = _read(path, gzip.open if path.name.endswith(".gz") else open)
     # newlines only: JSON writes U+2028 and other line breaks str.splitlines knows raw inside strings
     lines = [line.removesuffix("\r") for line in text.split("\n")]
@@ -199,7 +200,17 @@ def parse_neuronpedia(path: Path, score_type: str | None = None) -> list[LabelRo
         feature, hook = _feature(obj["index"], where), neuronpedia_hook(_sae_name(obj.get("layer"), where))
         rows.extend(LabelRow(feature, _label(e["description"], where), "neuronpedia",
                              _explanation_score(e, where, score_type), hook, where=where) for e in explanations)
+        types.update(_score_types(explanations))
+    if score_type is not None and score_type not in types:  # a typo would import every label unscored
+        raise CatalogError("score_type", f"{path.name} has no score of type {score_type!r}; its score types: "
+                                         f"{', '.join(sorted(types)) or 'none'}")
     return rows
+
+
+def _score_types(explanations: list[dict]) -> set[str]:
+    """The score types (``explanationScoreTypeName``) of explanations' ``scores`` entries."""
+    return {e[SCORE_TYPE_KEY] for x in explanations if isinstance(x.get("scores"), list)
+            for e in x["scores"] if isinstance(e, dict) and isinstance(e.get(SCORE_TYPE_KEY), str)}
 
 
 SCORE_TYPE_KEY = "explanationScoreTypeName"  # a Neuronpedia score entry's scorer (eleuther_fuzz, recall_alt, …)

@@ -238,8 +238,16 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                               || coalesce(min_coverage_pct::VARCHAR, 'NULL'))
                    WHEN coalesce(NOT (tau_quantile::DOUBLE BETWEEN 0 AND 1), false)
                    THEN error('tau_quantile: expected a number in [0, 1] or NULL, got ' || tau_quantile::VARCHAR)
-                   WHEN coalesce(NOT (tau::DOUBLE >= 0), false)
+                   WHEN coalesce(NOT (tau::DOUBLE >= 0) OR isnan(tau::DOUBLE), false)
                    THEN error('tau: expected a number >= 0 or NULL, got ' || tau::VARCHAR)
+                   WHEN tau IS NOT NULL AND tau_quantile IS NOT NULL
+                   THEN error('tau: give either tau or tau_quantile, not both')
+                   WHEN coalesce(len(background_runs), 0) > 0
+                        AND len(list_distinct(background_runs)) > (SELECT count(*) FROM runs b
+                                                                   WHERE list_contains(background_runs, b.run_id))
+                   THEN error('background_runs: no run '
+                              || (SELECT min(x.id) FROM unnest(coalesce(background_runs, []::VARCHAR[])) x(id)
+                                  WHERE x.id NOT IN (SELECT b.run_id FROM runs b)))
                    WHEN background = 'batch' AND coalesce(len(background_runs), 0) > 0
                    THEN error('background: batch contrasts the runs ranked together; give it or background_runs, '
                               || 'not both')

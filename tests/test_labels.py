@@ -101,6 +101,10 @@ def test_neuronpedia_feature_records_and_typed_scores(toy_discovery, tmp_path):
         entry("eleuther_fuzz", "a", 0.2), entry("eleuther_fuzz", "b", 0.5)]}) + "\n")
     toy_discovery.import_labels(one_type, "toy")
     assert stored() == [(2, "d", pytest.approx(0.35))]
+    with pytest.raises(LabelFileError, match=r"score_type: one-type.jsonl has no score of type 'eleuther_fuz'; its "
+                                             r"score types: eleuther_fuzz"):
+        toy_discovery.import_labels(one_type, "toy", score_type="eleuther_fuz")  # a typo: nothing replaced
+    assert stored() == [(2, "d", pytest.approx(0.35))]
     with pytest.raises(CatalogError, match="score_type: only Neuronpedia files"):
         csv_file = tmp_path / "l.csv"
         csv_file.write_text("feature_id,label\n1,x\n")
