@@ -403,6 +403,8 @@ def _rank_unique_runs(con, run_keys: list[int], sae_keys: list[int], opts: RankO
         out[f.pop("run_key")]["features"].append(f)
     if not opts.merge_across_layers:
         _say_empty_hooks(out, rows[:n_hooks], opts)
+    else:
+        _say_empty_runs(out, opts)
     if opts.score_mode in ATTRIBUTION_MODES and opts.min_coverage_pct > 0:
         _say_gated_attributions(con, run_keys, sae_keys, opts, out)
     return out
@@ -435,10 +437,20 @@ def _say_empty_hooks(out: dict[int, dict], hooks: list[dict], opts: RankOptions)
         ranked = out.get(row["run_key"])  # (a batch background's contrast runs are not returned)
         if ranked is not None and not any(f["layer"] == row["layer"] and f["stream"] == row["stream"]
                                           for f in ranked["features"]):
-            ranked["warnings"].append(
-                f"min_coverage_pct: no feature of layer {row['layer']} {row['stream']} passed the gates (active, "
-                f"above its τ on at least {opts.min_coverage_pct:g}% of the analyzed tokens); lower min_coverage_pct "
-                "or give tau")
+            ranked["warnings"].append(_none_passed(f" of layer {row['layer']} {row['stream']}", opts))
+
+
+def _say_empty_runs(out: dict[int, dict], opts: RankOptions) -> None:
+    """A merged ranking with no feature at all: why (else an empty list comes without a word)."""
+    for ranked in out.values():
+        if not ranked["features"]:
+            ranked["warnings"].append(_none_passed(" of restrict_features" if opts.restrict_features else "", opts))
+
+
+def _none_passed(which: str, opts: RankOptions) -> str:
+    """The warning for a ranking (or a hook's) that no feature passed the gates, with what to change."""
+    return (f"min_coverage_pct: no feature{which} passed the gates (active, above its τ on at least "
+            f"{opts.min_coverage_pct:g}% of the analyzed tokens); lower min_coverage_pct or give tau")
 
 
 FEATURE_COLUMNS = ("run_key", "sae_key", "feature_id", "mean", "max", "coverage", "selectivity", "attribution", "score",
