@@ -15,6 +15,7 @@ defaults, choices and help are written once, there. Errors print one line
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import logging
@@ -75,9 +76,22 @@ LIST_FLAGS = {"restrict_features": "*"}  # other list options take one or more v
 ARGPARSE_FLAG = re.compile(r"^argument (?:-\w+/)?(?:--?)?(\w+)(?:/[^:]*)?: (.*)$")
 
 
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every ``--flag`` a parser and its subcommands' parsers take (what a mistyped flag may have meant)."""
+    flags = [o for o in parser._option_string_actions if o.startswith("--")]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            flags += [f for sub in action.choices.values() for f in _flags(sub)]
+    return flags
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the house error line: ``error: <field>: <message> (see <prog> --help)``, exit 2,
-    instead of the whole usage block."""
+    instead of the whole usage block. Flags are never abbreviated: ``--layer 2`` is an error, not ``--layers``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # a typo (--score_mod) is refused, not guessed at
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         match = ARGPARSE_FLAG.match(message)
@@ -86,6 +100,10 @@ class Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments: ") and stray and stray[0] in SUBCOMMANDS:  # `--db X runs list`
             line = (f"{stray[0]}: a subcommand comes first, its flags after it: python -m sae_discover "
                     f"{' '.join(stray)} <flags>")
+        elif message.startswith("unrecognized arguments: ") and stray and stray[0].startswith("--"):
+            flag = stray[0].split("=", 1)[0]
+            near = difflib.get_close_matches(flag, _flags(self), 1)
+            line = f"{flag.removeprefix('--')}: not an option{f'; did you mean {near[0]}?' if near else ''}"
         self.exit(2, f"error: {line} (see {self.prog} --help)\n")
 
 

@@ -236,6 +236,18 @@ def test_help_shows_every_default_and_choice_and_no_model_flags_where_none_runs(
     assert "--restrict_features" in rank_help and "(default: mean×coverage)" in rank_help
 
 
+def test_a_mistyped_or_shortened_flag_is_refused_with_the_flag_it_resembles(tmp_path):
+    """argparse would take ``--layer 2`` for ``--layers 2`` (a prefix); a typo is refused before anything
+    runs, naming the flag and the one it resembles (also a subcommand's)."""
+    db = tmp_path / "none.duckdb"
+    for args, said in ((["--layer", "2", "--text", "x"], "error: layer: not an option; did you mean --layers?"),
+                       (["runs", "rank", "abc", "--db", str(db), "--score_mod", "max"],
+                        "error: score_mod: not an option; did you mean --score_mode?"),
+                       (["--zzz_unknown", "--text", "x"], "error: zzz_unknown: not an option (see")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and proc.stderr.startswith(said), proc.stderr
+    assert not db.exists()
+
 def test_table_groups_by_hook_shows_percent_coverage_and_the_marked_span(hour):
     out = hour["b_proc"].stdout
     assert "-- layer 0 · resid_pre --" in out and "-- layer 1 · mlp_out --" in out
