@@ -37,7 +37,7 @@ def run_batch(discovery: Discovery, lines: list[tuple[int, dict | str]], default
             part = lines[start:start + chunk]
             ids, reqs, slots = [], [], []
             for number, obj in part:
-                line_id = str(obj.get("id", number)) if isinstance(obj, dict) else str(number)
+                line_id = _echo(obj, number)
                 ids.append(line_id)
                 try:
                     reqs.append(line_request(base, obj))
@@ -70,7 +70,24 @@ def line_request(base: dict, obj: dict | str) -> DiscoverRequest:
     # a line's background text or file replaces the command line's (either one: one background mean)
     base = {k: v for k, v in base.items() if not (k in BACKGROUNDS and any(b in obj for b in BACKGROUNDS))}
     # only an id the line gives is stored with its run (the line number stands in for the echo)
-    return build_request({**base, **obj, **({"id": str(obj["id"])} if "id" in obj else {}), **_merged_tags(base, obj)})
+    return build_request({**base, **obj, **({"id": _line_id(obj["id"])} if "id" in obj else {}),
+                          **_merged_tags(base, obj)})
+
+
+def _echo(obj: dict | str, number: int) -> str:
+    """The id a line's result is echoed with: its own ``id`` when it is one, else its line number."""
+    try:
+        return _line_id(obj["id"]) if isinstance(obj, dict) and "id" in obj else str(number)
+    except RequestError:  # the line's error names the id; the echo is the line number
+        return str(number)
+
+
+def _line_id(value: object) -> str:
+    """A line's ``id`` as its run's batch id: a string, or an integer written as one (a JSON object or
+    list would be stored as Python's text of it)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise RequestError("id", f"expected a string or an integer, got {type(value).__name__} {json.dumps(value)[:40]}")
+    return str(value)
 
 
 def _batch_background(base: dict, line: dict | str) -> bool:
