@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from catalog import sandbox
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, hooks_text
 from catalog.ranking import (
     ATTRIBUTION_MODES,
     MIN_COVERAGE_HELP,
@@ -190,11 +190,11 @@ def common_saes(catalog: Catalog, runs: list[dict], layers: list[int] | None, st
         for run_key, hs in hooks.items():
             if hook not in hs:
                 raise CatalogError("layers", f"run {run_id[run_key]} has no SAE for layer {hook[0]} {hook[1]} "
-                                   f"(it has {sorted(hs)}); pick layers/streams every run has")
+                                   f"(it has {hooks_text(hs)}); pick layers/streams every run has")
             keys.setdefault(hs[hook], run_id[run_key])
         if len(keys) > 1:
             raise CatalogError("sae_id", f"layer {hook[0]} {hook[1]} was encoded by different SAE weights across "
-                               f"the runs (e.g. runs {sorted(keys.values())[:2]}); drift needs the same SAE")
+                               f"the runs (e.g. runs {' and '.join(sorted(keys.values())[:2])}); drift needs the same SAE")
         out.append({"sae_key": next(iter(keys)), "layer": hook[0], "stream": hook[1]})
     return out
 

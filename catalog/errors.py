@@ -68,3 +68,9 @@ class CatalogLocked(RuntimeError):
 class CatalogWarning(UserWarning):
     """Something about the catalog file the user must hear but that does not stop the command (e.g. a
     write-ahead log whose last transaction was cut short by a crash). The CLI prints it as one line."""
+
+
+def hooks_text(hooks) -> str:
+    """(layer, stream) pairs as a message says them: ``layer 1 resid_pre, layer 2 mlp_out`` (sorted), or
+    ``none`` — never Python's text of a list of tuples."""
+    return ", ".join(f"layer {layer} {stream}" for layer, stream in sorted(set(hooks))) or "none"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import duckdb
 
 from catalog.db import Catalog
-from catalog.errors import UnknownFeature
+from catalog.errors import UnknownFeature, hooks_text
 from catalog.ranking import calibration_info, marked, token_texts, word_window
 from catalog.report import HIST_BINS, feature_labels, histograms, lite_parts
 from catalog.stats import calibration_for
@@ -51,10 +51,6 @@ TOP_RUNS_SQL = """
     LIMIT $limit"""
 
 
-def _hooks_text(rows: list[tuple]) -> str:
-    return ", ".join(sorted({f"{layer} {stream}" for layer, stream, *_ in rows})) or "none"
-
-
 def sae_keys_for(con: duckdb.DuckDBPyConnection, sae_id: str, layer: int, stream: str, feature_id: int) -> list[int]:
     """The catalog keys of the SAEs named (sae_id, layer, stream), after checking that the feature id is
     within their width; :class:`UnknownFeature` naming the first field the catalog does not hold."""
@@ -65,11 +61,11 @@ def sae_keys_for(con: duckdb.DuckDBPyConnection, sae_id: str, layer: int, stream
         raise UnknownFeature("sae_id", f"no SAE {sae_id!r} in the catalog (it holds: {', '.join(known) or 'none'})")
     if not any(r[0] == layer for r in rows):
         raise UnknownFeature("layer", f"the catalog holds no SAE {sae_id!r} at layer {layer} (its hooks: "
-                                      f"{_hooks_text(rows)})")
+                                      f"{hooks_text((r[0], r[1]) for r in rows)})")
     hook = [r for r in rows if r[0] == layer and r[1] == stream]
     if not hook:
         raise UnknownFeature("stream", f"the catalog holds no SAE {sae_id!r} for layer {layer} {stream} (its hooks: "
-                                       f"{_hooks_text(rows)})")
+                                       f"{hooks_text((r[0], r[1]) for r in rows)})")
     width = max(r[3] or 0 for r in hook)
     if width and not 0 <= feature_id < width:
         raise UnknownFeature("feature_id", f"expected a feature id in [0, {width - 1}] (the SAE of layer {layer} "

@@ -55,9 +55,13 @@ def resolve_metric(tokenizer, value: str) -> Metric | None:
     for text in target.texts:
         pieces = tokenizer.encode(text, add_special_tokens=False)
         if len(pieces) != 1:
+            shown = ", ".join(map(str, pieces[:8])) + (", …" if len(pieces) > 8 else "")
             raise ModelError("attribution_target", f"{text!r} is {len(pieces)} tokens for this tokenizer, not one "
-                                                   f"({pieces[:8]}); give the text of a single token")
+                                                   f"(ids {shown}); give the text of a single token")
         ids.append(int(pieces[0]))
+    if target.kind == "logit_diff" and ids[0] == ids[1]:  # logit(a) − logit(a): zero, whatever the features do
+        raise ModelError("attribution_target", f"logit_diff compares two different tokens; {target.texts[0]!r} and "
+                                               f"{target.texts[1]!r} are the same token ({ids[0]})")
     return Metric(target, tuple(ids))
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from catalog import runs, sandbox
 from catalog.db import Catalog, default_path
-from catalog.errors import CatalogError, CatalogWarning
+from catalog.errors import CatalogError, CatalogWarning, hooks_text
 from ingest.options import STREAMS
 from ingest.threads import MAX_DEFAULT_THREADS, SMALL_MODEL_PARAMS, available_cores
 from sae_discover.drift import drift_report, write_report
@@ -349,7 +349,7 @@ def cmd_calibrate(argv: list[str]) -> int:
     if not hooks:  # the flag to change: the streams when the layers alone would match
         layer_ok = ns.layers is None or any(layer in ns.layers for layer, _ in source.hooks)
         field = "streams" if ns.streams is not None and layer_ok else "layers"
-        raise RequestError(field, f"no SAE of {ns.sae_id!r} matches; it has {sorted(source.hooks)}")
+        raise RequestError(field, f"no SAE of {ns.sae_id!r} matches; it has {hooks_text(source.hooks)}")
     if ns.layers is None and ns.streams is None:  # every SAE of the source: one deeper than the model says so
         from sae_discover.calibration import check_hooks  # loads torch (ingest): calibrate runs a model anyway
 

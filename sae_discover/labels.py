@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from catalog import labels
 from catalog.db import Catalog
-from catalog.errors import LabelFileError
+from catalog.errors import LabelFileError, hooks_text
 from ingest.saes.sources import SAESource
 from sae_discover.errors import RequestError
 from sae_discover.plan import sae_infos
@@ -31,7 +31,7 @@ def source_hook(source: SAESource, hook: tuple[int, str] | None) -> tuple[int, s
     if stream == "resid_post" and (layer + 1, "resid_pre") in source.hooks:
         return layer + 1, "resid_pre"
     raise RequestError("layer", f"the file names layer {layer} {stream}, and {source.sae_id!r} has no SAE there "
-                                f"(it has {sorted(source.hooks)}); delphi file names read: "
+                                f"(it has {hooks_text(source.hooks)}); delphi file names read: "
                                 f"{'; '.join(labels.DELPHI_MODULES)}; or give layer and stream (--layer, --stream)")
 
 
@@ -71,7 +71,7 @@ def import_labels(catalog: Catalog, source: SAESource, path: str | Path, fmt: st
     if layer is not None and (layer, stream) not in source.hooks:  # named as given, before the file is read
         missing = "stream" if any(lyr == layer for lyr, _ in source.hooks) else "layer"
         raise RequestError(missing, f"{sae_id!r} has no SAE for layer {layer} {stream}; it has "
-                                    f"{', '.join(f'layer {lyr} {s}' for lyr, s in sorted(source.hooks))}")
+                                    f"{hooks_text(source.hooks)}")
     rows = labels.parse(path, fmt, score_type)
     groups: dict[tuple[int, str], list[labels.LabelRow]] = {}
     for row in rows:

@@ -117,8 +117,8 @@ def _say_lone_runs(stored: list[dict], groups: list[tuple[tuple, list[int]]]) ->
                     if mine != theirs]
             whom = "the others" if len(others) > 1 else f"run {stored[others[0]]['run_id']}"
             raise RequestError("background", f"batch contrasts runs of the same model, SAEs and restrict set; run "
-                                             f"{stored[members[0]]['run_id']} was made with another "
-                                             f"{' and '.join(what)} than {whom} and is alone in its group — "
+                                             f"{stored[members[0]]['run_id']} was made with a different "
+                                             f"{' and '.join(what)} from {whom} and is alone in its group — "
                                              "leave it out or rank it with background calibration")
 
 

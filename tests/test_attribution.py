@@ -388,6 +388,8 @@ def test_migration_0003_adds_and_drops_attr_on_a_catalog_with_runs(tmp_path):
 @pytest.mark.parametrize(("args", "field", "says"), [
     (("--attribution_target", "loss"), "attribution_target", "expected none, continuation, next_tokens"),
     (("--attribution_target", "token:Revenue rose"), "attribution_target", "tokens for this tokenizer, not one"),
+    (("--attribution_target", "logit_diff: the| the"), "attribution_target",
+     "logit_diff compares two different tokens; ' the' and ' the' are the same token"),
     (("--attribution_target", "continuation", "--generate", "false"), "attribution_target", "generates none"),
     (("--verify_top", "3"), "verify_top", "give attribution_target"),
     (("--score_mode", "attribution"), "score_mode", "ranks by attributions, and this run has none"),

@@ -187,12 +187,12 @@ def test_a_run_alone_in_its_group_is_named_and_a_restrict_set_is_checked(stored,
     proc = run_cli("runs", "rank", ids["a"], ids["b"], restricted, *BATCH, "--db", str(db))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: background: batch contrasts runs of the same model, SAEs and restrict "
-                                  f"set; run {restricted} was made with another restrict set"), proc.stderr
+                                  f"set; run {restricted} was made with a different restrict set"), proc.stderr
     # two runs, each alone in its group: the first is named, with what differs from the other
     proc = run_cli("runs", "rank", ids["a"], restricted, *BATCH, "--db", str(db))
     assert proc.returncode == 2 and proc.stderr.startswith(
         f"error: background: batch contrasts runs of the same model, SAEs and restrict set; run {ids['a']} was made "
-        f"with another restrict set than run {restricted} and is alone in its group"), proc.stderr
+        f"with a different restrict set from run {restricted} and is alone in its group"), proc.stderr
     con = duckdb.connect(str(db), read_only=True)
     (d_sae,) = con.execute("SELECT max(d_sae) FROM saes").fetchone()
     con.close()
