@@ -284,7 +284,7 @@ def _parse_csv(path: Path) -> list[LabelRow]:
         if not reader.fieldnames or not {"feature_id", "label"} <= set(reader.fieldnames):
             raise CatalogError("file", f"{path.name}: expected a header with feature_id,label[,score,source,sae,layer,"
                                        "stream]; "
-                               f"got {reader.fieldnames}")
+                               f"got {', '.join(reader.fieldnames) if reader.fieldnames else 'an empty file'}")
         rows = []
         for number, rec in enumerate(reader, 2):
             where = f"{path.name}:{number}"

@@ -98,8 +98,10 @@ class Parser(argparse.ArgumentParser):
         line = f"{match.group(1)}: {match.group(2)}" if match else message
         stray = message.removeprefix("unrecognized arguments: ").split()
         if message.startswith("unrecognized arguments: ") and stray and stray[0] in SUBCOMMANDS:  # `--db X runs list`
+            argv = sys.argv[1:]
+            leading = argv[:argv.index(stray[0])] if stray[0] in argv else ["<flags>"]  # the flags given before it
             line = (f"{stray[0]}: a subcommand comes first, its flags after it: python -m sae_discover "
-                    f"{' '.join(stray)} <flags>")
+                    f"{' '.join([*stray, *leading])}")
         elif message.startswith("unrecognized arguments: ") and stray and stray[0].startswith("--"):
             flag = stray[0].split("=", 1)[0]
             near = difflib.get_close_matches(flag, _flags(self), 1)

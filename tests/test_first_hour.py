@@ -243,7 +243,10 @@ def test_a_mistyped_or_shortened_flag_is_refused_with_the_flag_it_resembles(tmp_
     for args, said in ((["--layer", "2", "--text", "x"], "error: layer: not an option; did you mean --layers?"),
                        (["runs", "rank", "abc", "--db", str(db), "--score_mod", "max"],
                         "error: score_mod: not an option; did you mean --score_mode?"),
-                       (["--zzz_unknown", "--text", "x"], "error: zzz_unknown: not an option (see")):
+                       (["--zzz_unknown", "--text", "x"], "error: zzz_unknown: not an option (see"),
+                       (["--db", str(db), "runs", "list", "--limit", "5"],  # the advice keeps the flags given
+                        f"error: runs: a subcommand comes first, its flags after it: python -m sae_discover runs list "
+                        f"--limit 5 --db {db} (see")):
         proc = run_cli(*args)
         assert proc.returncode == 2 and proc.stderr.startswith(said), proc.stderr
     assert not db.exists()
