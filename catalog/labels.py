@@ -204,6 +204,10 @@ def parse_neuronpedia(path: Path, score_type: str | None = None) -> list[LabelRo
     if score_type is not None and score_type not in types:  # a typo would import every label unscored
         raise CatalogError("score_type", f"{path.name} has no score of type {score_type!r}; its score types: "
                                          f"{', '.join(sorted(types)) or 'none'}")
+    if score_type is None and len(types) > 1:  # explanations scored on other scales: "the best" means nothing
+        raise CatalogError("score_type", f"{path.name}: its explanations are scored by several types "
+                                         f"({', '.join(sorted(types))}); choose the one a label's score is read "
+                                         "from with score_type")
     return rows
 
 
@@ -229,7 +233,7 @@ def _explanation_score(explanation: dict, where: str, score_type: str | None) ->
     if score_type is not None:
         typed = [(t, v) for t, v in typed if t == score_type]
     elif len({t for t, _ in typed}) > 1:
-        names = ", ".join(sorted({str(t) for t, _ in typed if t is not None}))
+        names = ", ".join(sorted({str(t) if t is not None else "untyped numbers" for t, _ in typed}))
         raise CatalogError("score_type", f"{where}: scores of several types ({names}); choose the one a label's "
                                          "score is read from with score_type")
     values = [s for s in (_score(v, where) for _, v in typed) if s is not None]

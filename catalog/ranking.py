@@ -356,12 +356,14 @@ def rank_runs(catalog: Catalog, run_keys: list[int], sae_keys: list[int], opts: 
     one by one, in a handful of statements for all of them (batch mode ranks a group at once). Each run
     is scored by the ``feature_scores`` macro over its stored ``n_kept`` tokens (the macro reads them:
     callers pass no counts), on its own model's calibrations (``opts.model_key`` pins another model's).
-    ``contrast``: more runs scored with them, for a batch background only, and not returned (no spans
-    or labels are read for them)."""
+    ``contrast``: more runs scored with them, for a batch background only (not for the attribution modes,
+    which use none), and not returned (no spans or labels are read for them)."""
     con = catalog.raw()
     try:
         unique = list(dict.fromkeys(run_keys))  # a run listed twice is scored once
-        extra = [k for k in dict.fromkeys(contrast) if k not in set(unique)] if opts.background == "batch" else []
+        # (an attribution ranking uses no background; its contrast runs may hold no attributions)
+        extra = [k for k in dict.fromkeys(contrast) if k not in set(unique)] \
+            if opts.background == "batch" and opts.score_mode not in ATTRIBUTION_MODES else []
         ranked = _rank_unique_runs(con, unique, sae_keys, opts, extra)
         seen: set[int] = set()
         out = []
@@ -448,7 +450,10 @@ def _say_empty_runs(out: dict[int, dict], opts: RankOptions) -> None:
 
 
 def _none_passed(which: str, opts: RankOptions) -> str:
-    """The warning for a ranking (or a hook's) that no feature passed the gates, with what to change."""
+    """The warning for a ranking (or a hook's) that no feature passed the gates, with what to change; with
+    no gate (0 %), none fired at all: no option changes that."""
+    if opts.min_coverage_pct == 0:
+        return f"min_coverage_pct: no feature{which} fired on the analyzed tokens"
     return (f"min_coverage_pct: no feature{which} passed the gates (active, above its τ on at least "
             f"{opts.min_coverage_pct:g}% of the analyzed tokens); lower min_coverage_pct or give tau")
 

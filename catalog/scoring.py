@@ -218,11 +218,15 @@ AS TABLE
 
 SCORED_FEATURES = f"""
 CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
-    WITH hooks AS (  -- a batch background is over the scored runs of the model that have the SAE
+    WITH hooks AS (  -- a batch background is over the scored runs of the model that have the SAE (sae_keys
+                     -- pairs every run with every key: has_sae says which runs were encoded by it)
         SELECT h.*, coalesce(len(background_runs), 0) > 0 OR background = 'batch' OR h.all_calibrated AS has_bg
-        FROM (SELECT s.* REPLACE (sum(s.n) OVER (PARTITION BY s.model_key, s.sae_key) AS batch_n)
-              FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
-                                 calibration_model := calibration_model) s) h
+        FROM (SELECT s.* REPLACE (sum(CASE WHEN s.has_sae THEN s.n ELSE 0 END)
+                                      OVER (PARTITION BY s.model_key, s.sae_key) AS batch_n)
+              FROM (SELECT k.*, EXISTS (SELECT 1 FROM run_saes rs WHERE rs.run_key = k.run_key
+                                                                    AND rs.sae_key = k.sae_key) AS has_sae
+                    FROM scoring_hooks(run_ids, calibration_id := calibration_id, sae_keys := sae_keys,
+                                       calibration_model := calibration_model) k) s) h
         WHERE CASE WHEN NOT coalesce(list_contains({KNOWN_MODES}, score_mode), false)
                    THEN error('score_mode: expected one of {", ".join(list(SCORE_EXPR)[:4])}, '
                               || '{", ".join(list(SCORE_EXPR)[4:])}, got ' || coalesce(score_mode, 'NULL'))
@@ -251,7 +255,8 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                    WHEN background = 'batch' AND coalesce(len(background_runs), 0) > 0
                    THEN error('background: batch contrasts the runs ranked together; give it or background_runs, '
                               || 'not both')
-                   WHEN background = 'batch' AND h.batch_n = h.n AND score_mode IN {NEEDS_BACKGROUND}
+                   WHEN background = 'batch' AND score_mode IN {NEEDS_BACKGROUND}
+                        AND h.has_sae AND h.batch_n = h.n
                    THEN error('background: batch contrasts each run with the other runs ranked with it (of the '
                               || 'same model, with the same SAE); run ' || h.run_id || ' is the only one in run_ids '
                               || 'with sae_key ' || h.sae_key || ' — list more runs like it, or use background '

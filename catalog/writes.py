@@ -243,7 +243,8 @@ def _insert_runs(con: duckdb.DuckDBPyConnection, catalog: Catalog, runs: list[Ru
                                            "sae_key": pa.array(np.concatenate(sae_key_maps), pa.int32())}))
     tokens = pa.concat_tables([r.tokens for r in runs]).combine_chunks()
     append_rows(con, "tokens", tokens.append_column("run_key", _repeat(run_keys, [r.tokens.num_rows for r in runs])))
-    acts = pa.concat_tables([r.activations for r in runs]).combine_chunks()
+    # (runs with and without attributions share a micro-batch: a missing attr column is NULLs)
+    acts = pa.concat_tables([r.activations for r in runs], promote_options="default").combine_chunks()
     counts = [r.activations.num_rows for r in runs]
     append_rows(con, "activations",
                 with_sae_keys(acts, sae_key_maps, counts).append_column("run_key", _repeat(run_keys, counts)))

@@ -70,14 +70,14 @@ def line_request(base: dict, obj: dict | str) -> DiscoverRequest:
     # a line's background text or file replaces the command line's (either one: one background mean)
     base = {k: v for k, v in base.items() if not (k in BACKGROUNDS and any(b in obj for b in BACKGROUNDS))}
     # only an id the line gives is stored with its run (the line number stands in for the echo)
-    return build_request({**base, **obj, **({"id": _line_id(obj["id"])} if "id" in obj else {}),
+    return build_request({**base, **obj, **({"id": _line_id(obj["id"])} if obj.get("id") is not None else {}),
                           **_merged_tags(base, obj)})
 
 
 def _echo(obj: dict | str, number: int) -> str:
     """The id a line's result is echoed with: its own ``id`` when it is one, else its line number."""
     try:
-        return _line_id(obj["id"]) if isinstance(obj, dict) and "id" in obj else str(number)
+        return _line_id(obj["id"]) if isinstance(obj, dict) and obj.get("id") is not None else str(number)
     except RequestError:  # the line's error names the id; the echo is the line number
         return str(number)
 
@@ -86,7 +86,8 @@ def _line_id(value: object) -> str:
     """A line's ``id`` as its run's batch id: a string, or an integer written as one (a JSON object or
     list would be stored as Python's text of it)."""
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise RequestError("id", f"expected a string or an integer, got {type(value).__name__} {json.dumps(value)[:40]}")
+        kind = {dict: "an object", list: "an array", float: "a number", bool: "a boolean"}.get(type(value), "a value")
+        raise RequestError("id", f"expected a string or an integer, got {kind} {json.dumps(value)[:40]}")
     return str(value)
 
 

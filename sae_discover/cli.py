@@ -98,10 +98,10 @@ class Parser(argparse.ArgumentParser):
         line = f"{match.group(1)}: {match.group(2)}" if match else message
         stray = message.removeprefix("unrecognized arguments: ").split()
         if message.startswith("unrecognized arguments: ") and stray and stray[0] in SUBCOMMANDS:  # `--db X runs list`
-            argv = sys.argv[1:]
-            leading = argv[:argv.index(stray[0])] if stray[0] in argv else ["<flags>"]  # the flags given before it
+            at = ARGV.index(stray[0]) if stray[0] in ARGV else None  # the command line main() parses
+            advice = [*ARGV[at:], *ARGV[:at]] if at is not None else [*stray, "<flags>"]
             line = (f"{stray[0]}: a subcommand comes first, its flags after it: python -m sae_discover "
-                    f"{' '.join([*stray, *leading])}")
+                    f"{' '.join(advice)}")
         elif message.startswith("unrecognized arguments: ") and stray and stray[0].startswith("--"):
             flag = stray[0].split("=", 1)[0]
             near = difflib.get_close_matches(flag, _flags(self), 1)
@@ -723,8 +723,12 @@ def _show_warning(message, category, *args, **kwargs) -> None:
         PYTHON_SHOWWARNING(message, category, *args, **kwargs)
 
 
+ARGV: list[str] = []  # the command line main() is parsing (for advice that repeats it)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    ARGV[:] = argv
     warnings.showwarning = _show_warning
     handler = COMMANDS.get(argv[0]) if argv else None
     try:

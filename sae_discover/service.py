@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,9 +61,11 @@ def _refuse_lone_contrasts(results: list[Outcome | None], plans: dict[int, RunPl
     SAEs and restrict set with no other request has nothing to be contrasted with: refused in place
     before any model runs, so that its run is neither made, stored nor tagged for a ranking that
     cannot be made."""
-    counts = Counter(_peers(p) for p in plans.values())
+    runs_of: dict[tuple, set[str]] = {}  # distinct runs: two lines of one prompt are one run
+    for p in plans.values():
+        runs_of.setdefault(_peers(p), set()).add(p.run_id)
     for i, p in list(plans.items()):
-        if p.req.background == "batch" and p.req.score_mode in NEEDS_BACKGROUND and counts[_peers(p)] < 2:
+        if p.req.background == "batch" and p.req.score_mode in NEEDS_BACKGROUND and len(runs_of[_peers(p)]) < 2:
             results[i] = RequestError("background", "batch contrasts each prompt with the other prompts sent with it "
                                                     "(same model, SAEs and restrict set), and this one has none: send "
                                                     "it with others (a prompts file), rank stored runs together (runs "

@@ -118,19 +118,20 @@ def _batch_cmd(registry, db, prompts, out):
 def test_batch_cli_keeps_order_reports_bad_lines_and_goes_on(toy_registry, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join([json.dumps(LINES[0]), "{not json", json.dumps({"id": "x", "prompt": "a", "layers": [9]}),
-                                  json.dumps(LINES[2]), json.dumps({"id": {"x": 1}, "prompt": "b"})]) + "\n")
+                                  json.dumps(LINES[2]), json.dumps({"id": {"x": 1}, "prompt": "b"}),
+                                  json.dumps({"id": None, "text": LINES[0]["text"]})]) + "\n")
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(_batch_cmd(toy_registry, tmp_path / "c.duckdb", prompts, out), capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stderr  # some lines failed: exit 1, with the summary line
-    assert f"wrote {out} (5 lines, 2 ok, 3 failed)" in proc.stdout
+    assert f"wrote {out} (6 lines, 3 ok, 3 failed)" in proc.stdout
     assert "discover" in proc.stderr  # the progress bar
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", "2", "x", "c", "5"]
+    assert [r["id"] for r in rows] == ["a", "2", "x", "c", "5", "6"]  # a null id: the line number
     assert "features" in rows[0] and "features" in rows[3]
     assert rows[1]["error"].startswith("prompts_file: line 2: not JSON")
     assert rows[2]["error"].startswith("layers: layer 9 is out of range")
-    assert rows[4]["error"] == 'id: expected a string or an integer, got dict {"x": 1}'  # not stored as its repr
+    assert rows[4]["error"] == 'id: expected a string or an integer, got an object {"x": 1}'  # not stored as its repr
     # a file of blank lines is refused before anything runs: the results of the run above stay
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n")

@@ -434,11 +434,13 @@ def test_a_per_hook_ranking_names_each_hook_where_nothing_passed(catalog):
         assert sorted((f["layer"], f["feature_id"]) for f in got["features"]) == [(1, 3), (1, 5)]
         said[merge] = [w for w in got["warnings"] if w.startswith("min_coverage_pct: ")]
     assert said[True] == []
-    assert len(said[False]) == 1 and "no feature of layer 0 resid_pre passed the gates" in said[False][0]
+    assert len(said[False]) == 1 and "no feature of layer 0 resid_pre fired on the analyzed tokens" in said[False][0]
     # a merged ranking left with no feature at all says why (restrict_features names the set it looked in)
     for restrict, which in (([7], " of restrict_features"), ([], "")):
         empty = ranking.rank_run(catalog, key, keys, ranking.RankOptions(
             min_coverage_pct=0 if restrict else 100, restrict_features=restrict, attach_examples=False))
+        said = "fired on the analyzed tokens" if restrict else (  # no gate: nothing fired; else: the gate's advice
+            "passed the gates (active, above its τ on at least 100% of the analyzed tokens); lower min_coverage_pct "
+            "or give tau")
         assert empty["features"] == [] and [w for w in empty["warnings"] if w.startswith("min_coverage_pct: ")] == [
-            f"min_coverage_pct: no feature{which} passed the gates (active, above its τ on at least "
-            f"{0 if restrict else 100}% of the analyzed tokens); lower min_coverage_pct or give tau"]
+            f"min_coverage_pct: no feature{which} {said}"]

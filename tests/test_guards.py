@@ -71,6 +71,29 @@ def test_a_lone_batch_background_or_an_unusable_pinned_calibration_is_refused_be
     pair = toy_discovery.discover_many([build_request({**body, "text": t, "background": "batch", "score_mode": "lift"})
                                         for t in ("Revenue rose.", "The striker scored.")])
     assert all(isinstance(r, dict) and r["features"] for r in pair)
+    calls = toy_discovery.model_calls
+    same = toy_discovery.discover_many([build_request({**body, "text": "A brand new line.", "background": "batch",
+                                                       "score_mode": mode}) for mode in ("lift", "selectivity")])
+    assert all(isinstance(r, RequestError) and r.field == "background" for r in same)  # one prompt twice: one run
+    assert toy_discovery.model_calls == calls
+
+
+def test_attribution_and_plain_requests_go_together(toy_discovery):
+    """A request with attributions and one without, of the same model, SAE and hooks, share a micro-batch
+    (their activations tables differ by the attr column) and a batch background: each is answered, the
+    attribution ranking without needing attributions of its contrast runs."""
+    body = {"model_id": "toy", "sae_id": "toy", "layers": [1]}
+    for extra in ({}, {"background": "batch"}):
+        got = toy_discovery.discover_many([
+            build_request({**body, **extra, "text": f"Revenue rose {bool(extra)}.", "score_mode": "attribution",
+                           "attribution_target": "next_tokens"}),
+            build_request({**body, **extra, "text": f"The striker scored {bool(extra)}.", "score_mode": "mean"})])
+        assert all(isinstance(r, dict) and r["features"] for r in got), got
+        con = toy_discovery.catalog.raw()
+        counts = dict(con.execute("SELECT run_id, count(attr) FROM v_activations WHERE list_contains(?, run_id) "
+                                  "GROUP BY run_id", [[r["run_id"] for r in got]]).fetchall())
+        con.close()
+        assert counts[got[0]["run_id"]] > 0 and counts[got[1]["run_id"]] == 0
 
 def test_calibrations_belong_to_their_model(toy_discovery):
     body = {"sae_id": "toy", "text": "Shares of Hooli fell.", "layers": [1]}

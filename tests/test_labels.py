@@ -96,6 +96,19 @@ def test_neuronpedia_feature_records_and_typed_scores(toy_discovery, tmp_path):
     assert toy_discovery.import_labels(path, "toy", score_type="recall_alt")["replaced"] == 4
     assert stored() == [(4, "currency symbols", pytest.approx(0.1)), (4, "money words", pytest.approx(0.95)),
                         (4, "unscored guess", None), (7, "plain", None)]
+    split = tmp_path / "split.jsonl"  # each explanation of one type, the file of two: refused as well
+    split.write_text(json.dumps({"layer": "1-res-jb", "index": 3, "explanations": [
+        {"description": "a", "scores": [entry("eleuther_fuzz", "a", 0.9)]},
+        {"description": "b", "scores": [entry("recall_alt", "a", 0.2), 0.3]}]}) + "\n")
+    with pytest.raises(LabelFileError, match=r"score_type: split.jsonl:1: scores of several types \(recall_alt, "
+                                             r"untyped numbers\)"):
+        toy_discovery.import_labels(split, "toy")
+    split.write_text(json.dumps({"layer": "1-res-jb", "index": 3, "explanations": [
+        {"description": "a", "scores": [entry("eleuther_fuzz", "a", 0.9)]},
+        {"description": "b", "scores": [entry("recall_alt", "a", 0.2)]}]}) + "\n")
+    with pytest.raises(LabelFileError, match=r"score_type: split.jsonl: its explanations are scored by several "
+                                             r"types \(eleuther_fuzz, recall_alt\)"):
+        toy_discovery.import_labels(split, "toy")
     one_type = tmp_path / "one-type.jsonl"  # entries of one type need no score_type: their mean
     one_type.write_text(json.dumps({"layer": "1-res-jb", "index": 2, "description": "d", "scores": [
         entry("eleuther_fuzz", "a", 0.2), entry("eleuther_fuzz", "b", 0.5)]}) + "\n")

@@ -612,8 +612,9 @@ def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_001
     # a batch background is per SAE: over the runs that have it (one_hook lacks the second hook's SAE)
     one_hook_dense = [random_dense(rng, 7, 6, 0.5)]
     _stored_run(cat, "one_hook", MODEL, one_hook_dense, 6)
-    with pytest.raises(duckdb.InvalidInputException, match="run r0 is the only one in run_ids with sae_key 2"):
-        count("['r0', 'one_hook']", "background := 'batch', score_mode := 'selectivity'")
+    for keys in ("", ", sae_keys := [1, 2]"):  # (sae_keys pairs one_hook with key 2 too: it still lacks that SAE)
+        with pytest.raises(duckdb.InvalidInputException, match="run r0 is the only one in run_ids with sae_key 2"):
+            count("['r0', 'one_hook']", f"background := 'batch', score_mode := 'selectivity'{keys}")
     con = cat.raw()
     try:
         dense_r0 = {}
@@ -622,6 +623,10 @@ def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_001
         rows = con.execute("SELECT layer, feature_id, mean, selectivity FROM feature_scores(['r0', 'one_hook'], "
                            "background := 'batch', score_mode := 'mean', min_coverage_pct := 0) "
                            "WHERE run_id = 'r0'").fetchall()
+        with_keys = con.execute("SELECT layer, feature_id, mean, selectivity FROM feature_scores(['r0', 'one_hook'], "
+                                "background := 'batch', score_mode := 'mean', min_coverage_pct := 0, "
+                                "sae_keys := [1, 2]) WHERE run_id = 'r0'").fetchall()
+        assert sorted(with_keys) == sorted(rows)  # the SAEs given (as drift gives them): the same background
     finally:
         con.close()
     first_layer = HOOKS[0][0]
