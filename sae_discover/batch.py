@@ -67,8 +67,9 @@ def line_request(base: dict, obj: dict | str) -> DiscoverRequest:
     a line that is not an object raises :class:`RequestError` naming ``prompts_file``."""
     if isinstance(obj, str):
         raise RequestError("prompts_file", obj)
-    # a line's background text or file replaces the command line's (either one: one background mean)
-    base = {k: v for k, v in base.items() if not (k in BACKGROUNDS and any(b in obj for b in BACKGROUNDS))}
+    # a line's background text or file replaces the command line's background (either one, or batch)
+    base = {k: v for k, v in base.items()
+            if not ((k in BACKGROUNDS or k == "background") and any(b in obj for b in BACKGROUNDS))}
     # only an id the line gives is stored with its run (the line number stands in for the echo)
     return build_request({**base, **obj, **({"id": _line_id(obj["id"])} if obj.get("id") is not None else {}),
                           **_merged_tags(base, obj)})

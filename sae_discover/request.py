@@ -430,6 +430,9 @@ def build_request(data: dict[str, Any], max_text_chars: int = 200_000, max_layer
         raise RequestError("text", "give either prompt or text, not both")
     if req.background_text is not None and req.background_file is not None:  # one background mean, not two
         raise RequestError("background_file", "give either background_text or background_file, not both")
+    if req.background == "batch" and (req.background_text is not None or req.background_file is not None):
+        raise RequestError("background", "batch contrasts the prompts sent together; give it or background_text / "
+                                         "background_file, not both")
     # streams at its default says nothing (the API's body always carries it): only other streams clash
     if req.hooks is not None and ("layers" in values or req.streams != OPTIONS["streams"].default):
         raise RequestError("hooks", "give hooks (exact layer:stream pairs) or layers/streams (their cross product), "

@@ -47,6 +47,8 @@ def test_cli_strings_are_parsed():
     ({"prompt": "a", "tau": 0.1, "tau_quantile": 0.9}, "tau", "either tau or tau_quantile"),
     ({"text": "a", "background_text": "b", "background_file": "c.txt"}, "background_file",
      "either background_text or background_file"),
+    ({"text": "a", "background_text": "b", "background": "batch"}, "background",
+     "give it or background_text / background_file, not both"),
     ({"prompt": "a", "bogus": 1}, "bogus", "unknown field"),
     ({"prompt": "a" * 300_001}, "prompt", "at most"),
 ])
@@ -90,13 +92,16 @@ def test_shipped_demo_meets_its_targets():
 
 
 def test_a_batch_lines_background_replaces_the_command_lines():
-    """A line's background text or file takes the place of the command line's (one background mean):
-    giving both is refused only within one line."""
+    """A line's background text or file takes the place of the command line's background (one background
+    mean; a batch background too): giving both is refused only within one line."""
     req = line_request({"background_file": "bg.txt"}, {"text": "x", "background_text": "y"})
     assert (req.background_text, req.background_file) == ("y", None)
     req = line_request({"background_text": "y"}, {"text": "x", "background_file": "bg.txt"})
     assert (req.background_text, req.background_file) == (None, "bg.txt")
     assert line_request({"background_file": "bg.txt"}, {"text": "x"}).background_file == "bg.txt"
+    req = line_request({"background": "batch"}, {"text": "x", "background_text": "y"})  # a text: not the batch
+    assert (req.background, req.background_text) == ("calibration", "y")
+    assert line_request({"background": "batch"}, {"text": "x"}).background == "batch"
     with pytest.raises(RequestError) as err:
         line_request({}, {"text": "x", "background_text": "y", "background_file": "bg.txt"})
     assert err.value.field == "background_file"
