@@ -458,6 +458,25 @@ def test_the_stored_macros_are_the_ones_the_code_defines(catalog):
     assert len(stored) == 3 and stored == current, "catalog.scoring.MACROS changed: add a migration that recreates them"
 
 
+SCORED_FEATURES_TEXT = "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'scored_features'"
+
+
+def _texts_at(tmp_path, revision: str, query: str) -> list[tuple]:
+    """The rows of ``query`` (macro texts) in a fresh catalog migrated only up to ``revision``: what a
+    downgrade to it must restore."""
+    from alembic import command
+
+    from catalog.db import alembic_config
+
+    path = tmp_path / f"only_{revision}.duckdb"
+    command.upgrade(alembic_config(f"duckdb:///{path}"), revision)
+    con = duckdb.connect(str(path))
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
 def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp_path):
     """0006 recreates ``scored_features`` with the quantile CTEs that write a calibration's P95s: the
     same scores for other quantiles on both bases as 0005's text; downgrading restores 0005's macro
@@ -466,12 +485,8 @@ def test_migration_0006_shares_the_quantiles_and_its_downgrade_restores_0005(tmp
 
     from catalog.db import alembic_config
 
-    query = "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'scored_features'"
-    only_0005 = tmp_path / "only_0005.duckdb"
-    command.upgrade(alembic_config(f"duckdb:///{only_0005}"), "0005")
-    con = duckdb.connect(str(only_0005))
-    (text_0005,) = con.execute(query).fetchone()
-    con.close()
+    query = SCORED_FEATURES_TEXT
+    [(text_0005,)] = _texts_at(tmp_path, "0005", query)
 
     path = tmp_path / "c.duckdb"
     cat = Catalog(path)
@@ -512,11 +527,7 @@ def test_migration_0012_adds_normalization_and_its_downgrade_restores_0011(tmp_p
 
     query = ("SELECT function_name, macro_definition FROM duckdb_functions() "
              "WHERE function_name IN ('scored_features', 'feature_scores') ORDER BY 1")
-    only_0011 = tmp_path / "only_0011.duckdb"
-    command.upgrade(alembic_config(f"duckdb:///{only_0011}"), "0011")
-    con = duckdb.connect(str(only_0011))
-    texts_0011 = con.execute(query).fetchall()
-    con.close()
+    texts_0011 = _texts_at(tmp_path, "0011", query)
 
     path = tmp_path / "c.duckdb"
     cat = Catalog(path)
@@ -641,12 +652,8 @@ def test_the_macro_refuses_what_it_cannot_score_and_0013s_downgrade_restores_001
     at_head = scores("['r0', 'r1']", "score_mode := 'lift', min_coverage_pct := 0")
     cat.close()
 
-    query = "SELECT macro_definition FROM duckdb_functions() WHERE function_name = 'scored_features'"
-    only_0012 = tmp_path / "only_0012.duckdb"
-    command.upgrade(alembic_config(f"duckdb:///{only_0012}"), "0012")
-    con = duckdb.connect(str(only_0012))
-    (text_0012,) = con.execute(query).fetchone()
-    con.close()
+    query = SCORED_FEATURES_TEXT
+    [(text_0012,)] = _texts_at(tmp_path, "0012", query)
     cfg = alembic_config(f"duckdb:///{path}")
     command.downgrade(cfg, "0012")
     old = Catalog(path, migrate=False)
