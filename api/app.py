@@ -24,7 +24,7 @@ from litestar import Litestar, Request, Response, Router, get, post
 from litestar._openapi.schema_generation.plugins import StructSchemaPlugin  # no public name; pinned in constraints.txt
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Schema
+from litestar.openapi.spec import Operation, Schema
 from litestar.params import JSONBody, Parameter
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
@@ -205,9 +205,24 @@ SQL_HELP = ("Read-only SQL over the catalog's public views, in the sandbox of `p
             "query is a 400 naming `query`.")
 
 
+class CsvOrJsonOperation(Operation):
+    """``POST /v1/sql``'s 200 is JSON or CSV (``format``, ``Accept``): the CSV form, with its row-count and
+    truncation headers, added to the schema Litestar derives from the JSON return type."""
+
+    def to_schema(self) -> dict[str, Any]:
+        out = super().to_schema()
+        ok = out.get("responses", {}).get("200")
+        if isinstance(ok, dict):
+            ok.setdefault("content", {})["text/csv"] = {"schema": {"type": "string"}}
+            ok["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in (
+                ("X-Row-Count", "CSV: the rows sent"), ("X-Truncated", "CSV: true when rows were left out"),
+                ("X-Truncated-By", "CSV: rows or bytes: which cap left them out (empty when none)"))}
+        return out
+
+
 def sql_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     if not svc.settings.enable_sql:  # no body is read: the answer is the same whatever is sent
-        @post("/v1/sql", status_code=200, tags=["sql"], responses=SQL_OFF,
+        @post("/v1/sql", status_code=200, tags=["sql"], responses={**ERRORS, **SQL_OFF},  # (a body is checked first)
               summary="Read-only SQL over the catalog (off on this server: serve --enable_sql)")
         async def sql_off() -> None:
             svc.sql("", 0)  # raises the 403 naming enable_sql
@@ -216,6 +231,7 @@ def sql_routes(svc: ApiService) -> list[ControllerRouterHandler]:
     body_type = schemas.sql_body(svc.settings)
 
     @post("/v1/sql", status_code=200, sync_to_thread=True, tags=["sql"], responses=ERRORS, description=SQL_HELP,
+          operation_class=CsvOrJsonOperation,
           summary="Read-only SQL over the catalog (JSON columns and rows, or CSV)")
     def sql(data: JSONBody[body_type],  # type: ignore[valid-type]
             accept: Annotated[str | None, Parameter(header="accept", required=False)] = None,

@@ -120,6 +120,9 @@ def test_answers_equal_the_sql_command(served, query):
     tsv_rows = [line.split("\t") for line in cli_tsv.splitlines()]
     assert list(csv.reader(io.StringIO(as_csv.text))) == tsv_rows  # the same cells as the sql command's table
     assert sql(srv, query, format="csv").text == as_csv.text
+    ok = srv.client.get("/schema/openapi.json").json()["paths"]["/v1/sql"]["post"]["responses"]["200"]
+    assert {"application/json", "text/csv"} <= set(ok["content"])  # the schema states both answers
+    assert {h.lower() for h in ok["headers"]} == {"x-row-count", "x-truncated", "x-truncated-by"}
 
 
 def test_the_runs_and_types_are_what_was_stored(served):
