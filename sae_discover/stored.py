@@ -142,6 +142,19 @@ def rerank_runs(catalog: Catalog, stored: list[dict], options: dict) -> list[dic
         for i, r in zip(members, out, strict=True):
             ranked[i] = r
     texts = runs.run_texts(catalog, [run["run_key"] for run in stored])
-    return [discovery_response(req, run["run_id"], {**run, "cached": True}, run["layers"], run["streams"], r, [],
-                               analyzed=texts.get(run["run_key"]))
+    return [discovery_response(req, run["run_id"], {**run, "cached": True}, run["layers"], run["streams"], r,
+                               _never_stored(run, req), analyzed=texts.get(run["run_key"]))
             for req, run, r in zip(reqs, stored, ranked, strict=True)]
+
+
+def _never_stored(run: dict, req: DiscoverRequest) -> list[str]:
+    """A warning when a ranking asks for features a run made with a restrict set never stored (its
+    ranking then lacks them without a word)."""
+    made = set(run["restrict_features"] or [])
+    outside = sorted(set(req.restrict_features) - made) if made else []
+    if not outside:
+        return []
+    shown = ", ".join(map(str, outside[:10])) + (", …" if len(outside) > 10 else "")
+    return [f"restrict_features: run {run['run_id']} was made with restrict_features "
+            f"{', '.join(map(str, sorted(made)))}: features {shown} were never stored (run the text again without "
+            "the restrict set to rank them)"]

@@ -202,3 +202,12 @@ def test_a_run_alone_in_its_group_is_named_and_a_restrict_set_is_checked(stored,
         beyond.stderr
     inside = run_cli("runs", "rank", ids["a"], "--restrict_features", str(d_sae - 1), "--db", str(db))
     assert inside.returncode == 0, inside.stderr
+    # features the restricted run never stored: ranked without them, and said
+    out = tmp_path / "outside.json"
+    proc = run_cli("runs", "rank", restricted, "--restrict_features", "2", "7", "9", "--min_coverage_pct", "0",
+                   "--db", str(db), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    got = read_json(out)
+    assert {f["feature_id"] for f in got["features"]} <= {2}
+    assert f"restrict_features: run {restricted} was made with restrict_features 1, 2, 3: features 7, 9 were never " \
+           "stored" in " ".join(got["warnings"])
