@@ -74,3 +74,9 @@ def hooks_text(hooks) -> str:
     """(layer, stream) pairs as a message says them: ``layer 1 resid_pre, layer 2 mlp_out`` (sorted), or
     ``none`` — never Python's text of a list of tuples."""
     return ", ".join(f"layer {layer} {stream}" for layer, stream in sorted(set(hooks))) or "none"
+
+
+def listed(values, limit: int) -> str:
+    """Values as a message lists them: the first ``limit``, comma-separated, then ``…`` if there are more."""
+    values = list(values)
+    return ", ".join(map(str, values[:limit])) + (", …" if len(values) > limit else "")

@@ -184,8 +184,8 @@ def parse_neuronpedia(path: Path, score_type: str | None = None) -> list[LabelRo
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if text.lstrip().startswith("["):  # a JSON array export
         lines = [json.dumps(o) for o in _json(text, path.name, "a JSON array")]
-    elif _one_object(text):  # one object over several lines (pretty-printed), not JSONL
-        lines = [json.dumps(json.loads(text))]
+    elif (whole := _one_object(text)) is not None:  # one object over several lines (pretty-printed), not JSONL
+        lines = [json.dumps(whole)]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -240,16 +240,17 @@ def _explanation_score(explanation: dict, where: str, score_type: str | None) ->
     return math.fsum(values) / len(values) if values else None
 
 
-def _one_object(text: str) -> bool:
-    """Whether a Neuronpedia file's whole text is one JSON object written over several lines (a
-    pretty-printed explanation): read line by line as JSONL, its first line alone is "not JSON"."""
+def _one_object(text: str) -> dict | None:
+    """A Neuronpedia file's whole text as one JSON object, where it is one written over several lines (a
+    pretty-printed explanation: read line by line as JSONL, its first line alone is "not JSON"); else None."""
     body = text.strip()
     if not body.startswith("{") or "\n" not in body:
-        return False
+        return None
     try:
-        return isinstance(json.loads(body), dict)
+        whole = json.loads(body)
     except (ValueError, RecursionError):  # JSONL (several objects), or broken: the line reader says where
-        return False
+        return None
+    return whole if isinstance(whole, dict) else None
 
 
 def parse_delphi(path: Path) -> list[LabelRow]:

@@ -53,7 +53,8 @@ from typing import Literal, get_args
 import duckdb
 
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, listed
+from catalog.runs import held_sae_keys
 from catalog.scoring import (  # noqa: F401 (LIFT_PRIOR, ATTRIBUTION_MODES: re-exported)
     ATTRIBUTION_MODES,
     LIFT_PRIOR,
@@ -162,9 +163,9 @@ def check_pinned(con, sae_keys: list[int], calibration_id: int) -> None:
     """Refuse a pinned ``calibration_id`` that does not exist, or holds no statistics for one of the SAEs,
     naming the calibrations that do."""
     if not con.execute("SELECT 1 FROM calibrations WHERE calibration_id = ?", [calibration_id]).fetchall():
-        ids = [str(c) for (c,) in con.execute("SELECT calibration_id FROM calibrations ORDER BY 1").fetchall()]
+        ids = [c for (c,) in con.execute("SELECT calibration_id FROM calibrations ORDER BY 1").fetchall()]
         raise CatalogError("calibration_id", f"no calibration {calibration_id} in the catalog; its calibrations: "
-                                             f"{', '.join(ids[:20]) + (' …' if len(ids) > 20 else '') or 'none'}")
+                                             f"{listed(ids, 20) or 'none'}")
     held = {int(k) for (k,) in con.execute("SELECT DISTINCT sae_key FROM feature_stats WHERE calibration_id = ? "
                                            "AND list_contains(?, sae_key)", [calibration_id, list(sae_keys)])
             .fetchall()}
@@ -182,16 +183,13 @@ def check_pinned_saes(catalog: Catalog, saes: Sequence[SAEInfo], calibration_id:
     statistics in any calibration."""
     con = catalog.raw()
     try:
-        keys = []
-        for sae in saes:
-            row = con.execute("SELECT min(sae_key) FROM saes WHERE sae_id = ? AND layer = ? AND stream = ? "
-                              "AND fingerprint = ?", [sae.sae_id, sae.layer, sae.stream, sae.fingerprint]).fetchone()
-            if row[0] is None:
-                check_pinned(con, [], calibration_id)  # (a calibration that does not exist is said first)
-                raise CatalogError("calibration_id", f"calibration {calibration_id} has no statistics for the SAE "
-                                                     f"of layer {sae.layer} {sae.stream}; calibrations that do: none")
-            keys.append(int(row[0]))
-        check_pinned(con, keys, calibration_id)
+        keys = held_sae_keys(con, saes)
+        unknown = next((sae for sae, key in zip(saes, keys, strict=True) if key is None), None)
+        if unknown is not None:
+            check_pinned(con, [], calibration_id)  # (a calibration that does not exist is said first)
+            raise CatalogError("calibration_id", f"calibration {calibration_id} has no statistics for the SAE "
+                                                 f"of layer {unknown.layer} {unknown.stream}; calibrations that do: none")
+        check_pinned(con, keys, calibration_id)  # type: ignore[arg-type]
     finally:
         con.close()
 

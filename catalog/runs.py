@@ -204,28 +204,32 @@ def model_key(source: Catalog | duckdb.DuckDBPyConnection, model_id: str, finger
     return int(rows[0][0]) if rows else None
 
 
+def held_sae_keys(con: duckdb.DuckDBPyConnection, saes: Sequence[SAEInfo]) -> list[int | None]:
+    """The catalog key of each SAE (by id, hook and weights fingerprint; the first where several), None
+    for one the catalog does not hold; a read, never a write."""
+    found: dict[tuple, int] = {}
+    for sae_id, layer, stream, fp, key in con.execute(
+            "SELECT sae_id, layer, stream, fingerprint, sae_key FROM saes WHERE list_contains(?, sae_id) "
+            "ORDER BY sae_key", [sorted({s.sae_id for s in saes})]).fetchall():
+        found.setdefault((sae_id, layer, stream, fp), int(key))
+    return [found.get((sae.sae_id, sae.layer, sae.stream, sae.fingerprint)) for sae in saes]
+
+
 def sae_keys_of(catalog: Catalog, saes: Sequence[SAEInfo]) -> list[int]:
-    """The catalog key of each SAE (by id, hook and weights fingerprint), all already stored (as they
-    are for any stored run); a read, never a write. An SAE the catalog does not hold is an error."""
+    """The catalog key of each SAE, all already stored (as they are for any stored run): :func:`held_sae_keys`,
+    where an SAE the catalog does not hold is an error."""
     if not saes:
         return []
     con = catalog.raw()
     try:
-        found: dict[tuple, int] = {}
-        for sae_id, layer, stream, fp, key in con.execute(
-                "SELECT sae_id, layer, stream, fingerprint, sae_key FROM saes WHERE list_contains(?, sae_id) "
-                "ORDER BY sae_key", [sorted({s.sae_id for s in saes})]).fetchall():
-            found.setdefault((sae_id, layer, stream, fp), int(key))
+        keys = held_sae_keys(con, saes)
     finally:
         con.close()
-    keys = []
-    for sae in saes:
-        key = found.get((sae.sae_id, sae.layer, sae.stream, sae.fingerprint))
+    for sae, key in zip(saes, keys, strict=True):
         if key is None:
             raise CatalogError("sae_id", f"no SAE {sae.sae_id!r} for layer {sae.layer} {sae.stream} with these "
                                          "weights in the catalog")
-        keys.append(key)
-    return keys
+    return keys  # type: ignore[return-value]
 
 
 def ping(catalog: Catalog) -> int:

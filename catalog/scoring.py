@@ -48,9 +48,13 @@ SCORE_EXPR = {
     "attribution_abs": "abs(g.attribution)",
     "context": "coalesce(cx.support, 0)",  # CONTEXT_CTES
 }
+def sql_items(values) -> str:
+    """Values as the items of an SQL list or ``IN (…)``: ``'a', 'b'``."""
+    return ", ".join(f"'{v}'" for v in values)
+
+
 NEEDS_BACKGROUND = ("selectivity", "lift", "context")
 ATTRIBUTION_MODES = ("attribution", "attribution_abs")  # scores in units of the target M: never normalized
-ATTRIBUTION_LIST = ", ".join(f"'{m}'" for m in ATTRIBUTION_MODES)  # as an SQL list's items
 # scores no divisor changes: attributions (units of M) and the ratios (lift's prior is a share of the
 # feature's own calibration max whatever the normalization): their rows say normalization 'none'
 UNNORMALIZED_MODES = (*ATTRIBUTION_MODES, "lift", "context")
@@ -60,8 +64,8 @@ WHEN = " " * 21  # the indentation of the CASE's branches in the macro text
 SCORE_CASE = "CASE score_mode\n" + "".join(f"{WHEN}WHEN '{mode}' THEN {expr}\n" for mode, expr in SCORE_EXPR.items()) \
     + f"{WHEN[:-2]}END"
 
-KNOWN_MODES = "[" + ", ".join(f"'{m}'" for m in list(SCORE_EXPR)[:4]) + ",\n" + " " * 24 \
-    + ", ".join(f"'{m}'" for m in list(SCORE_EXPR)[4:]) + "]"  # a list literal over two lines of the macro text
+KNOWN_MODES = "[" + sql_items(list(SCORE_EXPR)[:4]) + ",\n" + " " * 24 \
+    + sql_items(list(SCORE_EXPR)[4:]) + "]"  # a list literal over two lines of the macro text
 SCORING_PARAMS = """score_mode := 'mean×coverage', min_coverage_pct := 0.5, tau := NULL,
                   tau_quantile := NULL, tau_basis := 'active', calibration_id := NULL, background := 'calibration',
                   normalization := 'calibration_max', restrict_features := NULL, background_runs := NULL,
@@ -333,7 +337,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                     ELSE g.cal_mean END AS bg_mean
         FROM agg g LEFT JOIN batch_totals b
              ON b.model_key = g.model_key AND b.sae_key = g.sae_key AND b.feature_id = g.feature_id
-        WHERE CASE WHEN score_mode IN ({ATTRIBUTION_LIST}) AND g.attribution IS NULL
+        WHERE CASE WHEN score_mode IN ({sql_items(ATTRIBUTION_MODES)}) AND g.attribution IS NULL
                    THEN error('score_mode: run ' || g.run_id || ' has no attributions (it was made with '
                               || 'attribution_target=none); rank it by another score_mode, or run it again with an '
                               || 'attribution_target')
@@ -346,7 +350,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
         WHERE m.coverage * 100 >= coalesce(min_coverage_pct::DOUBLE, 0)  -- (NULL: refused above; a NULL here would prune it)
     ),{CONTEXT_CTES}
     SELECT g.run_key, g.run_id, g.sae_key, g.feature_id,
-           CASE WHEN score_mode IN ({", ".join(f"'{m}'" for m in NEEDS_CALIBRATION)}) AND g.cal IS NULL
+           CASE WHEN score_mode IN ({sql_items(NEEDS_CALIBRATION)}) AND g.cal IS NULL
                 THEN error('score_mode: ' || score_mode || ' weighs features by how they are active together in the '
                            || 'calibration documents; calibrate the SAE first, or pick another score_mode')
                 WHEN score_mode IN {NEEDS_BACKGROUND} AND NOT g.has_bg
@@ -354,7 +358,7 @@ CREATE OR REPLACE MACRO scored_features(run_ids, {SCORING_PARAMS}) AS TABLE
                            || 'background_runs, or pick another score_mode')
                 ELSE {SCORE_CASE} END AS score,
            g.mean, g.max, g.coverage, g.selectivity, g.attribution, g.tau, g.cal AS calibration_id,
-           CASE WHEN g.all_calibrated AND score_mode NOT IN ({", ".join(f"'{m}'" for m in UNNORMALIZED_MODES)})
+           CASE WHEN g.all_calibrated AND score_mode NOT IN ({sql_items(UNNORMALIZED_MODES)})
                 THEN normalization ELSE 'none' END AS normalization
     FROM gated g LEFT JOIN context cx  -- (a constant false condition in the other modes: the join is pruned)
          ON score_mode = 'context' AND cx.run_key = g.run_key AND cx.sae_key = g.sae_key AND cx.feature_id = g.feature_id"""

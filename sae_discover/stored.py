@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from catalog import runs
 from catalog.db import Catalog
-from catalog.errors import CatalogError
+from catalog.errors import CatalogError, listed
 from catalog.ranking import RankOptions, rank_runs
 from catalog.writes import SAEInfo
 from sae_discover.errors import RequestError
@@ -154,7 +154,6 @@ def _never_stored(run: dict, req: DiscoverRequest) -> list[str]:
     outside = sorted(set(req.restrict_features) - made) if made else []
     if not outside:
         return []
-    shown = ", ".join(map(str, outside[:10])) + (", …" if len(outside) > 10 else "")
     return [f"restrict_features: run {run['run_id']} was made with restrict_features "
-            f"{', '.join(map(str, sorted(made)))}: features {shown} were never stored (run the text again without "
-            "the restrict set to rank them)"]
+            f"{', '.join(map(str, sorted(made)))}: features {listed(outside, 10)} were never stored (run the text "
+            "again without the restrict set to rank them)"]
